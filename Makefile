@@ -1,0 +1,33 @@
+# make demo / make test work on a fresh machine: they create .venv, install vaelab, and fetch the data.
+PYTHON ?= python3
+VENV   ?= .venv
+# On this project's machines torch==2.13.0 is a local CPU wheel; elsewhere pass your own, e.g.
+#   make test TORCH='torch>=2.4'
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+
+.PHONY: setup data demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+data:
+	bash scripts/get-data.sh
+
+demo: setup data
+	$(BIN)/vaelab demo
+
+test: setup data
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: setup data
+	$(BIN)/python benchmarks/train_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

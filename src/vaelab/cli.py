@@ -1,0 +1,160 @@
+"""Command-line interface: argument parsing only; each command calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .data import DataError
+    from .runs import RunError
+    from .train import TrainingError
+
+    return (ConfigError, DataError, RunError, TrainingError)
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    # Every default is None so the TrainConfig dataclass stays the one place defaults live.
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", help="mnist, fashion-mnist, a .npz/.npy file or an image folder "
+                   "(default fashion-mnist)")
+    d.add_argument("--data-dir", help="folder holding the IDX files of a named dataset (looked at first; then "
+                   "$VAELAB_DATA, the user cache ~/.cache/vaelab, system copies, then a download)")
+    d.add_argument("--limit", type=int, help="train on the first N training images only")
+    d.add_argument("--binarize", choices=["none", "dynamic", "static"],
+                   help="turn grey pixels into 0/1: a fresh draw per step (dynamic) or one fixed draw (static); "
+                   "for the Bernoulli likelihood (default none)")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", choices=["mlp", "conv"], help="encoder/decoder type (default mlp)")
+    m.add_argument("--hidden", help="hidden sizes, e.g. 400 or 512,256 (mlp widths; conv channels, "
+                   "default 32,64)")
+    m.add_argument("--latent-dim", type=int, help="dimensions of z (default 20)")
+    m.add_argument("--likelihood", help="observation model p(x|z): gaussian, bernoulli, continuous-bernoulli, "
+                   "laplace (default gaussian)")
+    m.add_argument("--sigma", help="gaussian σ: a number (e.g. 0.1), learned (one shared σ), learned-pixel "
+                   "(σ per pixel from the decoder) or optimal (σ² = batch MSE); laplace: the scale b or learned "
+                   "(default 0.1)")
+    o = p.add_argument_group("objective")
+    o.add_argument("--beta", type=float, help="weight of the KL term in the training objective (default 1)")
+    o.add_argument("--kl-warmup", type=float, metavar="EPOCHS",
+                   help="raise the KL weight linearly from 0 to beta over this many epochs (default 0)")
+    o.add_argument("--free-bits", type=float, metavar="NATS",
+                   help="lower bound on each latent dimension's batch-mean KL in the objective (default 0)")
+    t = p.add_argument_group("optimisation")
+    t.add_argument("--optimizer", choices=["adam", "sgd"], help="default adam")
+    t.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    t.add_argument("--batch-size", type=int, help="default 128")
+    t.add_argument("--epochs", type=int, help="total epochs; with --resume, the new total (default 10)")
+    t.add_argument("--seed", type=int, help="seeds initialisation, shuffling and sampling (default 0)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto (cuda when available)")
+    r = p.add_argument_group("run directory")
+    r.add_argument("--out", help="run directory (default runs/<name>)")
+    r.add_argument("--name", help="run name used for the default --out")
+    r.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its checkpoint")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
+
+TRAIN_KEYS = ("dataset", "data_dir", "limit", "binarize", "arch", "hidden", "latent_dim", "likelihood", "sigma",
+              "beta", "kl_warmup", "free_bits", "optimizer", "lr", "batch_size", "epochs", "seed", "device",
+              "out", "name")
+
+
+def cmd_train(args) -> int:
+    from .api import resume, train
+    from .config import ConfigError, TrainConfig
+
+    given = {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k) is not None}
+    if args.resume:
+        extra = sorted(set(given) - {"epochs", "device"})
+        if extra:
+            raise ConfigError(f"--resume continues a run with its saved settings; only --epochs and --device may "
+                              f"be given with it, got {', '.join('--' + k.replace('_', '-') for k in extra)}")
+        run = resume(args.resume, progress=not args.quiet, **given)
+    else:
+        run = train(TrainConfig(**given), progress=not args.quiet)
+    last = run.last("test")
+    if last:
+        print(f"{run.path}: test loss {last['loss']:.2f} nats (rec {last['rec']:.2f}, kl {last['kl']:.2f}, "
+              f"{last['bits_per_dim']:.3f} bits/dim) after {last['epoch']} epochs")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .api import info_text
+
+    print(info_text(args.run))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .api import demo
+
+    demo(out=args.out, epochs=args.epochs, limit=args.limit, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaelab",
+        description="Train and understand Variational Autoencoders with exact observation models. "
+        "Losses are negative ELBOs in nats per image, summed over pixels.")
+    parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a VAE and write a run directory",
+                       description="Train a VAE. Writes config.json, model.safetensors, metrics.jsonl (one line "
+                       "per split per epoch) and a checkpoint to the run directory. Ctrl-C saves a checkpoint; "
+                       "--resume RUN continues it.")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("info", help="print a run's config and last metrics",
+                       description="Print the config and the last train/test metrics of a run directory.")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="train a 2-D Gaussian VAE on Fashion-MNIST (or MNIST) and draw it",
+                       description="Train a 2-D-latent Gaussian VAE (σ = 0.1) on MNIST when a local copy "
+                       "exists, else Fashion-MNIST, then write the manifold grid and reconstructions as PNG.")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=5, help="default 5")
+    p.add_argument("--limit", type=int, help="train on the first N images only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    errors = _user_errors()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.formatwarning = lambda msg, cat, *a, **k: f"vaelab: warning: {msg}\n"
+            return args.func(args)
+    except errors as e:
+        print(f"vaelab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaelab: interrupted", file=sys.stderr)
+        return 130
+    except json.JSONDecodeError as e:
+        print(f"vaelab: error: invalid JSON ({e})", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"vaelab: error: {e.strerror}: {Path(e.filename) if e.filename else ''}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

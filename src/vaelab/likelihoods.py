@@ -1,0 +1,271 @@
+"""Observation models p(x|z): small objects with one interface and exact log-densities in nats.
+
+The decoder emits `n_params` tensors per pixel (means, logits, log-scales); a likelihood turns them into
+  log_prob(params, x) -> (B,)   summed over every pixel, no constant dropped,
+  mean(params)        -> (B, C, H, W)   the decoder mean f(z) in pixel space,
+  sample(params)      -> (B, C, H, W)   a draw x ~ p(x|z),
+  scale(params)       -> (B,) or None   the σ (or Laplace b) in use, averaged over pixels, for reporting.
+Add a family by adding one class to LIKELIHOODS.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ConfigError
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _sum_pixels(t: Tensor) -> Tensor:
+    return t.flatten(1).sum(1)  # (B, C, H, W) -> (B,)
+
+
+class Likelihood(nn.Module):
+    name: str = ""
+    n_params: int = 1  # parameter tensors per pixel the decoder must produce
+    continuous: bool = True  # a density over [0, 1]^D (vs. a probability mass on {0, 1}^D)
+    binary_only: bool = False  # normalized only on binary data
+
+    def log_prob(self, params: list[Tensor], x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def mean(self, params: list[Tensor]) -> Tensor:
+        return params[0]
+
+    def sample(self, params: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def scale(self, params: list[Tensor]) -> Tensor | None:
+        return None
+
+    def describe(self) -> str:
+        return self.name
+
+    @classmethod
+    def make(cls, arg: str) -> Likelihood:
+        return cls()
+
+
+def _parse_positive(value: str, flag: str, allowed: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise ConfigError(f"{flag} must be a number > 0 or one of {allowed}; got {value!r}")
+    return v
+
+
+class Gaussian(Likelihood):
+    """N(x; μ, σ²I) with μ the decoder output and σ fixed (a number) or one learned scalar."""
+
+    name = "gaussian"
+
+    def __init__(self, sigma: float = 0.1, learned: bool = False):
+        super().__init__()
+        self.learned = learned
+        self.fixed_log_sigma = math.log(sigma)
+        if learned:
+            self.log_sigma = nn.Parameter(torch.tensor(0.0))
+
+    def log_sigma_for(self, params: list[Tensor]) -> Tensor:
+        if self.learned:
+            return self.log_sigma
+        return torch.tensor(self.fixed_log_sigma, dtype=params[0].dtype, device=params[0].device)
+
+    def log_prob(self, params, x):
+        mu = params[0]
+        log_sigma = self.log_sigma_for(params)
+        if log_sigma.dim() == 0:  # shared σ: one fused reduction over the squared error
+            sq = _sum_pixels((x - mu).square())
+            d = x[0].numel()
+            return -0.5 * sq * torch.exp(-2 * log_sigma) - d * (log_sigma + 0.5 * LOG_2PI)
+        return -_sum_pixels(0.5 * ((x - mu) * torch.exp(-log_sigma)).square() + log_sigma + 0.5 * LOG_2PI)
+
+    def sample(self, params):
+        mu = params[0]
+        return mu + torch.exp(self.log_sigma_for(params)) * torch.randn_like(mu)
+
+    def scale(self, params):
+        s = torch.exp(self.log_sigma_for(params))
+        return s.expand(params[0].shape[0]) if s.dim() == 0 else s.flatten(1).mean(1)
+
+    def describe(self):
+        return f"gaussian (σ {'learned, shared' if self.learned else f'= {math.exp(self.fixed_log_sigma):g}'})"
+
+    @classmethod
+    def make(cls, arg):
+        table = {"learned": lambda: cls(learned=True), "learned-pixel": GaussianPixel, "optimal": GaussianOptimal}
+        if arg in table:
+            return table[arg]()
+        return cls(_parse_positive(arg, "--sigma", ", ".join(table)))
+
+
+class GaussianPixel(Gaussian):
+    """σ per pixel from the decoder; log σ softly bounded to [log SIGMA_MIN, log SIGMA_MAX]."""
+
+    n_params = 2
+    SIGMA_MIN, SIGMA_MAX = 1e-3, 1.0
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.learned = True
+
+    def log_sigma_for(self, params):
+        lo, hi = math.log(self.SIGMA_MIN), math.log(self.SIGMA_MAX)
+        raw = params[1]
+        return hi - F.softplus(hi - (lo + F.softplus(raw - lo)))
+
+    def describe(self):
+        return f"gaussian (σ per pixel from the decoder, in [{self.SIGMA_MIN:g}, {self.SIGMA_MAX:g}])"
+
+
+class GaussianOptimal(Gaussian):
+    """σ*² = the batch's mean squared error (the calibrated-decoder rule); a running value at evaluation.
+
+    σ is held fixed inside the gradient (detached); at σ* the derivative of the loss in σ is zero, so the
+    gradients equal those of the un-detached expression.
+    """
+
+    MOMENTUM = 0.05
+    MIN_VAR = 1e-6
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.learned = True
+        self.register_buffer("running_var", torch.tensor(1.0))
+        self.register_buffer("n_updates", torch.tensor(0, dtype=torch.long))
+        self._batch_log_sigma: Tensor | None = None
+
+    def log_prob(self, params, x):
+        mu = params[0]
+        sq = _sum_pixels((x - mu).square())  # (B,)
+        if self.training:
+            var = (sq.detach().mean() / x[0].numel()).clamp_min(self.MIN_VAR)
+            with torch.no_grad():
+                m = torch.where(self.n_updates > 0, self.MOMENTUM, 1.0)
+                self.running_var.lerp_(var, m)
+                self.n_updates += 1
+        else:
+            var = self.running_var
+        log_sigma = 0.5 * torch.log(var)
+        self._batch_log_sigma = log_sigma
+        d = x[0].numel()
+        return -0.5 * sq / var - d * (log_sigma + 0.5 * LOG_2PI)
+
+    def log_sigma_for(self, params):
+        if self._batch_log_sigma is not None and self.training:
+            return self._batch_log_sigma
+        return 0.5 * torch.log(self.running_var)
+
+    def describe(self):
+        return "gaussian (σ² = batch MSE while training, running value at evaluation)"
+
+
+class Bernoulli(Likelihood):
+    """Bernoulli with logits. On non-binary data it is a cross-entropy, not a normalized density."""
+
+    name = "bernoulli"
+    continuous = False
+    binary_only = True
+
+    def log_prob(self, params, x):
+        return -_sum_pixels(F.binary_cross_entropy_with_logits(params[0], x, reduction="none"))
+
+    def mean(self, params):
+        return torch.sigmoid(params[0])
+
+    def sample(self, params):
+        return torch.bernoulli(torch.sigmoid(params[0]))
+
+
+def _log_cb_norm(logits: Tensor) -> Tensor:
+    """log C(η) of the continuous Bernoulli in logits: C = η / tanh(η/2), with C(0) = 2, in stable forms."""
+    a = logits.abs()
+    small = a < 1e-2
+    a_safe = torch.where(small, torch.ones_like(a), a)
+    e = torch.exp(-a_safe)
+    exact = torch.log(a_safe) - (torch.log1p(-e) - torch.log1p(e))  # log|η| - log tanh(|η|/2)
+    taylor = math.log(2.0) + logits.square() / 12.0  # log(2 + η²/6 + O(η⁴))
+    return torch.where(small, taylor, exact)
+
+
+class ContinuousBernoulli(Likelihood):
+    """The continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019): a normalized density on [0, 1]."""
+
+    name = "continuous-bernoulli"
+
+    def log_prob(self, params, x):
+        eta = params[0]
+        return _sum_pixels(-F.binary_cross_entropy_with_logits(eta, x, reduction="none") + _log_cb_norm(eta))
+
+    def mean(self, params):
+        return torch.distributions.ContinuousBernoulli(logits=params[0]).mean
+
+    def sample(self, params):
+        return torch.distributions.ContinuousBernoulli(logits=params[0]).sample()
+
+
+class Laplace(Likelihood):
+    """Laplace(x; μ, b): −log p = |x−μ|/b + log 2b per pixel; b fixed or one learned scalar."""
+
+    name = "laplace"
+
+    def __init__(self, scale: float = 0.1, learned: bool = False):
+        super().__init__()
+        self.learned = learned
+        self.fixed_log_b = math.log(scale)
+        if learned:
+            self.log_b = nn.Parameter(torch.tensor(0.0))
+
+    def log_b_for(self, params: list[Tensor]) -> Tensor:
+        if self.learned:
+            return self.log_b
+        return torch.tensor(self.fixed_log_b, dtype=params[0].dtype, device=params[0].device)
+
+    def log_prob(self, params, x):
+        d = x[0].numel()
+        log_b = self.log_b_for(params)
+        return -_sum_pixels((x - params[0]).abs()) * torch.exp(-log_b) - d * (log_b + math.log(2.0))
+
+    def sample(self, params):
+        return torch.distributions.Laplace(params[0], torch.exp(self.log_b_for(params))).sample()
+
+    def scale(self, params):
+        return torch.exp(self.log_b_for(params)).expand(params[0].shape[0])
+
+    def describe(self):
+        return f"laplace (b {'learned' if self.learned else f'= {math.exp(self.fixed_log_b):g}'})"
+
+    @classmethod
+    def make(cls, arg):
+        if arg == "learned":
+            return cls(learned=True)
+        return cls(_parse_positive(arg, "--sigma (the Laplace scale b)", "learned"))
+
+
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    "gaussian": Gaussian,
+    "bernoulli": Bernoulli,
+    "continuous-bernoulli": ContinuousBernoulli,
+    "laplace": Laplace,
+}
+
+
+def make_likelihood(name: str, sigma: str = "0.1") -> Likelihood:
+    if name not in LIKELIHOODS:
+        raise ConfigError(f"--likelihood must be one of {', '.join(LIKELIHOODS)}; got {name!r}")
+    return LIKELIHOODS[name].make(str(sigma))
+
+
+def check_likelihood(name: str, sigma: str) -> None:
+    make_likelihood(name, sigma)
+
+
+def is_gaussian(lik: Likelihood) -> bool:
+    return isinstance(lik, Gaussian)

@@ -1,0 +1,139 @@
+"""The VAE: encode to a diagonal Gaussian q(z|x), reparameterize, decode to p(x|z); per-example objectives."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .likelihoods import Likelihood, make_likelihood
+from .nets import make_nets
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))), with the reparameterized sample and the closed-form KL to N(0, I)."""
+
+    def __init__(self, mean: Tensor, logvar: Tensor):
+        self.mean, self.logvar = mean, logvar  # (B, L)
+
+    @property
+    def std(self) -> Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, n: int | None = None) -> Tensor:
+        shape = self.mean.shape if n is None else (n, *self.mean.shape)  # (B, L) or (K, B, L)
+        return self.mean + self.std * torch.randn(shape, dtype=self.mean.dtype, device=self.mean.device)
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def kl_per_dim(self) -> Tensor:
+        """KL(q || N(0, I)) per latent dimension, (B, L), in nats."""
+        return 0.5 * (self.mean.square() + torch.exp(self.logvar) - 1.0 - self.logvar)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log q(z|x) summed over L; z is (..., B, L)."""
+        return -0.5 * (((z - self.mean).square() * torch.exp(-self.logvar)) + self.logvar + LOG_2PI).sum(-1)
+
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log_standard_normal(z: Tensor) -> Tensor:
+    return -0.5 * (z.square() + LOG_2PI).sum(-1)
+
+
+@dataclass
+class Terms:
+    """Per-example parts of the negative ELBO at one sampled z per example, all (B,) in nats."""
+
+    rec: Tensor  # -log p(x|z)
+    kl_per_dim: Tensor  # (B, L)
+    sq_err: Tensor | None  # ||x - f(z)||², summed over pixels, f(z) the decoder mean at the same z as rec
+    sigma: Tensor | None  # σ in use (Gaussian) or b (Laplace), averaged over pixels
+
+    @property
+    def kl(self) -> Tensor:
+        return self.kl_per_dim.sum(1)
+
+    @property
+    def loss(self) -> Tensor:
+        return self.rec + self.kl
+
+
+class VAE(nn.Module):
+    def __init__(self, shape: tuple[int, int, int], arch: str, hidden: list[int], latent_dim: int,
+                 likelihood: Likelihood):
+        super().__init__()
+        self.shape, self.latent_dim = tuple(shape), latent_dim
+        self.likelihood = likelihood
+        self.encoder, self.decoder = make_nets(arch, self.shape, hidden, latent_dim, likelihood.n_params)
+
+    @classmethod
+    def from_config(cls, config, shape: tuple[int, int, int]) -> VAE:
+        lik = make_likelihood(config.likelihood, config.sigma)
+        return cls(shape, config.arch, config.hidden, config.latent_dim, lik)
+
+    @property
+    def n_pixels(self) -> int:
+        return math.prod(self.shape)
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(*self.encoder(x))
+
+    def decode(self, z: Tensor) -> list[Tensor]:
+        return self.decoder(z)
+
+    def decode_mean(self, z: Tensor) -> Tensor:
+        return self.likelihood.mean(self.decode(z))
+
+    def terms(self, x: Tensor, extras: bool = True) -> Terms:
+        """One z per example; extras=False skips the diagnostics (sq_err, sigma) the training step ignores."""
+        q = self.encode(x)
+        z = q.sample()  # (B, L)
+        params = self.decode(z)
+        rec = -self.likelihood.log_prob(params, x)
+        sq_err = sigma = None
+        if extras:
+            with torch.no_grad():
+                sq_err = (x - self.likelihood.mean(params)).square().flatten(1).sum(1)
+                sigma = self.likelihood.scale(params)
+        return Terms(rec, q.kl_per_dim(), sq_err, sigma)
+
+    def forward(self, x: Tensor) -> Terms:
+        return self.terms(x)
+
+    @torch.no_grad()
+    def iwae_bound(self, x: Tensor, k: int, chunk: int = 100) -> Tensor:
+        """log p(x) ≥ log (1/K) Σ_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x); (B,) nats. K=1 is the ELBO's estimate.
+
+        The K samples are drawn `chunk` at a time and combined with a running log-sum-exp, so memory is
+        bounded by chunk x B decoder outputs whatever K is.
+        """
+        q = self.encode(x)
+        total = torch.full((x.shape[0],), -math.inf, device=x.device)
+        done = 0
+        while done < k:
+            n = min(chunk, k - done)
+            z = q.sample(n)  # (n, B, L)
+            params = self.decode(z.reshape(-1, self.latent_dim))  # each (n*B, C, H, W)
+            xs = x.unsqueeze(0).expand(n, *x.shape).reshape(-1, *x.shape[1:])
+            log_px_z = self.likelihood.log_prob(params, xs).view(n, -1)  # (n, B)
+            log_w = log_px_z + log_standard_normal(z) - q.log_prob(z)  # (n, B)
+            total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
+            done += n
+        return total - math.log(k)
+
+
+def objective(terms: Terms, beta: float = 1.0, free_bits: float = 0.0) -> Tensor:
+    """The training objective (a scalar, nats per example): mean rec + β · KL, with optional free bits.
+
+    Free bits (Kingma et al., 2016) bound each latent dimension's batch-mean KL from below by `free_bits` nats.
+    With β = 1 and no free bits this is exactly the mean negative ELBO.
+    """
+    kl_d = terms.kl_per_dim.mean(0)  # (L,)
+    if free_bits > 0:
+        kl_d = kl_d.clamp(min=free_bits)
+    return terms.rec.mean() + beta * kl_d.sum()

@@ -1,0 +1,142 @@
+"""The run directory: config.json, model.safetensors, metrics.jsonl, checkpoint.safetensors; load_run().
+
+No pickle anywhere: weights, optimizer state and RNG states are tensors in safetensors files; everything
+else is JSON (in the file's metadata for the checkpoint). Every file is written to a temporary name and
+moved into place, so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .config import ConfigError, TrainConfig
+from .model import VAE
+
+CONFIG, WEIGHTS, METRICS, CHECKPOINT = "config.json", "model.safetensors", "metrics.jsonl", "checkpoint.safetensors"
+
+
+class RunError(ValueError):
+    """A run directory is missing or unreadable."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) then move tmp_path onto path (same folder, so the move is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    atomic_write(path, write)
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_weights(model: VAE, path: Path) -> None:
+    atomic_write(path, lambda tmp: save_file(_contiguous(model.state_dict()), tmp, metadata={"format": "pt"}))
+
+
+def save_checkpoint(path: Path, model: VAE, optimizer: torch.optim.Optimizer, meta: dict,
+                    rng: dict[str, torch.Tensor]) -> None:
+    """Weights, optimizer state, RNG states and progress (epoch, step) in one safetensors file."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors.update({f"rng.{k}": v for k, v in rng.items()})
+    metadata = {"meta": json.dumps(meta), "param_groups": json.dumps(opt["param_groups"])}
+    atomic_write(path, lambda tmp: save_file(_contiguous(tensors), tmp, metadata=metadata))
+
+
+def load_checkpoint(path: Path, model: VAE, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Restore model and optimizer in place; return (meta, rng tensors)."""
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as fh:
+            metadata = fh.metadata()
+    except (SafetensorError, OSError) as e:
+        raise RunError(f"{path}: unreadable checkpoint ({e})") from e
+    device = next(model.parameters()).device
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v if key == "step" else v.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+    return json.loads(metadata["meta"]), rng
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+@dataclass
+class Run:
+    """A trained (or training) run: its folder, config, model and metrics."""
+
+    path: Path
+    config: TrainConfig
+    model: VAE
+    metrics: list[dict] = field(default_factory=list)
+
+    def last(self, split: str = "test") -> dict | None:
+        rows = [r for r in self.metrics if r["split"] == split]
+        return rows[-1] if rows else None
+
+    def __repr__(self) -> str:
+        last = self.last()
+        tail = f", test loss {last['loss']:.2f} nats at epoch {last['epoch']}" if last else ""
+        return f"Run({str(self.path)!r}, {self.config.likelihood}, latent {self.config.latent_dim}{tail})"
+
+
+def load_run(path: str | os.PathLike, device: str = "cpu") -> Run:
+    """Rebuild a run's model from config.json and model.safetensors (no pickle, no training code needed)."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise RunError(f"{path}: not a vaelab run directory (no {CONFIG}); give the folder passed to --out")
+    try:
+        config = TrainConfig.load(path / CONFIG)
+    except (json.JSONDecodeError, TypeError, ConfigError) as e:
+        raise RunError(f"{path / CONFIG}: invalid config ({e})") from e
+    if config.data_shape is None:
+        raise RunError(f"{path / CONFIG}: no data_shape; the run never started training")
+    model = VAE.from_config(config, tuple(config.data_shape))
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise RunError(f"{path}: no {WEIGHTS} yet; the run has not finished an epoch")
+    try:
+        model.load_state_dict(load_file(weights))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise RunError(f"{weights}: cannot load weights ({e})") from e
+    model.to(device).eval()
+    return Run(path, config, model, read_metrics(path / METRICS))

@@ -1,0 +1,276 @@
+"""The training loop. It knows nothing about likelihoods or networks: it optimizes `objective(model.terms(x))`.
+
+The training set stays resident as one tensor (uint8 where the data is 8-bit) and each batch is gathered
+and scaled on the fly; the loop makes no host sync except to refresh the progress bar.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, TrainConfig
+from .data import ImageData, binarize_static, load_dataset, to_unit
+from .evaluate import elbo_metrics
+from .model import VAE, objective
+from .runs import (CHECKPOINT, CONFIG, METRICS, WEIGHTS, Run, RunError, load_checkpoint, read_metrics,
+                   save_checkpoint, save_weights, write_metrics)
+
+PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
+EVAL_SEED = 12345
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the likely cause."""
+
+
+class NotNormalizedWarning(UserWarning):
+    """A likelihood is used on data where it is not a normalized density (e.g. Bernoulli on grey pixels)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but torch.cuda.is_available() is False; use cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def default_out(config: TrainConfig) -> Path:
+    if config.out:
+        return Path(config.out)
+    stem = Path(config.dataset).stem if config.dataset not in ("mnist", "fashion-mnist") else config.dataset
+    name = config.name or f"{stem}-{config.likelihood}-{config.sigma}-z{config.latent_dim}".replace("/", "_")
+    return Path("runs") / name
+
+
+@dataclass
+class Prepared:
+    """The data as the loop uses it: resident tensors and the function that turns a stored batch into x."""
+
+    data: ImageData
+    train: torch.Tensor
+    test: torch.Tensor
+    train_eval: torch.Tensor
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    prepare_train: Callable[[torch.Tensor], torch.Tensor]
+    normalized: bool
+
+
+def prepare_data(config: TrainConfig, device: torch.device, data: ImageData | None = None) -> Prepared:
+    if data is None:
+        data = load_dataset(config.dataset, config.data_dir, config.limit)
+    train, test = data.train, data.test
+    if config.binarize == "static":
+        train, test = binarize_static(train, config.seed), binarize_static(test, config.seed + 1)
+    train_t = torch.from_numpy(np.ascontiguousarray(train)).to(device)
+    test_t = torch.from_numpy(np.ascontiguousarray(test)).to(device)
+    train_eval = train_t
+    if config.binarize == "dynamic":  # evaluate on one fixed binarization; train on a fresh one every step
+        test_t = torch.from_numpy(binarize_static(test, config.seed + 1)).to(device)
+        train_eval = torch.from_numpy(binarize_static(train, config.seed)).to(device)
+
+    def prepare(xb: torch.Tensor) -> torch.Tensor:
+        return to_unit(xb)
+
+    def prepare_train(xb: torch.Tensor) -> torch.Tensor:
+        x = to_unit(xb)
+        return torch.bernoulli(x) if config.binarize == "dynamic" else x
+
+    normalized = True
+    if config.likelihood == "bernoulli" and config.binarize == "none" and not data.is_binary:
+        normalized = False
+        warnings.warn("the Bernoulli likelihood on non-binary pixels is not a normalized density: its "
+                      "'loss' is a cross-entropy, not a negative log-likelihood (use --binarize dynamic or "
+                      "static, or a continuous likelihood such as continuous-bernoulli)",
+                      NotNormalizedWarning, stacklevel=3)
+    return Prepared(data, train_t, test_t, train_eval, prepare, prepare_train, normalized)
+
+
+def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr)
+    return torch.optim.Adam(model.parameters(), lr=config.lr)
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _rng_state(shuffle_state: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state(), "shuffle": shuffle_state}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def train(config: TrainConfig | dict, progress: bool = True, data: ImageData | None = None,
+          resume: bool = False) -> Run:
+    """Train a VAE as `config` says and return the finished Run (also written to its run directory).
+
+    With resume=True the run directory's checkpoint is loaded and training continues to config.epochs;
+    on CPU the result is bit-identical to an uninterrupted run.
+    """
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    out = default_out(config)
+    if not resume and (out / CONFIG).exists():
+        raise RunError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    prep = prepare_data(config, device, data)
+    config.data_shape = list(prep.data.shape)
+    config.out = str(out)
+    model = VAE.from_config(config, prep.data.shape).to(device)
+    optimizer = make_optimizer(config, model)
+    shuffle = torch.Generator().manual_seed(config.seed)
+
+    epoch, start_step = 0, 0
+    metrics: list[dict] = []
+    if resume:
+        meta, rng = load_checkpoint(out / CHECKPOINT, model, optimizer)
+        epoch, start_step = meta["epoch"], meta["step"]
+        torch.set_rng_state(rng["cpu"])
+        shuffle.set_state(rng["shuffle"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        metrics = [r for r in read_metrics(out / METRICS) if r["epoch"] <= epoch]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+    config.save(out / CONFIG)
+
+    n = prep.train.shape[0]
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    with _StopFlag() as stop:
+        while epoch < config.epochs:
+            shuffle_state = shuffle.get_state()  # lets a mid-epoch checkpoint rebuild this epoch's order
+            order = torch.randperm(n, generator=shuffle).to(device)
+            t0 = time.perf_counter()
+            step = _run_epoch(config, model, optimizer, prep, order, epoch, start_step, steps_per_epoch,
+                              stop, progress)
+            train_seconds = time.perf_counter() - t0
+            if step < steps_per_epoch:  # stopped by Ctrl-C mid-epoch
+                save_checkpoint(out / CHECKPOINT, model, optimizer,
+                                {"epoch": epoch, "step": step}, _rng_state(shuffle_state, device))
+                print(f"\ninterrupted: checkpoint saved at epoch {epoch + 1}, step {step}/{steps_per_epoch}; "
+                      f"continue with: vaelab train --resume {out}", file=sys.stderr)
+                raise KeyboardInterrupt
+            start_step = 0
+            epoch += 1
+            metrics += _epoch_metrics(config, model, prep, epoch, train_seconds)
+            write_metrics(out / METRICS, metrics)
+            save_weights(model, out / WEIGHTS)
+            save_checkpoint(out / CHECKPOINT, model, optimizer, {"epoch": epoch, "step": 0},
+                            _rng_state(shuffle.get_state(), device))
+            if progress:
+                test = metrics[-1]
+                print(f"epoch {epoch}/{config.epochs}: test loss {test['loss']:.2f} nats "
+                      f"(rec {test['rec']:.2f}, kl {test['kl']:.2f}), {train_seconds:.1f}s", file=sys.stderr)
+    model.eval()
+    return Run(out, config, model, metrics)
+
+
+def beta_at(config: TrainConfig, epoch_progress: float) -> float:
+    if config.kl_warmup <= 0:
+        return config.beta
+    return config.beta * min(1.0, epoch_progress / config.kl_warmup)
+
+
+def _run_epoch(config, model, optimizer, prep, order, epoch, start_step, steps_per_epoch, stop, progress) -> int:
+    model.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   unit="step", leave=False, dynamic_ncols=True)
+    running = torch.zeros((), device=order.device)
+    count = 0
+    step = start_step
+    try:
+        for step in range(start_step, steps_per_epoch):
+            if stop.requested:
+                return step
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            x = prep.prepare_train(prep.train[idx])  # (B, C, H, W) in [0, 1]
+            beta = beta_at(config, epoch + step / steps_per_epoch)
+            loss = objective(model.terms(x, extras=False), beta, config.free_bits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.detach()
+            count += 1
+            if count == PROGRESS_EVERY or step == steps_per_epoch - 1:
+                value = (running / count).item()
+                if not math.isfinite(value):
+                    raise TrainingError(_nonfinite_message(config, epoch, step))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.2f}")
+                    bar.update(count)
+                running.zero_()
+                count = 0
+        return steps_per_epoch
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _nonfinite_message(config: TrainConfig, epoch: int, step: int) -> str:
+    causes = [f"the learning rate is too high (--lr {config.lr:g}; try {config.lr / 10:g})"]
+    if config.likelihood in ("gaussian", "laplace"):
+        causes.append(f"σ is very small or learned σ collapsed (--sigma {config.sigma})")
+    if config.beta != 1.0:
+        causes.append(f"--beta {config.beta:g}")
+    return (f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}; likely cause: "
+            + "; or ".join(causes) + ". The last checkpoint (previous epoch) is kept.")
+
+
+def _epoch_metrics(config, model, prep, epoch, train_seconds) -> list[dict]:
+    rows = []
+    for split, x in (("train", prep.train_eval), ("test", prep.test)):
+        m = elbo_metrics(model, x, max(config.batch_size, 1000), prep.prepare, seed=EVAL_SEED + epoch)
+        row = {"epoch": epoch, "split": split, **m}
+        if config.beta != 1.0 or config.kl_warmup > 0 or config.free_bits > 0:
+            row["objective"] = _objective_value(config, m, epoch)
+        if not prep.normalized:
+            row["normalized"] = False
+        if split == "train":
+            row["seconds"] = train_seconds
+        rows.append(row)
+    return rows
+
+
+def _objective_value(config: TrainConfig, m: dict, epoch: int) -> float:
+    """The training objective at the end of `epoch` on this split (free bits applied to the mean KL per dim)."""
+    kl = sum(max(k, config.free_bits) for k in m["kl_per_dim"])
+    return m["rec"] + beta_at(config, float(epoch)) * kl

@@ -1,0 +1,69 @@
+"""Arrays from a trained model for the figures: decoded grids, reconstructions, samples (no plotting here)."""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import numpy as np
+import torch
+
+from .model import VAE
+
+
+def gaussian_quantiles(n: int, tail: float = 0.05) -> np.ndarray:
+    """n points at evenly spaced quantiles of N(0, 1) from `tail` to 1 - `tail`, so the grid covers the prior."""
+    return np.array([NormalDist().inv_cdf(p) for p in np.linspace(tail, 1 - tail, n)])
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+@torch.no_grad()
+def latent_plane(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray,
+                                                                                 np.ndarray]:
+    """Posterior means of x, and the plane to draw them in: (codes (N, L), centre (L,), axes (2, L)).
+
+    For L = 2 the plane is the latent space itself; for L > 2 it is spanned by the first two principal
+    components of the posterior means, centred on their mean.
+    """
+    model.eval()
+    codes = torch.cat([model.encode(x[i:i + batch_size]).mean for i in range(0, len(x), batch_size)])
+    codes_np = _as_numpy(codes)
+    if model.latent_dim == 2:
+        return codes_np, np.zeros(2), np.eye(2)
+    centre = codes_np.mean(0)
+    _, _, vt = np.linalg.svd(codes_np - centre, full_matrices=False)
+    return codes_np, centre, vt[:2]
+
+
+@torch.no_grad()
+def manifold_grid(model: VAE, n: int = 20, centre: np.ndarray | None = None,
+                  axes: np.ndarray | None = None, spread: tuple[float, float] = (1.0, 1.0)):
+    """Decoder means over an n x n grid placed at Gaussian quantiles along two latent directions.
+
+    Returns (images (n*n, C, H, W) in [0, 1], coords along axis 1, coords along axis 2); row 0 is the largest
+    coordinate on axis 2 so the picture reads like a plot. `spread` scales the quantiles (e.g. the standard
+    deviation of the codes along each principal axis).
+    """
+    model.eval()
+    dim = model.latent_dim
+    centre = np.zeros(dim) if centre is None else centre
+    axes = np.eye(dim)[:2] if axes is None else axes
+    q = gaussian_quantiles(n)
+    c1, c2 = q * spread[0], q[::-1] * spread[1]
+    zs = np.array([centre + a * axes[0] + b * axes[1] for b in c2 for a in c1], dtype=np.float32)
+    device = next(model.parameters()).device
+    images = model.decode_mean(torch.from_numpy(zs).to(device))
+    return _as_numpy(images.clamp(0, 1)), c1, c2
+
+
+@torch.no_grad()
+def reconstructions(model: VAE, x: torch.Tensor, n_samples: int = 3) -> list[tuple[str, np.ndarray]]:
+    """Rows: input | decoder mean at the posterior mean | decoder means at `n_samples` sampled z."""
+    model.eval()
+    q = model.encode(x)
+    rows = [("input", _as_numpy(x)), ("f(mean z)", _as_numpy(model.decode_mean(q.mode()).clamp(0, 1)))]
+    for i in range(n_samples):
+        rows.append((f"f(z), z~q #{i + 1}", _as_numpy(model.decode_mean(q.sample()).clamp(0, 1))))
+    return rows
