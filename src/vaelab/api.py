@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import REGISTRY, load_dataset, locate, to_unit
-from .runs import CHECKPOINT, CONFIG, Run, RunError, load_run
+from .runs import CHECKPOINT, CONFIG, Run, RunError, load_run, write_text_atomic
 from .train import train
 
 
@@ -47,6 +47,57 @@ def info_text(path: str | Path) -> str:
     if not run.metrics:
         lines.append("no metrics yet")
     return "\n".join(lines)
+
+
+def _load(path: str | Path, device: str = "auto") -> Run:
+    from .train import resolve_device
+
+    return load_run(path, device=str(resolve_device(device)))
+
+
+def _check_out_file(path: str | Path | None, flag: str) -> None:
+    if path is not None and Path(path).is_dir():
+        raise ConfigError(f"{flag} must be a file name, got the folder {path}")
+
+
+def evaluate(path: str | Path, split: str = "test", iw_samples: int = 1000, batch_size: int = 500,
+             limit: int | None = None, json_path: str | Path | None = None, device: str = "auto",
+             progress: bool = True) -> dict:
+    """The numbers of `vaelab eval` for the run in `path`; also written to `json_path` (atomically) if given."""
+    from .evaluate import check_eval_args, evaluate_run
+
+    check_eval_args(split, iw_samples, batch_size, limit)  # before the (slow) work, so errors come at once
+    _check_out_file(json_path, "--json")
+    numbers = evaluate_run(_load(path, device), split, iw_samples, batch_size, limit, progress=progress)
+    if json_path is not None:
+        write_text_atomic(Path(json_path), json.dumps(numbers, indent=2) + "\n")
+    return numbers
+
+
+def report(path: str | Path, out: str | Path | None = None, iw_samples: int = 100, batch_size: int = 500,
+           limit: int | None = None, device: str = "auto", progress: bool = True) -> Path:
+    """Write every figure, eval.json and a self-contained report.html into `out` (default: the run folder)."""
+    from .evaluate import check_eval_args
+    from .report import write_report
+
+    check_eval_args("test", iw_samples, batch_size, limit)
+    _check_dir(out)
+    return write_report(_load(path, device), out, iw_samples, batch_size, limit, progress)
+
+
+def plot(path: str | Path, only: str, out: str | Path | None = None, device: str = "auto") -> Path:
+    """Draw one figure of the report (`only` names it) as <out>/<only>.png; return its path."""
+    from .report import Material, check_figure, draw
+
+    check_figure(only)
+    _check_dir(out)
+    run = _load(path, device)
+    return draw(Material.of(run), only, Path(out) if out is not None else run.path)
+
+
+def _check_dir(out: str | Path | None) -> None:
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out must be a folder, got the file {out}")
 
 
 def demo_dataset() -> str:
@@ -87,4 +138,4 @@ def _unfinished(path: Path, epochs: int) -> bool:
     return not rows or rows[-1]["epoch"] < epochs
 
 
-__all__ = ["train", "resume", "load_run", "info_text", "demo"]
+__all__ = ["train", "resume", "load_run", "info_text", "evaluate", "report", "plot", "demo"]

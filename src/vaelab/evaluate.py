@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .likelihoods import is_gaussian
 from .model import VAE
 
 
@@ -54,3 +58,212 @@ def elbo_metrics(model: VAE, x: Tensor, batch_size: int, prepare, seed: int = 0)
     if sigma_sum is not None:
         out["sigma"] = sigma_sum.item() / n
     return out
+
+
+# ------------------------------------------------------------------------------ evaluating a saved run
+# The numbers below are functions of arrays (codes, labels, images) so each can be checked on inputs whose
+# answer is known; evaluate_run() gathers them for a run.
+
+ACTIVE_THRESHOLD = 0.01  # a latent dimension is active when Var_x[E_q(z|x)[z_d]] exceeds this (Burda et al.)
+RADII = (1, 2, 3)
+KNN_K = 10
+IW_ROWS = 4096  # decoder rows (samples x images) per IWAE step: bounds memory whatever K is
+
+
+def active_units(codes: Tensor, threshold: float = ACTIVE_THRESHOLD) -> tuple[int, list[float]]:
+    """(count, per-dimension variance over the data) of posterior means `codes` (N, L)."""
+    var = codes.double().var(0, unbiased=False)  # (L,)
+    return int((var > threshold).sum()), var.tolist()
+
+
+def radius_share(codes: Tensor, radii=RADII) -> dict[str, float]:
+    """Share of codes (N, L) whose Euclidean norm is at most r, for each r: {"1": ..., "2": ..., "3": ...}."""
+    norms = codes.double().norm(dim=1)
+    return {str(r): float((norms <= r).double().mean()) for r in radii}
+
+
+def knn_agreement(codes: Tensor, labels, k: int = KNN_K, block: int = 1024) -> float | None:
+    """Mean share of each code's k nearest other codes (Euclidean) that share its label; None if no labels."""
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels).to(codes.device)
+    n = codes.shape[0]
+    if n <= k:
+        raise ValueError(f"k-NN agreement needs more than k={k} codes, got {n}")
+    codes = codes.double()
+    hits = 0.0
+    for start in range(0, n, block):
+        d = torch.cdist(codes[start:start + block], codes)  # (b, N)
+        rows = torch.arange(d.shape[0], device=d.device)
+        d[rows, rows + start] = math.inf  # a code is not its own neighbour
+        idx = d.topk(k, dim=1, largest=False).indices  # (b, k)
+        hits += (labels[idx] == labels[start:start + block, None]).double().sum().item()
+    return hits / (n * k)
+
+
+LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def sharpness(images: Tensor) -> float:
+    """Variance of the Laplacian (3x3, valid region, per channel), averaged over images (N, C, H, W).
+
+    The usual blur measure: a blurry image has a flat Laplacian, a sharp one has large swings at edges.
+    """
+    x = images.double().flatten(0, 1).unsqueeze(1)  # (N*C, 1, H, W)
+    lap = torch.nn.functional.conv2d(x, LAPLACIAN.to(x).view(1, 1, 3, 3))  # (N*C, 1, H-2, W-2)
+    per_channel = lap.flatten(1).var(1, unbiased=False).view(images.shape[0], -1)  # (N, C)
+    return float(per_channel.mean(1).mean())
+
+
+@torch.no_grad()
+def iwae_log_px(model: VAE, x: Tensor, k: int, batch_size: int, prepare, progress: bool = False) -> Tensor:
+    """Importance-weighted log p(x) with K samples per image, (N,) nats, over a whole split.
+
+    Images go `batch_size` at a time through model.iwae_bound, which draws the K samples in chunks and
+    combines them with a running log-sum-exp; the chunk is sized so a step decodes about IW_ROWS rows.
+    """
+    from tqdm.auto import tqdm
+
+    n = x.shape[0]
+    out = torch.empty(n, dtype=torch.float64)
+    with tqdm(total=n, desc=f"log p(x), K={k}", unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, n, batch_size):
+            xb = prepare(x[start:start + batch_size])
+            chunk = max(1, min(k, IW_ROWS // xb.shape[0]))
+            out[start:start + xb.shape[0]] = model.iwae_bound(xb, k, chunk).double().cpu()
+            bar.update(xb.shape[0])
+    return out
+
+
+@torch.no_grad()
+def posterior_means(model: VAE, x: Tensor, batch_size: int, prepare) -> Tensor:
+    return torch.cat([model.encode(prepare(x[i:i + batch_size])).mean for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def decoded(model: VAE, z: Tensor, batch_size: int) -> Tensor:
+    """Decoder means f(z) for z (N, L), in batches, clamped to the pixel range [0, 1]."""
+    return torch.cat([model.decode_mean(z[i:i + batch_size]).clamp(0, 1)
+                      for i in range(0, len(z), batch_size)])
+
+
+@torch.no_grad()
+def evaluate(model: VAE, x: Tensor, prepare, labels=None, iw_samples: int = 1000, batch_size: int = 500,
+             seed: int = 0, progress: bool = False) -> dict:
+    """Every number of `vaelab eval` for the images `x` (stored form; `prepare` maps them to [0, 1]).
+
+    elbo and log_px are log-likelihoods (nats per image, higher is better); bits_per_dim is that of the
+    −ELBO, as in metrics.jsonl. One seed fixes every sample drawn, without touching the global RNG stream.
+    """
+    model.eval()
+    m = elbo_metrics(model, x, batch_size, prepare, seed=seed)
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        log_px = iwae_log_px(model, x, iw_samples, batch_size, prepare, progress)
+        codes = posterior_means(model, x, batch_size, prepare)  # (N, L)
+        data = torch.cat([prepare(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        recon = decoded(model, codes, batch_size)
+        prior = decoded(model, torch.randn_like(codes), batch_size)
+    count, var = active_units(codes)
+    d = model.n_pixels
+    lp = log_px.mean().item()
+    return {
+        "elbo": -m["loss"], "log_px": lp, "log_px_stderr": log_px.std().item() / math.sqrt(len(log_px)),
+        "iw_samples": iw_samples,
+        "bits_per_dim": m["bits_per_dim"],
+        "bits_per_dim_log_px": bits_per_dim(-lp, d, model.likelihood.continuous),
+        "rec": m["rec"], "kl": m["kl"], "mse": m["mse"], "kl_per_dim": m["kl_per_dim"],
+        "active_units": count, "posterior_mean_variance": var,
+        "radius_share": radius_share(codes),
+        "knn_agreement": knn_agreement(codes, labels),
+        "sharpness": {"data": sharpness(data), "recon": sharpness(recon), "samples": sharpness(prior)},
+        "sigma": m.get("sigma") if is_gaussian(model.likelihood) else None,
+        "n_images": int(x.shape[0]),
+    }
+
+
+SPLITS = ("train", "test")
+
+
+def check_eval_args(split: str, iw_samples: int, batch_size: int, limit: int | None = None) -> None:
+    from .config import ConfigError
+
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
+    for flag, v in (("--iw-samples", iw_samples), ("--batch-size", batch_size), ("--limit", limit)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"{flag} must be an integer >= 1; got {v!r}")
+
+
+class Split(NamedTuple):
+    x: Tensor  # (N, C, H, W) as stored (uint8 or float), on the model's device
+    prepare: Callable[[Tensor], Tensor]  # stored batch -> model input in [0, 1]
+    labels: Tensor | None
+    classes: list[str] | None
+    normalized: bool  # False for a Bernoulli on grey pixels
+
+
+def split_data(config, split: str, device: torch.device, limit: int | None = None) -> Split:
+    """A run's split as the trainer evaluated it (same data, same binarization), its first `limit` images."""
+    from .train import NotNormalizedWarning, prepare_data
+
+    with warnings.catch_warnings():  # evaluate_run reports it as "normalized": false instead
+        warnings.simplefilter("ignore", NotNormalizedWarning)
+        prep = prepare_data(config, device)
+    x = prep.test if split == "test" else prep.train_eval
+    labels = prep.data.test_labels if split == "test" else prep.data.train_labels
+    if limit is not None:
+        x = x[:limit]
+        labels = None if labels is None else labels[:limit]
+    labels = None if labels is None else torch.as_tensor(labels)
+    return Split(x, prep.prepare, labels, prep.data.classes, prep.normalized)
+
+
+def evaluate_run(run, split: str = "test", iw_samples: int = 1000, batch_size: int = 500,
+                 limit: int | None = None, seed: int = 0, progress: bool = False) -> dict:
+    """evaluate() on a run's `split` (its first `limit` images), loaded as the trainer loaded it."""
+    check_eval_args(split, iw_samples, batch_size, limit)
+    device = next(run.model.parameters()).device
+    s = split_data(run.config, split, device, limit)
+    numbers = evaluate(run.model, s.x, s.prepare, s.labels, iw_samples, batch_size, seed, progress)
+    out = {"split": split, **numbers}
+    out["normalized"] = s.normalized
+    return out
+
+
+def table_rows(r: dict) -> list[tuple[str, str]]:
+    """The numbers of evaluate() as (name, formatted value) rows, for the terminal and the HTML report."""
+    def f(v, spec=".2f"):
+        return "n/a" if v is None else format(v, spec)
+
+    rows = [
+        ("images", f"{r['n_images']} ({r.get('split', '?')} split)"),
+        ("ELBO", f"{f(r['elbo'])} nats/image  (−ELBO {f(-r['elbo'])})"),
+        ("  reconstruction −log p(x|z)", f"{f(r['rec'])} nats"),
+        ("  KL(q(z|x) ‖ p(z))", f"{f(r['kl'])} nats"),
+        (f"log p(x), IWAE K={r['iw_samples']}",
+         f"{f(r['log_px'])} nats/image (± {f(r['log_px_stderr'])} s.e. over images)"),
+        ("  gap log p(x) − ELBO", f"{f(r['log_px'] - r['elbo'])} nats"),
+        ("bits/dim (−ELBO, 8-bit)", f(r["bits_per_dim"], ".4f")),
+        ("bits/dim (−log p(x), 8-bit)", f(r["bits_per_dim_log_px"], ".4f")),
+        ("MSE per pixel of f(z)", f(r["mse"], ".5f")),
+        ("σ in use", f(r["sigma"], ".4g")),
+        ("KL per latent dim", " ".join(f"{v:.2f}" for v in r["kl_per_dim"])),
+        ("active units (Var > 0.01)", f"{r['active_units']} of {len(r['kl_per_dim'])}"),
+        ("codes within radius 1 / 2 / 3", " / ".join(f"{r['radius_share'][k]:.1%}" for k in ("1", "2", "3"))),
+        (f"{KNN_K}-NN label agreement", "n/a (no labels)" if r["knn_agreement"] is None
+         else f"{r['knn_agreement']:.1%}"),
+        ("sharpness data / recon / samples", " / ".join(f"{r['sharpness'][k]:.4f}"
+                                                         for k in ("data", "recon", "samples"))),
+    ]
+    if r.get("normalized") is False:
+        rows.append(("note", "Bernoulli on non-binary pixels is not a normalized density; ELBO and "
+                     "log p(x) are cross-entropy bounds, not log-likelihoods"))
+    return rows
+
+
+def format_table(r: dict) -> str:
+    rows = table_rows(r)
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

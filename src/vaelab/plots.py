@@ -82,3 +82,86 @@ def image_rows(rows: list[tuple[str, np.ndarray]], path: Path, title: str = "") 
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def image_grid(images: np.ndarray, path: Path, ncol: int = 8, title: str = "") -> Path:
+    """A plain grid of images (N, C, H, W), e.g. prior samples."""
+    grid = tile(images, ncol)
+    fig = _figure(0.7 * ncol + 0.5, 0.7 * grid.shape[0] / grid.shape[1] * ncol + 0.8)
+    ax = fig.add_subplot(111)
+    _show(ax, grid)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def latent_scatter(coords: np.ndarray, labels: np.ndarray | None, path: Path,
+                   classes: list[str] | None = None, radii=(1, 2, 3),
+                   axis_names: tuple[str, str] = ("z₁", "z₂"), title: str = "") -> Path:
+    """Codes (N, 2) as points coloured by label (grey without labels), with circles at `radii` around 0."""
+    fig = _figure(7.5, 6.5)
+    ax = fig.add_subplot(111)
+    if labels is None:
+        ax.scatter(coords[:, 0], coords[:, 1], s=3, c="0.4", alpha=0.6, linewidths=0)
+    else:
+        import matplotlib.pyplot as plt
+
+        labels = np.asarray(labels)
+        cmap = plt.get_cmap("tab10" if labels.max() < 10 else "tab20")
+        for k in np.unique(labels):
+            sel = labels == k
+            name = classes[k] if classes is not None and k < len(classes) else str(k)
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=3, color=cmap(int(k) % cmap.N), alpha=0.7,
+                       linewidths=0, label=name)
+        ax.legend(markerscale=4, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    t = np.linspace(0, 2 * np.pi, 200)
+    for r in radii:
+        ax.plot(r * np.cos(t), r * np.sin(t), color="k", lw=0.8, ls="--")
+        ax.annotate(f"r={r}", (r * 0.71, r * 0.71), fontsize=7)
+    ax.set_aspect("equal")
+    ax.set_xlabel(axis_names[0])
+    ax.set_ylabel(axis_names[1])
+    ax.set_title(title or "posterior means of the test images, circles at radius 1, 2, 3")
+    return _save(fig, path)
+
+
+CURVES = (("loss", "−ELBO (nats/image)"), ("rec", "reconstruction (nats)"), ("kl", "KL (nats)"))
+
+
+def training_curves(metrics: list[dict], path: Path, title: str = "") -> Path:
+    """loss, rec and kl per epoch for the train and test splits, from the rows of metrics.jsonl."""
+    fig = _figure(12, 3.6)
+    for i, (key, label) in enumerate(CURVES):
+        ax = fig.add_subplot(1, len(CURVES), i + 1)
+        for split, style in (("train", "-o"), ("test", "--s")):
+            rows = [r for r in metrics if r.get("split") == split and key in r]
+            if rows:
+                ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], style, ms=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend()
+    if not metrics:
+        fig.text(0.5, 0.5, "no metrics recorded", ha="center")
+    fig.suptitle(title or "training curves")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def kl_per_dim(kl: list[float], path: Path, variance: list[float] | None = None, threshold: float = 0.01,
+               title: str = "") -> Path:
+    """A bar per latent dimension: its KL in nats; inactive dimensions (variance ≤ threshold) in grey."""
+    kl = np.asarray(kl, dtype=float)
+    colors = ["C0"] * len(kl)
+    if variance is not None:
+        colors = ["C0" if v > threshold else "0.7" for v in variance]
+    fig = _figure(max(5, 0.35 * len(kl) + 2), 3.5)
+    ax = fig.add_subplot(111)
+    ax.bar(np.arange(1, len(kl) + 1), kl, color=colors)
+    ax.set_xticks(np.arange(1, len(kl) + 1))
+    ax.set_xlabel("latent dimension")
+    ax.set_ylabel("KL (nats/image)")
+    ax.set_title(title or f"KL per latent dimension (total {kl.sum():.2f} nats)"
+                 + ("; grey: inactive" if variance is not None else ""))
+    return _save(fig, path)

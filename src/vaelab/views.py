@@ -11,7 +11,7 @@ from .model import VAE
 
 
 def gaussian_quantiles(n: int, tail: float = 0.05) -> np.ndarray:
-    """n points at evenly spaced quantiles of N(0, 1) from `tail` to 1 - `tail`, so the grid covers the prior."""
+    """n points at evenly spaced quantiles of N(0, 1), `tail` to 1 - `tail`: the grid covers the prior."""
     return np.array([NormalDist().inv_cdf(p) for p in np.linspace(tail, 1 - tail, n)])
 
 
@@ -66,4 +66,62 @@ def reconstructions(model: VAE, x: torch.Tensor, n_samples: int = 3) -> list[tup
     rows = [("input", _as_numpy(x)), ("f(mean z)", _as_numpy(model.decode_mean(q.mode()).clamp(0, 1)))]
     for i in range(n_samples):
         rows.append((f"f(z), z~q #{i + 1}", _as_numpy(model.decode_mean(q.sample()).clamp(0, 1))))
+    return rows
+
+
+def plane_coords(codes: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """Codes (N, L) along the plane's two axes, measured from the origin (so radius circles keep meaning)."""
+    return codes @ axes.T  # (N, 2)
+
+
+@torch.no_grad()
+def stochastic_rows(model: VAE, z: torch.Tensor, n_draws: int = 3) -> list[tuple[str, np.ndarray]]:
+    """For the same z: the decoder mean f(z), then `n_draws` draws x ~ p(x|z) (for a Gaussian, f(z) + σ·ε).
+
+    Draws are clipped to [0, 1] for display only.
+    """
+    model.eval()
+    params = model.decode(z)
+    rows = [("f(z)", _as_numpy(model.likelihood.mean(params).clamp(0, 1)))]
+    for i in range(n_draws):
+        rows.append((f"x~p(x|z) #{i + 1}", _as_numpy(model.likelihood.sample(params).clamp(0, 1))))
+    return rows
+
+
+@torch.no_grad()
+def prior_samples(model: VAE, n: int = 64, seed: int = 0) -> np.ndarray:
+    """Decoder means f(z) for n draws z ~ N(0, I), (n, C, H, W) in [0, 1]."""
+    model.eval()
+    device = next(model.parameters()).device
+    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    return _as_numpy(model.decode_mean(z).clamp(0, 1))
+
+
+@torch.no_grad()
+def interpolations(model: VAE, xa: torch.Tensor, xb: torch.Tensor, steps: int = 8
+                   ) -> list[tuple[str, np.ndarray]]:
+    """One row per pair: x_a | f(z) along the straight line between the posterior means | x_b."""
+    model.eval()
+    za, zb = model.encode(xa).mean, model.encode(xb).mean  # (P, L)
+    t = torch.linspace(0, 1, steps, device=za.device)[:, None, None]  # (T, 1, 1)
+    z = (1 - t) * za + t * zb  # (T, P, L)
+    imgs = model.decode_mean(z.reshape(-1, model.latent_dim)).clamp(0, 1)
+    imgs = imgs.view(steps, xa.shape[0], *imgs.shape[1:]).transpose(0, 1)  # (P, T, C, H, W)
+    return [(f"pair {p + 1}", np.concatenate([_as_numpy(xa[p:p + 1]), _as_numpy(imgs[p]),
+                                              _as_numpy(xb[p:p + 1])])) for p in range(xa.shape[0])]
+
+
+@torch.no_grad()
+def traversals(model: VAE, dims: list[int], steps: int = 9, base: np.ndarray | None = None
+               ) -> list[tuple[str, np.ndarray]]:
+    """One row per latent dimension d: f(z) with z_d at Gaussian quantiles, the other dims at `base` (0)."""
+    model.eval()
+    device = next(model.parameters()).device
+    base = np.zeros(model.latent_dim) if base is None else base
+    q = gaussian_quantiles(steps)
+    rows = []
+    for d in dims:
+        z = np.tile(base, (steps, 1)).astype(np.float32)
+        z[:, d] = q
+        rows.append((f"z{d + 1}", _as_numpy(model.decode_mean(torch.from_numpy(z).to(device)).clamp(0, 1))))
     return rows

@@ -1,0 +1,195 @@
+"""The report: every figure of a run as PNG, and one self-contained report.html that embeds them
+(base64 data URIs) with the evaluation numbers and the run's config.
+
+Models turn into arrays in views.py, arrays into figures in plots.py; this module only wires them together.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import plots, views
+from .config import ConfigError
+from .evaluate import active_units, elbo_metrics, evaluate_run, split_data, table_rows
+from .likelihoods import is_gaussian
+from .runs import Run, write_text_atomic
+
+N_SHOW = 10  # images per row of the image figures
+N_CODES = 2000  # test images encoded for the scatter and the principal plane
+
+
+@dataclass
+class Material:
+    """What the figures are drawn from: a run, a slice of its test split in [0, 1], labels, latent plane."""
+
+    run: Run
+    x: torch.Tensor  # (N, C, H, W) in [0, 1]
+    labels: np.ndarray | None
+    classes: list[str] | None
+    numbers: dict | None = None  # the output of evaluate_run, when computed
+    plane: tuple = field(init=False)
+
+    def __post_init__(self):
+        self.plane = views.latent_plane(self.run.model, self.x)  # codes (N, L), centre (L,), axes (2, L)
+
+    @classmethod
+    def of(cls, run: Run, n: int = N_CODES, numbers: dict | None = None) -> Material:
+        device = next(run.model.parameters()).device
+        s = split_data(run.config, "test", device, n)
+        labels = None if s.labels is None else np.asarray(s.labels)
+        return cls(run, s.prepare(s.x), labels, s.classes, numbers)
+
+    @property
+    def model(self):
+        return self.run.model
+
+    @property
+    def axis_names(self) -> tuple[str, str]:
+        if self.model.latent_dim == 2:
+            return ("z₁", "z₂")
+        return ("principal axis 1 of the posterior means", "principal axis 2")
+
+    def kl_and_variance(self) -> tuple[list[float], list[float]]:
+        if self.numbers is not None:
+            return self.numbers["kl_per_dim"], self.numbers["posterior_mean_variance"]
+        m = elbo_metrics(self.model, self.x, 500, lambda t: t)
+        return m["kl_per_dim"], active_units(torch.from_numpy(self.plane[0]))[1]
+
+
+def _manifold(m: Material, path: Path) -> Path:
+    codes, centre, axes = m.plane
+    spread = (1.0, 1.0) if m.model.latent_dim == 2 else tuple(((codes - centre) @ axes.T).std(0))
+    images, c1, c2 = views.manifold_grid(m.model, 20, centre, axes, spread)
+    title = "decoder mean f(z) on a grid at Gaussian quantiles"
+    if m.model.latent_dim > 2:
+        title += " (quantiles x the codes' spread, other dims at their mean)"
+    return plots.manifold(images, c1, c2, path, title, m.axis_names)
+
+
+def _scatter(m: Material, path: Path) -> Path:
+    codes, _, axes = m.plane
+    return plots.latent_scatter(views.plane_coords(codes, axes), m.labels, path, m.classes,
+                                axis_names=m.axis_names)
+
+
+def _reconstructions(m: Material, path: Path) -> Path:
+    return plots.image_rows(views.reconstructions(m.model, m.x[:N_SHOW]), path,
+                            "reconstructions: input | f(z) at the posterior mean | f(z) at z ~ q(z|x)")
+
+
+def _stochastic(m: Material, path: Path) -> Path:
+    z = torch.from_numpy(m.plane[0][:N_SHOW]).to(m.x.device)  # posterior means
+    lik = m.model.likelihood
+    what = "f(z) + σ·ε" if is_gaussian(lik) else "draws"
+    with torch.no_grad():
+        sigma = lik.scale(m.model.decode(z[:1]))
+    extra = f", σ = {sigma.mean().item():.3g}" if sigma is not None else ""
+    return plots.image_rows(views.stochastic_rows(m.model, z), path,
+                            f"where the randomness is: same z, f(z) vs draws x ~ p(x|z) ({what}{extra})")
+
+
+def _samples(m: Material, path: Path) -> Path:
+    return plots.image_grid(views.prior_samples(m.model, 64), path, 8, "prior samples: f(z), z ~ N(0, I)")
+
+
+def _interpolations(m: Material, path: Path) -> Path:
+    k = min(6, len(m.x) // 2)
+    return plots.image_rows(views.interpolations(m.model, m.x[:k], m.x[k:2 * k]), path,
+                            "interpolations: x_a | f(z) on the line between posterior means | x_b")
+
+
+def _traversals(m: Material, path: Path) -> Path:
+    kl, _ = m.kl_and_variance()
+    dims = sorted(np.argsort(kl)[::-1][:10].tolist())  # the (up to) ten dimensions that carry the most KL
+    return plots.image_rows(views.traversals(m.model, dims), path,
+                            "traversals: one z_d at Gaussian quantiles, the others at 0")
+
+
+def _curves(m: Material, path: Path) -> Path:
+    return plots.training_curves(m.run.metrics, path)
+
+
+def _kl(m: Material, path: Path) -> Path:
+    kl, var = m.kl_and_variance()
+    return plots.kl_per_dim(kl, path, var)
+
+
+FIGURES = {  # name -> (caption, drawing function); the PNG is written as <name>.png
+    "manifold": ("Latent manifold", _manifold),
+    "scatter": ("Latent scatter of test codes", _scatter),
+    "reconstructions": ("Reconstructions", _reconstructions),
+    "stochastic": ("Where the stochastic bit is", _stochastic),
+    "samples": ("Prior samples", _samples),
+    "interpolations": ("Interpolations", _interpolations),
+    "traversals": ("Per-dimension traversals", _traversals),
+    "curves": ("Training curves", _curves),
+    "kl": ("KL per latent dimension", _kl),
+}
+
+
+def check_figure(name: str) -> None:
+    if name not in FIGURES:
+        raise ConfigError(f"--only must be one of {', '.join(FIGURES)}; got {name!r}")
+
+
+def draw(material: Material, name: str, out_dir: Path) -> Path:
+    check_figure(name)
+    torch.manual_seed(0)  # the sampled figures are reproducible
+    return FIGURES[name][1](material, Path(out_dir) / f"{name}.png")
+
+
+def render_html(title: str, numbers: list[tuple[str, str]], config: dict,
+                figures: list[tuple[str, Path]]) -> str:
+    """One HTML page; each figure's PNG is embedded as a data URI, so the file stands alone."""
+    esc = html.escape
+    rows = "\n".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in numbers)
+    conf = "\n".join(f"<tr><th>{esc(k)}</th><td>{esc(json.dumps(v))}</td></tr>" for k, v in config.items())
+    figs = "\n".join(
+        f'<figure id="{esc(p.stem)}"><img alt="{esc(caption)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{esc(caption)}</figcaption></figure>'
+        for caption, p in figures)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+th, td {{ text-align: left; padding: 2px 12px; border-bottom: 1px solid #ddd; font-size: 14px; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ font-weight: bold; }}
+</style></head><body>
+<h1>{esc(title)}</h1>
+<h2>Numbers</h2>
+<table id="numbers">
+{rows}
+</table>
+<h2>Figures</h2>
+{figs}
+<h2>Config</h2>
+<table id="config">
+{conf}
+</table>
+</body></html>
+"""
+
+
+def write_report(run: Run, out_dir: str | Path | None = None, iw_samples: int = 100, batch_size: int = 500,
+                 limit: int | None = None, progress: bool = False) -> Path:
+    """Evaluate the run's test split, draw every figure into `out_dir` (default: the run folder), write
+    eval.json and report.html there; return the path of report.html."""
+    numbers = evaluate_run(run, "test", iw_samples, batch_size, limit, progress=progress)
+    out = Path(out_dir) if out_dir is not None else Path(run.path)
+    out.mkdir(parents=True, exist_ok=True)
+    material = Material.of(run, min(N_CODES, limit or N_CODES), numbers)
+    figures = [(caption, draw(material, name, out)) for name, (caption, _) in FIGURES.items()]
+    write_text_atomic(out / "eval.json", json.dumps(numbers, indent=2) + "\n")
+    title = (f"vaelab report: {run.path.name} ({run.model.likelihood.describe()}, "
+             f"latent {run.config.latent_dim})")
+    path = out / "report.html"
+    write_text_atomic(path, render_html(title, table_rows(numbers), run.config.to_dict(), figures))
+    return path
