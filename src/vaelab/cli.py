@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError

@@ -412,11 +412,11 @@ def _stack(paths: list[Path], where: Path) -> np.ndarray:
         raise DataError(f"{where}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     arrays = [_read_image(p) for p in paths]
     first = arrays[0].shape
-    for p, a in zip(paths, arrays):
+    for p, a in zip(paths, arrays, strict=True):
         if a.shape != first:
             raise DataError(f"{p}: image is {a.shape} but {paths[0].name} is {first}; all images must share a size")
-    x = np.stack(arrays)
-    return x if x.ndim == 3 else np.moveaxis(x, -1, 1)
+    x = np.stack(arrays)  # (N, H, W) or (N, H, W, 3)
+    return x[:, None] if x.ndim == 3 else np.ascontiguousarray(np.moveaxis(x, -1, 1))
 
 
 def load_image_folder(folder: Path) -> ImageData:

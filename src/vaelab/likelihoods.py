@@ -132,7 +132,7 @@ class GaussianOptimal(Gaussian):
     gradients equal those of the un-detached expression.
     """
 
-    MOMENTUM = 0.05
+    MOMENTUM = 0.1
     MIN_VAR = 1e-6
 
     def __init__(self):

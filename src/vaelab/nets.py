@@ -81,7 +81,7 @@ class ConvDecoder(nn.Module):
         self.fc = nn.Linear(latent_dim, math.prod(self.start))
         layers: list[nn.Module] = []
         chans = list(reversed(channels)) + [n_params * c]
-        for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
+        for i, (a, b) in enumerate(zip(chans[:-1], chans[1:], strict=True)):
             layers.append(nn.ConvTranspose2d(a, b, 4, stride=2, padding=1))
             if i < n - 1:
                 layers.append(nn.ReLU())

@@ -22,8 +22,19 @@ from .config import ConfigError, TrainConfig
 from .data import ImageData, binarize_static, load_dataset, to_unit
 from .evaluate import elbo_metrics
 from .model import VAE, objective
-from .runs import (CHECKPOINT, CONFIG, METRICS, WEIGHTS, Run, RunError, load_checkpoint, read_metrics,
-                   save_checkpoint, save_weights, write_metrics)
+from .runs import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    WEIGHTS,
+    Run,
+    RunError,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    save_weights,
+    write_metrics,
+)
 
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
 EVAL_SEED = 12345
