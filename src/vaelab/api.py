@@ -138,4 +138,22 @@ def _unfinished(path: Path, epochs: int) -> bool:
     return not rows or rows[-1]["epoch"] < epochs
 
 
-__all__ = ["train", "resume", "load_run", "info_text", "evaluate", "report", "plot", "demo"]
+def sigma_study(dataset: str = "fashion-mnist", sigmas: str | list[float] = "0.03,0.1,0.3,1.0",
+                also: str | list[str] = "", hidden: str | list[int] = "400", progress: bool = True,
+                **kwargs) -> Path:
+    """Run the σ study (see vaelab.study) and return the path of its index.html."""
+    from .config import parse_hidden
+    from .study import StudyConfig, parse_list
+    from .study import sigma_study as run_study
+
+    if isinstance(sigmas, str):
+        sigmas = parse_list(sigmas, "--sigmas")
+    if isinstance(also, str):
+        also = parse_list(also, "--also", str)
+    if isinstance(hidden, str):
+        hidden = parse_hidden(hidden)
+    return run_study(StudyConfig(dataset=dataset, sigmas=list(sigmas), also=list(also), hidden=list(hidden),
+                                 **kwargs), progress=progress)
+
+
+__all__ = ["train", "resume", "load_run", "info_text", "evaluate", "report", "plot", "demo", "sigma_study"]

@@ -138,6 +138,17 @@ def _add_eval_flags(p: argparse.ArgumentParser, iw_default: int) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def cmd_sigma_study(args) -> int:
+    from .api import sigma_study
+
+    path = sigma_study(dataset=args.dataset, sigmas=args.sigmas, also=args.also, latent_dim=args.latent_dim,
+                       hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                       lr=args.lr, limit=args.limit, seed=args.seed, device=args.device, out=args.out,
+                       iw_samples=args.iw_samples, mse_threshold=args.mse_threshold, progress=not args.quiet)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vaelab",
@@ -192,6 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the PNG (default: the run directory)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
     p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("sigma-study", help="train one Gaussian VAE per σ and measure what σ does",
+                       description="Train one run per σ setting (same data, seed, network and budget) under "
+                       "OUT/sigma-<σ>, reusing runs that exist, then write table.md/csv, figures, summary.md and "
+                       "index.html: −ELBO, KL, MSE, sharpness, radius-3 share and learning speed against σ.")
+    p.add_argument("--dataset", default="fashion-mnist", help="as for train (default fashion-mnist)")
+    p.add_argument("--sigmas", default="0.03,0.1,0.3,1.0", help="fixed σ values, comma-separated "
+                   "(default 0.03,0.1,0.3,1.0)")
+    p.add_argument("--also", default="", help="extra settings: learned and/or optimal, comma-separated")
+    p.add_argument("--latent-dim", type=int, default=2, help="default 2 (the manifold figure needs 2)")
+    p.add_argument("--hidden", default="400", help="MLP widths, e.g. 400 or 512,256 (default 400)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
+    p.add_argument("--batch-size", type=int, default=128, help="default 128")
+    p.add_argument("--optimizer", default="adam", help="adam or sgd (default adam)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adam, 1e-4 for sgd)")
+    p.add_argument("--limit", type=int, help="train on the first N training images only")
+    p.add_argument("--seed", type=int, default=0, help="the same seed for every run (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--iw-samples", type=int, default=100, help="IWAE samples for each run's eval (default 100)")
+    p.add_argument("--mse-threshold", type=float, help="test MSE that defines learning speed (default: the "
+                   "worst final test MSE of the sweep, so every run reaches it)")
+    p.add_argument("--out", default="runs/sigma", help="study folder (default runs/sigma)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sigma_study)
     return parser
 
 

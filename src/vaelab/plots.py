@@ -165,3 +165,61 @@ def kl_per_dim(kl: list[float], path: Path, variance: list[float] | None = None,
     ax.set_title(title or f"KL per latent dimension (total {kl.sum():.2f} nats)"
                  + ("; grey: inactive" if variance is not None else ""))
     return _save(fig, path)
+
+
+def manifold_panels(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: Path) -> Path:
+    """Several decoded grids side by side: (title, images (n*n, C, H, W), z1, z2) per panel."""
+    fig = _figure(3.2 * len(panels), 3.6)
+    for i, (title, images, z1, _z2) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        _show(ax, tile(images, len(z1), pad=0))
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def study_curves(series: dict[str, dict[str, list[float]]], threshold: float | None, path: Path) -> Path:
+    """Test MSE (log scale) and KL against epoch, one line per setting: {label: {"mse": [...], "kl": [...]}}."""
+    fig = _figure(11, 4)
+    for j, (key, name) in enumerate((("mse", "test MSE per pixel"), ("kl", "test KL (nats)"))):
+        ax = fig.add_subplot(1, 2, j + 1)
+        for label, s in series.items():
+            ax.plot(range(1, len(s[key]) + 1), s[key], marker="o", ms=3, label=f"σ={label}")
+        if key == "mse":
+            ax.set_yscale("log")
+            if threshold is not None:
+                ax.axhline(threshold, color="gray", ls="--", lw=1, label="MSE threshold")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def against_sigma(rows: list[dict], path: Path) -> Path:
+    """KL and sharpness (reconstructions, samples; data as a line) against the final σ of each setting.
+
+    Rows with "fixed": False (learned or optimal σ) are drawn as stars at the σ they ended with."""
+    fig = _figure(11, 4)
+    fixed = sorted((r for r in rows if r.get("fixed", True)), key=lambda r: r["sigma"])
+    other = [r for r in rows if r not in fixed]
+    ax = fig.add_subplot(1, 2, 1)
+    ax.plot([r["sigma"] for r in fixed], [r["kl"] for r in fixed], marker="o", label="fixed σ")
+    for r in other:
+        ax.scatter([r["sigma"]], [r["kl"]], marker="*", s=120, zorder=3, label=f"σ {r['setting']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("σ")
+    ax.set_ylabel("test KL (nats)")
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(1, 2, 2)
+    for key, name in (("sharpness_recon", "reconstructions"), ("sharpness_samples", "prior samples")):
+        ax.plot([r["sigma"] for r in fixed], [r[key] for r in fixed], marker="o", label=name)
+        for r in other:
+            ax.scatter([r["sigma"]], [r[key]], marker="*", s=120, zorder=3)
+    if rows:
+        ax.axhline(rows[0]["sharpness_data"], color="gray", ls="--", label="data")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("σ")
+    ax.set_ylabel("sharpness (variance of the Laplacian)")
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(wspace=0.35)
+    return _save(fig, path)

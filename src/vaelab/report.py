@@ -145,16 +145,22 @@ def draw(material: Material, name: str, out_dir: Path) -> Path:
     return FIGURES[name][1](material, Path(out_dir) / f"{name}.png")
 
 
+def figures_html(figures: list[tuple[str, Path]]) -> str:
+    """<figure> elements with each PNG embedded as a data URI, so the page stands alone."""
+    esc = html.escape
+    return "\n".join(
+        f'<figure id="{esc(p.stem)}"><img alt="{esc(caption)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{esc(caption)}</figcaption></figure>'
+        for caption, p in figures)
+
+
 def render_html(title: str, numbers: list[tuple[str, str]], config: dict,
                 figures: list[tuple[str, Path]]) -> str:
     """One HTML page; each figure's PNG is embedded as a data URI, so the file stands alone."""
     esc = html.escape
     rows = "\n".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in numbers)
     conf = "\n".join(f"<tr><th>{esc(k)}</th><td>{esc(json.dumps(v))}</td></tr>" for k, v in config.items())
-    figs = "\n".join(
-        f'<figure id="{esc(p.stem)}"><img alt="{esc(caption)}" src="data:image/png;base64,'
-        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{esc(caption)}</figcaption></figure>'
-        for caption, p in figures)
+    figs = figures_html(figures)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
