@@ -20,6 +20,7 @@ import torch
 
 from .config import ConfigError, TrainConfig
 from .runs import CONFIG, Run, load_run, write_text_atomic
+from .train import TrainingError
 
 SPECIAL = ("learned", "optimal")
 # settings that must match for a run to be reused by a study
@@ -229,16 +230,23 @@ def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, runs = [], []
+    rows, runs, failed = [], [], []
     for label, tc in cfg.settings():
         if progress:
             print(f"sigma-study: setting {label} -> {tc.out}", file=sys.stderr)
-        run = ensure_run(tc, progress)
+        try:
+            run = ensure_run(tc, progress)
+        except TrainingError as e:  # e.g. plain SGD diverging at a small σ: a finding, not a crash
+            print(f"sigma-study: setting {label} failed: {e}", file=sys.stderr)
+            failed.append((label, str(e)))
+            continue
         run.model.eval()
         numbers = evaluate_run(run, "test", cfg.iw_samples)
         write_text_atomic(Path(tc.out) / "eval.json", json.dumps(numbers, indent=2) + "\n")
         rows.append(study_row(label, run, numbers))
         runs.append(run)
+    if not rows:
+        raise TrainingError("every setting of the σ study failed: " + "; ".join(f"{k}: {m}" for k, m in failed))
     threshold = cfg.mse_threshold or max(r["mse_curve"][-1] for r in rows)
     for r in rows:
         r["epoch_to_threshold"] = epoch_to_reach(r["mse_curve"], threshold)
@@ -270,6 +278,7 @@ def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
     write_text_atomic(out / "table.md", md)
     write_text_atomic(out / "table.csv", csv_table(table_rows_))
     summary = summarize(rows, threshold, cfg.optimizer)
+    summary += [f"σ={label} did not finish training with {cfg.optimizer} lr {cfg.lr:g}: {msg}" for label, msg in failed]
     write_text_atomic(out / "summary.md", "".join(f"- {s}\n" for s in summary))
     write_text_atomic(out / "study.json", json.dumps({"config": asdict(cfg), "threshold": threshold,
                                                        "rows": rows, "summary": summary}, indent=2) + "\n")
