@@ -26,7 +26,7 @@ def _reference(name, lik, params):
     if name == "gaussian-fixed":
         return D.Normal(params[0], 0.3)
     if name == "gaussian-learned":
-        return D.Normal(params[0], torch.exp(lik.log_sigma.detach()).double())
+        return D.Normal(params[0], torch.exp(lik.log_scale.detach()).double())
     if name == "gaussian-pixel":
         return D.Normal(params[0], torch.exp(lik.log_sigma_for(params)))
     if name == "bernoulli":
@@ -54,7 +54,7 @@ def test_log_prob_matches_torch_distributions(case, name, sigma, binary):
     lik = make_likelihood(name, sigma).double()
     if case == "gaussian-learned":
         with torch.no_grad():
-            lik.log_sigma.fill_(math.log(0.25))
+            lik.log_scale.fill_(math.log(0.25))
     params, x = _params(lik, gen), _x(binary, gen)
     got = lik.log_prob(params, x)
     want = _reference(case, lik, params).log_prob(x).flatten(1).sum(1)

@@ -61,26 +61,40 @@ def _parse_positive(value: str, flag: str, allowed: str) -> float:
     return v
 
 
-class Gaussian(Likelihood):
-    """N(x; μ, σ²I) with μ the decoder output and σ fixed (a number) or one learned scalar."""
+class ScaledLikelihood(Likelihood):
+    """A location family with one scale: fixed (a number) or one learned scalar, kept as its log."""
 
-    name = "gaussian"
+    scale_name = "scale"
 
-    def __init__(self, sigma: float = 0.1, learned: bool = False):
+    def __init__(self, scale: float = 0.1, learned: bool = False):
         super().__init__()
         self.learned = learned
-        self.fixed_log_sigma = math.log(sigma)
+        self.fixed_log_scale = math.log(scale)
         if learned:
-            self.log_sigma = nn.Parameter(torch.tensor(0.0))
+            self.log_scale = nn.Parameter(torch.tensor(0.0))
 
-    def log_sigma_for(self, params: list[Tensor]) -> Tensor:
+    def log_scale_for(self, params: list[Tensor]) -> Tensor:
         if self.learned:
-            return self.log_sigma
-        return torch.tensor(self.fixed_log_sigma, dtype=params[0].dtype, device=params[0].device)
+            return self.log_scale
+        return torch.tensor(self.fixed_log_scale, dtype=params[0].dtype, device=params[0].device)
+
+    def scale(self, params):
+        s = torch.exp(self.log_scale_for(params))
+        return s.expand(params[0].shape[0]) if s.dim() == 0 else s.flatten(1).mean(1)
+
+    def describe(self):
+        value = "learned, shared" if self.learned else f"= {math.exp(self.fixed_log_scale):g}"
+        return f"{self.name} ({self.scale_name} {value})"
+
+
+class Gaussian(ScaledLikelihood):
+    """N(x; μ, σ²I) with μ the decoder output and σ fixed (a number) or one learned scalar."""
+
+    name, scale_name = "gaussian", "σ"
 
     def log_prob(self, params, x):
         mu = params[0]
-        log_sigma = self.log_sigma_for(params)
+        log_sigma = self.log_scale_for(params)
         if log_sigma.dim() == 0:  # shared σ: one fused reduction over the squared error
             sq = _sum_pixels((x - mu).square())
             d = x[0].numel()
@@ -89,14 +103,7 @@ class Gaussian(Likelihood):
 
     def sample(self, params):
         mu = params[0]
-        return mu + torch.exp(self.log_sigma_for(params)) * torch.randn_like(mu)
-
-    def scale(self, params):
-        s = torch.exp(self.log_sigma_for(params))
-        return s.expand(params[0].shape[0]) if s.dim() == 0 else s.flatten(1).mean(1)
-
-    def describe(self):
-        return f"gaussian (σ {'learned, shared' if self.learned else f'= {math.exp(self.fixed_log_sigma):g}'})"
+        return mu + torch.exp(self.log_scale_for(params)) * torch.randn_like(mu)
 
     @classmethod
     def make(cls, arg):
@@ -116,7 +123,7 @@ class GaussianPixel(Gaussian):
         nn.Module.__init__(self)
         self.learned = True
 
-    def log_sigma_for(self, params):
+    def log_scale_for(self, params):
         lo, hi = math.log(self.SIGMA_MIN), math.log(self.SIGMA_MAX)
         raw = params[1]
         return hi - F.softplus(hi - (lo + F.softplus(raw - lo)))
@@ -158,7 +165,7 @@ class GaussianOptimal(Gaussian):
         d = x[0].numel()
         return -0.5 * sq / var - d * (log_sigma + 0.5 * LOG_2PI)
 
-    def log_sigma_for(self, params):
+    def log_scale_for(self, params):
         if self._batch_log_sigma is not None and self.training:
             return self._batch_log_sigma
         return 0.5 * torch.log(self.running_var)
@@ -211,36 +218,18 @@ class ContinuousBernoulli(Likelihood):
         return torch.distributions.ContinuousBernoulli(logits=params[0]).sample()
 
 
-class Laplace(Likelihood):
+class Laplace(ScaledLikelihood):
     """Laplace(x; μ, b): −log p = |x−μ|/b + log 2b per pixel; b fixed or one learned scalar."""
 
-    name = "laplace"
-
-    def __init__(self, scale: float = 0.1, learned: bool = False):
-        super().__init__()
-        self.learned = learned
-        self.fixed_log_b = math.log(scale)
-        if learned:
-            self.log_b = nn.Parameter(torch.tensor(0.0))
-
-    def log_b_for(self, params: list[Tensor]) -> Tensor:
-        if self.learned:
-            return self.log_b
-        return torch.tensor(self.fixed_log_b, dtype=params[0].dtype, device=params[0].device)
+    name, scale_name = "laplace", "b"
 
     def log_prob(self, params, x):
         d = x[0].numel()
-        log_b = self.log_b_for(params)
+        log_b = self.log_scale_for(params)
         return -_sum_pixels((x - params[0]).abs()) * torch.exp(-log_b) - d * (log_b + math.log(2.0))
 
     def sample(self, params):
-        return torch.distributions.Laplace(params[0], torch.exp(self.log_b_for(params))).sample()
-
-    def scale(self, params):
-        return torch.exp(self.log_b_for(params)).expand(params[0].shape[0])
-
-    def describe(self):
-        return f"laplace (b {'learned' if self.learned else f'= {math.exp(self.fixed_log_b):g}'})"
+        return torch.distributions.Laplace(params[0], torch.exp(self.log_scale_for(params))).sample()
 
     @classmethod
     def make(cls, arg):
