@@ -28,7 +28,7 @@ def _reference(name, lik, params):
     if name == "gaussian-learned":
         return D.Normal(params[0], torch.exp(lik.log_scale.detach()).double())
     if name == "gaussian-pixel":
-        return D.Normal(params[0], torch.exp(lik.log_sigma_for(params)))
+        return D.Normal(params[0], torch.exp(lik.log_scale_for(params)))
     if name == "bernoulli":
         return D.Bernoulli(logits=params[0])
     if name == "continuous-bernoulli":
@@ -120,7 +120,7 @@ def test_optimal_sigma_is_batch_mse_and_running_in_eval():
 def test_learned_pixel_sigma_is_softly_bounded():
     lik = make_likelihood("gaussian", "learned-pixel")
     raw = torch.tensor([-1e4, -20.0, 0.0, 20.0, 1e4]).view(1, 1, 1, 5)
-    s = torch.exp(lik.log_sigma_for([raw, raw]))
+    s = torch.exp(lik.log_scale_for([raw, raw]))
     assert (s >= lik.SIGMA_MIN * 0.999).all() and (s <= lik.SIGMA_MAX * 1.001).all()
     assert torch.all(s[..., 1:] >= s[..., :-1])  # monotone in the raw output
 
