@@ -6,7 +6,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data browser demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,10 +19,13 @@ $(VENV)/.installed: pyproject.toml
 data:
 	bash scripts/get-data.sh
 
+browser:
+	bash scripts/get-browser.sh
+
 demo: setup data
 	$(BIN)/vaelab demo
 
-test: setup data
+test: setup data browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 

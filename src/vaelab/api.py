@@ -6,10 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from .config import ConfigError, TrainConfig
-from .data import REGISTRY, load_dataset, locate, to_unit
+from .data import REGISTRY, locate
 from .runs import CHECKPOINT, CONFIG, Run, RunError, load_run, write_text_atomic
 from .train import train
 
@@ -106,8 +104,8 @@ def demo_dataset() -> str:
 
 
 def demo(out: str = "runs/demo", epochs: int = 5, limit: int | None = None, progress: bool = True) -> Run:
-    """Train a 2-D-latent Gaussian VAE and write manifold.png and reconstructions.png into its run folder."""
-    from . import plots, views
+    """Train a 2-D-latent Gaussian VAE, then write its report (figures, numbers, report.html) into the run folder."""
+    from .report import write_report
 
     dataset = demo_dataset()
     config = TrainConfig(dataset=dataset, likelihood="gaussian", sigma="0.1", latent_dim=2, hidden=[512, 256],
@@ -119,18 +117,16 @@ def demo(out: str = "runs/demo", epochs: int = 5, limit: int | None = None, prog
         print(f"vaelab demo: training a 2-D Gaussian VAE (σ = 0.1) on {dataset} for {epochs} epochs -> {out}",
               file=sys.stderr)
         run = train(config, progress=progress)
-    data = load_dataset(dataset)
-    images, z1, z2 = views.manifold_grid(run.model, 20)
-    written = [plots.manifold(images, z1, z2, out_path / "manifold.png")]
-    x = to_unit(torch.from_numpy(data.test[:10]))
-    written.append(plots.image_rows(views.reconstructions(run.model, x), out_path / "reconstructions.png",
-                                    "reconstructions"))
     last = run.last("test")
     print(f"test −ELBO {last['loss']:.2f} nats/image (rec {last['rec']:.2f}, KL {last['kl']:.2f}), "
           f"MSE {last['mse']:.4f}, σ {last.get('sigma', float('nan')):.3g}")
-    for p in written:
-        print(f"wrote {p}")
+    print(f"vaelab demo: evaluating (IWAE K={DEMO_IW_SAMPLES}) and drawing the report ...", file=sys.stderr)
+    path = write_report(run, iw_samples=DEMO_IW_SAMPLES, progress=progress)
+    print(f"report: {path}")
     return run
+
+
+DEMO_IW_SAMPLES = 100
 
 
 def _unfinished(path: Path, epochs: int) -> bool:

@@ -140,7 +140,7 @@ def training_curves(metrics: list[dict], path: Path, title: str = "") -> Path:
         ax.set_xlabel("epoch")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-        if i == 0:
+        if i == 0 and ax.lines:
             ax.legend()
     if not metrics:
         fig.text(0.5, 0.5, "no metrics recorded", ha="center")

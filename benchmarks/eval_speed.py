@@ -1,0 +1,129 @@
+"""How fast is `vaelab eval --iw-samples K`, measured against this machine's own matrix-multiply rate?
+
+Trains a 784-400-20 MLP VAE with a Bernoulli likelihood (dynamic binarization) briefly on Fashion-MNIST
+(default: 1 epoch on 10,000 images; --train-epochs 0 keeps the fresh initialisation), then times the code path
+of `vaelab eval` (vaelab.api.evaluate) on the test images with K importance samples. The matmul FLOPs of
+that evaluation are counted from the network's layer sizes (and checked against torch's FLOP counter on a
+small evaluation); achieved GFLOP/s is printed next to a large sgemm measured in the same process, with the
+same threads. The last line is one JSON object.
+
+    python benchmarks/eval_speed.py                      # 10,000 test images, K = 1000
+    python benchmarks/eval_speed.py --images 1000 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def sgemm_gflops(n: int = 2048, reps: int = 8, trials: int = 3) -> tuple[float, float]:
+    """Best-of-`trials` rate of an n x n x n float32 matmul, GFLOP/s per wall second and per CPU second."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = best_cpu = 0.0
+    for _ in range(trials):
+        t, c = time.perf_counter(), time.process_time()
+        for _ in range(reps):
+            a @ b
+        flop = 2 * n**3 * reps / 1e9
+        best = max(best, flop / (time.perf_counter() - t))
+        best_cpu = max(best_cpu, flop / (time.process_time() - c))
+    return best, best_cpu
+
+
+def linear_flops(module: nn.Module) -> int:
+    """Matmul FLOPs of one example through the module's Linear layers (2 per multiply-add)."""
+    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def eval_flops(model, n: int, k: int) -> int:
+    """FLOPs of vaelab.evaluate.evaluate on n images with K samples: matmuls of the ELBO pass (encode, decode),
+    the IWAE (encode, K decodes), the posterior means (encode), reconstructions and prior samples (decode),
+    plus the 3x3 Laplacian of the sharpness measure on data, reconstructions and samples."""
+    enc, dec = linear_flops(model.encoder), linear_flops(model.decoder)
+    c, h, w = model.shape
+    laplacian = 3 * c * 2 * 9 * (h - 2) * (w - 2)
+    return n * (3 * enc + (k + 3) * dec + laplacian)
+
+
+def counted_flops(model, x: torch.Tensor, k: int) -> int:
+    """The same count from torch's FLOP counter on a real (small) evaluation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vaelab.evaluate import evaluate
+
+    with FlopCounterMode(display=False) as counter:
+        evaluate(model, x, lambda t: t.float() / 255, None, k, batch_size=len(x))
+    return counter.get_total_flops()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=10_000, help="test images to evaluate (default 10000)")
+    p.add_argument("--iw-samples", type=int, default=1000, help="K (default 1000)")
+    p.add_argument("--batch-size", type=int, default=500, help="as `vaelab eval --batch-size` (default 500)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, all cores)")
+    p.add_argument("--train-epochs", type=int, default=1, help="epochs of training first; 0 = fresh init")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from vaelab import api
+    from vaelab.config import TrainConfig
+    from vaelab.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        config = TrainConfig(dataset="fashion-mnist", likelihood="bernoulli", binarize="dynamic", hidden=[400],
+                             latent_dim=20, batch_size=128, epochs=args.train_epochs, limit=10_000,
+                             out=str(out), device=args.device)
+        run = train(config, progress=False)
+        model = run.model
+        x_small = (torch.rand(32, 1, 28, 28) > 0.5).to(torch.uint8).mul(255).to(args.device)
+        counted, formula = counted_flops(model, x_small, 8), eval_flops(model, len(x_small), 8)
+
+        before = sgemm_gflops()
+        t, c = time.perf_counter(), time.process_time()
+        numbers = api.evaluate(out, "test", args.iw_samples, args.batch_size, args.images, device=args.device,
+                               progress=False)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
+        after = sgemm_gflops()
+        peak, peak_cpu = max(before[0], after[0]), max(before[1], after[1])
+
+    flops = eval_flops(model, numbers["n_images"], args.iw_samples)
+    achieved, achieved_cpu = flops / seconds / 1e9, flops / cpu_seconds / 1e9
+    result = {
+        "bench": "eval_speed", "model": "mlp 784-400-20 bernoulli",
+        "weights": f"trained {args.train_epochs} epoch(s) on 10000 images" if args.train_epochs else "fresh init",
+        "device": args.device, "threads": torch.get_num_threads(), "images": numbers["n_images"],
+        "iw_samples": args.iw_samples, "seconds": round(seconds, 3), "gflop": round(flops / 1e9, 1),
+        "gflops_achieved": round(achieved, 1), "gflops_sgemm": round(peak, 1),
+        "ratio": round(achieved / peak, 3),
+        "ratio_per_cpu_second": round(achieved_cpu / peak_cpu, 3),
+        "flop_count_check": {"counted": counted, "formula": formula},
+        "log_px": round(numbers["log_px"], 2), "elbo": round(numbers["elbo"], 2),
+    }
+    print(f"eval of {result['images']} test images, K={args.iw_samples}, {result['weights']}, "
+          f"{result['threads']} thread(s) on {args.device}: {seconds:.1f} s")
+    print(f"  ELBO {numbers['elbo']:.2f}, IWAE log p(x) {numbers['log_px']:.2f} nats/image (binarized test set)")
+    print(f"  matmul work {flops / 1e9:.0f} GFLOP (counter check on 32 images: {counted} vs formula {formula})")
+    print(f"  achieved {achieved:.1f} GFLOP/s; sgemm 2048^3 on this machine {peak:.1f} GFLOP/s; "
+          f"ratio {achieved / peak:.1%} (aim: >= 70%)")
+    print(f"  per CPU second (robust to other processes on a shared machine): {achieved_cpu:.1f} vs "
+          f"{peak_cpu:.1f} GFLOP/s, ratio {achieved_cpu / peak_cpu:.1%}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

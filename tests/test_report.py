@@ -1,0 +1,149 @@
+"""The report end to end: the real CLI on a trained Fashion-MNIST run, then report.html opened in a real headless
+browser (Chromium), which must load every embedded figure and render a non-blank page; plus eval --json,
+plot --only and the one-line errors for bad input."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import vaelab_cmd
+from trained_runs import trained_run
+from vaelab.cli import main
+from vaelab.report import FIGURES
+
+JSON_KEYS = {"elbo", "log_px", "iw_samples", "bits_per_dim", "mse", "kl", "kl_per_dim", "active_units",
+             "radius_share", "knn_agreement", "sharpness", "sigma"}
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def browser() -> str:
+    for name in (os.environ.get("VAELAB_BROWSER"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    pytest.fail("no headless browser found; `make test` installs Debian's chromium (scripts/get-browser.sh)")
+
+
+def run_browser(tmp_path, *args) -> subprocess.CompletedProcess:
+    cmd = [browser(), *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'browser-profile'}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def report(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    res = subprocess.run([*vaelab_cmd(), "report", str(run_dir), "--out", str(out), "--limit", "500",
+                          "--iw-samples", "20", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return out, res
+
+
+def test_report_writes_every_figure_and_a_self_contained_html(report, run_dir):
+    out, res = report
+    path = out / "report.html"
+    assert res.stdout.strip().splitlines()[-1] == str(path)
+    for name in FIGURES:
+        assert (out / f"{name}.png").is_file(), name
+    text = path.read_text()
+    assert text.count('src="data:image/png;base64,') == len(FIGURES)
+    assert "src=\"http" not in text and "file://" not in text  # nothing outside the file
+    numbers = json.loads((out / "eval.json").read_text())
+    assert JSON_KEYS <= numbers.keys()
+    assert f"{numbers['elbo']:.2f}" in text and f"{numbers['log_px']:.2f}" in text
+    config = json.loads((run_dir / "config.json").read_text())
+    assert f"<th>likelihood</th><td>&quot;{config['likelihood']}&quot;</td>" in text
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_report_opens_in_a_headless_browser_with_every_figure_loaded(report, tmp_path):
+    out, _ = report
+    # The DOM after load, with a probe that records each <img>'s decoded size, run on a copy of the report.
+    probe = ('<script>window.addEventListener("load", () => { const p = document.createElement("pre"); '
+             'p.id = "probe"; p.textContent = JSON.stringify(Array.from(document.images, '
+             'i => [i.complete, i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().width])); '
+             'p.dataset.height = document.documentElement.scrollHeight; '
+             "document.body.appendChild(p); });</script></body>")
+    page = tmp_path / "probe.html"
+    page.write_text((out / "report.html").read_text().replace("</body>", probe))
+    res = run_browser(tmp_path, "--virtual-time-budget=10000", "--dump-dom", page.as_uri())
+    assert res.returncode == 0, res.stderr[-2000:]
+    found = re.search(r'<pre id="probe" data-height="(\d+)">(.*?)</pre>', res.stdout)
+    assert found, res.stdout[-2000:]
+    page_height, images = int(found[1]), json.loads(found[2])
+    assert len(images) == len(FIGURES)
+    for complete, img_w, img_h, shown in images:
+        assert complete and img_w > 100 and img_h > 100 and shown > 100
+
+    shot = out / "report-screenshot.png"  # kept next to the report for a human to look at
+    res = run_browser(tmp_path, f"--screenshot={shot}", f"--window-size=1200,{page_height}",
+                      (out / "report.html").as_uri())
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32) / 255
+    assert img.shape == (page_height, 1200) and page_height > 3000  # nine figures stacked
+    ink = img < 0.5
+    assert ink.mean() > 0.02, "the page is (nearly) blank"
+    bands = [band.mean() for band in np.array_split(ink, 8)]
+    assert min(bands) > 0.002, f"some part of the page shows nothing: ink per eighth of the page {bands}"
+
+
+def test_eval_prints_a_table_and_writes_the_json(run_dir, tmp_path):
+    path = tmp_path / "sub" / "numbers.json"
+    res = subprocess.run([*vaelab_cmd(), "eval", str(run_dir), "--limit", "300", "--iw-samples", "5",
+                          "--json", str(path), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    numbers = json.loads(path.read_text())
+    assert JSON_KEYS <= numbers.keys()
+    assert numbers["iw_samples"] == 5 and numbers["n_images"] == 300 and numbers["split"] == "test"
+    assert set(numbers["radius_share"]) == {"1", "2", "3"} and set(numbers["sharpness"]) == {"data", "recon",
+                                                                                               "samples"}
+    assert len(numbers["kl_per_dim"]) == 2 and numbers["sigma"] == pytest.approx(0.1)
+    assert 0 <= numbers["knn_agreement"] <= 1
+    assert f"{numbers['log_px']:.2f}" in res.stdout and "active units" in res.stdout
+
+
+def test_unlabelled_non_gaussian_run_reports_nulls(tmp_path, tmp_path_factory, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "plain.npz", x=rng.integers(0, 256, size=(120, 1, 8, 8), dtype=np.uint8))  # no labels
+    run = trained_run(tmp_path_factory, dataset=str(tmp_path / "plain.npz"), likelihood="laplace", epochs=1,
+                      hidden=[16], limit=None)
+    assert main(["eval", str(run), "--iw-samples", "3", "--json", str(tmp_path / "e.json"), "--quiet"]) == 0
+    numbers = json.loads((tmp_path / "e.json").read_text())
+    assert numbers["knn_agreement"] is None and numbers["sigma"] is None
+    assert "n/a (no labels)" in capsys.readouterr().out
+
+
+def test_plot_only_writes_one_figure(run_dir, tmp_path, capsys):
+    assert main(["plot", str(run_dir), "--only", "kl", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "kl.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["kl.png"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["plot", "{run}", "--only", "nope"], "--only must be one of manifold, scatter, reconstructions"),
+    (["eval", "{run}", "--iw-samples", "0"], "--iw-samples must be an integer >= 1; got 0"),
+    (["eval", "{run}", "--split", "valid"], "--split must be one of train, test; got 'valid'"),
+    (["eval", "{run}", "--batch-size", "-3"], "--batch-size must be an integer >= 1; got -3"),
+    (["eval", "{run}", "--json", "{tmp}"], "--json must be a file name"),
+    (["report", "{tmp}"], "not a vaelab run directory"),
+    (["eval", "{tmp}/missing"], "not a vaelab run directory"),
+])
+def test_bad_input_gets_one_line_and_no_files(run_dir, tmp_path, capsys, args, needle):
+    before = sorted(p.name for p in run_dir.iterdir())
+    argv = [a.format(run=run_dir, tmp=tmp_path) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vaelab: error: ") and needle in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    assert not list(tmp_path.iterdir())
