@@ -102,7 +102,7 @@ def test_eval_prints_a_table_and_writes_the_json(run_dir, tmp_path):
     res = subprocess.run([*vaelab_cmd(), "eval", str(run_dir), "--limit", "300", "--iw-samples", "5",
                           "--json", str(path), "--quiet"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    numbers = json.loads(path.read_text())
+    numbers = _strict_json(path.read_text())
     assert JSON_KEYS <= numbers.keys()
     assert numbers["iw_samples"] == 5 and numbers["n_images"] == 300 and numbers["split"] == "test"
     assert set(numbers["radius_share"]) == {"1", "2", "3"} and set(numbers["sharpness"]) == {"data", "recon",
@@ -120,7 +120,21 @@ def test_unlabelled_non_gaussian_run_reports_nulls(tmp_path, tmp_path_factory, c
     assert main(["eval", str(run), "--iw-samples", "3", "--json", str(tmp_path / "e.json"), "--quiet"]) == 0
     numbers = json.loads((tmp_path / "e.json").read_text())
     assert numbers["knn_agreement"] is None and numbers["sigma"] is None
-    assert "n/a (no labels)" in capsys.readouterr().out
+    assert "n/a (needs labels" in capsys.readouterr().out
+
+
+def _strict_json(text):
+    def reject(name):
+        raise AssertionError(f"{name} is not valid JSON")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_eval_of_a_single_image_is_valid_json(run_dir, tmp_path):
+    assert main(["eval", str(run_dir), "--limit", "1", "--iw-samples", "2", "--json", str(tmp_path / "one.json"),
+                 "--quiet"]) == 0
+    numbers = _strict_json((tmp_path / "one.json").read_text())
+    assert numbers["n_images"] == 1 and numbers["knn_agreement"] is None and numbers["log_px_stderr"] is None
 
 
 def test_plot_only_writes_one_figure(run_dir, tmp_path, capsys):

@@ -67,7 +67,7 @@ def elbo_metrics(model: VAE, x: Tensor, batch_size: int, prepare, seed: int = 0)
 ACTIVE_THRESHOLD = 0.01  # a latent dimension is active when Var_x[E_q(z|x)[z_d]] exceeds this (Burda et al.)
 RADII = (1, 2, 3)
 KNN_K = 10
-IW_ROWS = 512  # decoder rows (samples x images) per IWAE step and CPU thread: bounds memory whatever K is,
+IW_ROWS = 1024  # decoder rows (samples x images) per IWAE step and CPU thread: bounds memory whatever K is,
 # and keeps each step's decoder output in cache, where the elementwise log-density costs little next to the matmuls
 
 
@@ -145,13 +145,6 @@ def posterior_means(model: VAE, x: Tensor, batch_size: int, prepare) -> Tensor:
 
 
 @torch.no_grad()
-def decoded(model: VAE, z: Tensor, batch_size: int) -> Tensor:
-    """Decoder means f(z) for z (N, L), in batches, clamped to the pixel range [0, 1]."""
-    return torch.cat([model.decode_mean(z[i:i + batch_size]).clamp(0, 1)
-                      for i in range(0, len(z), batch_size)])
-
-
-@torch.no_grad()
 def evaluate(model: VAE, x: Tensor, prepare, labels=None, iw_samples: int = 1000, batch_size: int = 500,
              seed: int = 0, progress: bool = False) -> dict:
     """Every number of `vaelab eval` for the images `x` (stored form; `prepare` maps them to [0, 1]).
@@ -166,22 +159,27 @@ def evaluate(model: VAE, x: Tensor, prepare, labels=None, iw_samples: int = 1000
         torch.manual_seed(seed)
         log_px = iwae_log_px(model, x, iw_samples, batch_size, prepare, progress)
         codes = posterior_means(model, x, batch_size, prepare)  # (N, L)
-        data = torch.cat([prepare(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-        recon = decoded(model, codes, batch_size)
-        prior = decoded(model, torch.randn_like(codes), batch_size)
+        sharp = torch.zeros(3, dtype=torch.float64)  # data, recon, samples: sums of per-batch means x sizes
+        for i in range(0, len(x), batch_size):
+            z = codes[i:i + batch_size]
+            images = (prepare(x[i:i + batch_size]), model.decode_mean(z).clamp(0, 1),
+                      model.decode_mean(torch.randn_like(z)).clamp(0, 1))
+            sharp += torch.tensor([sharpness(im) for im in images], dtype=torch.float64) * len(z)
+    sharp = (sharp / len(x)).tolist()
     count, var = active_units(codes)
     d = model.n_pixels
     lp = log_px.mean().item()
     return {
-        "elbo": -m["loss"], "log_px": lp, "log_px_stderr": log_px.std().item() / math.sqrt(len(log_px)),
+        "elbo": -m["loss"], "log_px": lp,
+        "log_px_stderr": log_px.std().item() / math.sqrt(len(log_px)) if len(log_px) > 1 else None,
         "iw_samples": iw_samples,
         "bits_per_dim": m["bits_per_dim"],
         "bits_per_dim_log_px": bits_per_dim(-lp, d, model.likelihood.continuous),
         "rec": m["rec"], "kl": m["kl"], "mse": m["mse"], "kl_per_dim": m["kl_per_dim"],
         "active_units": count, "posterior_mean_variance": var,
         "radius_share": radius_share(codes),
-        "knn_agreement": knn_agreement(codes, labels),
-        "sharpness": {"data": sharpness(data), "recon": sharpness(recon), "samples": sharpness(prior)},
+        "knn_agreement": knn_agreement(codes, labels) if len(codes) > KNN_K else None,
+        "sharpness": dict(zip(("data", "recon", "samples"), sharp, strict=True)),
         "sigma": m.get("sigma") if is_gaussian(model.likelihood) else None,
         "n_images": int(x.shape[0]),
     }
@@ -256,7 +254,7 @@ def table_rows(r: dict) -> list[tuple[str, str]]:
         ("KL per latent dim", " ".join(f"{v:.2f}" for v in r["kl_per_dim"])),
         ("active units (Var > 0.01)", f"{r['active_units']} of {len(r['kl_per_dim'])}"),
         ("codes within radius 1 / 2 / 3", " / ".join(f"{r['radius_share'][k]:.1%}" for k in ("1", "2", "3"))),
-        (f"{KNN_K}-NN label agreement", "n/a (no labels)" if r["knn_agreement"] is None
+        (f"{KNN_K}-NN label agreement", "n/a (needs labels and > 10 images)" if r["knn_agreement"] is None
          else f"{r['knn_agreement']:.1%}"),
         ("sharpness data / recon / samples", " / ".join(f"{r['sharpness'][k]:.4f}"
                                                          for k in ("data", "recon", "samples"))),
