@@ -154,34 +154,38 @@ def figures_html(figures: list[tuple[str, Path]]) -> str:
         for caption, p in figures)
 
 
+def html_page(title: str, body: str) -> str:
+    """A standalone HTML page with vaelab's style; `body` is already-escaped HTML."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+th, td {{ text-align: left; padding: 2px 12px; border-bottom: 1px solid #ddd; font-size: 14px; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ font-weight: bold; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+{body}
+</body></html>
+"""
+
+
 def render_html(title: str, numbers: list[tuple[str, str]], config: dict,
                 figures: list[tuple[str, Path]]) -> str:
     """One HTML page; each figure's PNG is embedded as a data URI, so the file stands alone."""
     esc = html.escape
     rows = "\n".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in numbers)
     conf = "\n".join(f"<tr><th>{esc(k)}</th><td>{esc(json.dumps(v))}</td></tr>" for k, v in config.items())
-    figs = figures_html(figures)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
-th, td {{ text-align: left; padding: 2px 12px; border-bottom: 1px solid #ddd; font-size: 14px; }}
-figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ font-weight: bold; }}
-</style></head><body>
-<h1>{esc(title)}</h1>
-<h2>Numbers</h2>
+    return html_page(title, f"""<h2>Numbers</h2>
 <table id="numbers">
 {rows}
 </table>
 <h2>Figures</h2>
-{figs}
+{figures_html(figures)}
 <h2>Config</h2>
 <table id="config">
 {conf}
-</table>
-</body></html>
-"""
+</table>""")
 
 
 def write_report(run: Run, out_dir: str | Path | None = None, iw_samples: int = 100, batch_size: int = 500,

@@ -225,7 +225,6 @@ def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
     """Train (or reuse) every setting, evaluate, and write table.md, table.csv, figures and index.html."""
     from . import plots
     from .evaluate import evaluate_run
-    from .report import figures_html
     from .views import manifold_grid, prior_samples, reconstructions
 
     out = Path(cfg.out)
@@ -282,30 +281,23 @@ def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
     write_text_atomic(out / "summary.md", "".join(f"- {s}\n" for s in summary))
     write_text_atomic(out / "study.json", json.dumps({"config": asdict(cfg), "threshold": threshold,
                                                        "rows": rows, "summary": summary}, indent=2) + "\n")
-    write_text_atomic(out / "index.html", study_html(cfg, table_rows_, summary, threshold, figures, figures_html))
+    write_text_atomic(out / "index.html", study_html(cfg, table_rows_, summary, threshold, figures))
     return out / "index.html"
 
 
-def study_html(cfg: StudyConfig, rows: list[dict], summary: list[str], threshold: float, figures,
-               figures_html) -> str:
+def study_html(cfg: StudyConfig, rows: list[dict], summary: list[str], threshold: float, figures) -> str:
     import html
+
+    from .report import figures_html, html_page
 
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c, _, _ in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{esc(_cell(r, k, s))}</td>" for _, k, s in COLUMNS) + "</tr>\n"
                    for r in rows)
     items = "".join(f"<li>{esc(s)}</li>\n" for s in summary)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>vaelab σ study</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
-table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
-th, td {{ text-align: left; padding: 2px 10px; border-bottom: 1px solid #ddd; font-size: 13px; }}
-figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ font-weight: bold; }}
-</style></head><body>
-<h1>What σ does: {esc(cfg.dataset)}, latent {cfg.latent_dim}, {cfg.epochs} epochs,
-{esc(cfg.optimizer)} lr {cfg.lr:g}</h1>
-<h2>What held in this run</h2>
+    title = (f"What σ does: {cfg.dataset}, latent {cfg.latent_dim}, {cfg.epochs} epochs, "
+             f"{cfg.optimizer} lr {cfg.lr:g}")
+    return html_page(title, f"""<h2>What held in this run</h2>
 <ul id="summary">
 {items}</ul>
 <h2>Table</h2>
@@ -313,6 +305,4 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ font-weig
 <table id="table"><tr>{head}</tr>
 {body}</table>
 <h2>Figures</h2>
-{figures_html(figures)}
-</body></html>
-"""
+{figures_html(figures)}""")
