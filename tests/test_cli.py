@@ -105,3 +105,15 @@ def test_every_command_has_help_for_every_flag():
                 assert action.help, f"vaelab {name} {action.option_strings or action.dest} has no help"
     r = vaelab("train", "--help")
     assert r.returncode == 0 and "--kl-warmup EPOCHS" in r.stdout and "learned-pixel" in r.stdout
+
+
+def test_out_that_is_a_file_and_resume_that_goes_backwards(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    r = vaelab("train", "--limit", "200", "--epochs", "1", "--out", str(tmp_path / "taken"), "--quiet")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "taken" in r.stderr
+    assert (tmp_path / "taken").read_text() == "not a folder"
+    run = tmp_path / "short"
+    assert vaelab("train", "--limit", "200", "--hidden", "16", "--epochs", "2", "--out", str(run),
+                  "--quiet").returncode == 0
+    r = vaelab("train", "--resume", str(run), "--epochs", "1")
+    assert r.returncode == 2 and "must exceed the 2 epochs already trained; got 1" in r.stderr

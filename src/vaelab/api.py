@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import ConfigError, TrainConfig
 from .data import REGISTRY, locate
-from .runs import CHECKPOINT, CONFIG, Run, RunError, load_run, write_text_atomic
+from .runs import CHECKPOINT, CONFIG, Run, RunError, checkpoint_epoch, load_run, write_text_atomic
 from .train import train
 
 
@@ -21,6 +21,10 @@ def resume(path: str | Path, progress: bool = True, epochs: int | None = None, d
     config = TrainConfig.load(path / CONFIG)
     config.out = str(path)
     if epochs is not None:
+        done = checkpoint_epoch(path / CHECKPOINT)
+        if epochs <= done:
+            raise ConfigError(f"--epochs is the new total and must exceed the {done} epochs already trained; "
+                              f"got {epochs}")
         config.epochs = epochs
     if device is not None:
         config.device = device

@@ -250,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as e:
         print(f"vaelab: error: invalid JSON ({e})", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"vaelab: error: {e.strerror}: {Path(e.filename) if e.filename else ''}", file=sys.stderr)
+    except OSError as e:  # a path the user gave cannot be read or written (missing, a file, no permission)
+        where = f": {Path(e.filename)}" if e.filename else ""
+        print(f"vaelab: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 

@@ -90,6 +90,15 @@ def load_checkpoint(path: Path, model: VAE, optimizer: torch.optim.Optimizer) ->
     return json.loads(metadata["meta"]), rng
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """Completed epochs recorded in a checkpoint, read from its metadata without loading any tensor."""
+    try:
+        with safe_open(path, "pt") as fh:
+            return int(json.loads(fh.metadata()["meta"])["epoch"])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise RunError(f"{path}: unreadable checkpoint ({e})") from e
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
