@@ -1,0 +1,273 @@
+"""How fast does vaelab train, against a conventional PyTorch loop and against the machine's matmul floor?
+
+One process, one machine, one model: a 784-400-20 MLP VAE with a Bernoulli likelihood, batch 128, Adam 1e-3,
+on Fashion-MNIST's 60,000 training images.
+
+1. vaelab: `vaelab.train`, the function `vaelab train` calls, on a fresh run directory (3 epochs, scored,
+   then continued with `vaelab.resume`, which is bit-identical to one uninterrupted run). Seconds per epoch
+   are the `seconds` field of each epoch's train row in metrics.jsonl: the training loop's wall time,
+   excluding the per-epoch train/test evaluation and the checkpoint. Median over the epochs.
+2. baseline: the well-known PyTorch example written the usual way: a Dataset that turns each image into a
+   float tensor when it is accessed, a DataLoader with shuffle and batch 128, the example's VAE (sigmoid
+   decoder, BCE summed + KL) and its loop (`loss.item()` every step). Median over the epochs.
+3. floor: the step's matrix multiplies alone (4 forward addmm, 4 weight-gradient and 3 input-gradient mm
+   with the exact shapes autograd uses), times steps per epoch. Timed in blocks of one epoch's steps
+   before and after the two trainers; median over the blocks.
+
+Both trained models are scored with the same function (vaelab.evaluate.elbo_metrics, same seed, one z per
+image, logits = the decoder's last affine layer) on the 10,000 test images after 3 epochs.
+The last line is machine-readable.
+
+    python benchmarks/train_speed.py              # the real measurement: 5 epochs each (a few minutes)
+    python benchmarks/train_speed.py --epochs 3   # the shortest run that still compares test -ELBO
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import resource
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vaelab import TrainConfig, resume, train
+from vaelab.data import load_dataset, to_unit
+from vaelab.evaluate import elbo_metrics
+from vaelab.model import VAE
+from vaelab.runs import read_metrics
+
+BATCH, HIDDEN, LATENT, LR, SEED = 128, 400, 20, 1e-3, 0
+COMPARE_EPOCH = 3  # test -ELBO compared after this many epochs
+EVAL_SEED = 2024
+
+
+# ------------------------------------------------------------------------------ 2. the conventional baseline
+class ImageDataset(Dataset):
+    """Images stored as uint8; each access converts one image to a float tensor in [0, 1] (like ToTensor)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = torch.tensor(self.images[i], dtype=torch.float32).div(255.0)  # (1, 28, 28)
+        return x, int(self.labels[i]) if self.labels is not None else 0
+
+
+class ExampleVAE(nn.Module):
+    """The PyTorch example's VAE (examples/vae/main.py), sized from the data."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.d = d
+        self.fc1 = nn.Linear(d, HIDDEN)
+        self.fc21 = nn.Linear(HIDDEN, LATENT)
+        self.fc22 = nn.Linear(HIDDEN, LATENT)
+        self.fc3 = nn.Linear(LATENT, HIDDEN)
+        self.fc4 = nn.Linear(HIDDEN, d)
+
+    def encode(self, x):
+        h1 = F.relu(self.fc1(x))
+        return self.fc21(h1), self.fc22(h1)
+
+    def reparameterize(self, mu, logvar):
+        std = torch.exp(0.5 * logvar)
+        eps = torch.randn_like(std)
+        return mu + eps * std
+
+    def decode(self, z):
+        h3 = F.relu(self.fc3(z))
+        return torch.sigmoid(self.fc4(h3))
+
+    def forward(self, x):
+        mu, logvar = self.encode(x.view(-1, self.d))
+        z = self.reparameterize(mu, logvar)
+        return self.decode(z), mu, logvar
+
+
+def example_loss(recon_x, x, mu, logvar):
+    bce = F.binary_cross_entropy(recon_x, x.view(-1, recon_x.shape[1]), reduction="sum")
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return bce + kld
+
+
+def train_baseline(data, epochs: int, on_epoch) -> list[float]:
+    torch.manual_seed(SEED)
+    d = math.prod(data.shape)
+    model = ExampleVAE(d)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    loader = DataLoader(ImageDataset(data.train, data.train_labels), batch_size=BATCH, shuffle=True)
+    seconds = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        train_loss = 0.0
+        t0 = time.perf_counter()
+        for x, _ in loader:
+            optimizer.zero_grad()
+            recon, mu, logvar = model(x)
+            loss = example_loss(recon, x, mu, logvar)
+            loss.backward()
+            train_loss += loss.item()
+            optimizer.step()
+        seconds.append(time.perf_counter() - t0)
+        on_epoch(epoch, model, seconds[-1], train_loss / len(loader.dataset))
+    return seconds
+
+
+def as_vaelab(example: ExampleVAE, shape) -> VAE:
+    """The same network as a vaelab VAE: heads concatenated, the sigmoid's input used as Bernoulli logits."""
+    cfg = TrainConfig(likelihood="bernoulli", hidden=[HIDDEN], latent_dim=LATENT)
+    vae = VAE.from_config(cfg, shape)
+    enc_fc, enc_head = vae.encoder.body[1], vae.encoder.head
+    dec_fc, dec_out = vae.decoder.body[0], vae.decoder.body[2]
+    with torch.no_grad():
+        enc_fc.weight.copy_(example.fc1.weight), enc_fc.bias.copy_(example.fc1.bias)
+        enc_head.weight.copy_(torch.cat([example.fc21.weight, example.fc22.weight]))
+        enc_head.bias.copy_(torch.cat([example.fc21.bias, example.fc22.bias]))
+        dec_fc.weight.copy_(example.fc3.weight), dec_fc.bias.copy_(example.fc3.bias)
+        dec_out.weight.copy_(example.fc4.weight), dec_out.bias.copy_(example.fc4.bias)
+    return vae.eval()
+
+
+# --------------------------------------------------------------------------------------- 3. the matmul floor
+def floor_block(x: torch.Tensor, steps: int) -> float:
+    """Seconds for `steps` repetitions of one training step's GEMMs, on the exact shapes of that step."""
+    d = x.shape[1]
+    enc1, head, dec1, dec2 = nn.Linear(d, HIDDEN), nn.Linear(HIDDEN, 2 * LATENT), \
+        nn.Linear(LATENT, HIDDEN), nn.Linear(HIDDEN, d)
+    w1, b1, wh, bh = enc1.weight.detach(), enc1.bias.detach(), head.weight.detach(), head.bias.detach()
+    w3, b3, w4, b4 = dec1.weight.detach(), dec1.bias.detach(), dec2.weight.detach(), dec2.bias.detach()
+    g_out = torch.randn(x.shape[0], d) * 1e-2  # stand-ins for the gradients flowing back
+    g_head = torch.randn(x.shape[0], 2 * LATENT) * 1e-2
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        h = torch.addmm(b1, x, w1.t())  # (B, 400)
+        e = torch.addmm(bh, h, wh.t())  # (B, 40)
+        z = e[:, :LATENT].contiguous()  # (B, 20)
+        h2 = torch.addmm(b3, z, w3.t())  # (B, 400)
+        torch.addmm(b4, h2, w4.t())  # (B, 784)
+        torch.mm(g_out.t(), h2)  # dW4 (784, 400)
+        g_h2 = torch.mm(g_out, w4)  # dh2 (B, 400)
+        torch.mm(g_h2.t(), z)  # dW3 (400, 20)
+        torch.mm(g_h2, w3)  # dz (B, 20)
+        torch.mm(g_head.t(), h)  # dWh (40, 400)
+        g_h = torch.mm(g_head, wh)  # dh (B, 400)
+        torch.mm(g_h.t(), x)  # dW1 (400, 784); no dx: the data needs no gradient
+    return time.perf_counter() - t0
+
+
+def floor_blocks(x: torch.Tensor, steps: int, blocks: int) -> list[float]:
+    floor_block(x, 20)  # warm-up
+    return [floor_block(x, steps) for _ in range(blocks)]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=5, help="epochs for each trainer (>= 3; default 5)")
+    p.add_argument("--floor-blocks", type=int, default=3,
+                   help="floor blocks of one epoch's steps, before and again after the trainers (default 3)")
+    p.add_argument("--data-dir", default=None, help="where Fashion-MNIST is (default: vaelab's lookup)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.epochs < COMPARE_EPOCH:
+        p.error(f"--epochs must be >= {COMPARE_EPOCH} (the test -ELBO is compared after epoch "
+                f"{COMPARE_EPOCH}); got {args.epochs}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    data = load_dataset("fashion-mnist", args.data_dir)
+    n = data.train.shape[0]
+    steps = math.ceil(n / BATCH)
+    test = torch.from_numpy(np.ascontiguousarray(data.test))
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+          f"Fashion-MNIST {n} train / {test.shape[0]} test images, {steps} steps of {BATCH} per epoch",
+          flush=True)
+
+    x_floor = to_unit(torch.from_numpy(data.train[:BATCH])).flatten(1)  # (B, 784)
+    floor = floor_blocks(x_floor, steps, args.floor_blocks)
+
+    def score(model: VAE) -> float:
+        return elbo_metrics(model, test, 1000, to_unit, seed=EVAL_SEED)["loss"]
+
+    # 1. vaelab, through the same function the CLI calls
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dict(dataset="fashion-mnist", data_dir=args.data_dir, likelihood="bernoulli", hidden=[HIDDEN],
+                   latent_dim=LATENT, batch_size=BATCH, lr=LR, optimizer="adam", seed=SEED, device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the Bernoulli-on-grey-pixels warning; the example does the same
+            t0 = time.perf_counter()
+            run = train(TrainConfig(**cfg, epochs=COMPARE_EPOCH, out=str(Path(tmp) / "run")), progress=False)
+            vaelab_test = score(run.model)  # after 3 epochs; then the same run continues
+            if args.epochs > COMPARE_EPOCH:  # as `vaelab train --resume RUN --epochs N` does
+                run = resume(run.path, progress=False, epochs=args.epochs)
+            vaelab_wall = time.perf_counter() - t0
+        rows = [r for r in read_metrics(run.path / "metrics.jsonl") if r["split"] == "train"]
+    vaelab_epochs = [r["seconds"] for r in rows]
+    vaelab_s = statistics.median(vaelab_epochs)
+    print(f"vaelab  : {_fmt(vaelab_epochs)}  (train-loop seconds per epoch from metrics.jsonl; whole run "
+          f"with per-epoch train+test evaluation and checkpoints {vaelab_wall:.1f} s)", flush=True)
+    rss_vaelab = peak_rss_mib()
+
+    # 2. the conventional baseline
+    baseline_test = math.nan
+
+    def on_epoch(epoch, model, secs, train_loss):
+        nonlocal baseline_test
+        if epoch == COMPARE_EPOCH:
+            baseline_test = score(as_vaelab(model, data.shape))
+
+    baseline_epochs = train_baseline(data, args.epochs, on_epoch)
+    baseline_s = statistics.median(baseline_epochs)
+    print(f"baseline: {_fmt(baseline_epochs)}  (Dataset converting each image on access, DataLoader "
+          f"shuffle, example VAE loss)", flush=True)
+
+    floor += floor_blocks(x_floor, steps, args.floor_blocks)
+    floor_s = statistics.median(floor)
+    print(f"floor   : {_fmt(floor)}  (11 GEMMs per step x {steps} steps, median of {len(floor)} blocks)")
+
+    speedup, over_floor = baseline_s / vaelab_s, vaelab_s / floor_s
+    diff = vaelab_test - baseline_test
+    print(f"\nseconds per epoch (median): vaelab {vaelab_s:.2f}, baseline {baseline_s:.2f}, floor {floor_s:.2f}")
+    print(f"vaelab / baseline = {vaelab_s / baseline_s:.3f} (vaelab is {speedup:.2f}x faster; goal >= 4x)")
+    print(f"vaelab / floor    = {over_floor:.3f} (goal <= 1.6)")
+    print(f"test -ELBO after {COMPARE_EPOCH} epochs (elbo_metrics, seed {EVAL_SEED}, one z per image): "
+          f"vaelab {vaelab_test:.2f} nats, baseline {baseline_test:.2f} nats, difference {diff:+.2f} "
+          f"({'within' if abs(diff) <= 1 else 'NOT within'} 1 nat)")
+    print(f"peak memory (RSS, whole process): {rss_vaelab:.0f} MiB after vaelab, {peak_rss_mib():.0f} MiB at "
+          f"the end; total benchmark time {time.perf_counter() - t_start:.0f} s")
+    print(f"vaelab_s={vaelab_s:.3f} baseline_s={baseline_s:.3f} floor_s={floor_s:.3f} speedup={speedup:.2f} "
+          f"over_floor={over_floor:.2f} vaelab_test={vaelab_test:.2f} baseline_test={baseline_test:.2f}")
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{statistics.median(values):6.2f} s/epoch median of [" + ", ".join(f"{v:.2f}" for v in values) + "]"
+
+
+if __name__ == "__main__":
+    main()
