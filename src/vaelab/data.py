@@ -23,6 +23,13 @@ class DataError(ValueError):
     """The data is missing or malformed; the message says what was found and what is expected."""
 
 
+def _only_values(a: np.ndarray, lo, hi, chunk: int = 1 << 20) -> bool:
+    """True when every element of `a` is lo or hi; checked in chunks, stopping at the first other value
+    (np.isin on the whole array held ~500 MB of temporaries for Fashion-MNIST's 47 MB)."""
+    flat = a.reshape(-1)
+    return all(bool(((c == lo) | (c == hi)).all()) for c in (flat[i:i + chunk] for i in range(0, flat.size, chunk)))
+
+
 @dataclass
 class ImageData:
     name: str
@@ -41,7 +48,7 @@ class ImageData:
     def is_binary(self) -> bool:
         """True when every pixel is exactly 0 or 1 on the [0, 1] scale."""
         top = 255 if self.train.dtype == np.uint8 else 1
-        return all(bool(np.isin(a, (0, top)).all()) for a in (self.train, self.test))
+        return all(_only_values(a, 0, top) for a in (self.train, self.test))
 
     def limited(self, n: int | None) -> ImageData:
         if n is None:
