@@ -7,9 +7,11 @@ on Fashion-MNIST's 60,000 training images.
    then continued with `vaelab.resume`, which is bit-identical to one uninterrupted run). Seconds per epoch
    are the `seconds` field of each epoch's train row in metrics.jsonl: the training loop's wall time,
    excluding the per-epoch train/test evaluation and the checkpoint. Median over the epochs.
-2. baseline: the well-known PyTorch example written the usual way: a Dataset that turns each image into a
-   float tensor when it is accessed, a DataLoader with shuffle and batch 128, the example's VAE (sigmoid
-   decoder, BCE summed + KL) and its loop (`loss.item()` every step). Median over the epochs.
+2. baseline: the well-known PyTorch example (examples/vae) written the usual way: a Dataset that turns each
+   image into a float tensor when it is accessed, exactly as torchvision's FashionMNIST with ToTensor does
+   (a PIL image, then ToTensor; torchvision itself is not needed), a DataLoader with shuffle and batch 128,
+   the example's VAE (sigmoid decoder, BCE summed + KL) and its loop (`loss.item()` every step). Median over
+   the epochs. --lean-baseline converts uint8 -> float directly instead, without PIL.
 3. floor: the step's matrix multiplies alone (4 forward addmm, 4 weight-gradient and 3 input-gradient mm
    with the exact shapes autograd uses), times steps per epoch. Timed in blocks of one epoch's steps
    before and after the two trainers; median over the blocks.
@@ -37,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -52,17 +55,29 @@ EVAL_SEED = 2024
 
 
 # ------------------------------------------------------------------------------ 2. the conventional baseline
-class ImageDataset(Dataset):
-    """Images stored as uint8; each access converts one image to a float tensor in [0, 1] (like ToTensor)."""
+class ExampleDataset(Dataset):
+    """What the example's torchvision.datasets.FashionMNIST(transform=ToTensor()) does for each item:
+    a PIL image from the stored uint8 array, then ToTensor's conversion to a float tensor in [0, 1]."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None):
-        self.images, self.labels = images, labels
+        self.images = torch.from_numpy(images[:, 0])  # (N, H, W) uint8, as torchvision stores it
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        x = torch.tensor(self.images[i], dtype=torch.float32).div(255.0)  # (1, 28, 28)
+        img = Image.fromarray(self.images[i].numpy())  # mode "L"
+        x = torch.from_numpy(np.array(img, np.uint8, copy=True))  # ToTensor, for a mode-"L" image:
+        x = x.view(img.size[1], img.size[0], 1).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+        return x, int(self.labels[i]) if self.labels is not None else 0  # (1, H, W)
+
+
+class LeanDataset(ExampleDataset):
+    """The same conversion without the PIL round trip (--lean-baseline)."""
+
+    def __getitem__(self, i: int):
+        x = self.images[i].unsqueeze(0).to(torch.float32).div(255)  # (1, H, W)
         return x, int(self.labels[i]) if self.labels is not None else 0
 
 
@@ -103,12 +118,13 @@ def example_loss(recon_x, x, mu, logvar):
     return bce + kld
 
 
-def train_baseline(data, epochs: int, on_epoch) -> list[float]:
+def train_baseline(data, epochs: int, on_epoch, lean: bool = False) -> list[float]:
     torch.manual_seed(SEED)
     d = math.prod(data.shape)
     model = ExampleVAE(d)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    loader = DataLoader(ImageDataset(data.train, data.train_labels), batch_size=BATCH, shuffle=True)
+    dataset = (LeanDataset if lean else ExampleDataset)(data.train, data.train_labels)
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
     seconds = []
     for epoch in range(1, epochs + 1):
         model.train()
@@ -193,6 +209,8 @@ def main(argv=None) -> None:
     p.add_argument("--floor-blocks", type=int, default=3,
                    help="floor blocks of one epoch's steps, before and again after the trainers (default 3)")
     p.add_argument("--data-dir", default=None, help="where Fashion-MNIST is (default: vaelab's lookup)")
+    p.add_argument("--lean-baseline", action="store_true",
+                   help="baseline Dataset converts uint8 -> float directly instead of through PIL + ToTensor")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.epochs < COMPARE_EPOCH:
@@ -242,10 +260,11 @@ def main(argv=None) -> None:
         if epoch == COMPARE_EPOCH:
             baseline_test = score(as_vaelab(model, data.shape))
 
-    baseline_epochs = train_baseline(data, args.epochs, on_epoch)
+    baseline_epochs = train_baseline(data, args.epochs, on_epoch, args.lean_baseline)
     baseline_s = statistics.median(baseline_epochs)
-    print(f"baseline: {_fmt(baseline_epochs)}  (Dataset converting each image on access, DataLoader "
-          f"shuffle, example VAE loss)", flush=True)
+    how = "uint8 -> float per image" if args.lean_baseline else "PIL image + ToTensor per image, as torchvision"
+    print(f"baseline: {_fmt(baseline_epochs)}  (Dataset: {how}; DataLoader shuffle; the example's VAE, loss "
+          f"and loop)", flush=True)
 
     floor += floor_blocks(x_floor, steps, args.floor_blocks)
     floor_s = statistics.median(floor)
