@@ -1,5 +1,10 @@
 import os
 import sys
+
+# One thread per process: the suite runs many small models, and on a busy 2-core machine a second
+# OpenMP thread that gets descheduled stalls every parallel region (measured: 43 s vs 3 s for one fixture).
+# Set before torch is imported so the CLI subprocesses the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +13,7 @@ import torch
 
 from vaelab.data import REGISTRY, load_dataset, locate
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

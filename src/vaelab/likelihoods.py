@@ -182,7 +182,8 @@ class Bernoulli(Likelihood):
     binary_only = True
 
     def log_prob(self, params, x):
-        return -_sum_pixels(F.binary_cross_entropy_with_logits(params[0], x, reduction="none"))
+        logits = params[0]  # log p = x·l − softplus(l): the same value as −BCE-with-logits, in two reductions
+        return _sum_pixels(x * logits) - _sum_pixels(F.softplus(logits))
 
     def mean(self, params):
         return torch.sigmoid(params[0])

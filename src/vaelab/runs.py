@@ -23,6 +23,10 @@ from .model import VAE
 CONFIG, WEIGHTS, METRICS, CHECKPOINT = "config.json", "model.safetensors", "metrics.jsonl", "checkpoint.safetensors"
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class RunError(ValueError):
     """A run directory is missing or unreadable."""
 
@@ -33,6 +37,7 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
     try:
         write(tmp)
         os.replace(tmp, path)
