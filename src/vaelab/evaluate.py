@@ -156,8 +156,9 @@ def evaluate(model: VAE, x: Tensor, prepare, labels=None, iw_samples: int = 1000
     m = elbo_metrics(model, x, batch_size, prepare, seed=seed)
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
+        # The prior samples come first, from the seed alone, so every number but log_px is the same
+        # whatever K is (the σ study's table and `vaelab eval` agree for any --iw-samples).
         torch.manual_seed(seed)
-        log_px = iwae_log_px(model, x, iw_samples, batch_size, prepare, progress)
         codes = posterior_means(model, x, batch_size, prepare)  # (N, L)
         sharp = torch.zeros(3, dtype=torch.float64)  # data, recon, samples: sums of per-batch means x sizes
         for i in range(0, len(x), batch_size):
@@ -165,6 +166,8 @@ def evaluate(model: VAE, x: Tensor, prepare, labels=None, iw_samples: int = 1000
             images = (prepare(x[i:i + batch_size]), model.decode_mean(z).clamp(0, 1),
                       model.decode_mean(torch.randn_like(z)).clamp(0, 1))
             sharp += torch.tensor([sharpness(im) for im in images], dtype=torch.float64) * len(z)
+        torch.manual_seed(seed)  # K = 1 then draws the very z that elbo_metrics drew: it is the ELBO estimate
+        log_px = iwae_log_px(model, x, iw_samples, batch_size, prepare, progress)
     sharp = (sharp / len(x)).tolist()
     count, var = active_units(codes)
     d = model.n_pixels

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, TrainConfig
-from .runs import CONFIG, Run, load_run, write_text_atomic
+from .runs import CHECKPOINT, CONFIG, WEIGHTS, Run, load_run, write_text_atomic
 from .train import TrainingError
 
 SPECIAL = ("learned", "optimal")
@@ -96,6 +96,11 @@ def ensure_run(config: TrainConfig, progress: bool) -> Run:
     if diff:
         raise ConfigError(f"{out} holds a run with different settings ({', '.join(diff)}); use another --out "
                           "or remove it")
+    if not (out / CHECKPOINT).exists():  # an earlier attempt stopped before its first checkpoint: start over
+        (out / CONFIG).unlink()
+        return train(config, progress=progress)
+    if not (out / WEIGHTS).exists():  # interrupted inside epoch 1
+        return resume(out, progress=progress, epochs=config.epochs)
     run = load_run(out)
     done = run.metrics[-1]["epoch"] if run.metrics else 0
     if done < config.epochs:
