@@ -270,7 +270,8 @@ def _nonfinite_message(config: TrainConfig, epoch: int, step: int) -> str:
     if config.beta != 1.0:
         causes.append(f"--beta {config.beta:g}")
     return (f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}; likely cause: "
-            + "; or ".join(causes) + ". The last checkpoint (previous epoch) is kept.")
+            + "; or ".join(causes) + "."
+            + (" The last checkpoint (previous epoch) is kept." if epoch > 0 else " No checkpoint was written."))
 
 
 def _epoch_metrics(config, model, prep, epoch, train_seconds) -> list[dict]:
