@@ -145,3 +145,16 @@ def test_bad_arguments_name_the_allowed_values(name, sigma, needle):
 
 def test_table_is_the_one_place():
     assert set(LIKELIHOODS) == {"gaussian", "bernoulli", "continuous-bernoulli", "laplace"}
+
+
+@pytest.mark.parametrize("case,name,sigma,binary", CASES, ids=[c[0] for c in CASES])
+def test_log_prob_broadcasts_over_leading_sample_dims(case, name, sigma, binary):
+    """params (K, B, C, H, W) against x (B, C, H, W) gives (K, B), as the IWAE bound uses it."""
+    gen = torch.Generator().manual_seed(4)
+    lik = make_likelihood(name, sigma).double().eval()
+    params = [torch.randn(3, B, *SHAPE, generator=gen, dtype=torch.float64) for _ in range(lik.n_params)]
+    x = _x(binary, gen)
+    got = lik.log_prob(params, x)
+    want = torch.stack([lik.log_prob([p[k] for p in params], x) for k in range(3)])
+    assert got.shape == (3, B)
+    torch.testing.assert_close(got, want)

@@ -1,7 +1,8 @@
 """Observation models p(x|z): small objects with one interface and exact log-densities in nats.
 
 The decoder emits `n_params` tensors per pixel (means, logits, log-scales); a likelihood turns them into
-  log_prob(params, x) -> (B,)   summed over every pixel, no constant dropped,
+  log_prob(params, x) -> (B,)   summed over every pixel, no constant dropped (params may carry leading
+                                sample dims, (K, B, C, H, W), against x (B, C, H, W): the result is (K, B)),
   mean(params)        -> (B, C, H, W)   the decoder mean f(z) in pixel space,
   sample(params)      -> (B, C, H, W)   a draw x ~ p(x|z),
   scale(params)       -> (B,) or None   the σ (or Laplace b) in use, averaged over pixels, for reporting.
@@ -22,7 +23,7 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def _sum_pixels(t: Tensor) -> Tensor:
-    return t.flatten(1).sum(1)  # (B, C, H, W) -> (B,)
+    return t.sum(dim=(-3, -2, -1))  # (..., C, H, W) -> (...): x (B, C, H, W) broadcasts against (K, B, C, H, W)
 
 
 class Likelihood(nn.Module):
@@ -210,7 +211,7 @@ class ContinuousBernoulli(Likelihood):
 
     def log_prob(self, params, x):
         eta = params[0]
-        return _sum_pixels(-F.binary_cross_entropy_with_logits(eta, x, reduction="none") + _log_cb_norm(eta))
+        return _sum_pixels(x * eta) - _sum_pixels(F.softplus(eta) - _log_cb_norm(eta))
 
     def mean(self, params):
         return torch.distributions.ContinuousBernoulli(logits=params[0]).mean

@@ -118,9 +118,8 @@ class VAE(nn.Module):
         while done < k:
             n = min(chunk, k - done)
             z = q.sample(n)  # (n, B, L)
-            params = self.decode(z.reshape(-1, self.latent_dim))  # each (n*B, C, H, W)
-            xs = x.unsqueeze(0).expand(n, *x.shape).reshape(-1, *x.shape[1:])
-            log_px_z = self.likelihood.log_prob(params, xs).view(n, -1)  # (n, B)
+            params = [p.view(n, *x.shape) for p in self.decode(z.reshape(-1, self.latent_dim))]  # (n, B, C, H, W)
+            log_px_z = self.likelihood.log_prob(params, x)  # (n, B): x broadcasts, it is never copied n times
             log_w = log_px_z + log_standard_normal(z) - q.log_prob(z)  # (n, B)
             total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
             done += n
