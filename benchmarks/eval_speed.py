@@ -79,15 +79,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     from vaelab import api
     from vaelab.config import TrainConfig
+    from vaelab.model import VAE
+    from vaelab.runs import CONFIG, WEIGHTS, save_weights
     from vaelab.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         config = TrainConfig(dataset="fashion-mnist", likelihood="bernoulli", binarize="dynamic", hidden=[400],
-                             latent_dim=20, batch_size=128, epochs=args.train_epochs, limit=10_000,
+                             latent_dim=20, batch_size=128, epochs=max(1, args.train_epochs), limit=10_000,
                              out=str(out), device=args.device)
-        run = train(config, progress=False)
-        model = run.model
+        if args.train_epochs:
+            model = train(config, progress=False).model
+        else:  # a fresh initialisation written as a run directory, so `eval` loads it the usual way
+            config.data_shape = [1, 28, 28]
+            out.mkdir()
+            config.save(out / CONFIG)
+            model = VAE.from_config(config, (1, 28, 28)).to(args.device)
+            save_weights(model, out / WEIGHTS)
         x_small = (torch.rand(32, 1, 28, 28) > 0.5).to(torch.uint8).mul(255).to(args.device)
         counted, formula = counted_flops(model, x_small, 8), eval_flops(model, len(x_small), 8)
 

@@ -67,7 +67,7 @@ class TrainConfig:
             raise ConfigError(f"--hidden must be positive layer sizes such as 400 or 512,256; got {self.hidden}")
         _positive_int("latent_dim", self.latent_dim)
         _positive_int("batch_size", self.batch_size)
-        _positive_int("epochs", self.epochs, allow_zero=True)
+        _positive_int("epochs", self.epochs)
         if self.limit is not None:
             _positive_int("limit", self.limit)
         _positive_float("lr", self.lr)
