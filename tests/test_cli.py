@@ -68,6 +68,9 @@ BAD = [  # (arguments, words the one error line must contain)
     (["train", "--resume", "{tmp}", "--sigma", "0.5"], "only --epochs and --device may be given"),
     (["info", "{tmp}/nothing-here"], "not a vaelab run directory"),
     (["train", "--device", "cuda", "--limit", "10"], "--device cuda was requested but"),
+    (["train", "--threads", "0", "--limit", "10"], "--threads must be an integer >= 1; got 0"),
+    (["eval", "{tmp}", "--threads", "-2"], "--threads must be an integer >= 1; got -2"),
+    (["train", "--resume", "{tmp}", "--precision", "bf16"], "only --epochs and --device may be given"),
 ]
 
 

@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from vaelab import TrainConfig, load_run, resume, train
@@ -74,7 +76,8 @@ def _assert_same_weights(a, b):
 
 
 @pytest.mark.parametrize("lik,extra", [("gaussian", {"sigma": "learned"}),
-                                       ("bernoulli", {"binarize": "dynamic", "kl_warmup": 1.5})])
+                                       ("bernoulli", {"binarize": "dynamic", "kl_warmup": 1.5}),
+                                       ("bernoulli", {"binarize": "dynamic", "precision": "bf16"})])
 def test_resume_is_bit_identical(tmp_path, lik, extra):
     full = train(_cfg(tmp_path, "full", epochs=3, likelihood=lik, **extra), progress=False)
     train(_cfg(tmp_path, "part", epochs=1, likelihood=lik, **extra), progress=False)
@@ -82,6 +85,24 @@ def test_resume_is_bit_identical(tmp_path, lik, extra):
     _assert_same_weights(full.path, resumed.path)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(_lines(full.path)) == strip(_lines(resumed.path))
+
+
+def test_bf16_precision_trains_to_the_same_loss_and_reports_float32(tmp_path):
+    """--precision bf16 changes the arithmetic of the networks' matmuls only: weights and the reported numbers
+    stay float32, and the model reaches the loss of the float32 run."""
+    kw = dict(epochs=3, likelihood="bernoulli", binarize="dynamic", hidden=[128], latent_dim=8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "this CPU has no native bfloat16", RuntimeWarning)
+        fast = train(_cfg(tmp_path, "bf16", precision="bf16", **kw), progress=False)
+    exact = train(_cfg(tmp_path, "fp32", **kw), progress=False)
+    assert json.loads((fast.path / "config.json").read_text())["precision"] == "bf16"
+    wf, we = _weights(fast.path), _weights(exact.path)
+    assert all(t.dtype == torch.float32 for t in wf.values())
+    assert any(not wf[k].equal(we[k]) for k in wf)  # bf16 really was in effect
+    lf, le = _lines(fast.path), _lines(exact.path)
+    assert [r["loss"] for r in lf if r["split"] == "test"] == pytest.approx(
+        [r["loss"] for r in le if r["split"] == "test"], rel=0.01)
+    assert lf[-1]["loss"] < lf[1]["loss"] - 5  # and it learned
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):

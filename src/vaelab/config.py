@@ -13,6 +13,7 @@ Arch = Literal["mlp", "conv"]
 Binarize = Literal["none", "dynamic", "static"]
 Device = Literal["auto", "cpu", "cuda"]
 Optimizer = Literal["adam", "sgd"]
+Precision = Literal["fp32", "bf16"]
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,7 @@ class TrainConfig:
     epochs: int = 10
     seed: int = 0
     device: Device = "auto"
+    precision: Precision = "fp32"  # bf16: the networks' matmuls under bfloat16 autocast; all else float32
     # run directory
     out: str | None = None
     name: str | None = None
@@ -117,7 +119,8 @@ def _flag(name: str) -> str:
 
 def _literal_values(tp) -> tuple:
     if isinstance(tp, str):
-        tp = {"Arch": Arch, "Binarize": Binarize, "Device": Device, "Optimizer": Optimizer}.get(tp)
+        tp = {"Arch": Arch, "Binarize": Binarize, "Device": Device, "Optimizer": Optimizer,
+              "Precision": Precision}.get(tp)
     if tp is not None and typing.get_origin(tp) is Literal:
         return get_args(tp)
     return ()

@@ -81,10 +81,12 @@ class VAE(nn.Module):
         return math.prod(self.shape)
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(*self.encoder(x))
+        mean, logvar = self.encoder(x)
+        # under bf16 autocast the networks' outputs are bfloat16: q(z|x), z and the KL stay in x's precision
+        return DiagonalGaussian(mean.to(x.dtype), logvar.to(x.dtype))
 
     def decode(self, z: Tensor) -> list[Tensor]:
-        return self.decoder(z)
+        return [p.to(z.dtype) for p in self.decoder(z)]  # the likelihood always sees z's precision
 
     def decode_mean(self, z: Tensor) -> Tensor:
         return self.likelihood.mean(self.decode(z))

@@ -6,6 +6,7 @@ and scaled on the fly; the loop makes no host sync except to refresh the progres
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -119,6 +120,36 @@ def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, fused=fused or None)
 
 
+def autocast(config: TrainConfig, device: torch.device):
+    """The context the training step's forward pass runs in: bfloat16 autocast for --precision bf16.
+
+    Only the encoder's and decoder's matmuls/convolutions run in bfloat16; the model casts their outputs back,
+    so the reparameterized z, the KL and the likelihood are float32, as are the weights, gradients and Adam's
+    state. Evaluation (metrics.jsonl, eval, report) never uses it: every reported number is float32.
+    """
+    if config.precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def check_precision(config: TrainConfig, device: torch.device) -> None:
+    if config.precision != "bf16":
+        return
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--precision bf16 needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} "
+                          "has none: use --precision fp32")
+    if device.type == "cpu" and not _cpu_has_bf16():
+        warnings.warn("this CPU has no native bfloat16 matmul (AVX-512-BF16 or AMX), so --precision bf16 is "
+                      "emulated and slower than fp32", RuntimeWarning, stacklevel=3)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class _StopFlag:
     """First Ctrl-C asks the loop to stop after the current step; a second one interrupts at once."""
 
@@ -164,6 +195,7 @@ def train(config: TrainConfig | dict, progress: bool = True, data: ImageData | N
     if not resume and (out / CONFIG).exists():
         raise RunError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
     device = resolve_device(config.device)
+    check_precision(config, device)
     torch.manual_seed(config.seed)
     prep = prepare_data(config, device, data)
     config.data_shape = list(prep.data.shape)
@@ -232,6 +264,7 @@ def _run_epoch(config, model, optimizer, prep, order, epoch, start_step, steps_p
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="step", leave=False, dynamic_ncols=True)
     running = torch.zeros((), device=order.device)
+    precision = autocast(config, order.device)
     count = 0
     step = start_step
     try:
@@ -242,7 +275,9 @@ def _run_epoch(config, model, optimizer, prep, order, epoch, start_step, steps_p
             # index_select copies whole rows; plain indexing (train[idx]) gathers byte by byte, ~20x slower
             x = prep.prepare_train(prep.train.index_select(0, idx))  # (B, C, H, W) in [0, 1]
             beta = beta_at(config, epoch + step / steps_per_epoch)
-            loss = objective(model.terms(x, extras=False), beta, config.free_bits)
+            with precision:
+                terms = model.terms(x, extras=False)
+            loss = objective(terms, beta, config.free_bits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
