@@ -244,3 +244,10 @@ def test_download_rejects_bad_checksum_and_leaves_nothing(fashion_dir, http_root
         D.download("fashion-mnist", tmp_path / "cache", mirrors=[url], timeout=10, progress=False)
     assert not (tmp_path / "cache" / "t10k-labels-idx1-ubyte.gz").exists()
     assert not list((tmp_path / "cache").glob("*.part"))
+
+
+def test_failed_download_leaves_no_empty_cache_folder(tmp_path):
+    dest = tmp_path / "cache" / "fashion-mnist"
+    with pytest.raises(DataError, match="could not download fashion-mnist"):
+        D.download("fashion-mnist", dest, mirrors=["http://127.0.0.1:9/"], timeout=5, progress=False)
+    assert not dest.exists()

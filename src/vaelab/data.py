@@ -6,6 +6,7 @@ with optional integer labels. Pixels are scaled to [0, 1] per batch by `to_unit`
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -213,8 +214,20 @@ def download(name: str, dest: str | os.PathLike | None = None, mirrors: Sequence
     """
     spec = get_spec(name)
     dest = Path(dest) if dest is not None else cache_dir() / spec.name
+    created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     mirrors = list(mirrors) if mirrors is not None else list(spec.mirrors)
+    try:
+        _download_files(spec, dest, mirrors, timeout, progress)
+    except DataError:
+        if created:  # a folder this call made and nothing verified landed in: leave no empty cache behind
+            with contextlib.suppress(OSError):
+                dest.rmdir()
+        raise
+    return dest
+
+
+def _download_files(spec: NamedDataset, dest: Path, mirrors: list[str], timeout: float, progress: bool) -> None:
     for f in spec.files.values():
         target = dest / f.name
         if target.is_file() and verify(target, f):
@@ -238,7 +251,6 @@ def download(name: str, dest: str | os.PathLike | None = None, mirrors: Sequence
                 tmp.unlink(missing_ok=True)
         else:
             raise DataError(f"could not download {spec.name} file {f.name}: " + "; ".join(errors))
-    return dest
 
 
 def _copy_with_progress(resp, out, label: str, progress: bool) -> None:
