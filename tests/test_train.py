@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import pytest
 import torch
@@ -75,6 +74,10 @@ def _assert_same_weights(a, b):
         assert wa[k].equal(wb[k]), f"{k} differs"
 
 
+NO_NATIVE_BF16 = "ignore:this CPU has no native bfloat16"  # the warning bf16 gives on CPUs that emulate it
+
+
+@pytest.mark.filterwarnings(NO_NATIVE_BF16)
 @pytest.mark.parametrize("lik,extra", [("gaussian", {"sigma": "learned"}),
                                        ("bernoulli", {"binarize": "dynamic", "kl_warmup": 1.5}),
                                        ("bernoulli", {"binarize": "dynamic", "precision": "bf16"})])
@@ -87,13 +90,12 @@ def test_resume_is_bit_identical(tmp_path, lik, extra):
     assert strip(_lines(full.path)) == strip(_lines(resumed.path))
 
 
+@pytest.mark.filterwarnings(NO_NATIVE_BF16)
 def test_bf16_precision_trains_to_the_same_loss_and_reports_float32(tmp_path):
     """--precision bf16 changes the arithmetic of the networks' matmuls only: weights and the reported numbers
     stay float32, and the model reaches the loss of the float32 run."""
     kw = dict(epochs=3, likelihood="bernoulli", binarize="dynamic", hidden=[128], latent_dim=8)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "this CPU has no native bfloat16", RuntimeWarning)
-        fast = train(_cfg(tmp_path, "bf16", precision="bf16", **kw), progress=False)
+    fast = train(_cfg(tmp_path, "bf16", precision="bf16", **kw), progress=False)
     exact = train(_cfg(tmp_path, "fp32", **kw), progress=False)
     assert json.loads((fast.path / "config.json").read_text())["precision"] == "bf16"
     wf, we = _weights(fast.path), _weights(exact.path)
@@ -165,3 +167,12 @@ def test_conv_and_static_binarization_train(tmp_path):
     test = [r for r in run.metrics if r["split"] == "test"]
     assert "normalized" not in test[-1]  # binary data: a true probability mass
     assert test[-1]["loss"] < test[0]["loss"]
+
+
+def test_bf16_on_a_cpu_without_native_support_warns(monkeypatch):
+    import vaelab.train as T
+
+    monkeypatch.setattr(T, "_cpu_has_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="emulated and slower"):
+        T.check_precision(TrainConfig(precision="bf16"), torch.device("cpu"))
+    T.check_precision(TrainConfig(precision="fp32"), torch.device("cpu"))  # fp32: nothing to say
