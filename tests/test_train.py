@@ -170,8 +170,7 @@ def test_conv_and_static_binarization_train(tmp_path):
 
 
 def test_bf16_on_a_cpu_without_native_support_warns(monkeypatch):
-    import vaelab.train as T
-
+    T = sys.modules["vaelab.train"]  # the module (vaelab.train is also the name of the function)
     monkeypatch.setattr(T, "_cpu_has_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="emulated and slower"):
         T.check_precision(TrainConfig(precision="bf16"), torch.device("cpu"))
