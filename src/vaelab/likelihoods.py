@@ -6,6 +6,10 @@ The decoder emits `n_params` tensors per pixel (means, logits, log-scales); a li
   mean(params)        -> (B, C, H, W)   the decoder mean f(z) in pixel space,
   sample(params)      -> (B, C, H, W)   a draw x ~ p(x|z),
   scale(params)       -> (B,) or None   the σ (or Laplace b) in use, averaged over pixels, for reporting.
+  log_prob_backward(params, x, weight) -> (log_prob (B,), [weight · d Σ_b log p / d params_k])
+                      for the hand-written training step (fused.py); the likelihood's own parameters (a
+                      learned σ) get weight · d Σ_b log p / dθ in their .grad. Autograd by default; a closed
+                      form where a family has a simple one (Bernoulli, Gaussian with a shared σ).
 Add a family by adding one class to LIKELIHOODS.
 """
 
@@ -37,6 +41,14 @@ class Likelihood(nn.Module):
 
     def mean(self, params: list[Tensor]) -> Tensor:
         return params[0]
+
+    def log_prob_backward(self, params: list[Tensor], x: Tensor, weight: float) -> tuple[Tensor, list[Tensor]]:
+        leaves = [p.detach().requires_grad_() for p in params]
+        own = [p for p in self.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            log_px = self.log_prob(leaves, x)  # (B,)
+            torch.autograd.backward(log_px.sum() * weight, inputs=leaves + own)
+        return log_px.detach(), [p.grad for p in leaves]
 
     def sample(self, params: list[Tensor]) -> Tensor:
         raise NotImplementedError
@@ -102,6 +114,19 @@ class Gaussian(ScaledLikelihood):
             return -0.5 * sq * torch.exp(-2 * log_sigma) - d * (log_sigma + 0.5 * LOG_2PI)
         return -_sum_pixels(0.5 * ((x - mu) * torch.exp(-log_sigma)).square() + log_sigma + 0.5 * LOG_2PI)
 
+    def log_prob_backward(self, params, x, weight):
+        """Shared σ: d log p / dμ = (x − μ)/σ², d Σ_b log p / d log σ = Σ_b ||x − μ_b||²/σ² − D."""
+        mu = params[0]
+        log_sigma = self.log_scale_for(params)
+        diff = x - mu
+        sq = _sum_pixels(diff.square())  # (B,)
+        inv_var = torch.exp(-2 * log_sigma)
+        d = x[0].numel()
+        log_px = -0.5 * sq * inv_var - d * (log_sigma + 0.5 * LOG_2PI)
+        if self.learned:
+            self.log_scale.grad = weight * (sq.sum() * inv_var - sq.numel() * d)
+        return log_px, [diff.mul_(inv_var * weight)]
+
     def sample(self, params):
         mu = params[0]
         return mu + torch.exp(self.log_scale_for(params)) * torch.randn_like(mu)
@@ -119,6 +144,7 @@ class GaussianPixel(Gaussian):
 
     n_params = 2
     SIGMA_MIN, SIGMA_MAX = 1e-3, 1.0
+    log_prob_backward = Likelihood.log_prob_backward  # σ per pixel: autograd, not Gaussian's closed form
 
     def __init__(self):
         nn.Module.__init__(self)
@@ -142,6 +168,7 @@ class GaussianOptimal(Gaussian):
 
     MOMENTUM = 0.1
     MIN_VAR = 1e-6
+    log_prob_backward = Likelihood.log_prob_backward  # its own log_prob (running σ): autograd
 
     def __init__(self):
         nn.Module.__init__(self)
@@ -185,6 +212,11 @@ class Bernoulli(Likelihood):
     def log_prob(self, params, x):
         logits = params[0]  # log p = x·l − softplus(l): the same value as −BCE-with-logits, in two reductions
         return _sum_pixels(x * logits) - _sum_pixels(F.softplus(logits))
+
+    def log_prob_backward(self, params, x, weight):
+        """d log p / d logits = x − sigmoid(logits): one pass, where autograd makes three."""
+        logits = params[0]
+        return self.log_prob(params, x), [torch.sigmoid(logits).sub_(x).mul_(-weight)]
 
     def mean(self, params):
         return torch.sigmoid(params[0])

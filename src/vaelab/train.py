@@ -1,4 +1,5 @@
-"""The training loop. It knows nothing about likelihoods or networks: it optimizes `objective(model.terms(x))`.
+"""The training loop. It knows nothing about likelihoods or networks: it optimizes `objective(model.terms(x))`,
+whose gradients `fused.loss_and_grads` computes (by hand for MLP networks, else by autograd).
 
 The training set stays resident as one tensor (uint8 where the data is 8-bit) and each batch is gathered
 and scaled on the fly; the loop makes no host sync except to refresh the progress bar.
@@ -22,7 +23,8 @@ import torch
 from .config import ConfigError, TrainConfig
 from .data import ImageData, binarize_static, load_dataset, to_unit
 from .evaluate import elbo_metrics
-from .model import VAE, objective
+from .fused import loss_and_grads
+from .model import VAE
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -275,13 +277,9 @@ def _run_epoch(config, model, optimizer, prep, order, epoch, start_step, steps_p
             # index_select copies whole rows; plain indexing (train[idx]) gathers byte by byte, ~20x slower
             x = prep.prepare_train(prep.train.index_select(0, idx))  # (B, C, H, W) in [0, 1]
             beta = beta_at(config, epoch + step / steps_per_epoch)
-            with precision:
-                terms = model.terms(x, extras=False)
-            loss = objective(terms, beta, config.free_bits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = loss_and_grads(model, x, beta, config.free_bits, forward_context=precision)
             optimizer.step()
-            running += loss.detach()
+            running += loss
             count += 1
             if count == PROGRESS_EVERY or step == steps_per_epoch - 1:
                 value = (running / count).item()
