@@ -3,8 +3,9 @@
 One process, one machine, one model: a 784-400-20 MLP VAE with a Bernoulli likelihood, batch 128, Adam 1e-3,
 on Fashion-MNIST's 60,000 training images.
 
-1. vaelab: `vaelab.train`, the function `vaelab train` calls, one epoch at a time (epoch 1 on a fresh run
-   directory, then `vaelab.resume` to 2, 3, ...; resuming is bit-identical to one uninterrupted run).
+1. vaelab: `vaelab.train`, the function `vaelab train` calls (with its hand-written MLP step, vaelab.fused),
+   one epoch at a time (epoch 1 on a fresh run directory, then `vaelab.resume` to 2, 3, ...; resuming is
+   bit-identical to one uninterrupted run).
    Seconds per epoch are the `seconds` field of each epoch's train row in metrics.jsonl: the training loop's
    wall time, excluding the per-epoch train/test evaluation and the checkpoint. Median over the epochs.
 2. baseline: the well-known PyTorch example (examples/vae) written the usual way: a Dataset that turns each
@@ -17,6 +18,8 @@ on Fashion-MNIST's 60,000 training images.
    median over the blocks.
 4. vaelab --precision bf16 (skip with --skip-bf16): the same run with the networks' matmuls under bfloat16
    autocast. It is reported on its own lines and never in the goal's ratios: it changes the arithmetic.
+5. with --with-autograd, vaelab fp32 once more with `vaelab.fused.ENABLED = False`: the same trainer with its
+   gradients from autograd instead of the hand-written step, to show what that step is worth.
 
 The trainers take turns: each round runs one epoch of every trainer, then a floor block, so that all
 series see the same mix of machine states on a shared machine.
@@ -47,7 +50,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vaelab import TrainConfig, resume, train
+from vaelab import TrainConfig, fused, resume, train
 from vaelab.data import load_dataset, to_unit
 from vaelab.evaluate import elbo_metrics
 from vaelab.model import VAE
@@ -220,6 +223,8 @@ def main(argv=None) -> None:
                    help="baseline Dataset converts uint8 -> float directly instead of through PIL + ToTensor")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--skip-bf16", action="store_true", help="do not also time vaelab with --precision bf16")
+    p.add_argument("--with-autograd", action="store_true",
+                   help="also time vaelab fp32 with its gradients from autograd (vaelab.fused.ENABLED = False)")
     args = p.parse_args(argv)
     if args.epochs < COMPARE_EPOCH:
         p.error(f"--epochs must be >= {COMPARE_EPOCH} (the test -ELBO is compared after epoch "
@@ -246,7 +251,10 @@ def main(argv=None) -> None:
     baseline_test = math.nan
     baseline_epochs: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [VaelabRun(Path(tmp), args, "fp32")] + ([] if args.skip_bf16 else [VaelabRun(Path(tmp), args, "bf16")])
+        runs = [VaelabRun(Path(tmp), args, "fp32")]
+        bf16 = None if args.skip_bf16 else VaelabRun(Path(tmp), args, "bf16")
+        auto = VaelabRun(Path(tmp), args, "fp32", autograd=True) if args.with_autograd else None
+        runs += [r for r in (bf16, auto) if r is not None]
         baseline = train_baseline(data, args.epochs, args.lean_baseline)
         for epoch in range(1, args.epochs + 1):
             for run in runs:
@@ -256,9 +264,9 @@ def main(argv=None) -> None:
             if epoch == COMPARE_EPOCH:
                 baseline_test = score(as_vaelab(model, data.shape))
             floor += floor_blocks(x_floor, steps, args.floor_blocks, warm=False)
-            print(f"round {epoch}/{args.epochs}: " + ", ".join(f"vaelab {r.precision} {r.seconds[-1]:.2f} s"
+            print(f"round {epoch}/{args.epochs}: " + ", ".join(f"vaelab {r.label} {r.seconds[-1]:.2f} s"
                   for r in runs) + f", baseline {seconds:.2f} s, floor {floor[-1]:.2f} s", flush=True)
-    vaelab, bf16 = runs[0], (runs[1] if len(runs) > 1 else None)
+    vaelab = runs[0]
     vaelab_s, vaelab_test = statistics.median(vaelab.seconds), vaelab.test
     baseline_s, floor_s = statistics.median(baseline_epochs), statistics.median(floor)
     how = "uint8 -> float per image" if args.lean_baseline else "PIL image + ToTensor per image, as torchvision"
@@ -266,6 +274,9 @@ def main(argv=None) -> None:
     if bf16:
         print(f"bf16    : {_fmt(bf16.seconds)}  (vaelab --precision bf16: matmuls in bfloat16; not the same "
               "maths, so not the goal's number)")
+    if auto:
+        print(f"autograd: {_fmt(auto.seconds)}  (vaelab fp32 with gradients from autograd, not the hand-written "
+              f"step; test -ELBO {auto.test:.2f} nats)")
     print(f"baseline: {_fmt(baseline_epochs)}  (Dataset: {how}; DataLoader shuffle; the example's VAE, loss "
           f"and loop)")
     print(f"floor   : {_fmt(floor)}  (11 GEMMs per step x {steps} steps, median of {len(floor)} blocks)")
@@ -295,8 +306,9 @@ class VaelabRun:
     --epochs N` (bit-identical to one uninterrupted run). Seconds are each epoch's train-loop time from
     metrics.jsonl, without the per-epoch evaluation and checkpoint."""
 
-    def __init__(self, tmp: Path, args, precision: str):
-        self.precision, self.path = precision, tmp / precision
+    def __init__(self, tmp: Path, args, precision: str, autograd: bool = False):
+        self.label = "autograd" if autograd else precision
+        self.autograd, self.path = autograd, tmp / self.label
         self.cfg = dict(dataset="fashion-mnist", data_dir=args.data_dir, likelihood="bernoulli", hidden=[HIDDEN],
                         latent_dim=LATENT, batch_size=BATCH, lr=LR, optimizer="adam", seed=SEED, device="cpu",
                         precision=precision)
@@ -306,10 +318,14 @@ class VaelabRun:
     def epoch(self, epoch: int, score) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the Bernoulli-on-grey-pixels warning; the example does the same
-            if epoch == 1:
-                run = train(TrainConfig(**self.cfg, epochs=1, out=str(self.path)), progress=False)
-            else:
-                run = resume(self.path, progress=False, epochs=epoch)
+            fused.ENABLED = not self.autograd
+            try:
+                if epoch == 1:
+                    run = train(TrainConfig(**self.cfg, epochs=1, out=str(self.path)), progress=False)
+                else:
+                    run = resume(self.path, progress=False, epochs=epoch)
+            finally:
+                fused.ENABLED = True
         self.seconds.append([r for r in run.metrics if r["split"] == "train"][-1]["seconds"])
         if epoch == COMPARE_EPOCH:
             self.test = score(run.model)
