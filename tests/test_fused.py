@@ -5,6 +5,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from torch import nn
 
 from vaelab import fused
 from vaelab.config import TrainConfig
@@ -101,11 +102,15 @@ def _frozen(model):
     model.encoder.head.bias.requires_grad_(False)
 
 
-@pytest.mark.parametrize("case", ["conv", "hook", "frozen", "autocast", "disabled"])
+def _other_activation(model):
+    model.decoder.body[1] = nn.Tanh()  # a user's change: the hand-written step only knows ReLU
+
+
+@pytest.mark.parametrize("case", ["conv", "hook", "frozen", "activation", "autocast", "disabled"])
 def test_falls_back_to_autograd_where_the_hand_written_step_does_not_apply(case, monkeypatch):
     model = _model(arch="conv", hidden=(4,)) if case == "conv" else _model()
     x = torch.rand(4, *SHAPE, dtype=torch.float64).round()
-    {"hook": _hooked, "frozen": _frozen}.get(case, lambda m: None)(model)
+    {"hook": _hooked, "frozen": _frozen, "activation": _other_activation}.get(case, lambda m: None)(model)
     if case == "disabled":
         monkeypatch.setattr(fused, "ENABLED", False)
     context = torch.autocast("cpu", dtype=torch.bfloat16) if case == "autocast" else None

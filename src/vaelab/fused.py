@@ -9,7 +9,8 @@ autograd on `objective(model.terms(x))`, in fewer passes over memory and without
 Every gradient is the one autograd computes, operation for operation (the weight gradient is gᵀ·a with the
 weight's own layout, the ReLU's is a threshold on its output); tests compare both paths in float64.
 `loss_and_grads` falls back to autograd (`ENABLED = False` forces it) for anything else: conv networks,
-bf16 autocast, frozen parameters, or modules carrying hooks that this path would skip.
+bf16 autocast, frozen parameters, layers other than Linear/ReLU, or modules carrying hooks that this path
+would skip.
 """
 
 from __future__ import annotations
@@ -26,23 +27,48 @@ ENABLED = True  # set to False to train every model through autograd (for compar
 Layers = list[tuple[Tensor, Tensor]]  # (weight (out, in), bias (out,)) per Linear, in order
 
 
-def _linears(modules) -> list[nn.Linear]:
-    return [m for m in modules if isinstance(m, nn.Linear)]
+def _chain(modules) -> Layers | None:
+    """The (weight, bias) of a [Flatten,] Linear, ReLU, ..., Linear stack; None for anything else."""
+    modules = list(modules)
+    if modules and type(modules[0]) is nn.Flatten and (modules[0].start_dim, modules[0].end_dim) == (1, -1):
+        modules = modules[1:]
+    linears, relus = modules[0::2], modules[1::2]
+    if len(modules) % 2 == 0 or not all(type(m) is nn.ReLU for m in relus):
+        return None
+    if not all(type(m) is nn.Linear and m.bias is not None for m in linears):
+        return None
+    return [(m.weight, m.bias) for m in linears]
+
+
+def _networks(model) -> tuple[Layers, Layers] | None:
+    if type(model.encoder) is not MLPEncoder or type(model.decoder) is not MLPDecoder:
+        return None
+    enc, dec = _chain([*model.encoder.body, model.encoder.head]), _chain(model.decoder.body)
+    return (enc, dec) if enc is not None and dec is not None else None
+
+
+def plan(model, x: Tensor) -> tuple[Layers, Layers] | None:
+    """The encoder's and decoder's layers when the hand-written step computes exactly what autograd would for
+    this model and input; None when autograd must do it."""
+    if not ENABLED or torch.is_autocast_enabled(x.device.type) or not torch.is_grad_enabled():
+        return None
+    if _global_hooks():
+        return None
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return None
+        if any(p is not None and not p.requires_grad for p in m._parameters.values()):
+            return None
+    return _networks(model)
 
 
 def applies(model, x: Tensor) -> bool:
-    """Whether the hand-written step computes exactly what autograd would for this model and input."""
-    if not (ENABLED and isinstance(model.encoder, MLPEncoder) and isinstance(model.decoder, MLPDecoder)):
-        return False
-    if torch.is_autocast_enabled(x.device.type) or not torch.is_grad_enabled():
-        return False
-    if not all(p.requires_grad for p in model.parameters()):
-        return False
-    hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                 for m in model.modules())
-    return not hooked and not (nn.modules.module._global_forward_hooks
-                               or nn.modules.module._global_forward_pre_hooks
-                               or nn.modules.module._global_backward_hooks)
+    return plan(model, x) is not None
+
+
+def _global_hooks() -> bool:
+    g = nn.modules.module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks)
 
 
 def _forward(layers: Layers, a: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -76,10 +102,10 @@ def loss_and_grads(model, x: Tensor, beta: float = 1.0, free_bits: float = 0.0,
 
     `forward_context` (e.g. bf16 autocast) wraps the forward pass; under autocast autograd does the work."""
     with forward_context or nullcontext():
-        fused = applies(model, x)
-        if not fused:
+        layers = plan(model, x)
+        if layers is None:
             terms = model.terms(x, extras=False)
-    if not fused:
+    if layers is None:
         from .model import objective
 
         loss = objective(terms, beta, free_bits)
@@ -88,8 +114,7 @@ def loss_and_grads(model, x: Tensor, beta: float = 1.0, free_bits: float = 0.0,
         loss.backward()
         return loss.detach()
 
-    enc = [(m.weight, m.bias) for m in _linears(model.encoder.body) + [model.encoder.head]]
-    dec = [(m.weight, m.bias) for m in _linears(model.decoder.body)]
+    enc, dec = layers
     n, latent = x.shape[0], model.latent_dim
     with torch.no_grad():
         e, enc_inputs = _forward(enc, x.reshape(n, -1))  # (B, 2L)
