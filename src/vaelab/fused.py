@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import Tensor, nn
 
+from .model import DiagonalGaussian, Terms, objective
 from .nets import MLPDecoder, MLPEncoder
 
 ENABLED = True  # set to False to train every model through autograd (for comparison and debugging)
@@ -106,8 +107,6 @@ def loss_and_grads(model, x: Tensor, beta: float = 1.0, free_bits: float = 0.0,
         if layers is None:
             terms = model.terms(x, extras=False)
     if layers is None:
-        from .model import objective
-
         loss = objective(terms, beta, free_bits)
         for p in model.parameters():
             p.grad = None
@@ -118,30 +117,25 @@ def loss_and_grads(model, x: Tensor, beta: float = 1.0, free_bits: float = 0.0,
     n, latent = x.shape[0], model.latent_dim
     with torch.no_grad():
         e, enc_inputs = _forward(enc, x.reshape(n, -1))  # (B, 2L)
-        mean, logvar = e[:, :latent], e[:, latent:]
-        std = torch.exp(0.5 * logvar)
-        eps = torch.randn((n, latent), dtype=mean.dtype, device=mean.device)  # the draw DiagonalGaussian makes
-        z = mean + std * eps  # (B, L)
+        q = DiagonalGaussian(e[:, :latent], e[:, latent:])  # (B, L) each
+        eps = q.noise()
+        std, z = q.std, q.reparameterize(eps)  # the draw model.terms makes
         out, dec_inputs = _forward(dec, z)  # (B, K*C*H*W)
         c, h, w = model.decoder.shape
         params = list(out.view(n, -1, h, w).split(c, dim=1))  # K tensors (B, C, H, W)
 
-        # loss = mean_b(−log p(x|z)) + β Σ_d max(mean_b KL_bd, free_bits)
         for p in model.likelihood.parameters():
             p.grad = None
         log_px, g_params = model.likelihood.log_prob_backward(params, x, -1.0 / n)  # (B,), d loss / d params
-        var = torch.exp(logvar)
-        kl_d = (0.5 * (mean.square() + var - 1.0 - logvar)).mean(0)  # (L,)
-        coef = torch.full_like(kl_d, beta / n)  # d loss / d KL_bd
-        if free_bits > 0:
-            coef = coef * (kl_d >= free_bits)  # clamp passes the gradient where kl_d >= free_bits
-            kl_d = kl_d.clamp(min=free_bits)
-        loss = (-log_px).mean() + beta * kl_d.sum()
+        kl = q.kl_per_dim()  # (B, L)
+        loss = objective(Terms(-log_px, kl, None, None), beta, free_bits)
+        # d loss / d KL_bd = β/B, zero for a dimension whose batch-mean KL is clamped up to free_bits
+        coef = beta / n if free_bits <= 0 else (beta / n) * (kl.mean(0) >= free_bits).to(kl.dtype)  # (L,)
 
         g_out = torch.cat(g_params, dim=1).view(n, -1) if len(g_params) > 1 else g_params[0].reshape(n, -1)
         dec_grads, g_z = _backward(dec, dec_inputs, g_out, need_input_grad=True)  # g_z (B, L)
-        g_mean = g_z + coef * mean
-        g_logvar = g_z * eps * 0.5 * std + coef * 0.5 * (var - 1.0)
+        g_mean = g_z + coef * q.mean  # KL_bd = (μ² + e^v − 1 − v)/2, z = μ + e^{v/2}·ε
+        g_logvar = g_z * eps * 0.5 * std + coef * 0.5 * (torch.exp(q.logvar) - 1.0)
         enc_grads, _ = _backward(enc, enc_inputs, torch.cat([g_mean, g_logvar], dim=1), need_input_grad=False)
 
     for (weight, bias), (g_w, g_b) in zip(enc + dec, enc_grads + dec_grads, strict=True):

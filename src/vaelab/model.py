@@ -23,8 +23,15 @@ class DiagonalGaussian:
         return torch.exp(0.5 * self.logvar)
 
     def sample(self, n: int | None = None) -> Tensor:
-        shape = self.mean.shape if n is None else (n, *self.mean.shape)  # (B, L) or (K, B, L)
-        return self.mean + self.std * torch.randn(shape, dtype=self.mean.dtype, device=self.mean.device)
+        return self.reparameterize(self.noise(n))
+
+    def noise(self, n: int | None = None) -> Tensor:
+        """ε ~ N(0, I) shaped (B, L), or (n, B, L) for n samples per example."""
+        shape = self.mean.shape if n is None else (n, *self.mean.shape)
+        return torch.randn(shape, dtype=self.mean.dtype, device=self.mean.device)
+
+    def reparameterize(self, eps: Tensor) -> Tensor:
+        return self.mean + self.std * eps  # z, differentiable in mean and logvar
 
     def mode(self) -> Tensor:
         return self.mean
