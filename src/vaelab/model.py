@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -18,9 +19,9 @@ class DiagonalGaussian:
     def __init__(self, mean: Tensor, logvar: Tensor):
         self.mean, self.logvar = mean, logvar  # (B, L)
 
-    @property
+    @cached_property
     def std(self) -> Tensor:
-        return torch.exp(0.5 * self.logvar)
+        return torch.exp(0.5 * self.logvar)  # computed once per posterior
 
     def sample(self, n: int | None = None) -> Tensor:
         return self.reparameterize(self.noise(n))
