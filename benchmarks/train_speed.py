@@ -29,11 +29,13 @@ The last line is machine-readable.
 
     python benchmarks/train_speed.py              # the real measurement: 5 epochs each (a few minutes)
     python benchmarks/train_speed.py --epochs 3   # the shortest run that still compares test -ELBO
+    python benchmarks/train_speed.py --device cuda   # trainers and floor on the GPU (scores on the CPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import platform
 import resource
@@ -124,12 +126,12 @@ def example_loss(recon_x, x, mu, logvar):
     return bce + kld
 
 
-def train_baseline(data, epochs: int, lean: bool = False):
+def train_baseline(data, epochs: int, lean: bool = False, device: str = "cpu"):
     """The example's training loop; yields (seconds, model) after each epoch. It keeps its own global-RNG
     state between epochs, so the trainers running in between do not change its shuffles or samples."""
     torch.manual_seed(SEED)
     d = math.prod(data.shape)
-    model = ExampleVAE(d)
+    model = ExampleVAE(d).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     dataset = (LeanDataset if lean else ExampleDataset)(data.train, data.train_labels)
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
@@ -140,6 +142,7 @@ def train_baseline(data, epochs: int, lean: bool = False):
         train_loss = 0.0
         t0 = time.perf_counter()
         for x, _ in loader:
+            x = x.to(device)  # the example's `data.to(device)`
             optimizer.zero_grad()
             recon, mu, logvar = model(x)
             loss = example_loss(recon, x, mu, logvar)
@@ -170,12 +173,13 @@ def as_vaelab(example: ExampleVAE, shape) -> VAE:
 def floor_block(x: torch.Tensor, steps: int) -> float:
     """Seconds for `steps` repetitions of one training step's GEMMs, on the exact shapes of that step."""
     d = x.shape[1]
-    enc1, head, dec1, dec2 = nn.Linear(d, HIDDEN), nn.Linear(HIDDEN, 2 * LATENT), \
-        nn.Linear(LATENT, HIDDEN), nn.Linear(HIDDEN, d)
+    enc1, head, dec1, dec2 = (m.to(x.device) for m in (nn.Linear(d, HIDDEN), nn.Linear(HIDDEN, 2 * LATENT),
+                                                       nn.Linear(LATENT, HIDDEN), nn.Linear(HIDDEN, d)))
     w1, b1, wh, bh = enc1.weight.detach(), enc1.bias.detach(), head.weight.detach(), head.bias.detach()
     w3, b3, w4, b4 = dec1.weight.detach(), dec1.bias.detach(), dec2.weight.detach(), dec2.bias.detach()
-    g_out = torch.randn(x.shape[0], d) * 1e-2  # stand-ins for the gradients flowing back
-    g_head = torch.randn(x.shape[0], 2 * LATENT) * 1e-2
+    g_out = torch.randn(x.shape[0], d, device=x.device) * 1e-2  # stand-ins for the gradients flowing back
+    g_head = torch.randn(x.shape[0], 2 * LATENT, device=x.device) * 1e-2
+    _sync(x.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         h = torch.addmm(b1, x, w1.t())  # (B, 400)
@@ -190,7 +194,13 @@ def floor_block(x: torch.Tensor, steps: int) -> float:
         torch.mm(g_head.t(), h)  # dWh (40, 400)
         g_h = torch.mm(g_head, wh)  # dh (B, 400)
         torch.mm(g_h.t(), x)  # dW1 (400, 784); no dx: the data needs no gradient
+    _sync(x.device)
     return time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def floor_blocks(x: torch.Tensor, steps: int, blocks: int, warm: bool = True) -> list[float]:
@@ -222,6 +232,8 @@ def main(argv=None) -> None:
     p.add_argument("--lean-baseline", action="store_true",
                    help="baseline Dataset converts uint8 -> float directly instead of through PIL + ToTensor")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where every trainer and the floor run (default cpu); test scores are computed on the CPU")
     p.add_argument("--skip-bf16", action="store_true", help="do not also time vaelab with --precision bf16")
     p.add_argument("--with-autograd", action="store_true",
                    help="also time vaelab fp32 with its gradients from autograd (vaelab.fused.ENABLED = False)")
@@ -229,6 +241,9 @@ def main(argv=None) -> None:
     if args.epochs < COMPARE_EPOCH:
         p.error(f"--epochs must be >= {COMPARE_EPOCH} (the test -ELBO is compared after epoch "
                 f"{COMPARE_EPOCH}); got {args.epochs}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available to torch here; allowed: cpu, cuda")
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -236,15 +251,16 @@ def main(argv=None) -> None:
     n = data.train.shape[0]
     steps = math.ceil(n / BATCH)
     test = torch.from_numpy(np.ascontiguousarray(data.test))
-    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+    where = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
+    print(f"machine: {where}{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
           f"Fashion-MNIST {n} train / {test.shape[0]} test images, {steps} steps of {BATCH} per epoch",
           flush=True)
 
-    x_floor = to_unit(torch.from_numpy(data.train[:BATCH])).flatten(1)  # (B, 784)
+    x_floor = to_unit(torch.from_numpy(data.train[:BATCH])).flatten(1).to(device)  # (B, 784)
     floor = floor_blocks(x_floor, steps, args.floor_blocks)
 
-    def score(model: VAE) -> float:
-        return elbo_metrics(model, test, 1000, to_unit, seed=EVAL_SEED)["loss"]
+    def score(model: VAE) -> float:  # on the CPU, whatever device trained the model
+        return elbo_metrics(copy.deepcopy(model).cpu(), test, 1000, to_unit, seed=EVAL_SEED)["loss"]
 
     # The trainers take turns, one epoch each per round, with floor blocks in between, so that every series
     # samples the same mix of machine states (a shared 2-core machine drifts between fast and slow phases).
@@ -255,7 +271,7 @@ def main(argv=None) -> None:
         bf16 = None if args.skip_bf16 else VaelabRun(Path(tmp), args, "bf16")
         auto = VaelabRun(Path(tmp), args, "fp32", autograd=True) if args.with_autograd else None
         runs += [r for r in (bf16, auto) if r is not None]
-        baseline = train_baseline(data, args.epochs, args.lean_baseline)
+        baseline = train_baseline(data, args.epochs, args.lean_baseline, device)
         for epoch in range(1, args.epochs + 1):
             for run in runs:
                 run.epoch(epoch, score)
@@ -310,7 +326,7 @@ class VaelabRun:
         self.label = "autograd" if autograd else precision
         self.autograd, self.path = autograd, tmp / self.label
         self.cfg = dict(dataset="fashion-mnist", data_dir=args.data_dir, likelihood="bernoulli", hidden=[HIDDEN],
-                        latent_dim=LATENT, batch_size=BATCH, lr=LR, optimizer="adam", seed=SEED, device="cpu",
+                        latent_dim=LATENT, batch_size=BATCH, lr=LR, optimizer="adam", seed=SEED, device=args.device,
                         precision=precision)
         self.seconds: list[float] = []
         self.test = math.nan
