@@ -109,9 +109,7 @@ class Gaussian(ScaledLikelihood):
         mu = params[0]
         log_sigma = self.log_scale_for(params)
         if log_sigma.dim() == 0:  # shared σ: one fused reduction over the squared error
-            sq = _sum_pixels((x - mu).square())
-            d = x[0].numel()
-            return -0.5 * sq * torch.exp(-2 * log_sigma) - d * (log_sigma + 0.5 * LOG_2PI)
+            return self._shared(_sum_pixels((x - mu).square()), torch.exp(-2 * log_sigma), log_sigma, x[0].numel())
         return -_sum_pixels(0.5 * ((x - mu) * torch.exp(-log_sigma)).square() + log_sigma + 0.5 * LOG_2PI)
 
     def log_prob_backward(self, params, x, weight):
@@ -120,12 +118,16 @@ class Gaussian(ScaledLikelihood):
         log_sigma = self.log_scale_for(params)
         diff = x - mu
         sq = _sum_pixels(diff.square())  # (B,)
-        inv_var = torch.exp(-2 * log_sigma)
-        d = x[0].numel()
-        log_px = -0.5 * sq * inv_var - d * (log_sigma + 0.5 * LOG_2PI)
+        inv_var, d = torch.exp(-2 * log_sigma), x[0].numel()
+        log_px = self._shared(sq, inv_var, log_sigma, d)
         if self.learned:
             self.log_scale.grad = weight * (sq.sum() * inv_var - sq.numel() * d)
         return log_px, [diff.mul_(inv_var * weight)]
+
+    @staticmethod
+    def _shared(sq: Tensor, inv_var: Tensor, log_sigma: Tensor, d: int) -> Tensor:
+        """log N(x; μ, σ²I) from ||x − μ||² per example: −||x − μ||²/2σ² − D·(log σ + ½ log 2π)."""
+        return -0.5 * sq * inv_var - d * (log_sigma + 0.5 * LOG_2PI)
 
     def sample(self, params):
         mu = params[0]
