@@ -28,6 +28,14 @@ def _lines(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_preloaded_data_obeys_limit_like_a_fresh_load(tmp_path, fashion):
+    """train(config, data=...) trains on config.limit images, as a resume (which reloads) will."""
+    given = train(_cfg(tmp_path, "given", epochs=1, limit=300), progress=False, data=fashion)
+    loaded = train(_cfg(tmp_path, "loaded", epochs=1, limit=300), progress=False)
+    assert given.config.data_shape == loaded.config.data_shape
+    _assert_same_weights(given.path, loaded.path)
+
+
 @pytest.mark.parametrize("sigma", ["0.1", "learned", "optimal"])
 def test_gaussian_metrics_are_the_true_negative_elbo(tmp_path, sigma):
     limit = 6000 if sigma == "optimal" else 2000  # enough steps for the running σ to settle

@@ -83,6 +83,8 @@ class Prepared:
 def prepare_data(config: TrainConfig, device: torch.device, data: ImageData | None = None) -> Prepared:
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, config.limit)
+    else:  # data the caller loaded once (tests, studies): --limit still applies, as it would on reload/resume
+        data = data.limited(config.limit)
     train, test = data.train, data.test
     if config.binarize == "static":
         train, test = binarize_static(train, config.seed), binarize_static(test, config.seed + 1)
@@ -189,7 +191,8 @@ def train(config: TrainConfig | dict, progress: bool = True, data: ImageData | N
     """Train a VAE as `config` says and return the finished Run (also written to its run directory).
 
     With resume=True the run directory's checkpoint is loaded and training continues to config.epochs;
-    on CPU the result is bit-identical to an uninterrupted run.
+    on CPU the result is bit-identical to an uninterrupted run. `data` (already loaded, e.g. to train many
+    models on one dataset) replaces the load of config.dataset; config.limit still applies to it.
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)

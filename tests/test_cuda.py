@@ -1,0 +1,100 @@
+"""The GPU path: the hand-written step, the trainer, resume and eval on CUDA. Skipped where torch sees no GPU
+(the CI machine has none); run on a GPU machine with `python -m pytest tests/test_cuda.py`."""
+
+import copy
+
+import pytest
+import torch
+
+from test_fused import LIKELIHOODS, _autograd, _free_bits_between, _fused, _model
+from vaelab import fused, resume, train
+from vaelab.config import TrainConfig
+from vaelab.model import VAE
+from vaelab.train import make_optimizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("lik,sigma", LIKELIHOODS)
+def test_hand_written_step_equals_autograd_on_cuda_in_float64(lik, sigma):
+    model = _model(lik, sigma, (12, 7)).to(CUDA)
+    x = torch.rand(6, *model.shape, dtype=torch.float64, device=CUDA)
+    if lik == "bernoulli":
+        x = x.round()
+    free_bits = _free_bits_between(model, x)
+    reference = copy.deepcopy(model)
+    loss_a, grads_a = _autograd(reference, x, 0.3, free_bits)
+    loss_f, grads_f = _fused(model, x, 0.3, free_bits)
+    assert loss_f.device.type == "cuda"
+    torch.testing.assert_close(loss_f, loss_a, rtol=1e-12, atol=1e-12)
+    for (name, _), g_f, g_a in zip(model.named_parameters(), grads_f, grads_a, strict=True):
+        torch.testing.assert_close(g_f, g_a, rtol=1e-10, atol=1e-12, msg=name)
+        assert g_f.device.type == "cuda" and g_f.stride() == g_a.stride(), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("lik,sigma,free_bits", [("bernoulli", "0.1", 0.0), ("gaussian", "learned", 0.5)])
+def test_training_steps_never_wait_for_the_gpu(lik, sigma, free_bits, precision):
+    """What the training loop runs per step (batch gather, preparation, loss and gradients, fused Adam) issues no
+    host-device synchronisation: torch's sync debug mode turns any into an error."""
+    cfg = TrainConfig(likelihood=lik, sigma=sigma, hidden=[400], latent_dim=20, precision=precision)
+    model = VAE.from_config(cfg, (1, 28, 28)).to(CUDA)
+    optimizer = make_optimizer(cfg, model)
+    data = torch.randint(0, 256, (1024, 1, 28, 28), dtype=torch.uint8, device=CUDA)
+    order = torch.randperm(1024, device=CUDA)
+    context = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else None
+    losses = []
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(8):
+            x = data.index_select(0, order[step * 128:(step + 1) * 128]).float() / 255
+            losses.append(fused.loss_and_grads(model, x, 1.0, free_bits, forward_context=context))
+            optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    values = torch.stack(losses).cpu()
+    assert torch.isfinite(values).all()
+    assert all(p.grad is not None and p.grad.device.type == "cuda" for p in model.parameters())
+
+
+def _cfg(tmp_path, name, **kw):
+    base = dict(dataset="fashion-mnist", limit=3000, hidden=[64], latent_dim=4, batch_size=100, device="cuda",
+                likelihood="bernoulli", binarize="dynamic", out=str(tmp_path / name))
+    return TrainConfig(**{**base, **kw})
+
+
+def test_cuda_resume_is_bit_identical_and_trains(tmp_path, fashion):
+    full = train(_cfg(tmp_path, "full", epochs=3), progress=False, data=fashion)
+    train(_cfg(tmp_path, "part", epochs=1), progress=False, data=fashion)
+    resumed = resume(tmp_path / "part", progress=False, epochs=3)
+    for (name, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert p.device.type == "cuda", name
+        assert torch.equal(p, q), name
+    losses = [r["loss"] for r in full.metrics if r["split"] == "test"]
+    assert losses == [r["loss"] for r in resumed.metrics if r["split"] == "test"]
+    assert losses[-1] < losses[0] - 5  # it learns
+
+
+def test_cuda_and_cpu_training_reach_the_same_loss(tmp_path, fashion):
+    """Same data order and seed; the GPU draws other noise, so the runs differ by Monte-Carlo noise only."""
+    gpu = train(_cfg(tmp_path, "gpu", epochs=2), progress=False, data=fashion)
+    cpu = train(_cfg(tmp_path, "cpu", epochs=2, device="cpu"), progress=False, data=fashion)
+    assert gpu.last("test")["loss"] == pytest.approx(cpu.last("test")["loss"], abs=3.0)
+
+
+def test_bf16_on_cuda_keeps_the_elbo(tmp_path, fashion):
+    fp32 = train(_cfg(tmp_path, "fp32", epochs=2), progress=False, data=fashion)
+    bf16 = train(_cfg(tmp_path, "bf16", epochs=2, precision="bf16"), progress=False, data=fashion)
+    assert bf16.last("test")["loss"] == pytest.approx(fp32.last("test")["loss"], abs=3.0)
+
+
+def test_eval_on_cuda_agrees_with_cpu(tmp_path, fashion):
+    from vaelab import api
+
+    run = train(_cfg(tmp_path, "run", epochs=1, device="cpu"), progress=False, data=fashion)
+    on = {d: api.evaluate(run.path, "test", 64, 250, 1000, device=d, progress=False) for d in ("cpu", "cuda")}
+    for key in ("elbo", "log_px"):
+        assert on["cuda"][key] == pytest.approx(on["cpu"][key], abs=0.5), key
+    assert on["cuda"]["log_px"] >= on["cuda"]["elbo"] - 0.1  # the IWAE bound is at least the ELBO
