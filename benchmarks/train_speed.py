@@ -20,6 +20,8 @@ on Fashion-MNIST's 60,000 training images.
    autocast. It is reported on its own lines and never in the goal's ratios: it changes the arithmetic.
 5. with --with-autograd, vaelab fp32 once more with `vaelab.fused.ENABLED = False`: the same trainer with its
    gradients from autograd instead of the hand-written step, to show what that step is worth.
+6. with --device cuda, vaelab fp32 once more with `vaelab.train.CUDA_GRAPHS = False`: every step launched
+   kernel by kernel instead of replayed as one CUDA graph, to show what the graph is worth.
 
 The trainers take turns: each round runs one epoch of every trainer, then a floor block, so that all
 series see the same mix of machine states on a shared machine.
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import math
 import platform
 import resource
@@ -57,6 +60,7 @@ from vaelab.data import load_dataset, to_unit
 from vaelab.evaluate import elbo_metrics
 from vaelab.model import VAE
 
+train_module = importlib.import_module("vaelab.train")  # the module; `vaelab.train` is also the function
 BATCH, HIDDEN, LATENT, LR, SEED = 128, 400, 20, 1e-3, 0
 COMPARE_EPOCH = 3  # test -ELBO compared after this many epochs
 EVAL_SEED = 2024
@@ -270,7 +274,8 @@ def main(argv=None) -> None:
         runs = [VaelabRun(Path(tmp), args, "fp32")]
         bf16 = None if args.skip_bf16 else VaelabRun(Path(tmp), args, "bf16")
         auto = VaelabRun(Path(tmp), args, "fp32", autograd=True) if args.with_autograd else None
-        runs += [r for r in (bf16, auto) if r is not None]
+        eager = VaelabRun(Path(tmp), args, "fp32", graphs=False) if device.type == "cuda" else None
+        runs += [r for r in (bf16, auto, eager) if r is not None]
         baseline = train_baseline(data, args.epochs, args.lean_baseline, device)
         for epoch in range(1, args.epochs + 1):
             for run in runs:
@@ -293,6 +298,9 @@ def main(argv=None) -> None:
     if auto:
         print(f"autograd: {_fmt(auto.seconds)}  (vaelab fp32 with gradients from autograd, not the hand-written "
               f"step; test -ELBO {auto.test:.2f} nats)")
+    if eager:
+        print(f"eager   : {_fmt(eager.seconds)}  (vaelab fp32 without the CUDA graph: each step launched kernel by "
+              f"kernel; test -ELBO {eager.test:.2f} nats)")
     print(f"baseline: {_fmt(baseline_epochs)}  (Dataset: {how}; DataLoader shuffle; the example's VAE, loss "
           f"and loop)")
     print(f"floor   : {_fmt(floor)}  (11 GEMMs per step x {steps} steps, median of {len(floor)} blocks)")
@@ -322,9 +330,9 @@ class VaelabRun:
     --epochs N` (bit-identical to one uninterrupted run). Seconds are each epoch's train-loop time from
     metrics.jsonl, without the per-epoch evaluation and checkpoint."""
 
-    def __init__(self, tmp: Path, args, precision: str, autograd: bool = False):
-        self.label = "autograd" if autograd else precision
-        self.autograd, self.path = autograd, tmp / self.label
+    def __init__(self, tmp: Path, args, precision: str, autograd: bool = False, graphs: bool = True):
+        self.label = "autograd" if autograd else precision if graphs else "eager"
+        self.autograd, self.graphs, self.path = autograd, graphs, tmp / self.label
         self.cfg = dict(dataset="fashion-mnist", data_dir=args.data_dir, likelihood="bernoulli", hidden=[HIDDEN],
                         latent_dim=LATENT, batch_size=BATCH, lr=LR, optimizer="adam", seed=SEED, device=args.device,
                         precision=precision)
@@ -334,14 +342,14 @@ class VaelabRun:
     def epoch(self, epoch: int, score) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the Bernoulli-on-grey-pixels warning; the example does the same
-            fused.ENABLED = not self.autograd
+            fused.ENABLED, train_module.CUDA_GRAPHS = not self.autograd, self.graphs
             try:
                 if epoch == 1:
                     run = train(TrainConfig(**self.cfg, epochs=1, out=str(self.path)), progress=False)
                 else:
                     run = resume(self.path, progress=False, epochs=epoch)
             finally:
-                fused.ENABLED = True
+                fused.ENABLED, train_module.CUDA_GRAPHS = True, True
         self.seconds.append([r for r in run.metrics if r["split"] == "train"][-1]["seconds"])
         if epoch == COMPARE_EPOCH:
             self.test = score(run.model)

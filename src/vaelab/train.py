@@ -2,7 +2,9 @@
 whose gradients `fused.loss_and_grads` computes (by hand for MLP networks, else by autograd).
 
 The training set stays resident as one tensor (uint8 where the data is 8-bit) and each batch is gathered
-and scaled on the fly; the loop makes no host sync except to refresh the progress bar.
+and scaled on the fly; the loop makes no host sync except to refresh the progress bar. On a GPU, a full-size
+step of the hand-written MLP step (batch gather, scaling, loss and gradients, Adam) is captured once as a CUDA
+graph and replayed: the step's ~100 small kernels are then one launch (set CUDA_GRAPHS = False to turn it off).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from .config import ConfigError, TrainConfig
 from .data import ImageData, binarize_static, load_dataset, to_unit
 from .evaluate import elbo_metrics
-from .fused import loss_and_grads
+from .fused import applies, loss_and_grads
 from .model import VAE
 from .runs import (
     CHECKPOINT,
@@ -40,6 +42,7 @@ from .runs import (
 )
 
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
+CUDA_GRAPHS = True  # replay full-size training steps on a GPU as one CUDA graph, where GraphStep.usable says so
 EVAL_SEED = 12345
 
 
@@ -121,7 +124,9 @@ def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    return torch.optim.Adam(params, lr=config.lr, fused=fused or None)
+    # capturable: the step count lives on the GPU, so the update can be replayed inside a CUDA graph
+    capturable = fused and all(p.device.type == "cuda" for p in params)
+    return torch.optim.Adam(params, lr=config.lr, fused=fused or None, capturable=capturable)
 
 
 def autocast(config: TrainConfig, device: torch.device):
@@ -225,13 +230,14 @@ def train(config: TrainConfig | dict, progress: bool = True, data: ImageData | N
 
     n = prep.train.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
+    graph = GraphStep(config, model, optimizer, prep) if GraphStep.usable(config, model, optimizer, prep) else None
     with _StopFlag() as stop:
         while epoch < config.epochs:
             shuffle_state = shuffle.get_state()  # lets a mid-epoch checkpoint rebuild this epoch's order
             order = torch.randperm(n, generator=shuffle).to(device)
             t0 = time.perf_counter()
             step = _run_epoch(config, model, optimizer, prep, order, epoch, start_step, steps_per_epoch,
-                              stop, progress)
+                              stop, progress, graph)
             train_seconds = time.perf_counter() - t0
             if step < steps_per_epoch:  # stopped by Ctrl-C mid-epoch
                 save_checkpoint(out / CHECKPOINT, model, optimizer,
@@ -260,7 +266,8 @@ def beta_at(config: TrainConfig, epoch_progress: float) -> float:
     return config.beta * min(1.0, epoch_progress / config.kl_warmup)
 
 
-def _run_epoch(config, model, optimizer, prep, order, epoch, start_step, steps_per_epoch, stop, progress) -> int:
+def _run_epoch(config, model, optimizer, prep, order, epoch, start_step, steps_per_epoch, stop, progress,
+               graph: GraphStep | None = None) -> int:
     model.train()
     bar = None
     if progress:
@@ -277,11 +284,11 @@ def _run_epoch(config, model, optimizer, prep, order, epoch, start_step, steps_p
             if stop.requested:
                 return step
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            # index_select copies whole rows; plain indexing (train[idx]) gathers byte by byte, ~20x slower
-            x = prep.prepare_train(prep.train.index_select(0, idx))  # (B, C, H, W) in [0, 1]
             beta = beta_at(config, epoch + step / steps_per_epoch)
-            loss = loss_and_grads(model, x, beta, config.free_bits, forward_context=precision)
-            optimizer.step()
+            if graph is not None and not graph.disabled and len(idx) == config.batch_size:
+                loss = graph(idx)
+            else:
+                loss = _step(config, model, optimizer, prep, idx, beta, precision)
             running += loss
             count += 1
             if count == PROGRESS_EVERY or step == steps_per_epoch - 1:
@@ -297,6 +304,67 @@ def _run_epoch(config, model, optimizer, prep, order, epoch, start_step, steps_p
     finally:
         if bar is not None:
             bar.close()
+
+
+def _step(config, model, optimizer, prep, idx, beta, precision) -> torch.Tensor:
+    """One training step on the examples `idx` of the training set; returns the loss (a 0-dim tensor)."""
+    # index_select copies whole rows; plain indexing (train[idx]) gathers byte by byte, ~20x slower
+    x = prep.prepare_train(prep.train.index_select(0, idx))  # (B, C, H, W) in [0, 1]
+    loss = loss_and_grads(model, x, beta, config.free_bits, forward_context=precision)
+    optimizer.step()
+    return loss
+
+
+class GraphStep:
+    """A full-size training step on a GPU, captured once as a CUDA graph and replayed for every later batch.
+
+    The first call runs the step eagerly (on a side stream, as capture requires: it initialises the optimizer's
+    state and the libraries' per-stream handles) and then records it; each later call copies the batch's indices
+    into the graph's input and replays it. Replays run the same kernels on the same tensors, and the graph's
+    random draws advance the CUDA generator as eager ones do. Used only where nothing in the step changes from
+    one batch to the next or needs the host: the hand-written MLP step (fused.applies: float32, no hooks), a
+    constant β (no --kl-warmup) and Adam with its step count on the GPU (capturable)."""
+
+    def __init__(self, config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared):
+        self.config, self.model, self.optimizer, self.prep = config, model, optimizer, prep
+        self.idx = torch.zeros(config.batch_size, dtype=torch.long, device=prep.train.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+        self.disabled = False
+
+    @staticmethod
+    def usable(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared) -> bool:
+        if not CUDA_GRAPHS or prep.train.device.type != "cuda" or config.kl_warmup > 0:
+            return False
+        if not all(g.get("capturable") and g.get("fused") for g in optimizer.param_groups):
+            return False  # e.g. SGD, or a checkpoint written without a GPU-resident step count
+        x = prep.prepare(prep.train[:1])
+        return config.precision == "fp32" and applies(model, x)
+
+    def _step(self) -> torch.Tensor:
+        return _step(self.config, self.model, self.optimizer, self.prep, self.idx, self.config.beta, None)
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        self.idx.copy_(idx)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss  # overwritten by the next replay: the caller adds it up before then (stream order)
+        side = torch.cuda.Stream(self.idx.device)
+        side.wait_stream(torch.cuda.current_stream(self.idx.device))
+        with torch.cuda.stream(side):
+            loss = self._step()  # the real step for this batch
+        torch.cuda.current_stream(self.idx.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # records; runs nothing
+                self.loss = self._step()
+        except RuntimeError as e:  # something in the step cannot be captured: go on kernel by kernel
+            warnings.warn(f"CUDA graph capture of the training step failed ({e}); training goes on without it",
+                          RuntimeWarning, stacklevel=2)
+            self.disabled = True
+            return loss
+        self.graph = graph
+        return loss
 
 
 def _nonfinite_message(config: TrainConfig, epoch: int, step: int) -> str:
