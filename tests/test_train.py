@@ -208,3 +208,44 @@ def test_loaded_optimizer_state_lives_in_aligned_memory_of_its_own(tmp_path):
     for s_new, s_old in zip(fresh_opt.state.values(), optimizer.state.values(), strict=True):
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(s_new[k], s_old[k])
+
+
+def _train_module():
+    import importlib
+
+    return importlib.import_module("vaelab.train")  # the module; `vaelab.train` is also the function
+
+
+@pytest.mark.parametrize("extra", [{}, {"likelihood": "gaussian", "sigma": "learned", "binarize": "none"}])
+def test_functional_adam_trains_the_same_weights_bit_for_bit(tmp_path, monkeypatch, fashion, extra):
+    """AdamStep's direct call of torch.optim.adam.adam is the update optimizer.step() makes, to the last bit,
+    from a fresh start and from a resumed checkpoint."""
+    kw = {"epochs": 1, "limit": 1000, "likelihood": "bernoulli", "binarize": "dynamic", **extra}
+    direct = train(_cfg(tmp_path, "direct", **kw), progress=False, data=fashion)
+    resume(direct.path, progress=False, epochs=2)
+    monkeypatch.setattr(_train_module(), "FUNCTIONAL_ADAM", False)
+    plain = train(_cfg(tmp_path, "plain", **kw), progress=False, data=fashion)
+    resume(plain.path, progress=False, epochs=2)
+    _assert_same_weights(direct.path, plain.path)
+
+
+def test_optimizer_step_hooks_still_run(tmp_path):
+    """With a step hook registered, the trainer goes through optimizer.step(), which calls it every step."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    calls = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    try:
+        train(_cfg(tmp_path, "hooked", epochs=1, limit=500), progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 5  # 500 images in batches of 100
+
+
+def test_adam_step_takes_the_direct_path_on_cpu(monkeypatch, tmp_path):
+    t = _train_module()
+    direct = []
+    original = t.adam_update
+    monkeypatch.setattr(t, "adam_update", lambda *a, **k: (direct.append(1), original(*a, **k)))
+    train(_cfg(tmp_path, "spy", epochs=1, limit=500), progress=False)
+    assert len(direct) == 4  # the first step creates Adam's state through optimizer.step()
