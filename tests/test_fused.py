@@ -151,3 +151,27 @@ def test_training_on_real_data_matches_the_autograd_trainer(lik, sigma, fashion,
     test_hand, test_auto = hand.last("test")["loss"], auto.last("test")["loss"]
     assert test_hand == pytest.approx(test_auto, rel=1e-5)
 
+
+
+@pytest.mark.parametrize("lik,sigma", LIKELIHOODS)
+@pytest.mark.parametrize("free_bits", [False, True])
+def test_gradients_only_step_gives_the_same_gradients(lik, sigma, free_bits):
+    """value=False (the trainer's steps between progress reports) skips the objective's value where a closed
+    form allows it, and changes no gradient and no running buffer."""
+    model = _model(lik, sigma, (12, 7))
+    x = torch.rand(6, *SHAPE, dtype=torch.float64)
+    if lik == "bernoulli":
+        x = x.round()
+    fb = _free_bits_between(model, x) if free_bits else 0.0
+    other = copy.deepcopy(model)
+    torch.manual_seed(3)
+    loss = fused.loss_and_grads(model, x, 0.5, fb)
+    torch.manual_seed(3)
+    skipped = fused.loss_and_grads(other, x, 0.5, fb, value=False)
+    assert loss is not None
+    if (lik, sigma) in (("bernoulli", "0.1"), ("gaussian", "0.3"), ("gaussian", "learned")):
+        assert skipped is None  # the closed forms skip it
+    for (name, p), q in zip(model.named_parameters(), other.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+    for a, b in zip(model.buffers(), other.buffers(), strict=True):
+        assert torch.equal(a, b)

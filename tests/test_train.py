@@ -118,14 +118,15 @@ def test_bf16_precision_trains_to_the_same_loss_and_reports_float32(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):
     """A real process gets SIGINT mid-training; the resumed run equals an uninterrupted one bit for bit."""
     out = tmp_path / "interrupted"
-    args = ["train", "--dataset", "fashion-mnist", "--limit", "8000", "--hidden", "64", "--latent-dim", "2",
+    # 500 steps of a 256-wide MLP per epoch (~0.6 s on one thread), so the interrupt lands inside epoch 2
+    args = ["train", "--dataset", "fashion-mnist", "--limit", "8000", "--hidden", "256", "--latent-dim", "2",
             "--batch-size", "16", "--epochs", "3", "--out", str(out), "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "vaelab.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)  # wait for epoch 1 to finish, then interrupt epoch 2
-    time.sleep(0.3)
+    time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err
@@ -135,7 +136,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):
     assert meta["epoch"] >= 1 and meta["step"] > 0, meta  # stopped mid-epoch
     assert subprocess.run([sys.executable, "-m", "vaelab.cli", "train", "--resume", str(out), "--quiet"],
                           capture_output=True, timeout=900).returncode == 0
-    ref = train(TrainConfig(dataset="fashion-mnist", limit=8000, hidden=[64], latent_dim=2, batch_size=16,
+    ref = train(TrainConfig(dataset="fashion-mnist", limit=8000, hidden=[256], latent_dim=2, batch_size=16,
                             epochs=3, out=str(tmp_path / "ref")), progress=False)
     _assert_same_weights(ref.path, out)
 

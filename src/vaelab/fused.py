@@ -97,11 +97,13 @@ def _backward(layers: Layers, inputs: list[Tensor], g: Tensor, need_input_grad: 
 
 
 def loss_and_grads(model, x: Tensor, beta: float = 1.0, free_bits: float = 0.0,
-                   forward_context: AbstractContextManager | None = None) -> Tensor:
+                   forward_context: AbstractContextManager | None = None, value: bool = True) -> Tensor | None:
     """The training objective (as `objective(model.terms(x), beta, free_bits)`, a 0-dim tensor) with every
     parameter's .grad set to its gradient (replacing what was there, like zero_grad(set_to_none) + backward).
 
-    `forward_context` (e.g. bf16 autocast) wraps the forward pass; under autocast autograd does the work."""
+    `forward_context` (e.g. bf16 autocast) wraps the forward pass; under autocast autograd does the work.
+    value=False: the caller needs only the gradients, and the hand-written step may skip the objective's value
+    (for the Bernoulli, its softplus pass) and return None; autograd's path returns the value anyway."""
     with forward_context or nullcontext():
         layers = plan(model, x)
         if layers is None:
@@ -126,9 +128,9 @@ def loss_and_grads(model, x: Tensor, beta: float = 1.0, free_bits: float = 0.0,
 
         for p in model.likelihood.parameters():
             p.grad = None
-        log_px, g_params = model.likelihood.log_prob_backward(params, x, -1.0 / n)  # (B,), d loss / d params
-        kl = q.kl_per_dim()  # (B, L)
-        loss = objective(Terms(-log_px, kl, None, None), beta, free_bits)
+        log_px, g_params = model.likelihood.log_prob_backward(params, x, -1.0 / n, value)  # (B,), d loss / d params
+        kl = q.kl_per_dim() if value or free_bits > 0 else None  # (B, L)
+        loss = objective(Terms(-log_px, kl, None, None), beta, free_bits) if value else None
         # d loss / d KL_bd = β/B, zero for a dimension whose batch-mean KL is clamped up to free_bits
         coef = beta / n if free_bits <= 0 else (beta / n) * (kl.mean(0) >= free_bits).to(kl.dtype)  # (L,)
 

@@ -42,7 +42,11 @@ class Likelihood(nn.Module):
     def mean(self, params: list[Tensor]) -> Tensor:
         return params[0]
 
-    def log_prob_backward(self, params: list[Tensor], x: Tensor, weight: float) -> tuple[Tensor, list[Tensor]]:
+    def log_prob_backward(self, params: list[Tensor], x: Tensor, weight: float,
+                          value: bool = True) -> tuple[Tensor | None, list[Tensor]]:
+        """(log p(x | params) per example, d Σ_b weight·log p / d params) and the gradient of the likelihood's own
+        parameters in their .grad. value=False allows a closed form to skip the log-density (then None); this
+        default, autograd on the parameters alone, computes it anyway."""
         leaves = [p.detach().requires_grad_() for p in params]
         own = [p for p in self.parameters() if p.requires_grad]
         with torch.enable_grad():
@@ -112,14 +116,14 @@ class Gaussian(ScaledLikelihood):
             return self._shared(_sum_pixels((x - mu).square()), torch.exp(-2 * log_sigma), log_sigma, x[0].numel())
         return -_sum_pixels(0.5 * ((x - mu) * torch.exp(-log_sigma)).square() + log_sigma + 0.5 * LOG_2PI)
 
-    def log_prob_backward(self, params, x, weight):
+    def log_prob_backward(self, params, x, weight, value=True):
         """Shared σ: d log p / dμ = (x − μ)/σ², d Σ_b log p / d log σ = Σ_b ||x − μ_b||²/σ² − D."""
         mu = params[0]
         log_sigma = self.log_scale_for(params)
         diff = x - mu
-        sq = _sum_pixels(diff.square())  # (B,)
+        sq = _sum_pixels(diff.square()) if value or self.learned else None  # (B,)
         inv_var, d = torch.exp(-2 * log_sigma), x[0].numel()
-        log_px = self._shared(sq, inv_var, log_sigma, d)
+        log_px = self._shared(sq, inv_var, log_sigma, d) if value else None
         if self.learned:
             self.log_scale.grad = weight * (sq.sum() * inv_var - sq.numel() * d)
         return log_px, [diff.mul_(inv_var * weight)]
@@ -215,10 +219,10 @@ class Bernoulli(Likelihood):
         logits = params[0]  # log p = x·l − softplus(l): the same value as −BCE-with-logits, in two reductions
         return _sum_pixels(x * logits) - _sum_pixels(F.softplus(logits))
 
-    def log_prob_backward(self, params, x, weight):
+    def log_prob_backward(self, params, x, weight, value=True):
         """d log p / d logits = x − sigmoid(logits): one pass, where autograd makes three."""
         logits = params[0]
-        return self.log_prob(params, x), [torch.sigmoid(logits).sub_(x).mul_(-weight)]
+        return self.log_prob(params, x) if value else None, [torch.sigmoid(logits).sub_(x).mul_(-weight)]
 
     def mean(self, params):
         return torch.sigmoid(params[0])

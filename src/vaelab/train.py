@@ -2,9 +2,10 @@
 whose gradients `fused.loss_and_grads` computes (by hand for MLP networks, else by autograd).
 
 The training set stays resident as one tensor (uint8 where the data is 8-bit) and each batch is gathered
-and scaled on the fly; the loop makes no host sync except to refresh the progress bar. On a GPU, a full-size
-step of the hand-written MLP step (batch gather, scaling, loss and gradients, Adam) is captured once as a CUDA
-graph and replayed: the step's ~100 small kernels are then one launch (set CUDA_GRAPHS = False to turn it off).
+and scaled on the fly. The loop makes no host sync except to read the loss of every 25th batch (progress bar
+and non-finite check); the steps between compute gradients only. On a GPU, a full-size step of the
+hand-written MLP step (batch gather, scaling, loss and gradients, Adam) is captured once as a CUDA graph and
+replayed: the step's ~100 small kernels are then one launch (set CUDA_GRAPHS = False to turn it off).
 """
 
 from __future__ import annotations
@@ -278,7 +279,6 @@ def _run_epoch(config, model, optimizer_step, prep, order, epoch, start_step, st
 
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="step", leave=False, dynamic_ncols=True)
-    running = torch.zeros((), device=order.device)
     precision = autocast(config, order.device)
     count = 0
     step = start_step
@@ -288,20 +288,21 @@ def _run_epoch(config, model, optimizer_step, prep, order, epoch, start_step, st
                 return step
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
             beta = beta_at(config, epoch + step / steps_per_epoch)
+            # the loss of every PROGRESS_EVERY-th batch (and the last) is read back, shown and checked; the steps
+            # between need only gradients (the hand-written step then skips the objective's value)
+            report = count + 1 == PROGRESS_EVERY or step == steps_per_epoch - 1
             if graph is not None and not graph.disabled and len(idx) == config.batch_size:
                 loss = graph(idx)
             else:
-                loss = _step(config, model, optimizer_step, prep, idx, beta, precision)
-            running += loss
+                loss = _step(config, model, optimizer_step, prep, idx, beta, precision, value=report)
             count += 1
-            if count == PROGRESS_EVERY or step == steps_per_epoch - 1:
-                value = (running / count).item()
-                if not math.isfinite(value):
+            if report:
+                value = loss.item()
+                if not math.isfinite(value):  # non-finite weights make every later loss non-finite too
                     raise TrainingError(_nonfinite_message(config, epoch, step))
                 if bar is not None:
                     bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.2f}")
                     bar.update(count)
-                running.zero_()
                 count = 0
         return steps_per_epoch
     finally:
@@ -309,11 +310,13 @@ def _run_epoch(config, model, optimizer_step, prep, order, epoch, start_step, st
             bar.close()
 
 
-def _step(config, model, optimizer_step: Callable[[], object], prep, idx, beta, precision) -> torch.Tensor:
-    """One training step on the examples `idx` of the training set; returns the loss (a 0-dim tensor)."""
+def _step(config, model, optimizer_step: Callable[[], object], prep, idx, beta, precision,
+          value: bool = True) -> torch.Tensor | None:
+    """One training step on the examples `idx` of the training set; returns the loss (a 0-dim tensor), or
+    possibly None with value=False (see fused.loss_and_grads)."""
     # index_select copies whole rows; plain indexing (train[idx]) gathers byte by byte, ~20x slower
     x = prep.prepare_train(prep.train.index_select(0, idx))  # (B, C, H, W) in [0, 1]
-    loss = loss_and_grads(model, x, beta, config.free_bits, forward_context=precision)
+    loss = loss_and_grads(model, x, beta, config.free_bits, forward_context=precision, value=value)
     optimizer_step()
     return loss
 
