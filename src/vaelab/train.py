@@ -407,7 +407,7 @@ class GraphStep:
         self.idx.copy_(idx)
         if self.graph is not None:
             self.graph.replay()
-            return self.loss  # overwritten by the next replay: the caller adds it up before then (stream order)
+            return self.loss  # overwritten by the next replay: the caller reads it before then (stream order)
         side = torch.cuda.Stream(self.idx.device)
         side.wait_stream(torch.cuda.current_stream(self.idx.device))
         with torch.cuda.stream(side):
