@@ -106,11 +106,8 @@ def test_eval_on_cuda_agrees_with_cpu(tmp_path, fashion):
     assert on["cuda"]["log_px"] >= on["cuda"]["elbo"] - 0.1  # the IWAE bound is at least the ELBO
 
 
-@pytest.mark.parametrize("lik,sigma", [("bernoulli", "0.1"), ("gaussian", "learned"), ("gaussian", "optimal"),
-                                       ("laplace", "learned")])
-def test_cuda_graph_replays_equal_eager_steps(tmp_path, fashion, monkeypatch, lik, sigma):
-    """The trainer replays full-size steps as a CUDA graph (one eager step, then replays; the short last batch
-    runs eagerly) and reaches the weights of the same run launched kernel by kernel."""
+def _spy_on_graph(monkeypatch) -> tuple[list[bool], object]:
+    """Record each GraphStep call (True once it replays); returns (calls, the vaelab.train module)."""
     train_module = importlib.import_module("vaelab.train")  # the module (vaelab.train is also the function)
     calls = []
     original = train_module.GraphStep.__call__
@@ -120,7 +117,20 @@ def test_cuda_graph_replays_equal_eager_steps(tmp_path, fashion, monkeypatch, li
         return original(self, idx)
 
     monkeypatch.setattr(train_module.GraphStep, "__call__", spy)
-    kw = dict(epochs=1, limit=3050, likelihood=lik, sigma=sigma, binarize="dynamic" if lik == "bernoulli" else "none")
+    return calls, train_module
+
+
+@pytest.mark.parametrize("lik,sigma,extra", [
+    ("bernoulli", "0.1", {}), ("gaussian", "learned", {}), ("gaussian", "optimal", {}), ("laplace", "learned", {}),
+    ("bernoulli", "0.1", {"precision": "bf16"}),  # autograd under autocast, captured
+    ("bernoulli", "0.1", {"arch": "conv", "hidden": [8, 16]}),  # autograd through convolutions, captured
+])
+def test_cuda_graph_replays_equal_eager_steps(tmp_path, fashion, monkeypatch, lik, sigma, extra):
+    """The trainer replays full-size steps as a CUDA graph (one eager step, then replays; the short last batch
+    runs eagerly) and reaches the weights of the same run launched kernel by kernel."""
+    calls, train_module = _spy_on_graph(monkeypatch)
+    kw = dict(epochs=1, limit=3050, likelihood=lik, sigma=sigma, binarize="dynamic" if lik == "bernoulli" else "none",
+              **extra)
     graphed = train(_cfg(tmp_path, "graph", **kw), progress=False, data=fashion)
     assert calls == [False] + [True] * 29  # 30 full batches of 100; the last 50 images are a short eager step
     monkeypatch.setattr(train_module, "CUDA_GRAPHS", False)
@@ -129,3 +139,17 @@ def test_cuda_graph_replays_equal_eager_steps(tmp_path, fashion, monkeypatch, li
     for (name, p), q in zip(graphed.model.state_dict().items(), eager.model.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     assert graphed.last("test")["loss"] == pytest.approx(eager.last("test")["loss"], rel=1e-5)
+
+
+def test_a_module_hook_keeps_the_step_out_of_the_graph(tmp_path, fashion, monkeypatch):
+    """A hook is Python that would run once, at capture, and never on replay: such a model trains eagerly."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    calls, _ = _spy_on_graph(monkeypatch)
+    seen = []
+    handle = register_module_forward_hook(lambda module, args, out: seen.append(1))
+    try:
+        train(_cfg(tmp_path, "hooked", epochs=1, limit=500), progress=False, data=fashion)
+    finally:
+        handle.remove()
+    assert calls == [] and len(seen) > 5 * 2  # no graph; the hook ran on every step's forward

@@ -53,14 +53,20 @@ def plan(model, x: Tensor) -> tuple[Layers, Layers] | None:
     this model and input; None when autograd must do it."""
     if not ENABLED or torch.is_autocast_enabled(x.device.type) or not torch.is_grad_enabled():
         return None
-    if _global_hooks():
+    if hooked(model):
         return None
     for m in model.modules():
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return None
         if any(p is not None and not p.requires_grad for p in m._parameters.values()):
             return None
     return _networks(model)
+
+
+def hooked(model) -> bool:
+    """Whether a module hook (the model's own or a global one) would run Python code during the step."""
+    if _global_hooks():
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in model.modules())
 
 
 def applies(model, x: Tensor) -> bool:

@@ -3,9 +3,9 @@ whose gradients `fused.loss_and_grads` computes (by hand for MLP networks, else 
 
 The training set stays resident as one tensor (uint8 where the data is 8-bit) and each batch is gathered
 and scaled on the fly. The loop makes no host sync except to read the loss of every 25th batch (progress bar
-and non-finite check); the steps between compute gradients only. On a GPU, a full-size step of the
-hand-written MLP step (batch gather, scaling, loss and gradients, Adam) is captured once as a CUDA graph and
-replayed: the step's ~100 small kernels are then one launch (set CUDA_GRAPHS = False to turn it off).
+and non-finite check); the steps between compute gradients only. On a GPU, a full-size training step
+(batch gather, scaling, loss and gradients, Adam) is captured once as a CUDA graph and replayed: the step's
+~100 small kernels are then one launch (set CUDA_GRAPHS = False to turn it off).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.optim.adam import adam as adam_update
 from .config import ConfigError, TrainConfig
 from .data import ImageData, binarize_static, load_dataset, to_unit
 from .evaluate import elbo_metrics
-from .fused import applies, loss_and_grads
+from .fused import hooked, loss_and_grads
 from .model import VAE
 from .runs import (
     CHECKPOINT,
@@ -380,9 +380,10 @@ class GraphStep:
     The first call runs the step eagerly (on a side stream, as capture requires: it initialises the optimizer's
     state and the libraries' per-stream handles) and then records it; each later call copies the batch's indices
     into the graph's input and replays it. Replays run the same kernels on the same tensors, and the graph's
-    random draws advance the CUDA generator as eager ones do. Used only where nothing in the step changes from
-    one batch to the next or needs the host: the hand-written MLP step (fused.applies: float32, no hooks), a
-    constant β (no --kl-warmup) and Adam with its step count on the GPU (capturable)."""
+    random draws advance the CUDA generator as eager ones do. The step may be the hand-written MLP step or
+    autograd's (conv networks, --precision bf16). Used only where nothing in the step changes from one batch to
+    the next or needs the host: a constant β (no --kl-warmup), Adam with its step count on the GPU (capturable)
+    and no module hooks."""
 
     def __init__(self, config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared):
         self.config, self.model, self.optimizer, self.prep = config, model, optimizer, prep
@@ -397,11 +398,14 @@ class GraphStep:
             return False
         if not all(g.get("capturable") and g.get("fused") for g in optimizer.param_groups):
             return False  # e.g. SGD, or a checkpoint written without a GPU-resident step count
-        x = prep.prepare(prep.train[:1])
-        return config.precision == "fp32" and applies(model, x)
+        return not hooked(model)  # a hook's Python would run once, at capture, and never on replay
 
     def _step(self) -> torch.Tensor:
-        return _step(self.config, self.model, self.optimizer.step, self.prep, self.idx, self.config.beta, None)
+        # autocast's cast cache must be off inside a graph capture (the casts are recorded like any other op)
+        precision = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+                     if self.config.precision == "bf16" else None)
+        return _step(self.config, self.model, self.optimizer.step, self.prep, self.idx, self.config.beta,
+                     precision)
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         self.idx.copy_(idx)
