@@ -53,20 +53,21 @@ def plan(model, x: Tensor) -> tuple[Layers, Layers] | None:
     this model and input; None when autograd must do it."""
     if not ENABLED or torch.is_autocast_enabled(x.device.type) or not torch.is_grad_enabled():
         return None
-    if hooked(model):
+    if _global_hooks():
         return None
-    for m in model.modules():
-        if any(p is not None and not p.requires_grad for p in m._parameters.values()):
+    for m in model.modules():  # one pass: hooks and frozen parameters
+        if _module_hooked(m) or any(p is not None and not p.requires_grad for p in m._parameters.values()):
             return None
     return _networks(model)
 
 
 def hooked(model) -> bool:
     """Whether a module hook (the model's own or a global one) would run Python code during the step."""
-    if _global_hooks():
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in model.modules())
+    return _global_hooks() or any(_module_hooked(m) for m in model.modules())
+
+
+def _module_hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def applies(model, x: Tensor) -> bool:
