@@ -138,6 +138,17 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_explore(args) -> int:
+    from .explore import export, serve
+
+    if args.export:
+        print(f"wrote {export(args.run, args.export, n_codes=args.codes or 2000)}")
+    else:
+        serve(args.run, host=args.host, port=args.port, open_browser=not args.no_browser,
+              n_codes=args.codes or 5000, verbose=args.verbose)
+    return 0
+
+
 def _add_eval_flags(p: argparse.ArgumentParser, iw_default: int) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--iw-samples", type=int, default=iw_default, metavar="K",
@@ -241,6 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sigma_study)
+
+    p = sub.add_parser("explore", help="explore a run's latent space live in the browser",
+                       description="Serve a local web page that shows the test images' codes in the latent plane "
+                       "and decodes the point under the pointer live, with draws from p(x|z), posteriors q(z|x) "
+                       "and paths; or, with --export, write it as one HTML file that needs no server. The page's "
+                       "HTTP API is in docs/explore.md.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; any other address lets whoever reaches it use the explorer)")
+    p.add_argument("--no-browser", action="store_true", help="print the URL but do not open a browser")
+    p.add_argument("--codes", type=int, metavar="N", help="test images encoded for the scatter (default 5000; "
+                   "2000 with --export)")
+    p.add_argument("--export", metavar="FILE", help="write a self-contained HTML explorer to FILE instead of "
+                   "serving (MLP decoders run in the page; other decoders are precomputed on a grid)")
+    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    _add_threads_flag(p)
+    p.set_defaults(func=cmd_explore)
     return parser
 
 
