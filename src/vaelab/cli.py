@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .api import demo, evaluate, plot, report, sigma_study
+from .api import demo, evaluate, explore, plot, report, sigma_study
 from .config import TrainConfig
 from .errors import ConfigError, VaelabError
 from .metrics import table_rows
@@ -145,13 +145,12 @@ def cmd_plot(args) -> int:
 
 
 def cmd_explore(args) -> int:
-    from .explore import export, serve
+    def announce(url: str) -> None:
+        print(f"vaelab explore: serving {args.run} at {url}  (Ctrl-C stops it)", flush=True)
 
-    if args.export:
-        print(f"wrote {export(args.run, args.export, n_codes=args.codes or 2000)}")
-    else:
-        serve(args.run, host=args.host, port=args.port, open_browser=not args.no_browser,
-              n_codes=args.codes or 5000, verbose=args.verbose)
+    path = explore(args.run, args.port, args.host, not args.no_browser, args.export, args.codes, args.device,
+                   args.verbose, announce)
+    print(f"wrote {path}" if path else "vaelab explore: stopped", flush=True)
     return 0
 
 
@@ -269,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "2000 with --export)")
     p.add_argument("--export", metavar="FILE", help="write a self-contained HTML explorer to FILE instead of "
                    "serving (MLP decoders run in the page; other decoders are precomputed on a grid)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     _add_threads_flag(p)
     p.set_defaults(func=cmd_explore)

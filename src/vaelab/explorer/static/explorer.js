@@ -2,7 +2,8 @@
 // shows: server-backend.js calls the local server's API; an exported file carries static-backend.js instead
 // (the decoder's weights or a precomputed grid, embedded). Backend interface, all promises unless noted:
 //   info(), codes() -> {codes, labels}, decode(zs) -> strip, sample(z, sigma, seed, n) -> strip,
-//   encode(i) -> {mean, std, label?}, imageURL(i) (plain), fixedPlane (plain: true when the plane can't change)
+//   encode(i) -> {mean, std, label?}; plain values: imageURL(i), fixedPlane (true when the plane can't change),
+//   note (a line for the top of the page), extent and nImages (set where the backend fixes them)
 // A strip is an ImageBitmap holding images of the run's size side by side.
 "use strict";
 
@@ -105,7 +106,7 @@ async function main() {
     const uv = codes.map(z => [dot(z, S.basis[0]), dot(z, S.basis[1])]);
     S.uv = uv;
     const reach = percentile(uv.map(([u, v]) => Math.max(Math.abs(u), Math.abs(v))), 0.99) * 1.15;
-    S.extent = Math.min(info.limits.max_abs_z, Math.max(3.5, reach));
+    S.extent = backend.extent || Math.min(info.limits.max_abs_z, Math.max(3.5, reach));
     $("plane").dataset.extent = S.extent;
     buildSliders();
     drawBase();
@@ -327,8 +328,9 @@ async function main() {
   function fillStrip() {
     const box = $("strip");
     box.textContent = "";
-    for (let k = 0; k < Math.min(N_STRIP, codes.length); k++) {
-      const i = (S.offset + k) % codes.length;
+    const n = Math.min(codes.length, backend.nImages || codes.length);
+    for (let k = 0; k < Math.min(N_STRIP, n); k++) {
+      const i = (S.offset + k) % n;
       const img = Object.assign(document.createElement("img"), { src: backend.imageURL(i), alt: `test image ${i}` });
       img.dataset.index = i;
       img.addEventListener("click", () => select(i, img));

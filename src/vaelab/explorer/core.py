@@ -7,7 +7,6 @@ raises RequestError with the one-line reason the server sends back.
 from __future__ import annotations
 
 import io
-import math
 import re
 import threading
 
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..likelihoods import Laplace, ScaledLikelihood
+from ..metrics import split_data
 from ..runs import Run
 
 MAX_ABS_Z = 100.0  # |z_i| bound: the prior puts no visible mass past a few units
@@ -87,8 +87,6 @@ class Explorer:
     """
 
     def __init__(self, run: Run, n_codes: int = N_CODES, data=None):
-        from ..evaluate import split_data
-
         self.run, self.model = run, run.model.eval()
         self.device = next(self.model.parameters()).device
         self.lock = threading.Lock()  # one request at a time in the model (and in the global RNG for draws)
@@ -233,7 +231,3 @@ def principal_basis(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _round(a: np.ndarray, digits: int = 5):
     return np.round(np.asarray(a, dtype=np.float64), digits).tolist()
-
-
-def finite_or_none(v: float | None) -> float | None:
-    return v if v is not None and math.isfinite(v) else None
