@@ -24,7 +24,7 @@ MAX_RESPONSE_PIXELS = 1 << 22  # pixels per PNG answer (batch x H x W), whatever
 MAX_SIGMA = 10.0
 MAX_SEED = 2**31 - 1
 N_CODES = 5000  # test images encoded for the scatter
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII digits only
 
 
 class RequestError(ValueError):
@@ -46,7 +46,7 @@ def parse_number(text: str, name: str, lo: float, hi: float) -> float:
 
 
 def parse_int(text: str, name: str, lo: int, hi: int) -> int:
-    if not re.fullmatch(r"[+-]?\d{1,12}", text):
+    if not re.fullmatch(r"[+-]?[0-9]{1,12}", text):
         raise RequestError(f"{name} must be an integer, got {_short(text)!r}")
     v = int(text)
     if not (lo <= v <= hi):

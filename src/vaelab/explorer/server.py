@@ -52,6 +52,8 @@ class App:
         }
 
     def respond(self, raw: str) -> tuple[int, str, bytes]:
+        if not raw.startswith("/") or raw.startswith("//"):  # no absolute URLs: this is not a proxy
+            raise RequestError(f"the request target must be a path such as /api/info, got {_printable(raw)!r}")
         try:
             parts = urlsplit(raw)
         except ValueError as e:
@@ -109,6 +111,7 @@ def _printable(text: str, n: int = 60) -> str:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a pointer move costs one request, not a new connection
+    default_request_version = "HTTP/1.0"  # a request line without a version still gets a status line back
     server_version = "vaelab-explore"
     error_content_type = TEXT
     error_message_format = "%(code)d %(message)s\n"  # http.server's own errors (bad request line, ...)
@@ -135,6 +138,11 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
         self.server.count(status)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:  # a malformed request is a 4xx, whatever its version
+            code, message = HTTPStatus.BAD_REQUEST, message or "HTTP version not supported"
+        super().send_error(code, message, explain)
 
     def not_allowed(self) -> None:
         self.send_error(HTTPStatus.METHOD_NOT_ALLOWED, f"method {_printable(self.command)} not allowed: "

@@ -74,8 +74,8 @@ def linear_layers(decoder: nn.Module) -> list[tuple[nn.Linear, bool]] | None:
             continue
         if isinstance(m, nn.Linear):
             layers.append([m, False])
-        elif isinstance(m, nn.ReLU) and layers and not layers[-1][1]:
-            layers[-1][1] = True
+        elif isinstance(m, nn.ReLU) and layers:
+            layers[-1][1] = True  # a second ReLU in a row changes nothing
         elif not isinstance(m, (nn.Identity, nn.Flatten, nn.Dropout)):
             return None
     return [(m, relu) for m, relu in layers] or None
