@@ -215,6 +215,7 @@ async function main() {
     const strip = await backend.decode([z]);
     tile($("fz"), strip, 0);
     $("fz").dataset.z = zText(z);
+    showDraws({ z });                 // after f(z): the draws never hold up the decoder mean
     requestAnimationFrame(() => {     // the new image is on screen at the next frame
       const lat = window.vaelabExplorer.latencies;
       lat.push(performance.now() - t0);
@@ -237,7 +238,6 @@ async function main() {
     $("z-readout").textContent = "z = (" + S.pointer.map(v => v.toFixed(3)).join(", ") + ")";
     drawOverlay();
     showMean({ z: S.pointer, t0 });
-    showDraws({ z: S.pointer });
   }
   over.addEventListener("pointermove", e => {
     const t0 = e.timeStamp || performance.now();
@@ -298,15 +298,22 @@ async function main() {
   }
   if (L > 2 && !backend.fixedPlane) {
     $("plane-controls").hidden = false;
+    const nameAxes = () => {          // option values are indices; labels say which kind of axis
+      for (const id of ["axis-1", "axis-2"]) {
+        [...$(id).options].forEach((o, k) => { o.text = S.kind === "pca" ? `principal axis ${k + 1}` : `z${k + 1}`; });
+      }
+    };
     for (const id of ["axis-1", "axis-2"]) {
-      for (let k = 0; k < L; k++) $(id).add(new Option(String(k + 1), k));
+      for (let k = 0; k < L; k++) $(id).add(new Option("", k));
     }
     $("axis-2").value = 1;
+    nameAxes();
     const replot = () => {
       const i = +$("axis-1").value, j = +$("axis-2").value;
       if (i === j) { showStatus("choose two different axes"); return; }
       showStatus("");
       S.kind = $("plane-kind").value; S.axes = [i, j];
+      nameAxes();
       setPlane();
     };
     for (const id of ["plane-kind", "axis-1", "axis-2"]) $(id).addEventListener("change", replot);
