@@ -251,6 +251,7 @@ def test_parse_number_takes_plain_decimals_only(text, ok):
             parse_number(text, "v", -10, 10)
 
 
+@pytest.mark.slow
 def test_sigma_is_refused_for_a_bernoulli_run(tmp_path_factory):
     run = load_run(trained_run(tmp_path_factory, likelihood="bernoulli", binarize="dynamic", epochs=1,
                                limit=1000))
@@ -262,6 +263,7 @@ def test_sigma_is_refused_for_a_bernoulli_run(tmp_path_factory):
     assert set(np.unique(draw)) <= {0, 255}  # binary draws from a Bernoulli
 
 
+@pytest.mark.slow
 def test_export_runs_mlp_decoders_in_the_page_and_grids_the_others(mlp_run, tmp_path_factory, tmp_path):
     mlp = Explorer(load_run(mlp_run), 200)
     spec = mlp_spec(mlp)

@@ -5,8 +5,6 @@ clicks decode a path; the CLI serves the page and stops on Ctrl-C; exported file
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -28,19 +26,15 @@ BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 TIMEOUT_MS = 20_000
 
 
-def chromium() -> str:
-    for name in (os.environ.get("VAELAB_BROWSER"), "chromium", "chromium-browser", "google-chrome"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    pytest.fail("no headless browser found; `make test` installs Debian's chromium (scripts/get-browser.sh)")
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(browser_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium(), args=BROWSER_FLAGS, timeout=60_000)
+        b = p.chromium.launch(executable_path=browser_path, args=BROWSER_FLAGS, timeout=60_000)
         yield b
         b.close()
 
