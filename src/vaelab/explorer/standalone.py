@@ -32,7 +32,7 @@ def write_export(ex: Explorer, path: Path) -> Path:
     data = {
         "info": ex.info(),
         **ex.codes_payload(),
-        "images": [_data_uri(png_strip(im)) for im in images],
+        "images": [_data_uri(png_strip(im, compress_level=9)) for im in images],
         "posteriors": [ex.encode(i) for i in range(len(images))],
         "decoder": decoder,
     }
@@ -130,7 +130,7 @@ def grid_spec(ex: Explorer) -> dict:
     tiles = np.stack(rows)  # (n rows, n cols, H, W, C)
     _, _, h, w, c = tiles.shape
     sheet = tiles.transpose(0, 2, 1, 3, 4).reshape(1, n * h, n * w, c)  # one image: row-major tiles
-    return {"kind": "grid", "n": n, "extent": extent, "sheet": _data_uri(png_strip(sheet))}
+    return {"kind": "grid", "n": n, "extent": extent, "sheet": _data_uri(png_strip(sheet, compress_level=9))}
 
 
 def _decode_batches(ex: Explorer, z: np.ndarray):

@@ -98,7 +98,7 @@
     return {
       ready,
       note: `Exported explorer with a precomputed grid: this run's decoder is not a plain MLP, so f(z) was ` +
-        `decoded at ${n} × ${n} points over [−${R}, ${R}]² of this plane (other directions at the mean code), ` +
+        `decoded at ${n} × ${n} points over [−${R.toFixed(2)}, ${R.toFixed(2)}]² of this plane (other directions at the mean code), ` +
         "and every image shown is the one at the nearest grid point.",
       decode: z => {
         const col = near((dot(z, b0) + R) / (2 * R)), row = near((R - dot(z, b1)) / (2 * R));
