@@ -294,6 +294,18 @@ def test_export_falls_back_to_the_grid_when_the_decoder_is_not_a_plain_stack(mlp
         del body[1]
 
 
+@pytest.mark.slow
+def test_grid_export_of_a_one_dimensional_latent_space(tmp_path_factory, tmp_path, monkeypatch):
+    from vaelab.explorer import standalone
+
+    ex = Explorer(load_run(trained_run(tmp_path_factory, latent_dim=1, epochs=1, limit=1000)), 100)
+    monkeypatch.setattr(standalone, "mlp_spec", lambda ex: None)  # as for a decoder the page cannot run
+    html = write_export(ex, tmp_path / "x.html").read_text()
+    data = json.loads(html.split('id="vaelab-data">', 1)[1].split("</script>", 1)[0])
+    n = data["decoder"]["n"]
+    assert data["decoder"]["kind"] == "grid" and n == 65 and data["info"]["basis"] == [[1.0]]
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 
 

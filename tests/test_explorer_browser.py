@@ -5,6 +5,7 @@ clicks decode a path; the CLI serves the page and stops on Ctrl-C; exported file
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import subprocess
@@ -299,13 +300,32 @@ def test_conv_64x64_rgb_plane_axes_and_sliders(open_page, conv_server):
     assert_shows_decode(page, ex.model, z, 3)
 
 
+def test_one_latent_dimension_uses_the_horizontal_axis_only(open_page, tmp_path_factory):
+    run = load_run(trained_run(tmp_path_factory, latent_dim=1, epochs=1, limit=1000))
+    srv = start(run, port=0, n_codes=300)
+    try:
+        page = open_page(srv.url)
+        plane = Plane(page, {"basis": [[1.0], [0.0]], "centre": [0.0]})
+        for fx, fy in [(0.3, 0.2), (0.7, 0.8)]:
+            x, y = plane.point(fx, fy)
+            z = plane.z_at(x, y)  # (u,): the vertical position does not matter
+            move_and_wait(page, x, y, z)
+            assert_shows_decode(page, run.model, z, 1)
+        assert "unused" in page.text_content("#plane-caption")
+    finally:
+        srv.stop()
+
+
 # ------------------------------------------------------------------------------------------- the CLI
 
 
-def test_cli_serves_the_page_and_stops_on_ctrl_c(open_page, mlp_run):
+def test_cli_serves_the_page_opens_the_browser_and_stops_on_ctrl_c(open_page, mlp_run, tmp_path):
+    opened = tmp_path / "opened.txt"  # $BROWSER is the user's browser for Python's webbrowser: here, a recorder
+    recorder = tmp_path / "browser.py"
+    recorder.write_text(f"import sys; open({str(opened)!r}, 'w').write(sys.argv[1])\n")
+    env = {**os.environ, "BROWSER": f"{sys.executable} {recorder} %s"}
     proc = subprocess.Popen([sys.executable, "-m", "vaelab.cli", "explore", str(mlp_run), "--port", "0",
-                             "--no-browser", "--codes", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             "--codes", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
@@ -315,6 +335,11 @@ def test_cli_serves_the_page_and_stops_on_ctrl_c(open_page, mlp_run):
         url = lines[0].split(" at ")[1].split()[0]
         port = int(url.rsplit(":", 1)[1].strip("/"))
         assert get(port, "/api/info")[0] == 200
+        for _ in range(100):
+            if opened.exists() and opened.read_text():
+                break
+            time.sleep(0.1)
+        assert opened.read_text() == url  # the page was handed to the browser
         page = open_page(url)
         plane = Plane(page, load_info(port))
         x, y = plane.point(0.4, 0.6)

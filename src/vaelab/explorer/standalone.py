@@ -122,10 +122,11 @@ def grid_spec(ex: Explorer) -> dict:
     """f(z) on an n x n grid over [-R, R]^2 of the default plane, the other directions at the mean code."""
     n, extent = grid_size(ex.shape), grid_extent(ex)
     t = np.linspace(-extent, extent, n)
-    rest = ex.centre - (ex.centre @ ex.basis[:2].T) @ ex.basis[:2]  # the mean code off the plane, (L,)
+    plane = ex.basis[:2] if ex.latent_dim > 1 else np.array([[1.0], [0.0]])  # (2, L)
+    rest = ex.centre - (ex.centre @ plane.T) @ plane  # the mean code off the plane, (L,)
     rows = []
     for v in t[::-1]:  # top row first: v decreases down the page
-        z = (t[:, None] * ex.basis[0] + v * ex.basis[1] + rest).astype(np.float32)  # (n, L)
+        z = (t[:, None] * plane[0] + v * plane[1] + rest).astype(np.float32)  # (n, L)
         rows.append(np.concatenate(list(_decode_batches(ex, z)), axis=0))  # (n, H, W, C)
     tiles = np.stack(rows)  # (n rows, n cols, H, W, C)
     _, _, h, w, c = tiles.shape

@@ -99,7 +99,8 @@ async function main() {
   // ---- the plane: basis, extent, coordinates
   const eye = i => Array.from({ length: L }, (_, j) => +(i === j));
   function setPlane() {
-    const rows = S.kind === "pca" ? info.basis : Array.from({ length: L }, (_, i) => eye(i));
+    const rows = S.kind === "pca" ? [...info.basis] : Array.from({ length: L }, (_, i) => eye(i));
+    if (L === 1) rows.push([0]);      // one latent dimension: the vertical direction adds nothing to z
     const [i, j] = S.axes;
     S.basis = [rows[i], rows[j], ...rows.filter((_, k) => k !== i && k !== j)];
     S.others = S.basis.slice(2).map(b => dot(info.centre, b));  // the mean code, seen along the other rows
@@ -112,7 +113,8 @@ async function main() {
     drawBase();
     drawOverlay();
     const name = k => S.kind === "pca" ? `principal axis ${k + 1}` : `z${k + 1}`;
-    $("plane-caption").textContent = `horizontal: ${name(i)}, vertical: ${name(j)}; plane coordinates ` +
+    const vertical = L > 1 ? name(j) : "unused (one latent dimension)";
+    $("plane-caption").textContent = `horizontal: ${name(i)}, vertical: ${vertical}; plane coordinates ` +
       `measured from z = 0; circles at radius 1, 2, 3; grid lines at the 5%, 15%, …, 95% quantiles of N(0, 1)` +
       (L > 2 ? "; the other dimensions are set by the sliders (default: the mean code)" : "");
   }

@@ -92,7 +92,7 @@
       g.drawImage(img, 0, 0);
       pixels = g.getImageData(0, 0, img.width, img.height).data;
     });
-    const b0 = info.basis[0], b1 = info.basis[1];
+    const b0 = info.basis[0], b1 = info.basis[1] || [0];  // one latent dimension: no vertical direction
     const dot = (a, b) => a.reduce((s, v, i) => s + v * b[i], 0);
     const near = t => Math.min(n - 1, Math.max(0, Math.round(t * (n - 1))));
     return {
