@@ -337,3 +337,14 @@ def test_cli_export_writes_one_file(mlp_run, tmp_path, capsys):
         assert main(["explore", str(mlp_run), "--export", str(out), "--codes", "300"]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out}"
     assert out.stat().st_size > 10_000 and os.listdir(tmp_path) == ["explorer.html"]
+
+
+def test_a_client_that_leaves_mid_answer_is_not_an_error(server, capfd):
+    import socket
+
+    for _ in range(5):  # ask for a large answer and close the connection at once
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset
+            s.sendall(f"GET /api/codes HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
+    assert get(server.port, "/api/info")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err

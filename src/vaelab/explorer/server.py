@@ -193,6 +193,12 @@ class ExploreServer(ThreadingHTTPServer):
         with self._count_lock:
             self.statuses[status] = self.statuses.get(status, 0) + 1
 
+    def handle_error(self, request, client_address) -> None:
+        """A browser that went away mid-answer (a closed tab, a superseded image) is not worth a traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     def start_background(self) -> threading.Thread:
         t = threading.Thread(target=self.serve_forever, name="vaelab-explore", daemon=True)
         t.start()
