@@ -204,6 +204,9 @@ def test_sigma_slider_changes_only_the_draws(open_page, mlp_server):
         return np.concatenate([canvas_pixels(page, f"#draws canvas:nth-child({k})", 1) for k in (1, 2, 3)], 1)
 
     before = draws()
+    z_shown = np.array([float(v) for v in page.locator("#draws").get_attribute("data-z").split(",")])
+    want = ex.sample(z_shown[None].astype(np.float32), None, 1, 3)  # the run's own draws, seed 1
+    assert np.abs(before.astype(int) - np.concatenate(list(want), 1).astype(int)).max() <= 1
     page.focus("#sigma")
     page.keyboard.press("End")  # the largest σ on the slider
     page.wait_for_function("document.getElementById('draws').dataset.sigma > 3")

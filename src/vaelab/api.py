@@ -116,7 +116,7 @@ __all__ = ["evaluate", "report", "plot", "demo", "sigma_study"]
 
 def explore(run: str | Path | Run, port: int = DEFAULT_PORT, host: str = "127.0.0.1", open_browser: bool = True,
             export: str | Path | None = None, n_codes: int | None = None, device: str = "auto",
-            verbose: bool = False, announce=None) -> Path | None:
+            verbose: bool = False, announce=None, progress: bool = True) -> Path | None:
     """Explore a run's latent space in the browser: serve the live explorer until Ctrl-C (announce(url) is
     called once it listens; default: print it), or with `export`, write it as one self-contained HTML file and
     return its path. See docs/explore.md."""
@@ -125,6 +125,8 @@ def explore(run: str | Path | Run, port: int = DEFAULT_PORT, host: str = "127.0.
         explorer.check_n_codes(n_codes)
     _check_out_file(export, "--export")
     run = run if isinstance(run, Run) else _load(run, device)
+    if progress:  # loading the data and encoding the test images takes a few seconds
+        print(f"vaelab explore: encoding the test images of {run.path} ...", file=sys.stderr, flush=True)
     if export is not None:
         return explorer.export(run, export, n_codes or explorer.N_CODES_EXPORT)
     explorer.serve(run, host, port, open_browser, n_codes or explorer.N_CODES, verbose, announce)

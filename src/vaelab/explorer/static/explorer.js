@@ -229,7 +229,8 @@ async function main() {
     });
   });
   const showDraws = latestOnly(async ({ z }) => {
-    const sigma = info.sigma === null ? null : S.sigma;
+    // at the run's own value, no override: the run's observation model draws (a per-pixel σ stays per pixel)
+    const sigma = info.sigma === null || S.sigma === info.sigma ? null : S.sigma;
     const strip = await backend.sample(z, sigma, S.seed, N_DRAWS);
     [...$("draws").children].forEach((cv, k) => tile(cv, strip, k));
     $("draws").dataset.z = zText(z);
