@@ -166,6 +166,13 @@ def test_pointer_moves_show_the_decoder_mean_under_the_pointer(open_page, mlp_se
         shown.append(assert_shows_decode(page, model, z, 1))
     assert len({im.tobytes() for im in shown}) == len(shown)  # every move changed the image
     assert "z = (" in page.text_content("#z-readout")
+    page.mouse.wheel(0, -400)  # zoom in: the plane shows a smaller square, the mapping follows
+    page.wait_for_function(f"+document.getElementById('plane').dataset.extent < {plane.extent * 0.8}")
+    plane = Plane(page, info)
+    x, y = plane.point(0.8, 0.3)
+    z = plane.z_at(x, y)
+    move_and_wait(page, x, y, z)
+    assert_shows_decode(page, model, z, 1)
 
 
 def test_latency_for_a_2d_mlp_is_measured_and_printed(open_page, mlp_server):

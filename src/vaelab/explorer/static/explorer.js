@@ -115,7 +115,8 @@ async function main() {
     const name = k => S.kind === "pca" ? `principal axis ${k + 1}` : `z${k + 1}`;
     const vertical = L > 1 ? name(j) : "unused (one latent dimension)";
     $("plane-caption").textContent = `horizontal: ${name(i)}, vertical: ${vertical}; plane coordinates ` +
-      `measured from z = 0; circles at radius 1, 2, 3; grid lines at the 5%, 15%, …, 95% quantiles of N(0, 1)` +
+      `measured from z = 0; circles at radius 1, 2, 3; grid lines at the 5%, 15%, …, 95% quantiles of N(0, 1); ` +
+      "the mouse wheel zooms" +
       (L > 2 ? "; the other dimensions are set by the sliders (default: the mean code)" : "");
   }
   const zAt = (u, v) => {             // z = u b0 + v b1 + sum_k others_k b_{k+2}
@@ -246,6 +247,13 @@ async function main() {
     const t0 = e.timeStamp || performance.now();
     pointAt(zAt(...eventUV(e)), t0);
   });
+  over.addEventListener("wheel", e => {  // zoom about z = 0, so the circles stay centred
+    e.preventDefault();
+    S.extent = Math.min(info.limits.max_abs_z, Math.max(0.5, S.extent * Math.exp(e.deltaY * 0.001)));
+    over.dataset.extent = S.extent;
+    drawBase();
+    drawOverlay();
+  }, { passive: false });
   let down = null;
   over.addEventListener("pointerdown", e => { down = [e.clientX, e.clientY]; });
   over.addEventListener("pointerup", e => {   // a click (not a drag) sets a path end
