@@ -4,7 +4,7 @@ Two runs, trained here in a few seconds each (what matters is the decoder's cost
   1. a 2-D MLP VAE (784-128-2, Gaussian σ = 0.1) on 4,000 Fashion-MNIST images, 2 epochs; target <= 50 ms;
   2. a conv VAE (channels 16,32, latent 4) on 768 generated 64x64 RGB images, 1 epoch; target <= 150 ms.
 For each, `vaelab.explorer.start` serves the page on 127.0.0.1 and Debian's Chromium (headless, driven by
-Playwright) opens it. The pointer then moves through --moves points at a user's pace (--pause between moves),
+Playwright) opens it. The pointer then moves through --moves points at a 60 Hz pointer's pace (--pause between moves),
 --rounds times. The page itself measures each latency: from the pointer event's timeStamp to the first
 animation frame after the new image is drawn (window.vaelabExplorer.latencies). Reported: the median over all
 moves, the median of each round, and, for context, the browser's own fetch time of /api/decode (Resource
@@ -98,7 +98,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--moves", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--pause", type=float, default=0.05, help="seconds between pointer moves (default 0.05)")
+    ap.add_argument("--pause", type=float, default=0.016,
+                    help="seconds between pointer moves (default 0.016: a 60 Hz pointer)")
     ap.add_argument("--browser", default=os.environ.get("VAELAB_BROWSER", "/usr/bin/chromium"))
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright

@@ -137,8 +137,9 @@ def assert_shows_decode(page, model, z: np.ndarray, channels: int, selector: str
     return got
 
 
-def sweep_latency(page, plane: Plane, n: int = 60, pause: float = 0.05) -> float:
-    """Move the pointer through n points at a user's pace; return the page's median pointer-to-screen latency."""
+def sweep_latency(page, plane: Plane, n: int = 60, pause: float = 0.016) -> float:
+    """Move the pointer through n points at about a 60 Hz pointer's pace (each move also takes the driver a few ms);
+    return the page's median pointer-to-screen latency."""
     page.evaluate("window.vaelabExplorer.latencies.length = 0")
     for k in range(n):
         t = k / n
@@ -146,7 +147,7 @@ def sweep_latency(page, plane: Plane, n: int = 60, pause: float = 0.05) -> float
         time.sleep(pause)
     page.wait_for_timeout(300)
     lat = page.evaluate("window.vaelabExplorer.latencies")
-    assert len(lat) >= n // 2, f"only {len(lat)} of {n} moves showed an image"
+    assert len(lat) >= 10, f"only {len(lat)} of {n} moves showed an image"  # others were superseded
     return statistics.median(lat)
 
 
