@@ -399,6 +399,26 @@ def test_export_of_an_mlp_decodes_in_the_page_from_disk(open_page, mlp_run, tmp_
     print(f"\nexported explorer (MLP in JavaScript): median {median:.1f} ms pointer to screen")
 
 
+@pytest.mark.parametrize("settings", [{"likelihood": "continuous-bernoulli"},
+                                      {"likelihood": "bernoulli", "binarize": "dynamic"}],
+                         ids=lambda s: s["likelihood"])
+def test_export_computes_each_likelihoods_mean_like_pytorch(open_page, tmp_path_factory, tmp_path, settings):
+    """The page's f(z) is the likelihood's mean of the decoder's output (a sigmoid of logits, the continuous
+    Bernoulli's mean), not the raw output."""
+    likelihood = settings["likelihood"]
+    run = load_run(trained_run(tmp_path_factory, **settings, hidden=[64], epochs=1, limit=1000))
+    path = export(run, tmp_path / "x.html", n_codes=200)
+    page = open_page(path.as_uri())
+    plane = Plane(page, load_json_blob(path)["info"])
+    for fx, fy in [(0.5, 0.5), (0.2, 0.7), (0.85, 0.15)]:
+        x, y = plane.point(fx, fy)
+        z = plane.z_at(x, y)
+        move_and_wait(page, x, y, z)
+        assert_shows_decode(page, run.model, z, 1)
+    draws = canvas_pixels(page, "#draws canvas:nth-child(1)", 1)
+    assert draws.std() > 0 and (likelihood != "bernoulli" or set(np.unique(draws)) <= {0, 255})
+
+
 def test_export_of_a_conv_run_shows_the_nearest_grid_point(open_page, tmp_path_factory, tmp_path):
     run = load_run(conv_run(tmp_path_factory))
     path = export(run, tmp_path / "conv.html", n_codes=500)
