@@ -41,15 +41,14 @@ class App:
         page = read_asset("index.html").encode()
         self.assets["/"] = self.assets["/index.html"] = (ASSET_TYPES[".html"], page)
         self.routes = {  # path -> (handler, allowed parameters, required parameters)
-            "/api/info": (lambda q: (JSON, self.ex.info()), (), ()),
-            "/api/codes": (lambda q: (JSON, self.ex.codes_payload()), (), ()),
+            "/api/info": (self.info, (), ()),
+            "/api/codes": (self.codes, (), ()),
             "/api/decode": (self.decode, ("z",), ("z",)),
             "/api/sample": (self.sample, ("z", "sigma", "seed", "n"), ("z",)),
-            "/api/encode": (lambda q: (JSON, self.ex.encode(self.ex.parse_index(q["index"]))), ("index",),
-                            ("index",)),
-            "/api/image": (lambda q: (PNG, png_strip(self.ex.image(self.ex.parse_index(q["index"])))), ("index",),
-                           ("index",)),
+            "/api/encode": (self.encode, ("index",), ("index",)),
+            "/api/image": (self.image, ("index",), ("index",)),
         }
+        self._codes: bytes | None = None
 
     def respond(self, raw: str) -> tuple[int, str, bytes]:
         if not raw.startswith("/") or raw.startswith("//"):  # no absolute URLs: this is not a proxy
@@ -68,12 +67,26 @@ class App:
                                "decode, sample, encode, image)", status=404)
         handler, allowed, required = self.routes[parts.path]
         query = parse_query(parts.query, allowed, required)
-        ctype, payload = handler(query)
-        body = payload if ctype == PNG else json.dumps(payload, separators=(",", ":")).encode()
+        ctype, body = handler(query)
         return 200, ctype, body
+
+    # each handler: checked query parameters -> (content type, body)
+    def info(self, q: dict) -> tuple[str, bytes]:
+        return JSON, _json(self.ex.info())
+
+    def codes(self, q: dict) -> tuple[str, bytes]:
+        if self._codes is None:  # the same N x L numbers every time: encoded once
+            self._codes = _json(self.ex.codes_payload())
+        return JSON, self._codes
 
     def decode(self, q: dict) -> tuple[str, bytes]:
         return PNG, png_strip(self.ex.decode(self.ex.parse_z(q["z"])))
+
+    def encode(self, q: dict) -> tuple[str, bytes]:
+        return JSON, _json(self.ex.encode(self.ex.parse_index(q["index"])))
+
+    def image(self, q: dict) -> tuple[str, bytes]:
+        return PNG, png_strip(self.ex.image(self.ex.parse_index(q["index"])))
 
     def sample(self, q: dict) -> tuple[str, bytes]:
         z = self.ex.parse_z(q["z"])
@@ -81,6 +94,10 @@ class App:
         seed = parse_int(q["seed"], "seed", 0, MAX_SEED) if "seed" in q else 0
         n = parse_int(q["n"], "n", 1, MAX_DRAWS) if "n" in q else 1
         return PNG, png_strip(self.ex.sample(z, sigma, seed, n))
+
+
+def _json(payload) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 def parse_query(query: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> dict[str, str]:
