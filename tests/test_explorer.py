@@ -348,3 +348,17 @@ def test_a_client_that_leaves_mid_answer_is_not_an_error(server, capfd):
             s.sendall(f"GET /api/codes HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
     assert get(server.port, "/api/info")[0] == 200
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_stop_ends_kept_alive_connections_too(mlp_run):
+    import http.client
+
+    srv = start(load_run(mlp_run), port=0, n_codes=50)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    conn.request("GET", "/api/info")
+    assert conn.getresponse().read()  # HTTP/1.1: the connection stays open
+    srv.stop()
+    with pytest.raises((OSError, http.client.HTTPException)):
+        conn.request("GET", "/api/info")
+        conn.getresponse().read()
+    conn.close()

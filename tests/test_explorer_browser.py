@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from explorer_helpers import conv_run, expected_pixels, get
+from explorer_helpers import conv_run, expected_pixels, get, listening_addresses
 from trained_runs import trained_run
 from vaelab import load_run
 from vaelab.explorer import export, start
@@ -350,6 +350,7 @@ def test_cli_serves_the_page_opens_the_browser_and_stops_on_ctrl_c(open_page, ml
         url = lines[0].split(" at ")[1].split()[0]
         port = int(url.rsplit(":", 1)[1].strip("/"))
         assert get(port, "/api/info")[0] == 200
+        assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1 only
         for _ in range(100):
             if opened.exists() and opened.read_text():
                 break

@@ -186,6 +186,7 @@ class ExploreServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.statuses: dict[int, int] = {}
         self._count_lock = threading.Lock()
+        self._connections: set[socket.socket] = set()  # open keep-alive connections, closed by stop()
         super().__init__((host, port), Handler)
         self.host = host
         self.loopback = is_loopback(host)
@@ -216,14 +217,28 @@ class ExploreServer(ThreadingHTTPServer):
             return
         super().handle_error(request, client_address)
 
+    def process_request(self, request, client_address) -> None:
+        self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        self._connections.discard(request)
+        super().shutdown_request(request)
+
     def start_background(self) -> threading.Thread:
         t = threading.Thread(target=self.serve_forever, name="vaelab-explore", daemon=True)
         t.start()
         return t
 
     def stop(self) -> None:
+        """Stop listening and end every open connection (a browser's kept-alive ones too)."""
         self.shutdown()
         self.server_close()
+        for conn in list(self._connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def is_loopback(host: str) -> bool:
