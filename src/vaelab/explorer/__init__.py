@@ -49,8 +49,8 @@ def start(run: Run, host: str = "127.0.0.1", port: int = DEFAULT_PORT, n_codes: 
     check_port(port)
     check_n_codes(n_codes)
     if not is_loopback(host):
-        warnings.warn(f"listening on {host}: anyone who can reach this address can use the explorer and see the "
-                      "run's test images (the default, 127.0.0.1, is reachable from this machine only)",
+        warnings.warn(f"--host {host} is not a loopback address: anyone who can reach it can use the explorer and "
+                      "see the run's test images (the default, 127.0.0.1, is reachable from this machine only)",
                       ExposedWarning, stacklevel=2)
     explorer = Explorer(run, n_codes)
     try:
