@@ -361,3 +361,9 @@ def test_stop_ends_kept_alive_connections_too(mlp_run):
         conn.request("GET", "/api/info")
         conn.getresponse().read()
     conn.close()
+
+
+def test_draws_leave_the_global_random_state_alone(server):
+    state = torch.random.get_rng_state()
+    server.app.ex.sample(np.zeros((1, 2), np.float32), 0.5, 3, 2)
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -189,7 +189,8 @@ class Explorer:
         if len(z) * n > self.max_batch:
             raise RequestError(f"at most {self.max_batch} images per request, got {len(z)} codes x {n} draws")
         zs = np.repeat(z, n, axis=0)  # (B*n, L)
-        with self.lock, torch.inference_mode(), torch.random.fork_rng(devices=[]):
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with self.lock, torch.inference_mode(), torch.random.fork_rng(devices=devices):  # global RNGs untouched
             torch.manual_seed(seed)
             params = self.model.decode(torch.from_numpy(zs).to(self.device))
             lik = self.model.likelihood
