@@ -87,11 +87,11 @@ class Explorer:
     from the origin of z, so the prior's radius circles keep their meaning.
     """
 
-    def __init__(self, run: Run, n_codes: int = N_CODES, data=None):
+    def __init__(self, run: Run, n_codes: int = N_CODES):
         self.run, self.model = run, run.model.eval()
         self.device = next(self.model.parameters()).device
         self.lock = threading.Lock()  # one request at a time in the model (and in the global RNG for draws)
-        split = data if data is not None else split_data(run.config, "test", self.device, n_codes)
+        split = split_data(run.config, "test", self.device, n_codes)  # the data as the trainer evaluated it
         self.x, self.prepare = split.x[:n_codes], split.prepare  # stored form; scaled per request
         self.labels = None if split.labels is None else np.asarray(split.labels)[:n_codes].astype(int)
         self.classes = split.classes

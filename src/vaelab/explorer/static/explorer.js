@@ -377,8 +377,9 @@ async function main() {
     const { mean, std } = S.selected;
     S.qSamples = Array.from({ length: N_Q }, () => mean.map((m, d) => +(m + std[d] * randn()).toFixed(5)));
     drawOverlay();
-    setRow($("q-row"), N_Q);
-    $("q-row").getContext("2d").drawImage(await backend.decode(S.qSamples), 0, 0);
+    const strip = await backend.decode(S.qSamples);
+    setRow($("q-row"), N_Q);          // sized once the images are here: a test or a script can wait for it
+    $("q-row").getContext("2d").drawImage(strip, 0, 0);
   });
   $("set-a").addEventListener("click", () => { S.ends[0] = S.selected.mean; S.ends.length = Math.max(S.ends.length, 1); decodePath(); });
   $("set-b").addEventListener("click", () => {
@@ -399,8 +400,9 @@ async function main() {
     }
     const [a, b] = S.ends;
     const zs = Array.from({ length: N_PATH }, (_, k) => a.map((v, d) => +(v + (b[d] - v) * k / (N_PATH - 1)).toFixed(5)));
+    const strip = await backend.decode(zs);
     setRow($("path-row"), N_PATH);
-    $("path-row").getContext("2d").drawImage(await backend.decode(zs), 0, 0);
+    $("path-row").getContext("2d").drawImage(strip, 0, 0);
     $("path-caption").textContent = `f(z) at ${N_PATH} evenly spaced points from A to B (|A − B| = ` +
       `${Math.hypot(...a.map((v, d) => v - b[d])).toFixed(2)}); click the plane to start a new path`;
   }
