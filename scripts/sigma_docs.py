@@ -26,7 +26,16 @@ def command(cfg: dict) -> str:
     if cfg["also"]:
         parts.append("--also " + ",".join(cfg["also"]))
     parts += [f"--latent-dim {cfg['latent_dim']}", f"--epochs {cfg['epochs']}", f"--optimizer {cfg['optimizer']}",
-              f"--lr {cfg['lr']:g}", f"--out runs/sigma-{cfg['optimizer']}"]
+              f"--lr {cfg['lr']:g}"]
+    # settings away from the study's defaults, so the command reproduces the numbers it is shown with
+    defaults = {"hidden": [400], "batch_size": 128, "limit": None, "seed": 0, "iw_samples": 100,
+                "mse_threshold": None}
+    for key, default in defaults.items():
+        value = cfg.get(key, default)
+        if value != default:
+            shown = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}"
+            parts.append(f"--{key.replace('_', '-')} {shown}")
+    parts.append(f"--out runs/sigma-{cfg['optimizer']}")
     return " ".join(parts)
 
 
