@@ -15,8 +15,8 @@ from vaelab.config import TrainConfig
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 # words about how vaelab was built rather than what it does
-PROCESS = re.compile(r"\bthis stop\b|\bstop \d|\bissue\b|#\d+\b|\bthis change\b|\bwe tried\b|\bearlier runs?\b",
-                     re.IGNORECASE)
+PROCESS = re.compile(r"\bthis stop\b|\bstop \d|\bissues? ?#?\d|\bthis issue\b|\bthis change\b|\bwe tried\b"
+                     r"|\bearlier runs?\b", re.IGNORECASE)
 
 
 def _code_lines(page: Path, lang: str = "bash") -> list[str]:
