@@ -29,6 +29,7 @@ from .errors import ConfigError, RunError, TrainingError
 from .fused import hooked, loss_and_grads
 from .metrics import elbo_metrics
 from .model import VAE
+from .monitor import TensorBoard
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -188,6 +189,9 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
     def setup():
         nonlocal epoch, start_step, metrics
         prep = prepare_data(config, device, data)
+        board = None
+        if config.tensorboard and world.main:  # before anything is written: the package may be missing
+            board = TensorBoard(config.tensorboard, prep.test, prep.prepare, prep.train.shape[0])
         config.data_shape = list(prep.data.shape)
         config.out = str(out)
         model = VAE.from_config(config, prep.data.shape).to(device)
@@ -204,9 +208,9 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
             out.mkdir(parents=True, exist_ok=True)
         if world.main:
             config.save(out / CONFIG)
-        return prep, model, optimizer
+        return prep, model, optimizer, board
 
-    prep, model, optimizer = world.agree(setup)  # a process that cannot start stops them all
+    prep, model, optimizer, board = world.agree(setup)  # a process that cannot start stops them all
     n = prep.train.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
     graph = adam_step = None
@@ -224,7 +228,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
                 f"--resume {out}" if last_good[0] else "no epoch was completed, so nothing was saved")
 
     signals = (signal.SIGINT, signal.SIGTERM) if world.size > 1 else (signal.SIGINT,)
-    with _StopFlag(signals) as stop, world.watch(lost):
+    with _StopFlag(signals) as stop, world.watch(lost), contextlib.closing(board or _Nothing()):
         while epoch < config.epochs:
             shuffle_state = shuffle.get_state()  # lets a mid-epoch checkpoint rebuild this epoch's order
             order = torch.randperm(n, generator=shuffle).to(device)
@@ -243,6 +247,8 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
             start_step = 0
             epoch += 1
             metrics += _epoch_metrics(config, model, prep, epoch, train_seconds, world)
+            if board is not None:
+                board.epoch(epoch, metrics[-2:], model)
             if world.main:
                 write_metrics(out / METRICS, metrics)
                 save_weights(model, out / WEIGHTS)
@@ -256,6 +262,11 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
                       f"(rec {test['rec']:.2f}, kl {test['kl']:.2f}), {train_seconds:.1f}s", file=sys.stderr)
     model.eval()
     return Run(out, config, model, metrics)
+
+
+class _Nothing:
+    def close(self) -> None:
+        pass
 
 
 def resume(path: str | Path, progress: bool = True, epochs: int | None = None, device: str | None = None) -> Run:
