@@ -1,5 +1,6 @@
 """Data-parallel training with real torchrun processes on loopback (gloo): the model does not depend on how many
-processes trained it; one writer; resume, Ctrl-C and a dead process; several nodes."""
+processes trained it; one writer; resume, Ctrl-C and a dead process; several nodes. Each torchrun invocation
+starts three Python processes (launcher and two workers), so every test that launches one is marked slow."""
 
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ def check_matches_one_process(two: Path, one: Path) -> float:
     return diff
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_model_one_process_trains(tmp_path, subset, capsys):
     """σ² = the batch MSE, free bits on the batch-mean KL and a KL warm-up: batch statistics and the split of a last
     batch of 53 are where two processes could part from one."""
@@ -144,6 +146,7 @@ def test_batch_size_must_split_evenly(tmp_path, subset):
     assert not (tmp_path / "odd").exists()
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_train_one_model(tmp_path, subset):
     """Two torchrun invocations (--nnodes 2, one process each) meet at one rendezvous address and train one model;
     dynamic binarization draws fresh inputs every step, the same on two nodes as on one process."""
