@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _set_threads(getattr(args, "threads", None))
         with warnings.catch_warnings():
-            warnings.simplefilter("default")
+            # under torchrun, rank 0 speaks for all: the others would repeat its warnings word for word
+            warnings.simplefilter("default" if env_rank() == 0 else "ignore")
             warnings.formatwarning = lambda msg, cat, *a, **k: f"vaelab: warning: {msg}\n"
             return args.func(args)
     except VaelabError as e:
