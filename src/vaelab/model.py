@@ -114,7 +114,9 @@ class VAE(nn.Module):
         return Terms(rec, q.kl_per_dim(), sq_err, sigma)
 
     def forward(self, x: Tensor, eps: Tensor | None = None) -> Terms:
-        return self.terms(x, eps=eps)
+        """The terms training differentiates, without diagnostics: `model(x)`, as a wrapper such as
+        DistributedDataParallel calls it; `eps` (B, L) is the noise of z, drawn here when not given."""
+        return self.terms(x, extras=False, eps=eps)
 
     @torch.no_grad()
     def iwae_bound(self, x: Tensor, k: int, chunk: int = 100) -> Tensor:
