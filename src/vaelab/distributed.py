@@ -3,8 +3,8 @@ their number.
 
     torchrun --nproc-per-node 2 -m vaelab train ...      # gloo on CPUs, NCCL on GPUs (cuda:LOCAL_RANK)
 
-The training loop stays the one of vaelab.trainer; this module supplies what changes when a process holds only
-part of each batch:
+The training loop stays the one of vaelab.trainer (make_step picks ShardStep when there are several processes);
+this module supplies what changes when a process holds only part of each batch:
   World        who this process is (rank, world size), its collectives, and the rule for who reports an error.
   ShardStep    the training step on this process's rows of the global batch: the inputs and the noise of the
                whole batch are drawn on every process from the same generator (so rank r's rows get exactly the
@@ -232,8 +232,9 @@ _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 class ShardStep:
-    """One optimisation step of data-parallel training on the global batch `idx`: this process's rows, the
-    objective's part for them, gradients averaged over the processes by DDP during the backward, the update."""
+    """trainer.TrainStep for one of several processes: on the global batch `idx`, this process's rows, the
+    objective's part for them, gradients averaged over the processes by DDP during the backward, the update.
+    Returns this process's share of the loss (the shares sum to the batch's loss)."""
 
     def __init__(self, model: DistributedDataParallel, optimizer: torch.optim.Optimizer, prep: Prepared,
                  world: World, free_bits: float, fresh_inputs: bool,
