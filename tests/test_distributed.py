@@ -4,6 +4,7 @@ starts three Python processes (launcher and two workers), so every test that lau
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -19,12 +20,15 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import Tensor
 
 from vaelab import TrainConfig, load_run, resume, train
 from vaelab.data import load_dataset, to_unit
-from vaelab.distributed import World, check_batch
+from vaelab.distributed import World, check_batch, shard_objective
 from vaelab.errors import ConfigError
+from vaelab.likelihoods import make_likelihood
 from vaelab.metrics import elbo_metrics
+from vaelab.model import VAE, objective
 from vaelab.trainer import EVAL_SEED
 
 LAUNCH_TIMEOUT = 240  # seconds for one torchrun invocation on a busy 2-core machine
@@ -271,3 +275,50 @@ def test_a_non_finite_loss_stops_every_process_with_one_message(tmp_path, subset
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("vaelab: error:")]
     assert len(lines) == 1 and "the loss became non-finite" in lines[0], r.stderr[-3000:]
+
+
+class _Peers(World):
+    """One process's view of a 2-process world, run in one process for the arithmetic: all_sum returns the sum
+    over the whole batch, computed beforehand (the real collectives are in the torchrun tests above)."""
+
+    def __init__(self, rank: int, size: int, totals: dict[tuple, Tensor]):
+        super().__init__(rank, size)
+        object.__setattr__(self, "totals", totals)
+
+    def all_sum(self, t):
+        return t.copy_(self.totals[tuple(t.shape)])
+
+
+@pytest.mark.parametrize("sigma, free_bits", [("0.1", 0.0), ("learned", 0.05), ("optimal", 0.05)])
+def test_shard_parts_add_up_to_the_one_process_objective_and_gradients(sigma, free_bits):
+    """Σ over processes of shard_objective's part (as DDP averages it) has the one-process objective's gradients,
+    and the shares add up to its value, with free bits and σ² = batch MSE computed from the whole batch."""
+    torch.manual_seed(0)
+    model = VAE((1, 4, 5), "mlp", [8], 3, make_likelihood("gaussian", sigma)).double()
+    x, eps = torch.rand(11, 1, 4, 5, dtype=torch.float64), torch.randn(11, 3, dtype=torch.float64)
+    beta = 0.7  # free bits 0.05 clamp one of the three dimensions (batch-mean KLs 0.065, 0.029, 0.075)
+    reference = copy.deepcopy(model)
+    loss = objective(reference(x, eps), beta, free_bits)
+    loss.backward()
+    with torch.no_grad():
+        whole = copy.deepcopy(model)(x, eps)  # the whole batch's statistics, which the collectives would sum
+        sq = (x - whole_mean(model, x, eps)).square().flatten(1).sum(1)
+    totals = {(2,): torch.stack([sq.sum(), torch.tensor(11.0, dtype=torch.float64)]),
+              (3,): whole.kl_per_dim.sum(0)}
+    shares = 0.0
+    for rank in range(2):
+        world = _Peers(rank, 2, totals)
+        if sigma == "optimal":
+            model.likelihood.batch_reduce = world.all_sum
+        rows = world.rows(11)
+        part, share = shard_objective(model(x[rows], eps[rows]), beta, free_bits, 11, world)
+        (part / world.size).backward()  # DDP's average over the processes
+        shares += share.item()
+    assert shares == pytest.approx(loss.item(), rel=1e-12)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def whole_mean(model, x, eps):
+    q = model.encode(x)
+    return model.decode_mean(q.reparameterize(eps))

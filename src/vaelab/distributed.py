@@ -171,8 +171,10 @@ def join(device: torch.device) -> tuple[World, torch.device]:
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if local >= count:
-            raise ConfigError(f"process {rank} is local rank {local} but this machine has {count} CUDA device(s): "
-                              f"start at most {count} processes per machine (torchrun --nproc-per-node {count})")
+            error = ConfigError(f"process {rank} is local rank {local} but this machine has {count} CUDA device(s): "
+                                f"start at most {count} processes per machine (torchrun --nproc-per-node {count})")
+            error.report = local == count  # type: ignore[attr-defined]  # the first process without a GPU says so
+            raise error
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
