@@ -108,8 +108,9 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path, subset, caps
     """σ² = the batch MSE, free bits on the batch-mean KL and a KL warm-up: batch statistics and the split of a last
     batch of 53 are where two processes could part from one."""
     kw = dict(sigma="optimal", free_bits=0.2, kl_warmup=1.0)
-    r = torchrun(2, *args(subset, tmp_path / "two", **kw))
+    r = torchrun(2, *args(subset, tmp_path / "two", tensorboard=tmp_path / "tb", **kw))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # from rank 0 alone
     assert r.stdout.count("test loss") == 1  # the summary, from rank 0 only
     one = train(config(subset, tmp_path / "one", **kw), progress=False)
     diff = check_matches_one_process(tmp_path / "two", one.path)
