@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import inspect
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -111,9 +112,8 @@ class World:
         except (RuntimeError, dist.DistError) as e:
             if self.size == 1 or not _lost_peer(e):
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             error = TrainingError(f"process {self.rank} of {self.size} lost contact with another training process "
-                                  f"({first[:200]}); {after()}")
+                                  f"({_reason(e)}); {after()}")
             error.report = True  # type: ignore[attr-defined]
             raise error from e
 
@@ -129,6 +129,13 @@ def _lost_peer(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, dist.DistError) or any(w in text for w in ("gloo", "nccl", "connection", "timed out",
                                                                       "broken pipe", "socket"))
+
+
+def _reason(e: BaseException) -> str:
+    """The first sentence of a backend's error, without the source location it starts with."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", text)
+    return text.split(". ")[0][:200]
 
 
 def env_world_size() -> int:
