@@ -13,6 +13,7 @@ from pathlib import Path
 from . import __version__
 from .api import demo, evaluate, explore, plot, report, sigma_study
 from .config import TrainConfig
+from .distributed import env_rank, reports
 from .errors import ConfigError, VaelabError
 from .metrics import table_rows
 from .reporting import FIGURES
@@ -83,7 +84,7 @@ def cmd_train(args) -> int:
     else:
         run = train(TrainConfig(**given), progress=not args.quiet)
     last = run.last("test")
-    if last:
+    if last and env_rank() == 0:
         print(f"{run.path}: test loss {last['loss']:.2f} nats (rec {last['rec']:.2f}, kl {last['kl']:.2f}, "
               f"{last['bits_per_dim']:.3f} bits/dim) after {last['epoch']} epochs")
     return 0
@@ -294,14 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _set_threads(getattr(args, "threads", None))
         with warnings.catch_warnings():
-            warnings.simplefilter("default")
+            # under torchrun, rank 0 speaks for all: the others would repeat its warnings word for word
+            warnings.simplefilter("default" if env_rank() == 0 else "ignore")
             warnings.formatwarning = lambda msg, cat, *a, **k: f"vaelab: warning: {msg}\n"
             return args.func(args)
     except VaelabError as e:
-        print(f"vaelab: error: {e}", file=sys.stderr)
+        if reports(e):  # under torchrun: one line, from the process that has something to say
+            print(f"vaelab: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("vaelab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if reports(e):
+            print("vaelab: interrupted", file=sys.stderr)
         return 130
     except json.JSONDecodeError as e:
         print(f"vaelab: error: invalid JSON ({e})", file=sys.stderr)
