@@ -5,6 +5,10 @@ import sys
 # OpenMP thread that gets descheduled stalls every parallel region (measured: 43 s vs 3 s for one fixture).
 # Set before torch is imported so the CLI subprocesses the tests start inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The decoded-dataset cache of the tests lives in a folder of their own, not the user's ~/.cache
+import tempfile  # noqa: E402
+
+os.environ.setdefault("VAELAB_CACHE", tempfile.mkdtemp(prefix="vaelab-test-cache-"))
 from pathlib import Path
 
 import numpy as np

@@ -14,7 +14,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,12 @@ class ImageData:
     test_labels: np.ndarray | None = None
     classes: list[str] | None = None
     source: str = ""
+    # named factors of variation (shapes, dsprites): (N, F) values, one column per name; the labels above stay
+    # the one class label the scatter and the k-NN agreement use
+    train_factors: np.ndarray | None = None
+    test_factors: np.ndarray | None = None
+    factor_names: list[str] | None = None
+    skipped: dict[str, int] = field(default_factory=dict)  # files left out of an image folder, by reason
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -55,7 +61,8 @@ class ImageData:
         if n is None:
             return self
         labels = None if self.train_labels is None else self.train_labels[:n]
-        return ImageData(self.name, self.train[:n], self.test, labels, self.test_labels, self.classes, self.source)
+        factors = None if self.train_factors is None else self.train_factors[:n]
+        return replace(self, train=self.train[:n], train_labels=labels, train_factors=factors)
 
 
 def to_unit(x):
@@ -399,72 +406,25 @@ def load_array_file(path: Path) -> ImageData:
         return ImageData(path.stem, *_split(x, y), source=str(path))  # type: ignore[misc]
 
 
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "RGB"):
-                im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK", "LA") and im.mode != "LA" else "L")
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: unreadable image ({e})") from e
-
-
-def _folder_images(folder: Path) -> tuple[list[Path], list[int], list[str]]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if files or not subdirs:
-        return files, [], []
-    paths, labels, classes = [], [], []
-    for i, d in enumerate(subdirs):
-        imgs = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        paths += imgs
-        labels += [i] * len(imgs)
-        classes.append(d.name)
-    return paths, labels, classes
-
-
-def _stack(paths: list[Path], where: Path) -> np.ndarray:
-    if not paths:
-        raise DataError(f"{where}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    arrays = [_read_image(p) for p in paths]
-    first = arrays[0].shape
-    for p, a in zip(paths, arrays, strict=True):
-        if a.shape != first:
-            raise DataError(f"{p}: image is {a.shape} but {paths[0].name} is {first}; all images must share a size")
-    x = np.stack(arrays)  # (N, H, W) or (N, H, W, 3)
-    return x[:, None] if x.ndim == 3 else np.ascontiguousarray(np.moveaxis(x, -1, 1))
-
-
-def load_image_folder(folder: Path) -> ImageData:
-    """PNG/JPEG images; subfolders become labels; train/ and test/ subfolders give the split."""
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
-        ptr, ytr, classes = _folder_images(folder / "train")
-        pte, yte, classes_te = _folder_images(folder / "test")
-        xtr, xte = _stack(ptr, folder / "train"), _stack(pte, folder / "test")
-        if xtr.shape[1:] != xte.shape[1:]:
-            raise DataError(f"{folder}: train images are {xtr.shape[1:]} but test images are {xte.shape[1:]}")
-        labelled = bool(classes) and classes == classes_te
-        return ImageData(folder.name, xtr, xte, np.array(ytr) if labelled else None,
-                         np.array(yte) if labelled else None, classes or None, str(folder))
-    paths, labels, classes = _folder_images(folder)
-    x = _stack(paths, folder)
-    y = np.array(labels, dtype=np.int64) if classes else None
-    return ImageData(folder.name, *_split(x, y), classes=classes or None, source=str(folder))  # type: ignore[misc]
-
-
 # ----------------------------------------------------------------------------------------------- entry point
 def load_dataset(dataset: str, data_dir: str | None = None, limit: int | None = None,
-                 allow_download: bool = True) -> ImageData:
-    """A registered name (mnist, fashion-mnist) or a path to a .npz/.npy file or an image folder."""
+                 allow_download: bool = True, *, image_size=None, center_crop=None, background: str = "white",
+                 skip_bad_images: bool = False, progress: bool = False) -> ImageData:
+    """A registered name (mnist, fashion-mnist) or a path to a .npz/.npy file or an image folder.
+
+    Image folders: `image_size` (N or (H, W)) resizes the shorter side and centre-crops, `center_crop` crops
+    first, transparent pixels are composited over `background` (white or black); `skip_bad_images` leaves
+    undecodable files out instead of stopping at the first."""
     if dataset in REGISTRY:
         data = load_named(dataset, data_dir, allow_download)
     else:
         path = Path(dataset).expanduser()
         if path.is_dir():
-            data = load_image_folder(path)
+            from .imagefolders import Options, load_image_folder, parse_size
+
+            opts = Options(parse_size(image_size, "--image-size"), parse_size(center_crop, "--center-crop"),
+                           background)
+            data = load_image_folder(path, opts, skip_bad_images, progress)
         elif path.is_file() and path.suffix.lower() in (".npz", ".npy"):
             data = load_array_file(path)
         elif path.exists():
