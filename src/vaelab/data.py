@@ -10,9 +10,6 @@ import contextlib
 import gzip
 import hashlib
 import os
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -126,6 +123,7 @@ class NamedDataset:
     system_dirs: tuple[str, ...] = ()
     classes: tuple[str, ...] = ()
     homepage: str = ""
+    kind: str = "idx"  # how the files are read: idx, cifar10 (Python archive), dsprites (.npz)
 
 
 REGISTRY: dict[str, NamedDataset] = {
@@ -162,7 +160,23 @@ REGISTRY: dict[str, NamedDataset] = {
                  "Ankle boot"),
         homepage="github.com/zalandoresearch/fashion-mnist (Debian: apt-get install dataset-fashion-mnist)",
     ),
+    "cifar10": NamedDataset(
+        name="cifar10",
+        mirrors=("https://www.cs.toronto.edu/~kriz/",),
+        files={"archive": RemoteFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")},
+        homepage="the CIFAR-10 page (www.cs.toronto.edu/~kriz/cifar.html), its Python version",
+        kind="cifar10",
+    ),
+    "dsprites": NamedDataset(
+        name="dsprites",
+        mirrors=("https://github.com/google-deepmind/dsprites-dataset/raw/master/",),
+        files={"npz": RemoteFile("dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz",
+                                 "7da33b31b13a06f4b04a70402ce90c2e")},
+        homepage="github.com/google-deepmind/dsprites-dataset",
+        kind="dsprites",
+    ),
 }
+NAMES = (*REGISTRY, "celeba", "shapes")  # celeba: a local folder only; shapes: generated
 
 
 def cache_dir() -> Path:
@@ -182,7 +196,7 @@ def search_dirs(spec: NamedDataset, data_dir: str | None = None) -> list[Path]:
 
 
 def _find_file(directory: Path, f: RemoteFile) -> Path | None:
-    for candidate in (f.name, f.name.removesuffix(".gz")):
+    for candidate in dict.fromkeys((f.name, f.name.removesuffix(".gz"))):
         p = directory / candidate
         if p.is_file():
             return p
@@ -198,16 +212,24 @@ def locate(spec: NamedDataset, data_dir: str | None = None) -> Path | None:
 
 def _digests(path: Path) -> tuple[str, str | None]:
     """md5 of the file as stored, sha256 of its decompressed content (None if it is not gzip)."""
-    md5 = hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+    md5 = _hash_stream(open(path, "rb"), hashlib.md5(usedforsecurity=False))
     try:
-        with gzip.open(path, "rb") as fh:
-            sha = hashlib.sha256(fh.read()).hexdigest()
+        sha = _hash_stream(gzip.open(path, "rb"), hashlib.sha256())
     except (OSError, EOFError):
         sha = None
     return md5, sha
 
 
+def _hash_stream(fh, h) -> str:
+    with fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def verify(path: Path, f: RemoteFile) -> bool:
+    if f.sha256 is None:
+        return _hash_stream(open(path, "rb"), hashlib.md5(usedforsecurity=False)) == f.md5
     md5, sha = _digests(path)
     return md5 == f.md5 or (f.sha256 is not None and sha == f.sha256)
 
@@ -235,54 +257,20 @@ def download(name: str, dest: str | os.PathLike | None = None, mirrors: Sequence
 
 
 def _download_files(spec: NamedDataset, dest: Path, mirrors: list[str], timeout: float, progress: bool) -> None:
-    for f in spec.files.values():
-        target = dest / f.name
-        if target.is_file() and verify(target, f):
-            continue
-        errors = []
-        for mirror in mirrors:
-            url = mirror.rstrip("/") + "/" + f.name
-            fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=f".{f.name}.", suffix=".part")
-            tmp = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-                    _copy_with_progress(resp, out, f.name, progress)
-                if not verify(tmp, f):
-                    errors.append(f"{url}: checksum mismatch")
-                    continue
-                os.replace(tmp, target)
-                break
-            except (urllib.error.URLError, OSError, TimeoutError) as e:
-                errors.append(f"{url}: {getattr(e, 'reason', e)}")
-            finally:
-                tmp.unlink(missing_ok=True)
-        else:
-            raise DataError(f"could not download {spec.name} file {f.name}: " + "; ".join(errors))
+    from .namedsets import fetch
 
-
-def _copy_with_progress(resp, out, label: str, progress: bool) -> None:
-    total = int(resp.headers.get("Content-Length") or 0) or None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {label}", leave=False)
-    while chunk := resp.read(1 << 16):
-        out.write(chunk)
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+    fetch(spec, dest, mirrors, timeout, progress, verify)
 
 
 def get_spec(name: str) -> NamedDataset:
     if name not in REGISTRY:
-        raise DataError(f"unknown dataset {name!r}; named datasets: {', '.join(REGISTRY)}, "
+        raise DataError(f"unknown dataset {name!r}; named datasets: {', '.join(NAMES)}, "
                         "or give a path to a .npz/.npy file or an image folder")
     return REGISTRY[name]
 
 
-def load_named(name: str, data_dir: str | None = None, allow_download: bool = True) -> ImageData:
+def load_named(name: str, data_dir: str | None = None, allow_download: bool = True,
+               progress: bool = False) -> ImageData:
     spec = get_spec(name)
     directory = locate(spec, data_dir)
     if directory is None:
@@ -290,12 +278,18 @@ def load_named(name: str, data_dir: str | None = None, allow_download: bool = Tr
         if not allow_download:
             raise DataError(f"{name} not found; looked in {', '.join(looked)}")
         try:
-            directory = download(name)
+            directory = download(name, progress=progress)
         except DataError as e:
+            what = "the four IDX files" if spec.kind == "idx" else f"{next(iter(spec.files.values())).name}"
             raise DataError(
                 f"{name} not found and the download failed ({e}). Looked in: {', '.join(looked)}. "
-                f"Put the four IDX files from {spec.homepage} in one of those folders, or pass --data-dir DIR "
+                f"Put {what} from {spec.homepage} in one of those folders, or pass --data-dir DIR "
                 "or set VAELAB_DATA") from e
+    if spec.kind != "idx":
+        from . import namedsets
+
+        path = _find_file(directory, next(iter(spec.files.values())))
+        return (namedsets.load_cifar10 if spec.kind == "cifar10" else namedsets.load_dsprites)(path, progress)
     arrays = {role: read_idx(_find_file(directory, f)) for role, f in spec.files.items()}  # type: ignore[arg-type]
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -415,8 +409,17 @@ def load_dataset(dataset: str, data_dir: str | None = None, limit: int | None = 
     Image folders: `image_size` (N or (H, W)) resizes the shorter side and centre-crops, `center_crop` crops
     first, transparent pixels are composited over `background` (white or black); `skip_bad_images` leaves
     undecodable files out instead of stopping at the first."""
-    if dataset in REGISTRY:
-        data = load_named(dataset, data_dir, allow_download)
+    if dataset == "shapes":
+        from .shapes import load_shapes
+
+        data = load_shapes(progress=progress)
+    elif dataset == "celeba":
+        from .namedsets import load_celeba
+
+        dirs = [Path(d) for d in (data_dir, os.environ.get("VAELAB_DATA")) if d] + [cache_dir()]
+        data = load_celeba(dirs, skip_bad_images, progress)
+    elif dataset in REGISTRY:
+        data = load_named(dataset, data_dir, allow_download, progress)
     else:
         path = Path(dataset).expanduser()
         if path.is_dir():
@@ -430,7 +433,7 @@ def load_dataset(dataset: str, data_dir: str | None = None, limit: int | None = 
         elif path.exists():
             raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .npz, .npy or an image folder")
         else:
-            raise DataError(f"--dataset {dataset!r} is neither a named dataset ({', '.join(REGISTRY)}) "
+            raise DataError(f"--dataset {dataset!r} is neither a named dataset ({', '.join(NAMES)}) "
                             "nor an existing .npz/.npy file or image folder")
     return data.limited(limit)
 

@@ -255,7 +255,6 @@ def _build(folder: Path, listing: Listing, opts: Options, name: str, fingerprint
            progress: bool, workers: int | None) -> datacache.Entry:
     """Decode every file (in parallel, Pillow releases the GIL while decoding and resizing) into a scratch
     array, then write the splits in their final layout and order."""
-    from PIL import Image
 
     files = [(p, y) for part in listing.splits.values() for p, y in part]
     n = len(files)
@@ -265,9 +264,7 @@ def _build(folder: Path, listing: Listing, opts: Options, name: str, fingerprint
     first = None  # (index, decoded array): fixes the size when no --image-size is given
     for i, (p, _) in enumerate(files):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                first = (i, *decode(p, opts))
+            first = (i, *decode(p, opts))
             break
         except BadImage as e:
             bad[i] = str(e)
@@ -327,7 +324,6 @@ def _build(folder: Path, listing: Listing, opts: Options, name: str, fingerprint
 
 def _decode_all(files, start: int, opts: Options, scratch: np.ndarray, grey: np.ndarray, bad: dict,
                 sizes: dict, progress: bool, workers: int | None) -> None:
-    from PIL import Image
     from tqdm.auto import tqdm
 
     expected = scratch.shape[1:]
@@ -351,10 +347,8 @@ def _decode_all(files, start: int, opts: Options, scratch: np.ndarray, grey: np.
 
     workers = workers or os.cpu_count() or 1
     n = len(files)
-    with warnings.catch_warnings(), tqdm(total=n, initial=start, desc="decoding images", unit="img",
-                                         disable=not progress, leave=False) as bar:
-        # over Pillow's pixel limit: a warning by default; here it makes the file a bad one
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with tqdm(total=n, initial=start, desc="decoding images", unit="img", disable=not progress,
+              leave=False) as bar:
         if workers == 1 or n - start <= CHUNK:
             bar.update(work(start, n))
             return
