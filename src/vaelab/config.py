@@ -6,50 +6,82 @@ import dataclasses
 import json
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
+
+from .errors import ConfigError
+from .likelihoods import LIKELIHOODS, check_likelihood
 
 Arch = Literal["mlp", "conv"]
 Binarize = Literal["none", "dynamic", "static"]
 Device = Literal["auto", "cpu", "cuda"]
 Optimizer = Literal["adam", "sgd"]
 Precision = Literal["fp32", "bf16"]
+Background = Literal["white", "black"]
 
 
-class ConfigError(ValueError):
-    """A user-supplied setting is invalid; the message names the value and what is allowed."""
+def option(default, help: str, group: str, flag: bool = True, metavar: str | None = None):
+    """A TrainConfig field with the help text and group of its CLI flag: the one place both are written."""
+    meta = {"help": help, "group": group, "cli": flag, "metavar": metavar}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
+    """Everything a run needs; saved as config.json and used to rebuild the model. Each field is a CLI flag of
+    `vaelab train` (--data-dir for data_dir) with the help text and default written here."""
+
     # data
-    dataset: str = "fashion-mnist"  # a registered name or a path (.npz, .npy, image folder)
-    data_dir: str | None = None
-    limit: int | None = None  # train on the first N training images
-    binarize: Binarize = "none"
+    dataset: str = option("fashion-mnist", "mnist, fashion-mnist, cifar10, dsprites, celeba (a local folder), shapes "
+                          "(generated), a .npz/.npy file or an image folder", "data")
+    data_dir: str | None = option(None, "folder holding the files of a named dataset (looked at first; then "
+                                  "$VAELAB_DATA, the user cache ~/.cache/vaelab, system copies, then a download)",
+                                  "data")
+    limit: int | None = option(None, "train on the first N training images only", "data", metavar="N")
+    binarize: Binarize = option("none", "turn grey pixels into 0/1: a fresh draw per step (dynamic) or one fixed "
+                                "draw (static); for the Bernoulli likelihood", "data")
+    image_size: str | None = option(None, "image folders: resize the shorter side to N (antialiased) and centre-crop "
+                                    "to N x N, or to H x W with HxW (needed when images differ in size)", "data",
+                                    metavar="N|HxW")
+    center_crop: str | None = option(None, "image folders: crop the centre N x N (or HxW) before resizing (CelebA's "
+                                     "usual 140 with --image-size 64)", "data", metavar="N|HxW")
+    background: Background = option("white", "image folders: the colour transparent pixels are composited over",
+                                     "data")
+    skip_bad_images: bool = option(False, "image folders: leave out files that cannot be decoded (named in one "
+                                   "warning) instead of stopping at the first", "data")
     # model
-    arch: Arch = "mlp"
-    hidden: list[int] | None = None  # mlp: layer widths (default 400); conv: channels (default 32,64)
-    latent_dim: int = 20
-    likelihood: str = "gaussian"
-    sigma: str = "0.1"  # gaussian: a number, "learned", "learned-pixel" or "optimal"; laplace: number or "learned"
+    arch: Arch = option("mlp", "encoder/decoder type", "model")
+    hidden: list[int] | None = option(None, "hidden sizes, e.g. 400 or 512,256 (mlp widths, default 400; conv "
+                                      "channels, default 32,64)", "model")
+    latent_dim: int = option(20, "dimensions of z", "model")
+    likelihood: str = option("gaussian", "observation model p(x|z): " + ", ".join(LIKELIHOODS), "model")
+    sigma: str = option("0.1", "gaussian σ: a number (e.g. 0.1), learned (one shared σ), learned-pixel (σ per "
+                        "pixel from the decoder) or optimal (σ² = batch MSE); laplace: the scale b or learned",
+                        "model")
     # objective
-    beta: float = 1.0
-    kl_warmup: float = 0.0  # epochs of linear warm-up from 0 to beta
-    free_bits: float = 0.0  # nats per latent dimension
+    beta: float = option(1.0, "weight of the KL term in the training objective", "objective")
+    kl_warmup: float = option(0.0, "raise the KL weight linearly from 0 to beta over this many epochs", "objective",
+                              metavar="EPOCHS")
+    free_bits: float = option(0.0, "lower bound on each latent dimension's batch-mean KL in the objective (nats)",
+                              "objective", metavar="NATS")
     # optimisation
-    optimizer: Optimizer = "adam"
-    lr: float = 1e-3
-    batch_size: int = 128
-    epochs: int = 10
-    seed: int = 0
-    device: Device = "auto"
-    precision: Precision = "fp32"  # bf16: the networks' matmuls under bfloat16 autocast; all else float32
+    optimizer: Optimizer = option("adam", "the optimizer", "optimisation")
+    lr: float = option(1e-3, "learning rate", "optimisation")
+    batch_size: int = option(128, "images per training step", "optimisation")
+    epochs: int = option(10, "total epochs; with --resume, the new total", "optimisation")
+    seed: int = option(0, "seeds initialisation, shuffling and sampling", "optimisation")
+    device: Device = option("auto", "auto: cuda when available", "optimisation")
+    precision: Precision = option("fp32", "bf16: run the networks' matmuls in bfloat16 (torch.autocast), faster on "
+                                  "GPUs and on CPUs with AVX-512-BF16 or AMX; z, the KL, the likelihood, weights and "
+                                  "optimizer state stay float32 and every reported number is computed in float32",
+                                  "optimisation")
     # run directory
-    out: str | None = None
-    name: str | None = None
+    out: str | None = option(None, "run directory (default runs/<name>)", "run directory")
+    name: str | None = option(None, "run name used for the default --out", "run directory")
     # filled in when training starts, so the model can be rebuilt from config.json alone
-    data_shape: list[int] | None = None
+    data_shape: list[int] | None = option(None, "", "", flag=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -67,6 +99,8 @@ class TrainConfig:
         self.hidden = [int(h) for h in self.hidden]
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise ConfigError(f"--hidden must be positive layer sizes such as 400 or 512,256; got {self.hidden}")
+        self.image_size = _size("image_size", self.image_size)
+        self.center_crop = _size("center_crop", self.center_crop)
         _positive_int("latent_dim", self.latent_dim)
         _positive_int("batch_size", self.batch_size)
         _positive_int("epochs", self.epochs)
@@ -77,8 +111,6 @@ class TrainConfig:
         _positive_float("kl_warmup", self.kl_warmup, allow_zero=True)
         _positive_float("free_bits", self.free_bits, allow_zero=True)
         self.sigma = str(self.sigma)
-        from .likelihoods import check_likelihood  # late import: likelihoods imports torch
-
         check_likelihood(self.likelihood, self.sigma)
 
     def to_dict(self) -> dict:
@@ -120,10 +152,24 @@ def _flag(name: str) -> str:
 def _literal_values(tp) -> tuple:
     if isinstance(tp, str):
         tp = {"Arch": Arch, "Binarize": Binarize, "Device": Device, "Optimizer": Optimizer,
-              "Precision": Precision}.get(tp)
+              "Precision": Precision, "Background": Background}.get(tp)
     if tp is not None and typing.get_origin(tp) is Literal:
         return get_args(tp)
     return ()
+
+
+def _size(name: str, value) -> str | None:
+    """An image size as given (64, "64", "64x48", [64, 48]) -> "64" or "64x48" (height x width)."""
+    if value is None:
+        return None
+    parts = list(value) if isinstance(value, list | tuple) else str(value).lower().replace("×", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        sizes = []
+    if len(sizes) not in (1, 2) or any(v < 1 for v in sizes):
+        raise ConfigError(f"{_flag(name)} must be a size such as 64 or 64x48 (height x width); got {value!r}")
+    return "x".join(map(str, sizes)) if len(sizes) == 2 and sizes[0] != sizes[1] else str(sizes[0])
 
 
 def _positive_int(name: str, value, allow_zero: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Downloads (pooch) and the colour named datasets: CIFAR-10's Python archive, dSprites' .npz, a local CelebA.
+"""The colour named datasets as published: CIFAR-10's Python archive, dSprites' .npz, a local CelebA folder.
 
 Archives are converted once into the decoded cache (uint8 (N, C, H, W) arrays) and memory-mapped from there.
 """
@@ -7,65 +7,16 @@ from __future__ import annotations
 
 import io
 import pickle
-import shutil
 import tarfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from . import datacache
-from .data import TEST_FRACTION, DataError, ImageData
-
-
-# ----------------------------------------------------------------------------------------------- download
-def fetch(spec, dest: Path, mirrors: list[str], timeout: float, progress: bool, verify) -> None:
-    """Every file of `spec` into `dest`, trying the mirrors in turn. pooch downloads (temporary file, progress
-    bar, MD5 check); a file is moved into `dest` only once its checksum matches, so nothing half-downloaded
-    or corrupt is ever found there."""
-    import pooch
-    import requests
-
-    staging = dest / ".download"
-    try:
-        for f in spec.files.values():
-            target = dest / f.name
-            if target.is_file() and verify(target, f):
-                continue
-            errors = []
-            for mirror in mirrors:
-                url = mirror.rstrip("/") + "/" + f.name
-                # Fashion-MNIST also exists re-compressed (e.g. Debian's copy): its .gz then has another MD5, so
-                # those files are checked here on their decompressed content instead of by pooch
-                known = None if f.sha256 else f"md5:{f.md5}"
-                try:
-                    got = Path(pooch.retrieve(url, known, fname=f.name, path=staging, progressbar=progress,
-                                              downloader=pooch.HTTPDownloader(progressbar=progress,
-                                                                              timeout=timeout)))
-                except ValueError as e:  # pooch: the hash does not match (it has deleted the file)
-                    errors.append(f"{url}: checksum mismatch ({e})")
-                    continue
-                except (requests.RequestException, OSError) as e:
-                    errors.append(f"{url}: {_reason(e)}")
-                    continue
-                if not verify(got, f):
-                    got.unlink(missing_ok=True)
-                    errors.append(f"{url}: checksum mismatch")
-                    continue
-                got.replace(target)
-                break
-            else:
-                raise DataError(f"could not download {spec.name} file {f.name}: " + "; ".join(errors))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _reason(e: Exception) -> str:
-    text = str(e)
-    for needle in ("Connection refused", "timed out", "Name or service not known", "404", "403"):
-        if needle in text:
-            return needle
-    return text[:200]
+from ..errors import DataError
+from . import cache
+from .core import ImageData, split_rows
+from .folders import Options, load_image_folder
 
 
 # ----------------------------------------------------------------------------------------------- CIFAR-10
@@ -104,11 +55,11 @@ def load_cifar10(archive: Path, progress: bool = False) -> ImageData:
     st = archive.stat()
     fingerprint = {"kind": "cifar10", "archive": str(archive.resolve()), "bytes": st.st_size,
                    "mtime_ns": st.st_mtime_ns}
-    name = datacache.entry_name("cifar10", fingerprint)
-    entry = datacache.lookup(name, fingerprint)
+    name = cache.entry_name("cifar10", fingerprint)
+    entry = cache.lookup(name, fingerprint)
     if entry is None:
         batches, meta = _read_cifar(archive)
-        with datacache.Builder(name, fingerprint, {"source": str(archive), "classes": meta}) as b:
+        with cache.Builder(name, fingerprint, {"source": str(archive), "classes": meta}) as b:
             for split, names in (("train", CIFAR_TRAIN), ("test", ("test_batch",))):
                 xs = [batches[n][0] for n in names]
                 out = b.create(split, (sum(len(x) for x in xs), 3, 32, 32), np.uint8)
@@ -158,8 +109,8 @@ DSPRITES_CLASSES = ["square", "ellipse", "heart"]
 def load_dsprites(npz: Path, progress: bool = False) -> ImageData:
     st = npz.stat()
     fingerprint = {"kind": "dsprites", "npz": str(npz.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    name = datacache.entry_name("dsprites", fingerprint)
-    entry = datacache.lookup(name, fingerprint)
+    name = cache.entry_name("dsprites", fingerprint)
+    entry = cache.lookup(name, fingerprint)
     if entry is None:
         entry = _convert_dsprites(npz, name, fingerprint, progress)
     return ImageData("dsprites", entry.array("train"), entry.array("test"), entry.array("train_labels"),
@@ -167,7 +118,7 @@ def load_dsprites(npz: Path, progress: bool = False) -> ImageData:
                      entry.array("test_factors"), list(DSPRITES_FACTORS))
 
 
-def _convert_dsprites(npz: Path, name: str, fingerprint: dict, progress: bool) -> datacache.Entry:
+def _convert_dsprites(npz: Path, name: str, fingerprint: dict, progress: bool) -> cache.Entry:
     """Stream the 737,280 binary 64x64 images out of the .npz (3 GB once inflated) a block at a time into
     the held-out split's positions, never holding them all in memory."""
     from tqdm.auto import tqdm
@@ -181,14 +132,14 @@ def _convert_dsprites(npz: Path, name: str, fingerprint: dict, progress: bool) -
                 if len(shape) != 3 or classes.shape != (n, 6):
                     raise DataError(f"{npz}: imgs must be (N, H, W) and latents_classes (N, 6); got {shape} "
                                     f"and {classes.shape}")
-                order = np.random.default_rng(0).permutation(n)
-                n_test = max(1, int(round(n * TEST_FRACTION)))
+                train_rows, test_rows = split_rows(n)
+                n_test = len(test_rows)
                 dest = np.empty(n, dtype=np.int64)  # source row -> position in its split
                 is_test = np.zeros(n, dtype=bool)
-                is_test[order[:n_test]] = True
-                dest[order[:n_test]] = np.arange(n_test)
-                dest[order[n_test:]] = np.arange(n - n_test)
-                with datacache.Builder(name, fingerprint, {"source": str(npz)}) as b:
+                is_test[test_rows] = True
+                dest[test_rows] = np.arange(n_test)
+                dest[train_rows] = np.arange(n - n_test)
+                with cache.Builder(name, fingerprint, {"source": str(npz)}) as b:
                     out = {"test": b.create("test", (n_test, 1, *shape[1:]), np.uint8),
                            "train": b.create("train", (n - n_test, 1, *shape[1:]), np.uint8)}
                     row = int(np.prod(shape[1:])) * dtype.itemsize
@@ -205,8 +156,7 @@ def _convert_dsprites(npz: Path, name: str, fingerprint: dict, progress: bool) -
                         for split, sel in (("test", is_test[rows]), ("train", ~is_test[rows])):
                             out[split][dest[rows[sel]]] = x[sel]
                     factors = classes[:, 1:].astype(np.float32)  # (N, 5) level indices
-                    for split, rows in (("test", order[:n_test]), ("train", order[n_test:])):
-                        rows = rows[np.argsort(dest[rows])]  # source rows in split order
+                    for split, rows in (("test", test_rows), ("train", train_rows)):  # source rows, split order
                         b.save(f"{split}_factors", factors[rows])
                         b.save(f"{split}_labels", classes[rows, 1].astype(np.int64))
                     return b.commit()
@@ -235,8 +185,6 @@ CELEBA_FOLDER = "img_align_celeba"
 def load_celeba(dirs: list[Path], skip_bad: bool = False, progress: bool = False) -> ImageData:
     """CelebA's aligned images from a local img_align_celeba folder, centre-cropped to 140 and resized to 64
     (the usual VAE preprocessing)."""
-    from .imagefolders import Options, load_image_folder
-
     for d in dirs:
         for candidate in (d / CELEBA_FOLDER, d / "celeba" / CELEBA_FOLDER):
             if candidate.is_dir():

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import cache
+from .core import ImageData
+
 SHAPES = ("square", "circle", "triangle", "cross")
 FACTORS = ("shape", "hue", "scale", "x", "y", "rotation", "background")
 BACKGROUNDS = (0.0, 0.25, 0.6, 1.0)  # grey levels of the background factor
@@ -96,14 +99,11 @@ def generate(n: int, seed: int = 0, out: np.ndarray | None = None, batch: int = 
 
 def load_shapes(n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0, progress: bool = False):
     """The `shapes` dataset, drawn once into the decoded cache and memory-mapped from there."""
-    from . import datacache
-    from .data import ImageData
-
     fingerprint = {"kind": "shapes", "version": VERSION, "n_train": n_train, "n_test": n_test, "seed": seed}
-    name = datacache.entry_name("shapes", fingerprint)
-    entry = datacache.lookup(name, fingerprint)
+    name = cache.entry_name("shapes", fingerprint)
+    entry = cache.lookup(name, fingerprint)
     if entry is None:
-        with datacache.Builder(name, fingerprint, {"source": f"shapes (generated, seed {seed})"}) as b:
+        with cache.Builder(name, fingerprint, {"source": f"shapes (generated, seed {seed})"}) as b:
             for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
                 _, factors = generate(n, s, b.create(split, (n, 3, SIZE, SIZE), np.uint8), progress=progress)
                 b.save(f"{split}_factors", factors)

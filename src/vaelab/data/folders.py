@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import datacache
-from .data import TEST_FRACTION, DataError, ImageData
+from ..errors import DataError
+from . import cache
+from .core import ImageData, split_rows
 
 BACKGROUNDS = {"white": 255, "black": 0}
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -219,8 +220,8 @@ def load_image_folder(folder: Path, opts: Options | None = None, skip_bad: bool 
                         f"{', '.join(sorted(s for s in image_suffixes() if s in _COMMON))}, ...)")
     fingerprint = {"kind": "folder", "root": str(folder), "options": asdict(opts),
                    "files": [_stat(folder, p) for p in files]}
-    name = datacache.entry_name(folder.name, {"root": str(folder), "options": asdict(opts)})
-    entry = datacache.lookup(name, fingerprint)
+    name = cache.entry_name(folder.name, {"root": str(folder), "options": asdict(opts)})
+    entry = cache.lookup(name, fingerprint)
     if entry is None:
         entry = _build(folder, listing, opts, name, fingerprint, skip_bad, progress, workers)
     bad = [tuple(b) for b in entry.manifest["bad"]]
@@ -252,7 +253,7 @@ def _stat(root: Path, p: Path) -> list:
 
 
 def _build(folder: Path, listing: Listing, opts: Options, name: str, fingerprint: dict, skip_bad: bool,
-           progress: bool, workers: int | None) -> datacache.Entry:
+           progress: bool, workers: int | None) -> cache.Entry:
     """Decode every file (in parallel, Pillow releases the GIL while decoding and resizing) into a scratch
     array, then write the splits in their final layout and order."""
 
@@ -268,7 +269,7 @@ def _build(folder: Path, listing: Listing, opts: Options, name: str, fingerprint
             break
         except BadImage as e:
             bad[i] = str(e)
-    with datacache.Builder(name, fingerprint, {"source": str(folder), "options": opts.describe()}) as b:
+    with cache.Builder(name, fingerprint, {"source": str(folder), "options": opts.describe()}) as b:
         if first is None:
             if not skip_bad:
                 _bad_files_error([(str(files[i][0]), why) for i, why in sorted(bad.items())])
@@ -296,9 +297,8 @@ def _build(folder: Path, listing: Listing, opts: Options, name: str, fingerprint
         if "all" in listing.splits:
             if len(good) < 2:
                 raise DataError(f"{folder}: need at least 2 images to hold out a test split; got {len(good)}")
-            order = np.random.default_rng(0).permutation(len(good))
-            n_test = max(1, int(round(len(good) * TEST_FRACTION)))
-            parts = {"test": good[order[:n_test]], "train": good[order[n_test:]]}
+            train_rows, test_rows = split_rows(len(good))
+            parts = {"test": good[test_rows], "train": good[train_rows]}
         else:
             n_train = len(listing.splits["train"])
             parts = {"train": good[good < n_train], "test": good[good >= n_train]}
