@@ -6,7 +6,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: setup data browser demo test lint bench clean
+.PHONY: setup data images browser demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,13 +19,16 @@ $(VENV)/.installed: pyproject.toml
 data:
 	bash scripts/get-data.sh
 
+images:
+	bash scripts/get-images.sh
+
 browser:
 	bash scripts/get-browser.sh
 
 demo: setup data
 	$(BIN)/vaelab demo
 
-test: setup data browser
+test: setup data images browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 

@@ -7,6 +7,10 @@ version=16.0.0
 dest="${VAELAB_TEST_IMAGES:-${XDG_CACHE_HOME:-$HOME/.cache}/vaelab-test-images}"
 target="$dest/twemoji-64"
 if [ -f "$target/.complete" ]; then exit 0; fi
+if ! command -v npm >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing Debian's npm (to fetch the test images) ..."
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
+fi
 command -v npm >/dev/null || { echo "get-images.sh: npm is needed to fetch the test images (apt-get install npm)" >&2; exit 1; }
 mkdir -p "$dest"
 work="$(mktemp -d "$dest/.fetch-XXXXXX")"

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import __version__
 from .api import demo, evaluate, plot, report, sigma_study
 from .config import TrainConfig
+from .data import cache
 from .errors import ConfigError, VaelabError
 from .metrics import table_rows
 from .reporting import FIGURES
@@ -165,6 +166,22 @@ def cmd_sigma_study(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    root = cache.cache_root()
+    if args.action == "clear":
+        removed = cache.clear(args.entry)
+        if args.entry is not None and not removed:
+            raise ConfigError(f"no cache entry named {args.entry!r} in {root}; `vaelab cache ls` lists them")
+        print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} from {root}")
+        return 0
+    listed = list(cache.entries())
+    for e in listed:
+        print(cache.describe(e))
+    total = sum(e.bytes for e in listed)
+    print(f"{len(listed)} entr{'y' if len(listed) == 1 else 'ies'}, {cache.human_size(total)} in {root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vaelab",
@@ -243,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sigma_study)
+
+    p = sub.add_parser("cache", help="list or clear the decoded-dataset cache",
+                       description="Image folders, .npy files, generated shapes and downloaded archives are decoded "
+                       "once into uint8 arrays that later runs memory-map. `ls` lists them (source, shapes, size); "
+                       "`clear` deletes them all, or the one named. The folder is $VAELAB_CACHE, else "
+                       "~/.cache/vaelab/decoded.")
+    p.add_argument("action", choices=["ls", "clear"], help="ls: list the entries; clear: delete them")
+    p.add_argument("entry", nargs="?", help="clear: only this entry (a name `ls` prints)")
+    p.set_defaults(func=cmd_cache)
     return parser
 
 

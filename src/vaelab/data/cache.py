@@ -180,11 +180,13 @@ def entries() -> Iterator[Listed]:
 
 def describe(e: Listed) -> str:
     if e.manifest is None or e.name.startswith("."):
-        return f"{e.name}  {_size(e.bytes)}  incomplete (an interrupted build; `vaelab cache clear` removes it)"
+        return f"{e.name}  {human_size(e.bytes)}  incomplete (an interrupted build; `vaelab cache clear` removes it)"
     m = e.manifest
     shapes = ", ".join(f"{k} {'x'.join(map(str, v['shape']))}" for k, v in m.get("arrays", {}).items()
                        if k in ("train", "test"))
-    return f"{e.name}  {_size(e.bytes)}  {m.get('source', '?')}  [{shapes}]  built {m.get('created', '?')}"
+    options = f" ({m['options']})" if m.get("options") else ""
+    return (f"{e.name}  {human_size(e.bytes)}  {m.get('source', '?')}{options}  [{shapes}]  "
+            f"built {m.get('created', '?')}")
 
 
 def clear(name: str | None = None) -> list[Path]:
@@ -200,7 +202,7 @@ def clear(name: str | None = None) -> list[Path]:
     return removed
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -181,28 +181,27 @@ def _flatten(im, background: int):
 
 
 def _resize(im, opts: Options) -> np.ndarray:
+    """--center-crop (a hard crop), then --image-size: the largest centred box of the target's aspect ratio,
+    resized with Pillow's bicubic filter over the whole source footprint (antialiased when shrinking)."""
     from PIL import Image
 
-    w, h = im.size
-    box = (0.0, 0.0, float(w), float(h))
     if opts.center_crop is not None:
+        w, h = im.size
         ch, cw = opts.center_crop
         if ch > h or cw > w:
             raise BadImage(f"is {w}x{h} pixels, smaller than --center-crop {ch}x{cw}")
-        box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        im = im.crop((left, top, left + cw, top + ch))
     if opts.image_size is not None:
         th, tw = opts.image_size
-        bw, bh = box[2] - box[0], box[3] - box[1]
-        if bw * th > bh * tw:  # wider than the target: keep the height, crop the width's centre
-            cw = bh * tw / th
-            box = (box[0] + (bw - cw) / 2, box[1], box[0] + (bw + cw) / 2, box[3])
+        w, h = im.size
+        if w * th > h * tw:  # wider than the target: keep the height, take the width's centre
+            cw = h * tw / th
+            box = ((w - cw) / 2, 0.0, (w + cw) / 2, float(h))
         else:
-            ch = bw * th / tw
-            box = (box[0], box[1] + (bh - ch) / 2, box[2], box[1] + (bh + ch) / 2)
-        # Pillow's resize filters over the whole source footprint (antialiased when shrinking)
+            ch = w * th / tw
+            box = (0.0, (h - ch) / 2, float(w), (h + ch) / 2)
         im = im.resize((tw, th), Image.Resampling.BICUBIC, box=box)
-    elif opts.center_crop is not None:
-        im = im.crop(tuple(round(v) for v in box))
     a = np.asarray(im, dtype=np.uint8)
     return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a  # (H, W, 3)
 
