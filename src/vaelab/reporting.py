@@ -34,6 +34,8 @@ class Material:
     labels: np.ndarray | None
     classes: list[str] | None
     numbers: dict | None = None  # the output of evaluate_run, when computed
+    factors: np.ndarray | None = None  # (N, F) named factors of variation of the images, if the data has them
+    factor_names: list[str] | None = None
     plane: tuple = field(init=False)
 
     def __post_init__(self):
@@ -44,7 +46,7 @@ class Material:
         device = next(run.model.parameters()).device
         s = split_data(run.config, "test", device, n)
         labels = None if s.labels is None else np.asarray(s.labels)
-        return cls(run, s.prepare(s.x), labels, s.classes, numbers)
+        return cls(run, s.prepare(s.x), labels, s.classes, numbers, s.factors, s.factor_names)
 
     @property
     def model(self):
@@ -77,6 +79,16 @@ def _scatter(m: Material, path: Path) -> Path:
     codes, _, axes = m.plane
     return plots.latent_scatter(views.plane_coords(codes, axes), m.labels, path, m.classes,
                                 axis_names=m.axis_names)
+
+
+def _factors(m: Material, path: Path) -> Path:
+    if m.factors is None:
+        raise ConfigError(f"the dataset of {m.run.path} has no named factors of variation (shapes and dsprites "
+                          "have them); `--only scatter` colours the codes by class label")
+    codes, _, axes = m.plane
+    named = {"shape": m.classes} if m.classes and "shape" in m.factor_names else None
+    return plots.factor_scatter(views.plane_coords(codes, axes), np.asarray(m.factors), m.factor_names, path,
+                                axis_names=m.axis_names, level_names=named)
 
 
 def _reconstructions(m: Material, path: Path) -> Path:
@@ -124,6 +136,7 @@ def _kl(m: Material, path: Path) -> Path:
 FIGURES = {  # name -> (caption, drawing function); the PNG is written as <name>.png
     "manifold": ("Latent manifold", _manifold),
     "scatter": ("Latent scatter of test codes", _scatter),
+    "factors": ("Latent scatter coloured by each factor of variation", _factors),  # data with factors only
     "reconstructions": ("Reconstructions", _reconstructions),
     "stochastic": ("Where the stochastic bit is", _stochastic),
     "samples": ("Prior samples", _samples),
@@ -202,7 +215,8 @@ def write_report(run: Run, out_dir: str | Path | None = None, iw_samples: int = 
     out = Path(out_dir) if out_dir is not None else Path(run.path)
     out.mkdir(parents=True, exist_ok=True)
     material = Material.of(run, min(N_CODES, limit or N_CODES), numbers)
-    figures = [(caption, draw(material, name, out)) for name, (caption, _) in FIGURES.items()]
+    figures = [(caption, draw(material, name, out)) for name, (caption, _) in FIGURES.items()
+               if name != "factors" or material.factors is not None]
     write_text_atomic(out / "eval.json", json.dumps(numbers, indent=2) + "\n")
     title = (f"vaelab report: {run.path.name} ({run.model.likelihood.describe()}, "
              f"latent {run.config.latent_dim})")

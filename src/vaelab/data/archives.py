@@ -69,8 +69,8 @@ def load_cifar10(archive: Path, progress: bool = False) -> ImageData:
                     start += len(x)
                 b.save(f"{split}_labels", np.concatenate([batches[n][1] for n in names]))
             entry = b.commit()
-    return ImageData("cifar10", entry.array("train"), entry.array("test"), entry.array("train_labels"),
-                     entry.array("test_labels"), entry.manifest["classes"], str(archive))
+    return ImageData("cifar10", entry.array("train"), entry.array("test"), entry.array("train_labels", mmap=False),
+                     entry.array("test_labels", mmap=False), entry.manifest["classes"], str(archive))
 
 
 def _read_cifar(archive: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
@@ -113,9 +113,10 @@ def load_dsprites(npz: Path, progress: bool = False) -> ImageData:
     entry = cache.lookup(name, fingerprint)
     if entry is None:
         entry = _convert_dsprites(npz, name, fingerprint, progress)
-    return ImageData("dsprites", entry.array("train"), entry.array("test"), entry.array("train_labels"),
-                     entry.array("test_labels"), DSPRITES_CLASSES, str(npz), entry.array("train_factors"),
-                     entry.array("test_factors"), list(DSPRITES_FACTORS))
+    small = {k: entry.array(k, mmap=False) for k in ("train_labels", "test_labels", "train_factors", "test_factors")}
+    return ImageData("dsprites", entry.array("train"), entry.array("test"), small["train_labels"],
+                     small["test_labels"], DSPRITES_CLASSES, str(npz), small["train_factors"], small["test_factors"],
+                     list(DSPRITES_FACTORS))
 
 
 def _convert_dsprites(npz: Path, name: str, fingerprint: dict, progress: bool) -> cache.Entry:

@@ -47,12 +47,13 @@ class Entry:
     path: Path
     manifest: dict
 
-    def array(self, name: str) -> np.ndarray:
-        """A stored array, memory-mapped read-only (its pages are the kernel's page cache, not this process's)."""
-        return np.load(self.path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+    def array(self, name: str, mmap: bool = True) -> np.ndarray:
+        """A stored array, memory-mapped read-only (its pages are the kernel's page cache, not this process's);
+        mmap=False reads it into memory (labels and factors: small, and handed to code that may write)."""
+        return np.load(self.path / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
 
-    def optional(self, name: str) -> np.ndarray | None:
-        return self.array(name) if (self.path / f"{name}.npy").is_file() else None
+    def optional(self, name: str, mmap: bool = True) -> np.ndarray | None:
+        return self.array(name, mmap) if (self.path / f"{name}.npy").is_file() else None
 
 
 def lookup(name: str, fingerprint: dict) -> Entry | None:

@@ -232,8 +232,8 @@ def load_image_folder(folder: Path, opts: Options | None = None, skip_bad: bool 
                       + (" ..." if len(bad) > BAD_SHOWN else ""), UserWarning, stacklevel=3)
     m = entry.manifest
     classes = m["classes"] or None
-    return ImageData(folder.name, entry.array("train"), entry.array("test"), entry.optional("train_labels"),
-                     entry.optional("test_labels"), classes, str(folder),
+    return ImageData(folder.name, entry.array("train"), entry.array("test"), entry.optional("train_labels", mmap=False),
+                     entry.optional("test_labels", mmap=False), classes, str(folder),
                      skipped={"hidden": m["hidden"], "non_image": m["non_image"], "bad": len(bad)})
 
 

@@ -109,6 +109,6 @@ def load_shapes(n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0, pro
                 b.save(f"{split}_factors", factors)
                 b.save(f"{split}_labels", factors[:, 0].astype(np.int64))
             entry = b.commit()
-    return ImageData("shapes", entry.array("train"), entry.array("test"), entry.array("train_labels"),
-                     entry.array("test_labels"), list(SHAPES), f"shapes (generated, seed {seed})",
-                     entry.array("train_factors"), entry.array("test_factors"), list(FACTORS))
+    return ImageData("shapes", entry.array("train"), entry.array("test"), entry.array("train_labels", mmap=False),
+                     entry.array("test_labels", mmap=False), list(SHAPES), f"shapes (generated, seed {seed})",
+                     entry.array("train_factors", mmap=False), entry.array("test_factors", mmap=False), list(FACTORS))
