@@ -70,6 +70,7 @@ def test_prepare_keeps_mapped_data_mapped(tmp_path):
     assert isinstance(prep.test, StoredImages)
 
 
+@pytest.mark.slow
 def test_training_on_mapped_data_is_bit_identical_to_resident(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (300, 1, 8, 8), dtype=np.uint8)

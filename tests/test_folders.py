@@ -25,16 +25,6 @@ from vaelab.data.folders import Options, decode
 from vaelab.errors import DataError
 
 
-@pytest.fixture(scope="session")
-def emoji_dir() -> Path:
-    base = os.environ.get("VAELAB_TEST_IMAGES") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vaelab-test-images")
-    d = Path(base) / "twemoji-64"
-    if not (d / ".complete").is_file():
-        pytest.fail("the real test images are missing; run `make images` (the Makefile does it before the tests)")
-    return d
-
-
 @pytest.fixture()
 def own_cache(tmp_path, monkeypatch) -> Path:
     """A decoded cache of this test's own, so entries can be counted."""
@@ -235,6 +225,7 @@ def test_decompression_bomb_is_a_bad_file(tmp_path, monkeypatch, own_cache):
         load_dataset(str(d))
 
 
+@pytest.mark.slow
 def test_cli_corrupt_file_one_line_then_skip_trains(emoji_dir, tmp_path, capsys):
     d = _bad_folder(emoji_dir, tmp_path / "bad", n=64)
     code, _, err = _run(capsys, "train", "--dataset", str(d), "--arch", "conv", "--epochs", "1", "--latent-dim", "4",
@@ -250,6 +241,7 @@ def test_cli_corrupt_file_one_line_then_skip_trains(emoji_dir, tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------------------------- the real path
+@pytest.mark.slow
 def test_real_emoji_folder_trains_with_conv(emoji_dir, tmp_path, capsys):
     modes = set()
     for f in sorted(emoji_dir.glob("*.png"))[:400]:
@@ -297,6 +289,7 @@ def test_cache_is_reused_and_rebuilt_on_change(tmp_path, own_cache):
     assert len(list(cache.entries())) == 2
 
 
+@pytest.mark.slow
 def test_cache_build_killed_midway_leaves_nothing_trusted(emoji_dir, tmp_path, own_cache):
     code = f"from vaelab.data import load_dataset; load_dataset({str(emoji_dir)!r}, image_size=48)"
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "VAELAB_CACHE": str(own_cache)})

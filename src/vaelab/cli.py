@@ -35,8 +35,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         kind = _flag_type(hints[f.name])
         help_text = f.metadata["help"] + ("" if default in (None, False) else f" (default {_show(default)})")
         kwargs: dict = {"help": help_text, "default": None}
-        if kind is bool:
-            kwargs["action"] = "store_true"
+        if kind is bool:  # --flag for an option that is off by default; --flag / --no-flag for one that is on
+            kwargs["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
         elif isinstance(kind, tuple):
             kwargs["choices"] = kind
         else:

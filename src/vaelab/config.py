@@ -77,6 +77,9 @@ class TrainConfig:
                                   "GPUs and on CPUs with AVX-512-BF16 or AMX; z, the KL, the likelihood, weights and "
                                   "optimizer state stay float32 and every reported number is computed in float32",
                                   "optimisation")
+    cuda_graph: bool = option(True, "on a GPU, record the training step once as a CUDA graph and replay it for "
+                              "each full batch (same results, far fewer kernel launches); --no-cuda-graph launches "
+                              "every kernel of every step (for profiling or debugging)", "optimisation")
     # run directory
     out: str | None = option(None, "run directory (default runs/<name>)", "run directory")
     name: str | None = option(None, "run name used for the default --out", "run directory")

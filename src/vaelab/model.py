@@ -113,7 +113,9 @@ class VAE(nn.Module):
         return Terms(rec, q.kl_per_dim(), sq_err, sigma)
 
     def forward(self, x: Tensor) -> Terms:
-        return self.terms(x)
+        """The terms training differentiates, without diagnostics: `model(x)`, as a wrapper such as
+        DistributedDataParallel calls it."""
+        return self.terms(x, extras=False)
 
     @torch.no_grad()
     def iwae_bound(self, x: Tensor, k: int, chunk: int = 100) -> Tensor:

@@ -1,33 +1,35 @@
-"""The training loop. It knows nothing about likelihoods or networks: it optimizes `objective(model.terms(x))`,
-whose gradients `fused.loss_and_grads` computes (by hand for MLP networks, else by autograd).
+"""The training loop. It knows nothing about likelihoods or networks: each step minimises
+`objective(model(x), beta, free_bits)` by autograd and the optimizer (`TrainStep`).
 
-The training set stays resident as one tensor (uint8 where the data is 8-bit) and each batch is gathered
-and scaled on the fly. The loop makes no host sync except to read the loss of every 25th batch (progress bar
-and non-finite check); the steps between compute gradients only. On a GPU, a full-size training step
-(batch gather, scaling, loss and gradients, Adam) is captured once as a CUDA graph and replayed: the step's
-~100 small kernels are then one launch (set CUDA_GRAPHS = False to turn it off).
+Each batch is gathered from the training set as stored (uint8 where the data is 8-bit) and scaled on the fly:
+from one resident tensor, or, for memory-mapped data, by a background thread one batch ahead (data.BatchSource).
+The loop makes no host sync except to read the loss of every PROGRESS_EVERY-th batch
+(progress bar and non-finite check). On a GPU the step is replayed as one CUDA graph where that is exact
+(vaelab.cudagraph; --no-cuda-graph turns it off).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
-from torch.optim.adam import adam as adam_update
+from torch import Tensor
 
 from .config import TrainConfig
+from .cudagraph import CUDAGraphStep, Step, capturable
 from .data import ImageData, Prepared, prepare_data
 from .errors import ConfigError, RunError, TrainingError
-from .fused import hooked, loss_and_grads
 from .metrics import elbo_metrics
-from .model import VAE
+from .model import VAE, objective
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -43,8 +45,6 @@ from .runs import (
 )
 
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
-FUNCTIONAL_ADAM = True  # Adam's update through torch.optim.adam.adam on cached lists (AdamStep), on the CPU
-CUDA_GRAPHS = True  # replay full-size training steps on a GPU as one CUDA graph, where GraphStep.usable says so
 EVAL_SEED = 12345
 
 
@@ -65,10 +65,9 @@ def default_out(config: TrainConfig) -> Path:
 
 
 def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
-    """Adam runs as one fused kernel over all parameters on CPU and CUDA (same update, deterministic);
-    the per-parameter loop it replaces took 1.8 of 8.2 ms per step of the 784-400-20 MLP on one CPU thread
-    (0.5 ms fused). A resumed run keeps whatever implementation its checkpoint's param_groups name, so it
-    continues exactly as it started."""
+    """Adam runs as one fused kernel over all parameters on CPU and CUDA (the same update as the per-parameter
+    loop, in one pass over memory; deterministic). A resumed run keeps whatever implementation its checkpoint's
+    param_groups name, so it continues exactly as it started."""
     params = list(model.parameters())
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr)
@@ -78,16 +77,17 @@ def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, fused=fused or None, capturable=capturable)
 
 
-def autocast(config: TrainConfig, device: torch.device):
+def autocast(config: TrainConfig, device: torch.device, cache: bool = True) -> Callable[[], AbstractContextManager]:
     """The context the training step's forward pass runs in: bfloat16 autocast for --precision bf16.
 
     Only the encoder's and decoder's matmuls/convolutions run in bfloat16; the model casts their outputs back,
     so the reparameterized z, the KL and the likelihood are float32, as are the weights, gradients and Adam's
     state. Evaluation (metrics.jsonl, eval, report) never uses it: every reported number is float32.
+    cache=False turns off autocast's cache of cast weights, which a CUDA graph capture cannot hold.
     """
     if config.precision != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def check_precision(config: TrainConfig, device: torch.device) -> None:
@@ -186,15 +186,15 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
 
     n = prep.train.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
-    graph = GraphStep(config, model, optimizer, prep) if GraphStep.usable(config, model, optimizer, prep) else None
-    adam_step = AdamStep(optimizer)
+    train_step = make_step(config, model, optimizer, prep, device)
     with _StopFlag() as stop:
         while epoch < config.epochs:
             shuffle_state = shuffle.get_state()  # lets a mid-epoch checkpoint rebuild this epoch's order
             order = torch.randperm(n, generator=shuffle).to(device)
+            prep.batches.plan(order, start_step)  # mapped data: the next batch is read while a step runs
             t0 = time.perf_counter()
-            step = _run_epoch(config, model, adam_step, prep, order, epoch, start_step, steps_per_epoch,
-                              stop, progress, graph)
+            step = _run_epoch(config, model, train_step, order, epoch, start_step, steps_per_epoch, stop,
+                              progress)
             train_seconds = time.perf_counter() - t0
             if step < steps_per_epoch:  # stopped by Ctrl-C mid-epoch
                 save_checkpoint(out / CHECKPOINT, model, optimizer,
@@ -243,8 +243,40 @@ def beta_at(config: TrainConfig, epoch_progress: float) -> float:
     return config.beta * min(1.0, epoch_progress / config.kl_warmup)
 
 
-def _run_epoch(config, model, optimizer_step, prep, order, epoch, start_step, steps_per_epoch, stop, progress,
-               graph: GraphStep | None = None) -> int:
+class TrainStep:
+    """One optimisation step on the training images `idx`: the objective, its gradients, the update."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Callable[[Tensor], Tensor],
+                 free_bits: float = 0.0, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext):
+        self.model, self.optimizer, self.batch = model, optimizer, batch
+        self.free_bits, self.autocast = free_bits, autocast
+
+    def __call__(self, idx: Tensor, beta: float) -> Tensor:
+        x = self.batch(idx)  # (B, C, H, W)
+        with self.autocast():
+            terms = self.model(x)
+        loss = objective(terms, beta, self.free_bits)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared,
+              device: torch.device) -> Step:
+    """The training step for this run, chosen once: a CUDA graph of it where replaying is exact and allowed."""
+
+    def batch(idx: Tensor) -> Tensor:
+        return prep.prepare_train(prep.batches(idx))
+
+    graph = (config.cuda_graph and prep.batches.resident
+             and capturable(model, optimizer, device, constant_beta=config.kl_warmup <= 0))
+    step = TrainStep(model, optimizer, batch, config.free_bits, autocast(config, device, cache=not graph))
+    return CUDAGraphStep(step, config.batch_size, config.beta, device) if graph else step
+
+
+def _run_epoch(config, model, train_step: Step, order, epoch, start_step, steps_per_epoch, stop,
+               progress) -> int:
     model.train()
     bar = None
     if progress:
@@ -252,26 +284,17 @@ def _run_epoch(config, model, optimizer_step, prep, order, epoch, start_step, st
 
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="step", leave=False, dynamic_ncols=True)
-    precision = autocast(config, order.device)
     count = 0
     step = start_step
-    batches = prep.batches.epoch(order, start_step) if graph is None else None  # gathered ahead of the step
     try:
         for step in range(start_step, steps_per_epoch):
             if stop.requested:
                 return step
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
             beta = beta_at(config, epoch + step / steps_per_epoch)
-            # the loss of every PROGRESS_EVERY-th batch (and the last) is read back, shown and checked; the steps
-            # between need only gradients (the hand-written step then skips the objective's value)
-            report = count + 1 == PROGRESS_EVERY or step == steps_per_epoch - 1
-            if graph is not None and not graph.disabled and len(idx) == config.batch_size:
-                loss = graph(idx)
-            else:
-                xb = next(batches) if batches is not None else prep.batches.batch(order, step)
-                loss = _step(config, model, optimizer_step, prep, xb, beta, precision, value=report)
+            loss = train_step(idx, beta)
             count += 1
-            if report:
+            if count == PROGRESS_EVERY or step == steps_per_epoch - 1:  # reading the loss waits for the device
                 value = loss.item()
                 if not math.isfinite(value):  # non-finite weights make every later loss non-finite too
                     raise TrainingError(_nonfinite_message(config, epoch, step))
@@ -281,131 +304,8 @@ def _run_epoch(config, model, optimizer_step, prep, order, epoch, start_step, st
                 count = 0
         return steps_per_epoch
     finally:
-        if batches is not None:
-            batches.close()
         if bar is not None:
             bar.close()
-
-
-def _step(config, model, optimizer_step: Callable[[], object], prep, xb, beta, precision,
-          value: bool = True) -> torch.Tensor | None:
-    """One training step on the batch `xb` (as stored, gathered by prep.batches); returns the loss (a 0-dim
-    tensor), or possibly None with value=False (see fused.loss_and_grads)."""
-    x = prep.prepare_train(xb)  # (B, C, H, W) in [0, 1]
-    loss = loss_and_grads(model, x, beta, config.free_bits, forward_context=precision, value=value)
-    optimizer_step()
-    return loss
-
-
-class AdamStep:
-    """optimizer.step(), or, for vaelab's own fused Adam on the CPU, the function Adam.step ends in
-    (torch.optim.adam.adam, Adam's public functional form) on parameter and state lists gathered once.
-
-    Same kernel, same arguments, same update: tests/test_train.py checks the trained weights bit for bit. What it
-    skips is Adam.step's per-call bookkeeping (hooks, profiler scope, rebuilding the lists), ~100 µs, about 3 % of
-    a 784-400-20 step on 2 CPU cores. Anything unusual takes optimizer.step(): a GPU (where the step is a CUDA
-    graph), several parameter groups, AMSGrad, maximize, decoupled weight decay, a parameter without a gradient,
-    an optimizer step hook, or FUNCTIONAL_ADAM = False."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-        self.lists: tuple[list, list, list, list] | None = None  # params, exp_avgs, exp_avg_sqs, steps
-        groups = optimizer.param_groups
-        g = groups[0]
-        self.direct = (type(optimizer) is torch.optim.Adam and len(groups) == 1 and bool(g.get("fused"))
-                       and not (g["amsgrad"] or g["maximize"] or g.get("decoupled_weight_decay")
-                                or g.get("capturable") or g.get("differentiable"))
-                       and all(p.device.type == "cpu" for p in g["params"]))
-
-    def _gather(self):
-        params = self.optimizer.param_groups[0]["params"]
-        states = [self.optimizer.state.get(p, {}) for p in params]
-        if not all({"exp_avg", "exp_avg_sq", "step"} <= s.keys() for s in states):
-            return None  # no state yet (the first step creates it)
-        return (params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states])
-
-    def _hooked(self) -> bool:
-        """Whether a step hook is registered (on this optimizer or globally): optimizer.step() runs those."""
-        from torch.optim import optimizer as o
-
-        names = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
-        return any(getattr(self.optimizer, n, None) for n in names) or any(
-            getattr(o, n, None) for n in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"))
-
-    def __call__(self) -> None:
-        if FUNCTIONAL_ADAM and self.direct and self.lists is None:
-            self.lists = self._gather()
-        if not FUNCTIONAL_ADAM or self.lists is None or self._hooked():
-            self.optimizer.step()
-            return
-        params, exp_avgs, exp_avg_sqs, steps = self.lists
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
-            self.optimizer.step()
-            return
-        g = self.optimizer.param_groups[0]
-        adam_update(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True, amsgrad=False,
-                    beta1=g["betas"][0], beta2=g["betas"][1], lr=g["lr"], weight_decay=g["weight_decay"],
-                    eps=g["eps"], maximize=False)
-
-
-class GraphStep:
-    """A full-size training step on a GPU, captured once as a CUDA graph and replayed for every later batch.
-
-    The first call runs the step eagerly (on a side stream, as capture requires: it initialises the optimizer's
-    state and the libraries' per-stream handles) and then records it; each later call copies the batch's indices
-    into the graph's input and replays it. Replays run the same kernels on the same tensors, and the graph's
-    random draws advance the CUDA generator as eager ones do. The step may be the hand-written MLP step or
-    autograd's (conv networks, --precision bf16). Used only where nothing in the step changes from one batch to
-    the next or needs the host: a constant β (no --kl-warmup), Adam with its step count on the GPU (capturable)
-    and no module hooks."""
-
-    def __init__(self, config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared):
-        self.config, self.model, self.optimizer, self.prep = config, model, optimizer, prep
-        self.idx = torch.zeros(config.batch_size, dtype=torch.long, device=prep.train.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.loss: torch.Tensor | None = None
-        self.disabled = False
-
-    @staticmethod
-    def usable(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared) -> bool:
-        if not CUDA_GRAPHS or prep.train.device.type != "cuda" or config.kl_warmup > 0:
-            return False
-        if not isinstance(prep.train, torch.Tensor):  # too large to keep on the GPU: batches come from the host
-            return False
-        if not all(g.get("capturable") and g.get("fused") for g in optimizer.param_groups):
-            return False  # e.g. SGD, or a checkpoint written without a GPU-resident step count
-        return not hooked(model)  # a hook's Python would run once, at capture, and never on replay
-
-    def _step(self) -> torch.Tensor:
-        # autocast's cast cache must be off inside a graph capture (the casts are recorded like any other op)
-        precision = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-                     if self.config.precision == "bf16" else None)
-        xb = self.prep.train.index_select(0, self.idx)  # the batch gather is part of the captured graph
-        return _step(self.config, self.model, self.optimizer.step, self.prep, xb, self.config.beta, precision)
-
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        self.idx.copy_(idx)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.loss  # overwritten by the next replay: the caller reads it before then (stream order)
-        side = torch.cuda.Stream(self.idx.device)
-        side.wait_stream(torch.cuda.current_stream(self.idx.device))
-        with torch.cuda.stream(side):
-            loss = self._step()  # the real step for this batch
-        torch.cuda.current_stream(self.idx.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):  # records; runs nothing
-                self.loss = self._step()
-        except RuntimeError as e:  # something in the step cannot be captured: go on kernel by kernel
-            warnings.warn(f"CUDA graph capture of the training step failed ({e}); training goes on without it",
-                          RuntimeWarning, stacklevel=2)
-            self.disabled = True
-            return loss
-        self.graph = graph
-        return loss
 
 
 def _nonfinite_message(config: TrainConfig, epoch: int, step: int) -> str:

@@ -10,7 +10,7 @@ would, in the same order, so training on mapped or resident data gives the same 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -61,35 +61,76 @@ def resident(array: np.ndarray, device: torch.device, chunk: int = 1 << 14) -> t
 
 
 class BatchSource:
-    """The training loop's batches: `epoch(order, start_step)` yields the batch of every step from
-    `start_step` on, rows order[step * B:(step + 1) * B] of the training set.
+    """The training set's batches: `source(idx)` is rows `idx` of the set, in that order, as stored.
 
-    For a resident tensor (in memory, or on a GPU) a batch is one index_select. For StoredImages a
-    background thread gathers the next batch while the caller trains on the current one."""
+    For a resident tensor (in memory, or on a GPU) a batch is one index_select. For StoredImages, once
+    `plan(order, start_step)` has told it the epoch's order, a background thread gathers the batch of the next
+    step while the caller trains on the current one; a call whose idx is not the planned one is gathered at
+    once, so the result never depends on the plan."""
 
     def __init__(self, train: torch.Tensor | StoredImages, batch_size: int, prefetch: bool = True):
-        self.train, self.batch_size, self.prefetch = train, batch_size, prefetch
+        self.train, self.batch_size = train, batch_size
+        self.resident = not isinstance(train, StoredImages)
+        self.prefetch = prefetch and not self.resident
+        self._pool: ThreadPoolExecutor | None = None
+        self._order: torch.Tensor | None = None
+        self._pending: tuple[int, Future] | None = None  # (step, its batch being gathered)
 
     def __len__(self) -> int:
         return -(-len(self.train) // self.batch_size)
 
-    def batch(self, order: torch.Tensor, step: int) -> torch.Tensor:
-        idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-        if isinstance(self.train, StoredImages):
-            return self.train.gather(idx)
-        # index_select copies whole rows; plain indexing (train[idx]) gathers byte by byte, ~20x slower
-        return self.train.index_select(0, idx)
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.resident:
+            # index_select copies whole rows; plain indexing (train[idx]) gathers element by element, far slower
+            return self.train.index_select(0, idx)
+        return self.train.gather(idx)
+
+    def plan(self, order: torch.Tensor, start_step: int = 0) -> None:
+        """This epoch's order of the training set; the first batch is gathered from here on."""
+        if not self.prefetch:
+            return
+        self._drop()
+        self._order = order.cpu()
+        self._ahead(start_step)
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._pending is not None:
+            step, future = self._pending
+            planned = self._step_idx(step)
+            if len(planned) == len(idx) and torch.equal(planned, idx.cpu()):
+                xb = future.result()
+                self._ahead(step + 1)
+                return xb
+            self._drop()
+        return self.gather(idx)
 
     def epoch(self, order: torch.Tensor, start_step: int = 0) -> Iterator[torch.Tensor]:
-        steps = len(self)
-        if not (self.prefetch and isinstance(self.train, StoredImages)):
-            for step in range(start_step, steps):
-                yield self.batch(order, step)
+        """The batches of every step from `start_step` on, in `order`."""
+        self.plan(order, start_step)
+        try:
+            for step in range(start_step, len(self)):
+                yield self(order[step * self.batch_size:(step + 1) * self.batch_size])
+        finally:
+            self._drop()
+
+    def close(self) -> None:
+        self._drop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _step_idx(self, step: int) -> torch.Tensor:
+        return self._order[step * self.batch_size:(step + 1) * self.batch_size]
+
+    def _ahead(self, step: int) -> None:
+        self._pending = None
+        if self._order is None or step >= len(self):
             return
-        order = order.cpu()
-        with ThreadPoolExecutor(1, thread_name_prefix="vaelab-batches") as pool:
-            pending = pool.submit(self.batch, order, start_step) if start_step < steps else None
-            for step in range(start_step, steps):
-                xb = pending.result()
-                pending = pool.submit(self.batch, order, step + 1) if step + 1 < steps else None
-                yield xb
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="vaelab-batches")
+        self._pending = (step, self._pool.submit(self.gather, self._step_idx(step)))
+
+    def _drop(self) -> None:
+        if self._pending is not None:
+            self._pending[1].cancel()
+            self._pending = None
