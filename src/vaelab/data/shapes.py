@@ -97,8 +97,11 @@ def generate(n: int, seed: int = 0, out: np.ndarray | None = None, batch: int = 
     return images, factors
 
 
-def load_shapes(n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0, progress: bool = False):
-    """The `shapes` dataset, drawn once into the decoded cache and memory-mapped from there."""
+def load_shapes(n_train: int | None = None, n_test: int | None = None, seed: int = 0, progress: bool = False):
+    """The `shapes` dataset (N_TRAIN + N_TEST images), drawn once into the decoded cache and memory-mapped from
+    there. The test images are drawn from seed + 1."""
+    n_train = N_TRAIN if n_train is None else n_train
+    n_test = N_TEST if n_test is None else n_test
     fingerprint = {"kind": "shapes", "version": VERSION, "n_train": n_train, "n_test": n_test, "seed": seed}
     name = cache.entry_name("shapes", fingerprint)
     entry = cache.lookup(name, fingerprint)
