@@ -16,7 +16,7 @@ from .config import TrainConfig
 from .data import cache
 from .errors import ConfigError, VaelabError
 from .metrics import table_rows
-from .reporting import FIGURES
+from .reporting import ALL_FIGURES
 from .runs import load_run
 from .trainer import resume, train
 
@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="write one figure of the report as PNG",
                        description="Write one figure as <out>/<NAME>.png and print its path.")
     p.add_argument("run", help="run directory")
-    p.add_argument("--only", required=True, metavar="NAME", help=f"the figure: {', '.join(FIGURES)}")
+    p.add_argument("--only", required=True, metavar="NAME", help=f"the figure: {', '.join(ALL_FIGURES)} (factors: "
+                   "data with named factors, such as shapes and dsprites)")
     p.add_argument("--out", help="folder for the PNG (default: the run directory)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
     _add_threads_flag(p)

@@ -136,7 +136,6 @@ def _kl(m: Material, path: Path) -> Path:
 FIGURES = {  # name -> (caption, drawing function); the PNG is written as <name>.png
     "manifold": ("Latent manifold", _manifold),
     "scatter": ("Latent scatter of test codes", _scatter),
-    "factors": ("Latent scatter coloured by each factor of variation", _factors),  # data with factors only
     "reconstructions": ("Reconstructions", _reconstructions),
     "stochastic": ("Where the stochastic bit is", _stochastic),
     "samples": ("Prior samples", _samples),
@@ -147,16 +146,27 @@ FIGURES = {  # name -> (caption, drawing function); the PNG is written as <name>
 }
 
 
+FACTOR_FIGURES = {  # drawn for data with named factors of variation (shapes, dsprites)
+    "factors": ("Latent scatter coloured by each factor of variation", _factors),
+}
+ALL_FIGURES = {**FIGURES, **FACTOR_FIGURES}
+
+
+def figures_for(material: Material) -> list[str]:
+    """The figures of this material's report: FIGURES, and FACTOR_FIGURES where the data has factors."""
+    return [*FIGURES, *(FACTOR_FIGURES if material.factors is not None else ())]
+
+
 def check_figure(name: str) -> None:
-    if name not in FIGURES:
-        raise ConfigError(f"--only must be one of {', '.join(FIGURES)}; got {name!r}")
+    if name not in ALL_FIGURES:
+        raise ConfigError(f"--only must be one of {', '.join(ALL_FIGURES)}; got {name!r}")
 
 
 def draw(material: Material, name: str, out_dir: Path) -> Path:
     check_figure(name)
     with torch.random.fork_rng(devices=_cuda_devices(material.run)):
         torch.manual_seed(0)  # the sampled figures are reproducible, and the caller's RNG stream is untouched
-        return FIGURES[name][1](material, Path(out_dir) / f"{name}.png")
+        return ALL_FIGURES[name][1](material, Path(out_dir) / f"{name}.png")
 
 
 def _cuda_devices(run: Run) -> list[int]:
@@ -215,8 +225,7 @@ def write_report(run: Run, out_dir: str | Path | None = None, iw_samples: int = 
     out = Path(out_dir) if out_dir is not None else Path(run.path)
     out.mkdir(parents=True, exist_ok=True)
     material = Material.of(run, min(N_CODES, limit or N_CODES), numbers)
-    figures = [(caption, draw(material, name, out)) for name, (caption, _) in FIGURES.items()
-               if name != "factors" or material.factors is not None]
+    figures = [(ALL_FIGURES[name][0], draw(material, name, out)) for name in figures_for(material)]
     write_text_atomic(out / "eval.json", json.dumps(numbers, indent=2) + "\n")
     title = (f"vaelab report: {run.path.name} ({run.model.likelihood.describe()}, "
              f"latent {run.config.latent_dim})")

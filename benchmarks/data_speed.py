@@ -1,0 +1,162 @@
+"""Training on memory-mapped data: how fast, against resident data, and how much of the process's own memory.
+
+1. Speed. Fashion-MNIST's 60,000 training images are saved as .npy files and trained on twice per round, with
+   `vaelab.train` and the same config (784-400-20 MLP, Gaussian σ = 0.1, batch 128, one epoch, seed 0):
+   - resident: the arrays in memory (tensors that share them), each batch one index_select;
+   - mapped: the same arrays memory-mapped from the .npy files (as the decoded cache and .npy datasets are),
+     each batch gathered by a background thread while the previous step runs (vaelab.data.BatchSource).
+   The files are read once before timing, so the mapped series runs on page-cached data. Seconds per epoch are
+   the `seconds` of the epoch's train row in metrics.jsonl (the training loop alone). The two series take
+   turns, --rounds rounds; the ratio is median(resident seconds) / median(mapped seconds): 1.0 means the same
+   speed, the target is >= 0.9. Both runs end with bit-identical weights (checked).
+2. Memory. A fresh process trains one epoch on a 1.2 GB memory-mapped set (100,000 random 3x64x64 uint8 images,
+   written as .npy files) and samples its own RssAnon (anonymous memory: /proc/self/status) every 20 ms. Pages
+   of the mapped file are page cache (RssFile), which the kernel can drop; RssAnon is what the process itself
+   holds. Printed: RssAnon before the data is opened, its peak while training and evaluating, and the set's size.
+
+    python benchmarks/data_speed.py                 # both parts (a few minutes on 2 busy cores)
+    python benchmarks/data_speed.py --rounds 3 --skip-memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vaelab import TrainConfig, train
+from vaelab.data import ImageData, load_dataset
+
+MIB = 1 << 20
+
+
+def rss_anon_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _config(out: Path, **kw) -> TrainConfig:
+    base = dict(hidden=[400], latent_dim=20, likelihood="gaussian", sigma="0.1", batch_size=128, epochs=1, seed=0,
+                device="cpu", out=str(out))
+    return TrainConfig(**{**base, **kw})
+
+
+def speed(rounds: int, tmp: Path) -> dict:
+    fashion = load_dataset("fashion-mnist")
+    np.save(tmp / "train.npy", fashion.train)
+    np.save(tmp / "test.npy", fashion.test)
+    mapped = ImageData("mapped", np.load(tmp / "train.npy", mmap_mode="r"), np.load(tmp / "test.npy", mmap_mode="r"))
+    resident = ImageData("resident", np.array(mapped.train), np.array(mapped.test))
+    for a in (mapped.train, mapped.test):  # into the page cache
+        int(np.asarray(a).sum(dtype=np.int64))
+    seconds: dict[str, list[float]] = {"resident": [], "mapped": []}
+    weights = {}
+    for r in range(rounds):
+        for name, data in (("resident", resident), ("mapped", mapped)):
+            run = train(_config(tmp / f"{name}-{r}", dataset=name), progress=False, data=data)
+            seconds[name].append(run.metrics[0]["seconds"])
+            weights[name] = {k: v.clone() for k, v in run.model.state_dict().items()}
+            print(f"round {r + 1}/{rounds} {name:8s} {seconds[name][-1]:.2f} s/epoch", flush=True)
+    identical = all(torch.equal(weights["resident"][k], weights["mapped"][k]) for k in weights["resident"])
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    return {"resident_s": med["resident"], "mapped_s": med["mapped"], "ratio": med["resident"] / med["mapped"],
+            "identical_weights": identical, "rounds": rounds, "all": seconds}
+
+
+def write_big_set(tmp: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
+    """n random 3x64x64 uint8 images as train.npy (and n // 20 as test.npy), written a block at a time."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name, count in (("big-train.npy", n), ("big-test.npy", n // 20)):
+        path = tmp / name
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count, 3, 64, 64))
+        for start in range(0, count, 4096):
+            block = min(4096, count - start)
+            out[start:start + block] = rng.integers(0, 256, (block, 3, 64, 64), dtype=np.uint8)
+        out.flush()
+        del out
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def memory_child(train_path: str, test_path: str, out: str) -> None:
+    """Runs in a fresh process: train one epoch on the mapped set, sampling RssAnon throughout."""
+    before = rss_anon_mib()
+    peak = [before]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_anon_mib())
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    data = ImageData("big", np.load(train_path, mmap_mode="r"), np.load(test_path, mmap_mode="r"))
+    t0 = time.perf_counter()
+    run = train(_config(Path(out), dataset="big", hidden=[256], latent_dim=16, batch_size=256), progress=False,
+                data=data)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    peak[0] = max(peak[0], rss_anon_mib())
+    print(json.dumps({"rss_anon_before_mib": before, "rss_anon_peak_mib": peak[0],
+                      "set_mib": (data.train.nbytes + data.test.nbytes) / MIB, "seconds": seconds,
+                      "train_seconds": run.metrics[0]["seconds"], "images": len(data.train)}))
+
+
+def memory(n: int, tmp: Path) -> dict:
+    train_path, test_path = write_big_set(tmp, n)
+    code = [sys.executable, __file__, "--memory-child", str(train_path), str(test_path), str(tmp / "big-run")]
+    r = subprocess.run(code, capture_output=True, text=True, env={**os.environ}, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"memory run failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5, help="epochs of each series (default 5)")
+    p.add_argument("--images", type=int, default=100_000, help="images of the memory run's set (default 100,000: "
+                   "1.2 GB)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the batch thread is extra)")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--memory-child", nargs=3, metavar=("TRAIN", "TEST", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    results = {"threads": args.threads, "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="vaelab-data-speed-") as tmp:
+        if not args.skip_speed:
+            s = speed(args.rounds, Path(tmp))
+            results["speed"] = s
+            print(f"speed: resident {s['resident_s']:.2f} s/epoch, mapped {s['mapped_s']:.2f} s/epoch (medians of "
+                  f"{s['rounds']}); mapped runs at {s['ratio']:.3f}x the resident speed (target >= 0.9); "
+                  f"weights bit-identical: {s['identical_weights']}")
+        if not args.skip_memory:
+            m = memory(args.images, Path(tmp))
+            results["memory"] = m
+            print(f"memory: a {m['set_mib'] / 1024:.2f} GiB memory-mapped set ({m['images']} images 3x64x64); "
+                  f"RssAnon {m['rss_anon_before_mib']:.0f} MiB before, peak {m['rss_anon_peak_mib']:.0f} MiB while "
+                  f"training an epoch and evaluating (+{m['rss_anon_peak_mib'] - m['rss_anon_before_mib']:.0f} MiB); "
+                  f"{m['seconds']:.0f} s")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
