@@ -89,3 +89,27 @@ def test_training_on_mapped_data_is_bit_identical_to_resident(tmp_path):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in run.metrics]
 
     assert numbers(runs[0]) == numbers(runs[1])
+
+
+def test_unplanned_batches_are_gathered_at_once(mapped):
+    source = BatchSource(StoredImages(mapped), 8)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(2))
+    source.plan(order)
+    other = torch.tensor([5, 1, 4])
+    assert torch.equal(source(other), torch.from_numpy(np.array(mapped))[other])  # not the planned batch
+    assert torch.equal(source(order[:8]), torch.from_numpy(np.array(mapped))[order[:8]])
+    source.close()
+
+
+@pytest.mark.slow
+def test_resume_on_a_mapped_npy_dataset_is_exact(tmp_path):
+    from vaelab import resume
+
+    x = np.random.default_rng(1).integers(0, 256, (200, 6, 6), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    common = dict(dataset=str(tmp_path / "x.npy"), hidden=[16], latent_dim=2, batch_size=16, seed=5)
+    whole = train(TrainConfig(**common, epochs=2, out=str(tmp_path / "whole")), progress=False)
+    train(TrainConfig(**common, epochs=1, out=str(tmp_path / "half")), progress=False)
+    resumed = resume(tmp_path / "half", progress=False, epochs=2)
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
