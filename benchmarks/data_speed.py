@@ -1,18 +1,24 @@
 """Training on memory-mapped data: how fast, against resident data, and how much of the process's own memory.
 
-1. Speed. Fashion-MNIST's 60,000 training images are saved as .npy files and trained on twice per round, with
-   `vaelab.train` and the same config (784-400-20 MLP, Gaussian σ = 0.1, batch 128, one epoch, seed 0):
+1. Speed. Fashion-MNIST's training images (the first --limit, default 20,000) are saved as .npy files and
+   trained on twice per round, with `vaelab.train` and the same config (784-400-20 MLP, Gaussian σ = 0.1,
+   batch 128, one epoch, seed 0):
    - resident: the arrays in memory (tensors that share them), each batch one index_select;
    - mapped: the same arrays memory-mapped from the .npy files (as the decoded cache and .npy datasets are),
      each batch gathered by a background thread while the previous step runs (vaelab.data.BatchSource).
    The files are read once before timing, so the mapped series runs on page-cached data. Seconds per epoch are
    the `seconds` of the epoch's train row in metrics.jsonl (the training loop alone). The two series take
-   turns, --rounds rounds; the ratio is median(resident seconds) / median(mapped seconds): 1.0 means the same
-   speed, the target is >= 0.9. Both runs end with bit-identical weights (checked).
+   turns, --rounds rounds, the first of each order alternating. The speed ratio is resident seconds / mapped
+   seconds: 1.0 means the same speed, the target is >= 0.9. Printed: the median of the per-round ratios (each
+   round's pair saw the same machine state) and the ratio of the two medians. Both runs end with
+   bit-identical weights (checked).
 2. Memory. A fresh process trains one epoch on a 1.2 GB memory-mapped set (100,000 random 3x64x64 uint8 images,
    written as .npy files) and samples its own RssAnon (anonymous memory: /proc/self/status) every 20 ms. Pages
    of the mapped file are page cache (RssFile), which the kernel can drop; RssAnon is what the process itself
    holds. Printed: RssAnon before the data is opened, its peak while training and evaluating, and the set's size.
+3. Folder loads. --folder-images PNG files (64x64 RGB `shapes`, default 20,000) are written to a folder; the
+   first `load_dataset` decodes them into the decoded cache, the second finds the cache valid (a listing and a
+   stat per file against the manifest) and memory-maps it. Both wall times are printed.
 
     python benchmarks/data_speed.py                 # both parts (a few minutes on 2 busy cores)
     python benchmarks/data_speed.py --rounds 3 --skip-memory
@@ -53,8 +59,8 @@ def _config(out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def speed(rounds: int, tmp: Path) -> dict:
-    fashion = load_dataset("fashion-mnist")
+def speed(rounds: int, limit: int, tmp: Path) -> dict:
+    fashion = load_dataset("fashion-mnist", limit=limit)
     np.save(tmp / "train.npy", fashion.train)
     np.save(tmp / "test.npy", fashion.test)
     mapped = ImageData("mapped", np.load(tmp / "train.npy", mmap_mode="r"), np.load(tmp / "test.npy", mmap_mode="r"))
@@ -63,16 +69,19 @@ def speed(rounds: int, tmp: Path) -> dict:
         int(np.asarray(a).sum(dtype=np.int64))
     seconds: dict[str, list[float]] = {"resident": [], "mapped": []}
     weights = {}
+    series = (("resident", resident), ("mapped", mapped))
     for r in range(rounds):
-        for name, data in (("resident", resident), ("mapped", mapped)):
+        for name, data in series if r % 2 == 0 else series[::-1]:
             run = train(_config(tmp / f"{name}-{r}", dataset=name), progress=False, data=data)
             seconds[name].append(run.metrics[0]["seconds"])
             weights[name] = {k: v.clone() for k, v in run.model.state_dict().items()}
-            print(f"round {r + 1}/{rounds} {name:8s} {seconds[name][-1]:.2f} s/epoch", flush=True)
+            print(f"round {r + 1}/{rounds} {name:8s} {seconds[name][-1]:.2f} s/epoch", file=sys.stderr, flush=True)
     identical = all(torch.equal(weights["resident"][k], weights["mapped"][k]) for k in weights["resident"])
     med = {k: statistics.median(v) for k, v in seconds.items()}
+    paired = statistics.median(a / b for a, b in zip(seconds["resident"], seconds["mapped"], strict=True))
     return {"resident_s": med["resident"], "mapped_s": med["mapped"], "ratio": med["resident"] / med["mapped"],
-            "identical_weights": identical, "rounds": rounds, "all": seconds}
+            "paired_ratio": paired, "identical_weights": identical, "rounds": rounds, "images": len(mapped.train),
+            "all": seconds}
 
 
 def write_big_set(tmp: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
@@ -126,14 +135,38 @@ def memory(n: int, tmp: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def folder_loads(n: int, tmp: Path) -> dict:
+    from PIL import Image
+
+    from vaelab.data import shapes
+
+    folder = tmp / "folder"
+    folder.mkdir()
+    for start in range(0, n, 1000):
+        images, _ = shapes.generate(min(1000, n - start), seed=start)
+        for i, im in enumerate(images):
+            Image.fromarray(im.transpose(1, 2, 0)).save(folder / f"{start + i:07d}.png", compress_level=1)
+    os.environ["VAELAB_CACHE"] = str(tmp / "cache")
+    t0 = time.perf_counter()
+    first = load_dataset(str(folder))
+    t1 = time.perf_counter()
+    second = load_dataset(str(folder))
+    t2 = time.perf_counter()
+    assert np.array_equal(first.test, second.test)
+    return {"images": n, "first_s": t1 - t0, "cached_s": t2 - t1, "cpus": os.cpu_count()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5, help="epochs of each series (default 5)")
+    p.add_argument("--rounds", type=int, default=9, help="epochs of each series (default 9)")
+    p.add_argument("--limit", type=int, default=20_000, help="training images of the speed part (default 20,000)")
     p.add_argument("--images", type=int, default=100_000, help="images of the memory run's set (default 100,000: "
                    "1.2 GB)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the batch thread is extra)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--folder-images", type=int, default=20_000, help="PNG files of the folder-load part (default "
+                   "20,000; 0 skips it)")
     p.add_argument("--memory-child", nargs=3, metavar=("TRAIN", "TEST", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -143,11 +176,12 @@ def main(argv=None) -> None:
     results = {"threads": args.threads, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="vaelab-data-speed-") as tmp:
         if not args.skip_speed:
-            s = speed(args.rounds, Path(tmp))
+            s = speed(args.rounds, args.limit, Path(tmp))
             results["speed"] = s
-            print(f"speed: resident {s['resident_s']:.2f} s/epoch, mapped {s['mapped_s']:.2f} s/epoch (medians of "
-                  f"{s['rounds']}); mapped runs at {s['ratio']:.3f}x the resident speed (target >= 0.9); "
-                  f"weights bit-identical: {s['identical_weights']}")
+            print(f"speed: {s['images']} images, resident {s['resident_s']:.2f} s/epoch, mapped {s['mapped_s']:.2f} "
+                  f"s/epoch (medians of {s['rounds']}); mapped runs at {s['paired_ratio']:.3f}x the resident speed "
+                  f"(median of per-round ratios; ratio of medians {s['ratio']:.3f}; target >= 0.9); weights "
+                  f"bit-identical: {s['identical_weights']}")
         if not args.skip_memory:
             m = memory(args.images, Path(tmp))
             results["memory"] = m
@@ -155,6 +189,11 @@ def main(argv=None) -> None:
                   f"RssAnon {m['rss_anon_before_mib']:.0f} MiB before, peak {m['rss_anon_peak_mib']:.0f} MiB while "
                   f"training an epoch and evaluating (+{m['rss_anon_peak_mib'] - m['rss_anon_before_mib']:.0f} MiB); "
                   f"{m['seconds']:.0f} s")
+        if args.folder_images:
+            f = folder_loads(args.folder_images, Path(tmp))
+            results["folder"] = f
+            print(f"folder: {f['images']} PNG files 64x64; first load (decode into the cache) {f['first_s']:.1f} s, "
+                  f"second load (cache valid, mapped) {f['cached_s']:.2f} s")
     print(json.dumps(results))
 
 

@@ -204,3 +204,10 @@ def test_celeba_folder_is_cropped_and_resized_to_64(tmp_path):
         Image.new("RGB", (178, 218), (10 * i, 100, 200)).save(d / f"{i:06d}.jpg", quality=95)
     data = load_dataset("celeba", data_dir=str(tmp_path))
     assert data.name == "celeba" and data.shape == (3, 64, 64)
+
+
+def test_image_size_is_refused_where_it_does_not_apply(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((5, 4, 4), np.uint8))
+    for dataset in ("shapes", str(tmp_path / "x.npy")):
+        with pytest.raises(DataError, match="--image-size and --center-crop apply to image folders and celeba"):
+            load_dataset(dataset, image_size=32)

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import DataError
 from . import cache
 from .core import ImageData, split_rows
-from .folders import Options, load_image_folder
+from .folders import Options, load_image_folder, parse_size
 
 
 # ----------------------------------------------------------------------------------------------- CIFAR-10
@@ -183,13 +183,16 @@ def _npz_member(z: zipfile.ZipFile, key: str, where) -> np.ndarray:
 CELEBA_FOLDER = "img_align_celeba"
 
 
-def load_celeba(dirs: list[Path], skip_bad: bool = False, progress: bool = False) -> ImageData:
+def load_celeba(dirs: list[Path], skip_bad: bool = False, progress: bool = False, image_size=None,
+                center_crop=None) -> ImageData:
     """CelebA's aligned images from a local img_align_celeba folder, centre-cropped to 140 and resized to 64
-    (the usual VAE preprocessing)."""
+    (the usual VAE preprocessing) unless other sizes are given."""
+    opts = Options(parse_size(image_size, "--image-size") or (64, 64),
+                   parse_size(center_crop, "--center-crop") or (140, 140))
     for d in dirs:
         for candidate in (d / CELEBA_FOLDER, d / "celeba" / CELEBA_FOLDER):
             if candidate.is_dir():
-                data = load_image_folder(candidate, Options((64, 64), (140, 140)), skip_bad, progress)
+                data = load_image_folder(candidate, opts, skip_bad, progress)
                 data.name = "celeba"
                 return data
     looked = ", ".join(str(d) for d in dirs)

@@ -98,7 +98,8 @@ class BatchSource:
             step, future = self._pending
             planned = self._step_idx(step)
             if len(planned) == len(idx) and torch.equal(planned, idx.cpu()):
-                xb = future.result()
+                # not started yet (a busy machine had no core for the thread): gather it here rather than wait
+                xb = self.gather(idx) if future.cancel() else future.result()
                 self._ahead(step + 1)
                 return xb
             self._drop()

@@ -351,6 +351,9 @@ def _decode_all(files, start: int, opts: Options, scratch: np.ndarray, grey: np.
         if workers == 1 or n - start <= CHUNK:
             bar.update(work(start, n))
             return
-        with ThreadPoolExecutor(workers) as pool:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="vaelab-decode")
+        try:
             for done in pool.map(lambda lo: work(lo, min(lo + CHUNK, n)), range(start, n, CHUNK)):
                 bar.update(done)
+        finally:  # on Ctrl-C the chunks not started yet are dropped, not decoded first
+            pool.shutdown(wait=True, cancel_futures=True)

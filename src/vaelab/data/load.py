@@ -23,11 +23,15 @@ def load_dataset(dataset: str, data_dir: str | None = None, limit: int | None = 
     Image folders: `image_size` (N or (H, W)) resizes the shorter side and centre-crops, `center_crop` crops
     first, transparent pixels are composited over `background` (white or black); `skip_bad_images` leaves
     undecodable files out instead of stopping at the first."""
+    if (image_size is not None or center_crop is not None) and (dataset in NAMES and dataset != "celeba"
+                                                                 or not Path(dataset).expanduser().is_dir()):
+        raise DataError(f"--image-size and --center-crop apply to image folders and celeba; --dataset {dataset} "
+                        "has images of one size already")
     if dataset == "shapes":
         data = load_shapes(progress=progress)
     elif dataset == "celeba":
         dirs = [Path(d) for d in (data_dir, os.environ.get("VAELAB_DATA")) if d] + [cache_dir()]
-        data = load_celeba(dirs, skip_bad_images, progress)
+        data = load_celeba(dirs, skip_bad_images, progress, image_size=image_size, center_crop=center_crop)
     elif dataset in REGISTRY:
         data = load_named(dataset, data_dir, allow_download, progress)
     else:
