@@ -335,3 +335,13 @@ def test_cli_cache_ls_and_clear(tmp_path, own_cache, capsys):
     assert len(list(own_cache.iterdir())) == 1
     code, out, _ = _run(capsys, "cache", "clear")
     assert code == 0 and "removed 1 entry" in out and not list(own_cache.iterdir())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--image-size", "0"], "--image-size must be a size such as 64 or 64x48"),
+    (["--center-crop", "64xq"], "--center-crop must be a size such as 64 or 64x48"),
+    (["--image-size", "32", "--dataset", "shapes"], "--image-size and --center-crop apply to image folders"),
+])
+def test_bad_size_flags_get_one_line(capsys, tmp_path, args, needle):
+    code, _, err = _run(capsys, "train", "--out", str(tmp_path / "run"), "--quiet", *args)
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
