@@ -1,7 +1,7 @@
 """Batches for the training loop from data that stays where it is stored.
 
-`StoredImages` is a split kept as a numpy array, usually memory-mapped from the decoded cache or a .npy file:
-it is read a slice or a batch at a time, never copied whole into the process's memory. `BatchSource` hands the
+A `StoredImages` (core) is a split kept as a numpy array, usually memory-mapped from the decoded cache or a .npy
+file: it is read a slice or a batch at a time, never copied whole into the process's memory. `BatchSource` hands the
 training loop one epoch's batches in the epoch's order; for stored images a background thread gathers the
 next batch while the current step runs. Either way a batch holds exactly the rows `train.index_select(0, idx)`
 would, in the same order, so training on mapped or resident data gives the same result bit for bit.
@@ -15,38 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-
-class StoredImages:
-    """(N, C, H, W) images as stored (uint8 or float32), read onto `device` a slice or a batch at a time.
-
-    Supports what the evaluation code does with a split tensor: len(), .shape, .device and x[a:b] (a tensor).
-    """
-
-    def __init__(self, array: np.ndarray, device: torch.device | str = "cpu"):
-        self.array = array
-        self.device = torch.device(device)
-        self.shape = torch.Size(array.shape)
-        self.dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key: slice) -> torch.Tensor:
-        if not isinstance(key, slice):
-            raise TypeError("StoredImages is read in slices (x[a:b]) or with gather(idx)")
-        return self._tensor(np.array(self.array[key]))  # a copy of those rows only
-
-    def gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows `idx` (1-D, in that order) as one (B, C, H, W) tensor on the device."""
-        return self._tensor(np.take(self.array, idx.cpu().numpy(), axis=0))
-
-    def _tensor(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.array.nbytes)
+from .core import StoredImages
 
 
 def resident(array: np.ndarray, device: torch.device, chunk: int = 1 << 14) -> torch.Tensor:

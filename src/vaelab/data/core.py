@@ -57,8 +57,43 @@ class ImageData:
         return replace(self, train=self.train[:n], train_labels=labels, train_factors=factors)
 
 
+class StoredImages:
+    """(N, C, H, W) images as stored (uint8 or float32), read onto `device` a slice or a batch at a time.
+
+    Supports what the evaluation code does with a split tensor: len(), .shape, .device and x[a:b] (a tensor).
+    """
+
+    def __init__(self, array: np.ndarray, device: torch.device | str = "cpu"):
+        self.array = array
+        self.device = torch.device(device)
+        self.shape = torch.Size(array.shape)
+        self.dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        if not isinstance(key, slice):
+            raise TypeError("StoredImages is read in slices (x[a:b]) or with gather(idx)")
+        return self._tensor(np.array(self.array[key]))  # a copy of those rows only
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` (1-D, in that order) as one (B, C, H, W) tensor on the device."""
+        return self._tensor(np.take(self.array, idx.cpu().numpy(), axis=0))
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+
 def to_unit(x):
-    """uint8 0..255 or float [0, 1] (numpy or torch) -> float32 torch tensor in [0, 1]."""
+    """uint8 0..255 or float [0, 1] (numpy, torch or StoredImages) -> float32 torch tensor in [0, 1]."""
+    if isinstance(x, StoredImages):
+        x = x[:]  # the whole split, copied: code that reads large splits takes slices x[a:b] instead
     t = torch.as_tensor(x)
     if t.dtype == torch.uint8:
         return t.to(torch.float32).mul_(1.0 / 255.0)
