@@ -34,8 +34,9 @@ class BatchSource:
 
     For a resident tensor (in memory, or on a GPU) a batch is one index_select. For StoredImages, once
     `plan(order, start_step)` has told it the epoch's order, a background thread gathers the batch of the next
-    step while the caller trains on the current one; a call whose idx is not the planned one is gathered at
-    once, so the result never depends on the plan."""
+    step while the caller trains on the current one (reading its pages from disk where they are not cached).
+    A batch that is not ready when asked for, or not the planned one, is gathered by the caller at once: the
+    result never depends on the thread."""
 
     def __init__(self, train: torch.Tensor | StoredImages, batch_size: int, prefetch: bool = True):
         self.train, self.batch_size = train, batch_size
@@ -67,8 +68,10 @@ class BatchSource:
             step, future = self._pending
             planned = self._step_idx(step)
             if len(planned) == len(idx) and torch.equal(planned, idx.cpu()):
-                # not started yet (a busy machine had no core for the thread): gather it here rather than wait
-                xb = self.gather(idx) if future.cancel() else future.result()
+                # not ready (on a busy machine the thread may not have had a core yet): gather the rows here
+                # rather than wait for the thread to be scheduled; both give the same batch
+                xb = future.result() if future.done() else self.gather(idx)
+                future.cancel()
                 self._ahead(step + 1)
                 return xb
             self._drop()
