@@ -75,6 +75,9 @@ class TrainConfig:
     # run directory
     out: str | None = option(None, "run directory (default runs/<name>)", "run directory")
     name: str | None = option(None, "run name used for the default --out", "run directory")
+    tensorboard: str | None = option(None, "also write each epoch's numbers and image grids (reconstructions, prior "
+                                     "samples) to this folder, for `tensorboard --logdir DIR` (needs pip install "
+                                     "'vaelab[tensorboard]')", "run directory", metavar="DIR")
     # filled in when training starts, so the model can be rebuilt from config.json alone
     data_shape: list[int] | None = option(None, "", "", flag=False)
 

@@ -18,6 +18,7 @@ under autocast, with hooks or frozen parameters, behind conv decoders, and witho
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -153,12 +154,18 @@ class GaussianOptimal(Gaussian):
         self.register_buffer("running_var", torch.tensor(1.0))
         self.register_buffer("n_updates", torch.tensor(0, dtype=torch.long))
         self._batch_log_sigma: Tensor | None = None
+        # data-parallel training: sums a tensor over every process's part of the batch (see vaelab.distributed)
+        self.batch_reduce: Callable[[Tensor], Tensor] | None = None
 
     def log_prob(self, params, x):
         mu = params[0]
         sq = _sum_pixels((x - mu).square())  # (B,)
-        if self.training:
+        if self.training and self.batch_reduce is not None:  # σ*² from the whole batch, not this process's part
+            total = self.batch_reduce(torch.stack([sq.detach().sum(), sq.new_tensor(float(sq.shape[0]))]))
+            var = (total[0] / (total[1] * x[0].numel())).clamp_min(self.MIN_VAR)
+        elif self.training:
             var = (sq.detach().mean() / x[0].numel()).clamp_min(self.MIN_VAR)
+        if self.training:
             with torch.no_grad():
                 m = torch.where(self.n_updates > 0, self.MOMENTUM, 1.0)
                 self.running_var.lerp_(var, m)

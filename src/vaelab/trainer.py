@@ -27,10 +27,12 @@ from torch import Tensor
 from .config import TrainConfig
 from .cudagraph import CUDAGraphStep, Step, capturable
 from .data import ImageData, Prepared, prepare_data
+from .distributed import SINGLE, ShardStep, World, check_batch, join, wrap
 from .errors import ConfigError, RunError, TrainingError
 from .fused import MLPStep
 from .metrics import elbo_metrics
 from .model import VAE, objective
+from .monitor import TensorBoard
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -69,9 +71,13 @@ class TrainStep:
 
 
 def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared,
-              device: torch.device) -> Step:
+              device: torch.device, world: World = SINGLE) -> Step:
     """The training step for this run, chosen once: TrainStep; on a CPU, the same step with an MLP's gradients
-    written by hand (vaelab.fused) where that is exact; on a GPU, a CUDA graph of it where replaying is exact."""
+    written by hand (vaelab.fused) where that is exact; on a GPU, a CUDA graph of it where replaying is exact;
+    with several processes, the step on this process's share of each batch under DistributedDataParallel."""
+    if world.size > 1:
+        return ShardStep(wrap(model, world, device), optimizer, prep, world, config.free_bits,
+                         config.binarize == "dynamic", autocast(config, device))
 
     def batch(idx: Tensor) -> Tensor:
         # index_select copies whole rows; plain indexing (train[idx]) gathers element by element, far slower
@@ -146,17 +152,24 @@ def _cpu_has_bf16() -> bool:
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts at once."""
+    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts at once.
 
-    def __init__(self):
+    Under torchrun the launcher passes Ctrl-C on to every process as SIGINT, and stops them with SIGTERM when one
+    of them fails: both ask to stop. The processes then stop together at the next step where they compare notes
+    (`agreed`), so every one of them stops after the same step."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT,)):
         self.requested = False
-        self._previous = None
+        self.agreed = False
+        self.signals = signals
+        self._previous: dict = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
+        for sig in self.signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+                pass
         return self
 
     def _handle(self, signum, frame):
@@ -165,8 +178,8 @@ class _StopFlag:
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
 
 
@@ -188,69 +201,106 @@ def train(config: TrainConfig | dict, progress: bool = True, data: ImageData | N
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     out = default_out(config)
-    if not resume and (out / CONFIG).exists():
-        raise RunError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
-    device = resolve_device(config.device)
-    check_precision(config, device)
-    # training draws from torch's global generators (initialisation, z); the caller's streams are put back after
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        return _train(config, out, device, progress, data, resume)
+    # under torchrun: this process's rank and device; a single process otherwise (World())
+    world, device = join(resolve_device(config.device))
+    try:
+        check_batch(config.batch_size, world)
+
+        def check_out():
+            if not resume and (out / CONFIG).exists():
+                raise RunError(f"{out} already holds a run; pass --resume {out} to continue it or choose another "
+                               "--out")
+
+        world.agree(check_out)  # every process looks before rank 0 writes there
+        check_precision(config, device)
+        # training draws from torch's global generators (initialisation, z); the caller's streams are put back after
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            return _train(config, out, device, progress and world.main, data, resume, world)
+    finally:
+        world.close()
 
 
 def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool, data: ImageData | None,
-           resume: bool) -> Run:
+           resume: bool, world: World = SINGLE) -> Run:
     torch.manual_seed(config.seed)
-    prep = prepare_data(config, device, data)
-    config.data_shape = list(prep.data.shape)
-    config.out = str(out)
-    model = VAE.from_config(config, prep.data.shape).to(device)
-    optimizer = make_optimizer(config, model)
     shuffle = torch.Generator().manual_seed(config.seed)
-
     epoch, start_step = 0, 0
     metrics: list[dict] = []
-    if resume:
-        meta, rng = load_checkpoint(out / CHECKPOINT, model, optimizer)
-        epoch, start_step = meta["epoch"], meta["step"]
-        torch.set_rng_state(rng["cpu"])
-        shuffle.set_state(rng["shuffle"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        metrics = [r for r in read_metrics(out / METRICS) if r["epoch"] <= epoch]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-    config.save(out / CONFIG)
 
+    def setup():
+        nonlocal epoch, start_step, metrics
+        prep = prepare_data(config, device, data)
+        board = None
+        if config.tensorboard and world.main:  # before anything is written: the package may be missing
+            board = TensorBoard(config.tensorboard, prep.test, prep.prepare, prep.train.shape[0])
+        config.data_shape = list(prep.data.shape)
+        config.out = str(out)
+        model = VAE.from_config(config, prep.data.shape).to(device)
+        optimizer = make_optimizer(config, model)
+        if resume:
+            meta, rng = load_checkpoint(out / CHECKPOINT, model, optimizer)
+            epoch, start_step = meta["epoch"], meta["step"]
+            torch.set_rng_state(rng["cpu"])
+            shuffle.set_state(rng["shuffle"])
+            if "cuda" in rng and device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], device)
+            metrics = [r for r in read_metrics(out / METRICS) if r["epoch"] <= epoch]
+        elif world.main:
+            out.mkdir(parents=True, exist_ok=True)
+        if world.main:
+            config.save(out / CONFIG)
+        return prep, model, optimizer, board
+
+    prep, model, optimizer, board = world.agree(setup)  # a process that cannot start stops them all
     n = prep.train.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
-    train_step = make_step(config, model, optimizer, prep, device)
-    with _StopFlag() as stop:
+    train_step = make_step(config, model, optimizer, prep, device, world)
+    last_good = [epoch]
+
+    def lost() -> str:
+        return (f"the run's files hold its last complete epoch ({last_good[0]}): continue with vaelab train "
+                f"--resume {out}" if last_good[0] else "no epoch was completed, so nothing was saved")
+
+    signals = (signal.SIGINT, signal.SIGTERM) if world.size > 1 else (signal.SIGINT,)
+    with _StopFlag(signals) as stop, world.watch(lost), contextlib.closing(board or _Nothing()):
         while epoch < config.epochs:
             shuffle_state = shuffle.get_state()  # lets a mid-epoch checkpoint rebuild this epoch's order
             order = torch.randperm(n, generator=shuffle).to(device)
             t0 = time.perf_counter()
             step = _run_epoch(config, model, train_step, order, epoch, start_step, steps_per_epoch, stop,
-                              progress)
+                              progress, world)
             train_seconds = time.perf_counter() - t0
             if step < steps_per_epoch:  # stopped by Ctrl-C mid-epoch
-                save_checkpoint(out / CHECKPOINT, model, optimizer,
-                                {"epoch": epoch, "step": step}, _rng_state(shuffle_state, device))
-                print(f"\ninterrupted: checkpoint saved at epoch {epoch + 1}, step {step}/{steps_per_epoch}; "
-                      f"continue with: vaelab train --resume {out}", file=sys.stderr)
+                if world.main:
+                    save_checkpoint(out / CHECKPOINT, model, optimizer,
+                                    {"epoch": epoch, "step": step, "world_size": world.size},
+                                    _rng_state(shuffle_state, device))
+                    print(f"\ninterrupted: checkpoint saved at epoch {epoch + 1}, step {step}/{steps_per_epoch}; "
+                          f"continue with: vaelab train --resume {out}", file=sys.stderr)
                 raise KeyboardInterrupt
             start_step = 0
             epoch += 1
-            metrics += _epoch_metrics(config, model, prep, epoch, train_seconds)
-            write_metrics(out / METRICS, metrics)
-            save_weights(model, out / WEIGHTS)
-            save_checkpoint(out / CHECKPOINT, model, optimizer, {"epoch": epoch, "step": 0},
-                            _rng_state(shuffle.get_state(), device))
+            metrics += _epoch_metrics(config, model, prep, epoch, train_seconds, world)
+            if board is not None:
+                board.epoch(epoch, metrics[-2:], model)
+            if world.main:
+                write_metrics(out / METRICS, metrics)
+                save_weights(model, out / WEIGHTS)
+                save_checkpoint(out / CHECKPOINT, model, optimizer,
+                                {"epoch": epoch, "step": 0, "world_size": world.size},
+                                _rng_state(shuffle.get_state(), device))
+            last_good[0] = epoch
             if progress:
                 test = metrics[-1]
                 print(f"epoch {epoch}/{config.epochs}: test loss {test['loss']:.2f} nats "
                       f"(rec {test['rec']:.2f}, kl {test['kl']:.2f}), {train_seconds:.1f}s", file=sys.stderr)
     model.eval()
     return Run(out, config, model, metrics)
+
+
+class _Nothing:
+    def close(self) -> None:
+        pass
 
 
 def resume(path: str | Path, progress: bool = True, epochs: int | None = None, device: str | None = None) -> Run:
@@ -280,7 +330,7 @@ def beta_at(config: TrainConfig, epoch_progress: float) -> float:
 
 
 def _run_epoch(config, model, train_step: Step, order, epoch, start_step, steps_per_epoch, stop,
-               progress) -> int:
+               progress, world: World = SINGLE) -> int:
     model.train()
     bar = None
     if progress:
@@ -292,20 +342,22 @@ def _run_epoch(config, model, train_step: Step, order, epoch, start_step, steps_
     step = start_step
     try:
         for step in range(start_step, steps_per_epoch):
-            if stop.requested:
+            if stop.agreed or (stop.requested and world.size == 1):
                 return step
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
             beta = beta_at(config, epoch + step / steps_per_epoch)
-            loss = train_step(idx, beta)
+            loss = train_step(idx, beta)  # with several processes: this process's share of the loss
             count += 1
             if count == PROGRESS_EVERY or step == steps_per_epoch - 1:  # reading the loss waits for the device
-                value = loss.item()
+                value, stop.agreed = world.report(loss, stop.requested)  # summed over the processes
                 if not math.isfinite(value):  # non-finite weights make every later loss non-finite too
                     raise TrainingError(_nonfinite_message(config, epoch, step))
                 if bar is not None:
                     bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.2f}")
                     bar.update(count)
                 count = 0
+                if stop.agreed and world.size > 1:
+                    return step + 1
         return steps_per_epoch
     finally:
         if bar is not None:
@@ -323,11 +375,13 @@ def _nonfinite_message(config: TrainConfig, epoch: int, step: int) -> str:
             + (" The last checkpoint (previous epoch) is kept." if epoch > 0 else " No checkpoint was written."))
 
 
-def _epoch_metrics(config, model, prep, epoch, train_seconds) -> list[dict]:
+def _epoch_metrics(config, model, prep, epoch, train_seconds, world: World = SINGLE) -> list[dict]:
+    """Each split's metrics, the evaluation shared among the processes: the numbers one process reports."""
     rows = []
     for split, x in (("train", prep.train_eval), ("test", prep.test)):
-        m = elbo_metrics(model, x, max(config.batch_size, 1000), prep.prepare, seed=EVAL_SEED + epoch)
-        row = {"epoch": epoch, "split": split, **m}
+        m = elbo_metrics(model, x, max(config.batch_size, 1000), prep.prepare, seed=EVAL_SEED + epoch,
+                         part=(world.rank, world.size), reduce=world.all_sum if world.size > 1 else None)
+        row = {"epoch": epoch, "split": split, **m, "world_size": world.size}
         if config.beta != 1.0 or config.kl_warmup > 0 or config.free_bits > 0:
             row["objective"] = _objective_value(config, m, epoch)
         if not prep.normalized:
