@@ -95,6 +95,9 @@ class Explorer:
         self.x, self.prepare = split.x[:n_codes], split.prepare  # stored form; scaled per request
         self.labels = None if split.labels is None else np.asarray(split.labels)[:n_codes].astype(int)
         self.classes = split.classes
+        factors = getattr(split, "factors", None)  # (N, F) named factors of variation, for data that has them
+        self.factors = None if factors is None else np.asarray(factors, dtype=np.float64)[:n_codes]
+        self.factor_names = getattr(split, "factor_names", None) if factors is not None else None
         with torch.inference_mode():
             means, stds = [], []
             for i in range(0, len(self.x), 500):
@@ -152,6 +155,7 @@ class Explorer:
             "sigma_name": getattr(lik, "scale_name", None),
             "sigma_per_pixel": per_pixel,
             "labels": self.classes,
+            "factor_names": self.factor_names,
             "n_codes": self.n,
             "centre": _round(self.centre),
             "basis": _round(self.basis),
@@ -173,7 +177,8 @@ class Explorer:
 
     def codes_payload(self) -> dict:
         labels = None if self.labels is None else self.labels.tolist()
-        return {"codes": _round(self.codes), "labels": labels}
+        factors = None if self.factors is None else _round(self.factors, 4)
+        return {"codes": _round(self.codes), "labels": labels, "factors": factors}
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """f(z) for codes (B, L) -> uint8 (B, H, W, C)."""
