@@ -66,7 +66,7 @@ def speed(rounds: int, limit: int, tmp: Path) -> dict:
     fashion = load_dataset("fashion-mnist", limit=limit)
     np.save(tmp / "train.npy", fashion.train)
     np.save(tmp / "test.npy", fashion.test)
-    mapped = ImageData("mapped", np.load(tmp / "train.npy", mmap_mode="r"), np.load(tmp / "test.npy", mmap_mode="r"))
+    mapped = ImageData("mapped", np.load(tmp / "train.npy", mmap_mode="c"), np.load(tmp / "test.npy", mmap_mode="c"))
     resident = ImageData("resident", np.array(mapped.train), np.array(mapped.test))
     for a in (mapped.train, mapped.test):  # into the page cache
         int(np.asarray(a).sum(dtype=np.int64))
@@ -133,7 +133,7 @@ def memory_child(train_path: str, test_path: str, out: str) -> None:
     trainer._run_epoch = marked
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    data = ImageData("big", np.load(train_path, mmap_mode="r"), np.load(test_path, mmap_mode="r"))
+    data = ImageData("big", np.load(train_path, mmap_mode="c"), np.load(test_path, mmap_mode="c"))
     t0 = time.perf_counter()
     run = train(_config(Path(out), dataset="big", hidden=[64], latent_dim=8, batch_size=256), progress=False,
                 data=data)
