@@ -80,6 +80,9 @@ class TrainConfig:
     cuda_graph: bool = option(True, "on a GPU, record the training step once as a CUDA graph and replay it for "
                               "each full batch (same results, far fewer kernel launches); --no-cuda-graph launches "
                               "every kernel of every step (for profiling or debugging)", "optimisation")
+    handwritten_grads: bool = option(True, "on a CPU, compute a plain MLP VAE's network gradients with vaelab's "
+                                     "hand-written backward pass (the gradients autograd computes, with less "
+                                     "per-step overhead); --no-handwritten-grads uses autograd", "optimisation")
     # run directory
     out: str | None = option(None, "run directory (default runs/<name>)", "run directory")
     name: str | None = option(None, "run name used for the default --out", "run directory")
