@@ -125,7 +125,7 @@ def _other_activation(model):
 
 @pytest.mark.parametrize("case", ["mlp", "conv", "hook", "frozen", "activation", "bf16", "cuda", "disabled"])
 def test_the_trainer_chooses_the_hand_written_step_only_where_it_is_exact(case):
-    from vaelab.data import Prepared
+    from vaelab.data import BatchSource, Prepared
 
     cfg = TrainConfig(likelihood="bernoulli", hidden=[4, 6] if case == "conv" else [16], latent_dim=3,
                       arch="conv" if case == "conv" else "mlp", precision="bf16" if case == "bf16" else "fp32",
@@ -137,7 +137,7 @@ def test_the_trainer_chooses_the_hand_written_step_only_where_it_is_exact(case):
     if case == "cuda":
         return  # make_step would also look for a CUDA graph, which needs the device
     train = torch.zeros(8, *SHAPE)
-    prep = Prepared(None, train, train, train, lambda x: x, lambda x: x, True)
+    prep = Prepared(None, train, train, train, lambda x: x, lambda x: x, True, BatchSource(train, 8))
     step = make_step(cfg, model, torch.optim.Adam(model.parameters()), prep, device)
     assert type(step) is (MLPStep if case == "mlp" else TrainStep)
 

@@ -2,8 +2,9 @@
 `objective(model(x), beta, free_bits)` by autograd and the optimizer (`TrainStep`).
 On a CPU a plain MLP VAE takes the same step with its networks' gradients written by hand (vaelab.fused).
 
-The training set stays resident as one tensor (uint8 where the data is 8-bit) and each batch is gathered
-and scaled on the fly. The loop makes no host sync except to read the loss of every PROGRESS_EVERY-th batch
+Each batch is gathered from the training set as stored (uint8 where the data is 8-bit) and scaled on the fly:
+from one resident tensor, or, for memory-mapped data, by a background thread one batch ahead (data.BatchSource).
+The loop makes no host sync except to read the loss of every PROGRESS_EVERY-th batch
 (progress bar and non-finite check). On a GPU the step is replayed as one CUDA graph where that is exact
 (vaelab.cudagraph; --no-cuda-graph turns it off).
 """
@@ -80,13 +81,13 @@ def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer,
                          config.binarize == "dynamic", autocast(config, device))
 
     def batch(idx: Tensor) -> Tensor:
-        # index_select copies whole rows; plain indexing (train[idx]) gathers element by element, far slower
-        return prep.prepare_train(prep.train.index_select(0, idx))
+        return prep.prepare_train(prep.batches(idx))
 
     bf16 = config.precision == "bf16"
     if config.handwritten_grads and MLPStep.applies(model, device, autocast=bf16):
         return MLPStep(model, optimizer, batch, config.free_bits)
-    graph = config.cuda_graph and capturable(model, optimizer, device, constant_beta=config.kl_warmup <= 0)
+    graph = (config.cuda_graph and prep.batches.resident
+             and capturable(model, optimizer, device, constant_beta=config.kl_warmup <= 0))
     step = TrainStep(model, optimizer, batch, config.free_bits, autocast(config, device, cache=not graph))
     return CUDAGraphStep(step, config.batch_size, config.beta, device) if graph else step
 
@@ -229,7 +230,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
 
     def setup():
         nonlocal epoch, start_step, metrics
-        prep = prepare_data(config, device, data)
+        prep = prepare_data(config, device, data, progress=progress and world.main)
         board = None
         if config.tensorboard and world.main:  # before anything is written: the package may be missing
             board = TensorBoard(config.tensorboard, prep.test, prep.prepare, prep.train.shape[0])
@@ -266,6 +267,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
         while epoch < config.epochs:
             shuffle_state = shuffle.get_state()  # lets a mid-epoch checkpoint rebuild this epoch's order
             order = torch.randperm(n, generator=shuffle).to(device)
+            prep.batches.plan(order, start_step)  # mapped data: the next batch is read while a step runs
             t0 = time.perf_counter()
             step = _run_epoch(config, model, train_step, order, epoch, start_step, steps_per_epoch, stop,
                               progress, world)
