@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .api import demo, evaluate, plot, report, sigma_study
+from .api import demo, evaluate, explore, plot, report, sigma_study
 from .config import TrainConfig
 from .distributed import env_rank, reports
 from .errors import ConfigError, VaelabError
@@ -145,6 +145,16 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_explore(args) -> int:
+    def announce(url: str) -> None:
+        print(f"vaelab explore: serving {args.run} at {url}  (Ctrl-C stops it)", flush=True)
+
+    path = explore(args.run, args.port, args.host, not args.no_browser, args.export, args.codes, args.device,
+                   args.verbose, announce)
+    print(f"wrote {path}" if path else "vaelab explore: stopped", flush=True)
+    return 0
+
+
 def _add_eval_flags(p: argparse.ArgumentParser, iw_default: int) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--iw-samples", type=int, default=iw_default, metavar="K",
@@ -244,6 +254,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sigma_study)
+
+    p = sub.add_parser("explore", help="explore a run's latent space live in the browser",
+                       description="Serve a local web page that shows the test images' codes in the latent plane "
+                       "and decodes the point under the pointer live, with draws from p(x|z), posteriors q(z|x) "
+                       "and paths; or, with --export, write it as one HTML file that needs no server. The page's "
+                       "HTTP API is in docs/explore.md.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; any other address lets whoever reaches it use the explorer)")
+    p.add_argument("--no-browser", action="store_true", help="print the URL but do not open a browser")
+    p.add_argument("--codes", type=int, metavar="N", help="test images encoded for the scatter (default 5000; "
+                   "2000 with --export)")
+    p.add_argument("--export", metavar="FILE", help="write a self-contained HTML explorer to FILE instead of "
+                   "serving (MLP decoders run in the page; other decoders are precomputed on a grid)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
+    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    _add_threads_flag(p)
+    p.set_defaults(func=cmd_explore)
     return parser
 
 

@@ -82,8 +82,8 @@ def load_checkpoint(path: Path, model: VAE, optimizer: torch.optim.Optimizer) ->
     for k, v in tensors.items():
         if k.startswith("optim."):
             _, idx, key = k.split(".", 2)
-            # copy=True: load_file's tensors are views into the file's mapping at 4-byte-aligned offsets; Adam
-            # on them ran ~5 % slower per training step than on torch's own (64-byte-aligned) memory
+            # copy=True: load_file's tensors are views into the file's mapping at 4-byte-aligned offsets, and the
+            # fused Adam runs slower on them than on torch's own (64-byte-aligned) memory
             state.setdefault(int(idx), {})[key] = v if key == "step" else v.to(device, copy=True)
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
     rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
