@@ -245,6 +245,28 @@ def test_ctrl_c_to_the_launcher_checkpoints_and_resumes_bit_identically(tmp_path
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_like_ctrl_c(tmp_path):
+    """What a cluster scheduler sends before it takes the machines back: torchrun passes SIGTERM on."""
+    data = tmp_path / "more.npz"
+    fashion = load_dataset("fashion-mnist")
+    np.savez(data, x_train=fashion.train[:4000], x_test=fashion.test[:300])
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(torchrun_cmd(2, *args(data, run, batch_size=32, epochs=50)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        _wait_for_epochs(run, 1, launcher)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert err.count("interrupted: checkpoint saved at epoch") == 1, err[-3000:]
+    with safe_open(run / "checkpoint.safetensors", "pt") as fh:
+        meta = json.loads(fh.metadata()["meta"])
+    assert meta["step"] > 0 and meta["world_size"] == 2, meta
+    assert resume(run, epochs=meta["epoch"] + 1, progress=False).last()["epoch"] == meta["epoch"] + 1
+
+
+@pytest.mark.slow
 def test_a_dead_process_stops_the_others_and_the_run_resumes(tmp_path, subset):
     data = tmp_path / "more.npz"
     fashion = load_dataset("fashion-mnist")
