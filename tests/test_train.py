@@ -249,3 +249,16 @@ def test_frozen_parameters_and_module_hooks_train_as_in_plain_pytorch(tmp_path, 
     fresh = original(run.config, tuple(run.config.data_shape))
     assert torch.equal(run.model.encoder.head.weight, fresh.encoder.head.weight)
     assert not torch.equal(run.model.decoder.body[0].weight, fresh.decoder.body[0].weight)
+
+
+def test_run_files_get_the_mode_of_any_new_file(tmp_path):
+    """Atomic writes go through a temporary file; the file that lands has the usual mode (umask applied), not the
+    private 0600 that safetensors gives its own files."""
+    probe = tmp_path / "probe"
+    probe.touch()
+    usual = probe.stat().st_mode & 0o777
+    out = tmp_path / "run"
+    train(TrainConfig(dataset="shapes", limit=64, arch="mlp", hidden=[8], latent_dim=2, epochs=1, out=str(out)),
+          progress=False)
+    for name in ("config.json", "metrics.jsonl", "model.safetensors", "checkpoint.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == usual, name

@@ -28,11 +28,14 @@ def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) then move tmp_path onto path (same folder, so the move is atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # open(..., "x") creates the file with the mode open() gives any new file (mkstemp would make it 0600)
+    # open(..., "x") creates the file with the mode open() gives any new file (the umask applied); writers such
+    # as safetensors' save_file replace it with a private 0600 file, so that mode is put back before the move
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     open(tmp, "x").close()
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
