@@ -29,10 +29,12 @@ class TrainConfig:
     binarize: Binarize = "none"
     # model
     arch: Arch = "mlp"
-    hidden: list[int] | None = None  # mlp: layer widths (default 400); conv: channels (default 32,64)
+    hidden: list[int] | None = None  # mlp: layer widths (default 400); conv: stage channels (default 32, doubling)
+    blocks: int | None = None  # conv: residual blocks per stage (default 1); mlp: none
     latent_dim: int = 20
     likelihood: str = "gaussian"
-    sigma: str = "0.1"  # gaussian: a number, "learned", "learned-pixel" or "optimal"; laplace: number or "learned"
+    sigma: str | None = None  # a number, "learned", "learned-pixel" or "optimal" (gaussian); default per likelihood
+    mixtures: int = 1  # discretized-logistic: components per pixel
     # objective
     beta: float = 1.0
     kl_warmup: float = 0.0  # epochs of linear warm-up from 0 to beta
@@ -60,13 +62,21 @@ class TrainConfig:
             value = getattr(self, f.name)
             if allowed and value not in allowed:
                 raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(allowed)}; got {value!r}")
+        from .nets import DEFAULT_BLOCKS, DEFAULT_HIDDEN  # late import: nets imports torch
+
         if self.hidden is None:
-            self.hidden = [400] if self.arch == "mlp" else [32, 64]
+            self.hidden = list(DEFAULT_HIDDEN[self.arch])
         if isinstance(self.hidden, str):
             self.hidden = parse_hidden(self.hidden)
         self.hidden = [int(h) for h in self.hidden]
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise ConfigError(f"--hidden must be positive layer sizes such as 400 or 512,256; got {self.hidden}")
+        if self.blocks is None:
+            self.blocks = DEFAULT_BLOCKS[self.arch]
+        _positive_int("blocks", self.blocks, allow_zero=True)
+        if self.arch == "mlp" and self.blocks:
+            raise ConfigError(f"--blocks (residual blocks per stage) applies to --arch conv only; got {self.blocks} "
+                              "with --arch mlp")
         _positive_int("latent_dim", self.latent_dim)
         _positive_int("batch_size", self.batch_size)
         _positive_int("epochs", self.epochs)
@@ -76,10 +86,12 @@ class TrainConfig:
         _positive_float("beta", self.beta, allow_zero=True)
         _positive_float("kl_warmup", self.kl_warmup, allow_zero=True)
         _positive_float("free_bits", self.free_bits, allow_zero=True)
-        self.sigma = str(self.sigma)
-        from .likelihoods import check_likelihood  # late import: likelihoods imports torch
+        from .likelihoods import LIKELIHOODS, check_likelihood  # late import: likelihoods imports torch
 
-        check_likelihood(self.likelihood, self.sigma)
+        if self.sigma is None and self.likelihood in LIKELIHOODS:
+            self.sigma = LIKELIHOODS[self.likelihood].default_sigma
+        self.sigma = str(self.sigma)
+        check_likelihood(self.likelihood, self.sigma, self.mixtures)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
