@@ -67,7 +67,7 @@ def counted_flops(model, x: torch.Tensor, k: int) -> int:
     """The same count from torch's FLOP counter on a real (small) evaluation."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vaelab.evaluate import evaluate
+    from vaelab.metrics import evaluate
 
     with FlopCounterMode(display=False) as counter:
         evaluate(model, x, lambda t: t.float() / 255, None, k, batch_size=len(x))
@@ -77,7 +77,7 @@ def counted_flops(model, x: torch.Tensor, k: int) -> int:
 def resident_seconds(run_dir: Path, args) -> float:
     """Seconds of vaelab.evaluate.evaluate alone (the work inside `vaelab eval`) on the run's test images
     already on the device: on a GPU, loading the run and decompressing the dataset outweigh the arithmetic."""
-    from vaelab.evaluate import evaluate, split_data
+    from vaelab.metrics import evaluate, split_data
     from vaelab.runs import load_run
 
     run = load_run(run_dir, device=args.device)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     from vaelab.config import TrainConfig
     from vaelab.model import VAE
     from vaelab.runs import CONFIG, WEIGHTS, save_weights
-    from vaelab.train import train
+    from vaelab.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"

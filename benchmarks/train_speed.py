@@ -20,7 +20,7 @@ on Fashion-MNIST's 60,000 training images.
    autocast. It is reported on its own lines and never in the goal's ratios: it changes the arithmetic.
 5. with --with-autograd, vaelab fp32 once more with `vaelab.fused.ENABLED = False`: the same trainer with its
    gradients from autograd instead of the hand-written step, to show what that step is worth.
-6. with --device cuda, vaelab fp32 once more with `vaelab.train.CUDA_GRAPHS = False`: every step launched
+6. with --device cuda, vaelab fp32 once more with `vaelab.trainer.CUDA_GRAPHS = False`: every step launched
    kernel by kernel instead of replayed as one CUDA graph, to show what the graph is worth.
 
 The trainers take turns: each round runs one epoch of every trainer, then a floor block, so that all
@@ -57,10 +57,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from vaelab import TrainConfig, fused, resume, train
 from vaelab.data import load_dataset, to_unit
-from vaelab.evaluate import elbo_metrics
+from vaelab.metrics import elbo_metrics
 from vaelab.model import VAE
 
-train_module = importlib.import_module("vaelab.train")  # the module; `vaelab.train` is also the function
+train_module = importlib.import_module("vaelab.trainer")
 BATCH, HIDDEN, LATENT, LR, SEED = 128, 400, 20, 1e-3, 0
 COMPARE_EPOCH = 3  # test -ELBO compared after this many epochs
 EVAL_SEED = 2024

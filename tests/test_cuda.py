@@ -12,7 +12,7 @@ from test_fused import LIKELIHOODS, _autograd, _free_bits_between, _fused, _mode
 from vaelab import fused, resume, train
 from vaelab.config import TrainConfig
 from vaelab.model import VAE
-from vaelab.train import make_optimizer
+from vaelab.trainer import make_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
 CUDA = torch.device("cuda")
@@ -107,8 +107,8 @@ def test_eval_on_cuda_agrees_with_cpu(tmp_path, fashion):
 
 
 def _spy_on_graph(monkeypatch) -> tuple[list[bool], object]:
-    """Record each GraphStep call (True once it replays); returns (calls, the vaelab.train module)."""
-    train_module = importlib.import_module("vaelab.train")  # the module (vaelab.train is also the function)
+    """Record each GraphStep call (True once it replays); returns (calls, the vaelab.trainer module)."""
+    train_module = importlib.import_module("vaelab.trainer")
     calls = []
     original = train_module.GraphStep.__call__
 

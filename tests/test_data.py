@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from vaelab import data as D
-from vaelab.data import DataError, load_dataset, read_idx
+from vaelab.data import load_dataset, read_idx
+from vaelab.errors import DataError
 
 
 def test_fashion_mnist_official_split(fashion):

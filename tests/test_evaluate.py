@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from trained_runs import trained_run
 from vaelab import load_run
-from vaelab.evaluate import (
+from vaelab.cli import format_table
+from vaelab.metrics import (
     active_units,
     evaluate_run,
-    format_table,
     iwae_log_px,
     knn_agreement,
     radius_share,

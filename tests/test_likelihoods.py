@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import distributions as D
 
-from vaelab.config import ConfigError
+from vaelab.errors import ConfigError
 from vaelab.likelihoods import LIKELIHOODS, GaussianOptimal, make_likelihood
 
 B, SHAPE = 4, (1, 5, 3)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import distributions as D
 
-from vaelab.config import ConfigError, TrainConfig
+from vaelab.config import TrainConfig
+from vaelab.errors import ConfigError
 from vaelab.model import VAE, DiagonalGaussian, objective
 
 

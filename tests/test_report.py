@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import vaelab_cmd
 from trained_runs import trained_run
 from vaelab.cli import main
-from vaelab.report import FIGURES
+from vaelab.reporting import FIGURES
 
 JSON_KEYS = {"elbo", "log_px", "iw_samples", "bits_per_dim", "mse", "kl", "kl_per_dim", "active_units",
              "radius_share", "knn_agreement", "sharpness", "sigma"}

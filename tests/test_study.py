@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import distributions as D
 
-from vaelab.config import ConfigError, TrainConfig
+from vaelab.config import TrainConfig
+from vaelab.errors import ConfigError
 from vaelab.likelihoods import make_likelihood
 from vaelab.model import VAE
 from vaelab.study import StudyConfig, epoch_to_reach, markdown_table, summarize

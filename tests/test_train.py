@@ -13,8 +13,7 @@ import torch
 from safetensors import safe_open
 
 from vaelab import TrainConfig, load_run, resume, train
-from vaelab.runs import RunError
-from vaelab.train import NotNormalizedWarning, TrainingError
+from vaelab.errors import NotNormalizedWarning, RunError, TrainingError
 
 
 def _cfg(tmp_path, name, **kw):
@@ -179,7 +178,7 @@ def test_conv_and_static_binarization_train(tmp_path):
 
 
 def test_bf16_on_a_cpu_without_native_support_warns(monkeypatch):
-    T = sys.modules["vaelab.train"]  # the module (vaelab.train is also the name of the function)
+    T = sys.modules["vaelab.trainer"]
     monkeypatch.setattr(T, "_cpu_has_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="emulated and slower"):
         T.check_precision(TrainConfig(precision="bf16"), torch.device("cpu"))
@@ -191,7 +190,7 @@ def test_loaded_optimizer_state_lives_in_aligned_memory_of_its_own(tmp_path):
     must be copied out (64-byte aligned by torch's allocator): on the views each step ran ~5 % slower."""
     from vaelab.model import VAE
     from vaelab.runs import load_checkpoint, save_checkpoint
-    from vaelab.train import make_optimizer
+    from vaelab.trainer import make_optimizer
 
     cfg = TrainConfig(hidden=[24], latent_dim=3, likelihood="bernoulli")
     model = VAE.from_config(cfg, (1, 5, 7))
@@ -214,7 +213,7 @@ def test_loaded_optimizer_state_lives_in_aligned_memory_of_its_own(tmp_path):
 def _train_module():
     import importlib
 
-    return importlib.import_module("vaelab.train")  # the module; `vaelab.train` is also the function
+    return importlib.import_module("vaelab.trainer")
 
 
 @pytest.mark.parametrize("extra", [{}, {"likelihood": "gaussian", "sigma": "learned", "binarize": "none"}])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vaelab.config import TrainConfig
-from vaelab.train import train
+from vaelab.trainer import train
 
 _CACHE: dict[tuple, Path] = {}
 

@@ -1,4 +1,6 @@
-"""The Python API: train, resume, load_run, info, demo. The CLI calls exactly these."""
+"""The commands of the CLI as library functions: evaluate, report, plot, demo, sigma_study (train and resume live
+in vaelab.trainer, load_run in vaelab.runs). Each checks its arguments before any slow work and returns data
+or paths; printing is the CLI's job."""
 
 from __future__ import annotations
 
@@ -6,54 +8,18 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig, parse_hidden
 from .data import REGISTRY, locate
-from .runs import CHECKPOINT, CONFIG, Run, RunError, checkpoint_epoch, load_run, write_text_atomic
-from .train import train
-
-
-def resume(path: str | Path, progress: bool = True, epochs: int | None = None, device: str | None = None) -> Run:
-    """Continue the run in `path` from its checkpoint, up to `epochs` in total (default: its own setting)."""
-    path = Path(path)
-    if not (path / CHECKPOINT).is_file():
-        raise RunError(f"{path}: no {CHECKPOINT} to resume from (give a run directory that trained at least "
-                       "part of an epoch)")
-    config = TrainConfig.load(path / CONFIG)
-    config.out = str(path)
-    if epochs is not None:
-        done = checkpoint_epoch(path / CHECKPOINT)
-        if epochs <= done:
-            raise ConfigError(f"--epochs is the new total and must exceed the {done} epochs already trained; "
-                              f"got {epochs}")
-        config.epochs = epochs
-    if device is not None:
-        config.device = device
-    config.validate()
-    return train(config, progress=progress, resume=True)
-
-
-def info_text(path: str | Path) -> str:
-    run = load_run(path)
-    lines = [f"run: {run.path}", f"model: {run.config.arch} {run.config.hidden} -> z{run.config.latent_dim}, "
-             f"{run.model.likelihood.describe()}", "config:"]
-    lines += [f"  {k}: {json.dumps(v)}" for k, v in run.config.to_dict().items()]
-    for split in ("train", "test"):
-        last = run.last(split)
-        if last:
-            parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()
-                     if k not in ("split", "kl_per_dim")]
-            lines.append(f"last {split}: " + " ".join(parts))
-            if last.get("normalized") is False:
-                lines.append("  (Bernoulli on non-binary pixels: loss is a cross-entropy, not a normalized "
-                             "negative log-likelihood)")
-    if not run.metrics:
-        lines.append("no metrics yet")
-    return "\n".join(lines)
+from .errors import ConfigError
+from .metrics import check_eval_args, evaluate_run
+from .reporting import Material, check_figure, draw, write_report
+from .runs import CONFIG, Run, load_run, write_text_atomic
+from .study import StudyConfig, parse_list
+from .study import sigma_study as run_study
+from .trainer import resolve_device, resume, train
 
 
 def _load(path: str | Path, device: str = "auto") -> Run:
-    from .train import resolve_device
-
     return load_run(path, device=str(resolve_device(device)))
 
 
@@ -66,8 +32,6 @@ def evaluate(path: str | Path, split: str = "test", iw_samples: int = 1000, batc
              limit: int | None = None, json_path: str | Path | None = None, device: str = "auto",
              progress: bool = True) -> dict:
     """The numbers of `vaelab eval` for the run in `path`; also written to `json_path` (atomically) if given."""
-    from .evaluate import check_eval_args, evaluate_run
-
     check_eval_args(split, iw_samples, batch_size, limit)  # before the (slow) work, so errors come at once
     _check_out_file(json_path, "--json")
     numbers = evaluate_run(_load(path, device), split, iw_samples, batch_size, limit, progress=progress)
@@ -79,9 +43,6 @@ def evaluate(path: str | Path, split: str = "test", iw_samples: int = 1000, batc
 def report(path: str | Path, out: str | Path | None = None, iw_samples: int = 100, batch_size: int = 500,
            limit: int | None = None, device: str = "auto", progress: bool = True) -> Path:
     """Write every figure, eval.json and a self-contained report.html into `out` (default: the run folder)."""
-    from .evaluate import check_eval_args
-    from .report import write_report
-
     check_eval_args("test", iw_samples, batch_size, limit)
     _check_dir(out)
     return write_report(_load(path, device), out, iw_samples, batch_size, limit, progress)
@@ -89,8 +50,6 @@ def report(path: str | Path, out: str | Path | None = None, iw_samples: int = 10
 
 def plot(path: str | Path, only: str, out: str | Path | None = None, device: str = "auto") -> Path:
     """Draw one figure of the report (`only` names it) as <out>/<only>.png; return its path."""
-    from .report import Material, check_figure, draw
-
     check_figure(only)
     _check_dir(out)
     run = _load(path, device)
@@ -109,8 +68,6 @@ def demo_dataset() -> str:
 
 def demo(out: str = "runs/demo", epochs: int = 5, limit: int | None = None, progress: bool = True) -> Run:
     """Train a 2-D-latent Gaussian VAE, then write its report (figures, numbers, report.html) into the run folder."""
-    from .report import write_report
-
     dataset = demo_dataset()
     config = TrainConfig(dataset=dataset, likelihood="gaussian", sigma="0.1", latent_dim=2, hidden=[512, 256],
                          epochs=epochs, limit=limit, out=out)
@@ -142,10 +99,6 @@ def sigma_study(dataset: str = "fashion-mnist", sigmas: str | list[float] = "0.0
                 also: str | list[str] = "", hidden: str | list[int] = "400", progress: bool = True,
                 **kwargs) -> Path:
     """Run the σ study (see vaelab.study) and return the path of its index.html."""
-    from .config import parse_hidden
-    from .study import StudyConfig, parse_list
-    from .study import sigma_study as run_study
-
     if isinstance(sigmas, str):
         sigmas = parse_list(sigmas, "--sigmas")
     if isinstance(also, str):
@@ -156,4 +109,4 @@ def sigma_study(dataset: str = "fashion-mnist", sigmas: str | list[float] = "0.0
                                  **kwargs), progress=progress)
 
 
-__all__ = ["train", "resume", "load_run", "info_text", "evaluate", "report", "plot", "demo", "sigma_study"]
+__all__ = ["evaluate", "report", "plot", "demo", "sigma_study"]

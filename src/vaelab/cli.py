@@ -3,67 +3,65 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 import warnings
 from pathlib import Path
 
 from . import __version__
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-    from .data import DataError
-    from .runs import RunError
-    from .train import TrainingError
-
-    return (ConfigError, DataError, RunError, TrainingError)
+from .api import demo, evaluate, plot, report, sigma_study
+from .config import TrainConfig
+from .errors import ConfigError, VaelabError
+from .metrics import table_rows
+from .nets import conv_channels, n_parameters, stage_sizes
+from .reporting import FIGURES
+from .runs import load_run
+from .trainer import resume, train
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    # Every default is None so the TrainConfig dataclass stays the one place defaults live.
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset", help="mnist, fashion-mnist, a .npz/.npy file or an image folder "
-                   "(default fashion-mnist)")
-    d.add_argument("--data-dir", help="folder holding the IDX files of a named dataset (looked at first; then "
-                   "$VAELAB_DATA, the user cache ~/.cache/vaelab, system copies, then a download)")
-    d.add_argument("--limit", type=int, help="train on the first N training images only")
-    d.add_argument("--binarize", choices=["none", "dynamic", "static"],
-                   help="turn grey pixels into 0/1: a fresh draw per step (dynamic) or one fixed draw (static); "
-                   "for the Bernoulli likelihood (default none)")
-    m = p.add_argument_group("model")
-    m.add_argument("--arch", choices=["mlp", "conv"], help="encoder/decoder type (default mlp)")
-    m.add_argument("--hidden", help="hidden sizes, e.g. 400 or 512,256 (mlp widths; conv channels, "
-                   "default 32,64)")
-    m.add_argument("--latent-dim", type=int, help="dimensions of z (default 20)")
-    m.add_argument("--likelihood", help="observation model p(x|z): gaussian, bernoulli, continuous-bernoulli, "
-                   "laplace (default gaussian)")
-    m.add_argument("--sigma", help="gaussian σ: a number (e.g. 0.1), learned (one shared σ), learned-pixel "
-                   "(σ per pixel from the decoder) or optimal (σ² = batch MSE); laplace: the scale b or learned "
-                   "(default 0.1)")
-    o = p.add_argument_group("objective")
-    o.add_argument("--beta", type=float, help="weight of the KL term in the training objective (default 1)")
-    o.add_argument("--kl-warmup", type=float, metavar="EPOCHS",
-                   help="raise the KL weight linearly from 0 to beta over this many epochs (default 0)")
-    o.add_argument("--free-bits", type=float, metavar="NATS",
-                   help="lower bound on each latent dimension's batch-mean KL in the objective (default 0)")
-    t = p.add_argument_group("optimisation")
-    t.add_argument("--optimizer", choices=["adam", "sgd"], help="default adam")
-    t.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-    t.add_argument("--batch-size", type=int, help="default 128")
-    t.add_argument("--epochs", type=int, help="total epochs; with --resume, the new total (default 10)")
-    t.add_argument("--seed", type=int, help="seeds initialisation, shuffling and sampling (default 0)")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto (cuda when available)")
-    t.add_argument("--precision", choices=["fp32", "bf16"],
-                   help="bf16: run the networks' matmuls in bfloat16 (torch.autocast), faster on GPUs and on "
-                   "CPUs with AVX-512-BF16 or AMX; z, the KL, the likelihood, weights and optimizer state stay "
-                   "float32 and every reported number is computed in float32 (default fp32)")
-    _add_threads_flag(t)
-    r = p.add_argument_group("run directory")
-    r.add_argument("--out", help="run directory (default runs/<name>)")
-    r.add_argument("--name", help="run name used for the default --out")
+    """One flag per TrainConfig field, with the help text and default written there. Every flag's argparse
+    default is None, so a flag the user did not give never overrides the dataclass (or a resumed run's config)."""
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("cli"):
+            continue
+        group = groups.get(f.metadata["group"]) or groups.setdefault(
+            f.metadata["group"], p.add_argument_group(f.metadata["group"]))
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        kind = _flag_type(hints[f.name])
+        help_text = f.metadata["help"] + ("" if default in (None, False) else f" (default {_show(default)})")
+        kwargs: dict = {"help": help_text, "default": None}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        elif isinstance(kind, tuple):
+            kwargs["choices"] = kind
+        else:
+            kwargs["type"] = kind
+            kwargs["metavar"] = f.metadata.get("metavar")
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    r = groups["run directory"]
     r.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    _add_threads_flag(groups["optimisation"])
+
+
+def _flag_type(tp):
+    """bool, int, float or str for a field's annotation; the allowed values (a tuple) for a Literal."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if args and typing.get_origin(tp) is not list:  # X | None
+        return _flag_type(args[0])
+    return tp if tp in (bool, int, float) else str  # lists (--hidden 512,256) are parsed by TrainConfig
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
+        else str(value)
 
 
 def _add_threads_flag(p) -> None:
@@ -72,15 +70,10 @@ def _add_threads_flag(p) -> None:
                    "other jobs, 1 is often faster. Results are reproducible for a given thread count")
 
 
-TRAIN_KEYS = ("dataset", "data_dir", "limit", "binarize", "arch", "hidden", "latent_dim", "likelihood", "sigma",
-              "beta", "kl_warmup", "free_bits", "optimizer", "lr", "batch_size", "epochs", "seed", "device",
-              "precision", "out", "name")
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli"))
 
 
 def cmd_train(args) -> int:
-    from .api import resume, train
-    from .config import ConfigError, TrainConfig
-
     given = {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k) is not None}
     if args.resume:
         extra = sorted(set(given) - {"epochs", "device"})
@@ -97,24 +90,63 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_info(args) -> int:
-    from .api import info_text
+def info_text(path: str | Path) -> str:
+    run = load_run(path)
+    lines = [f"run: {run.path}", f"model: {run.config.arch} {run.config.hidden} -> z{run.config.latent_dim}, "
+             f"{run.model.likelihood.describe()}"]
+    lines += [f"  {line}" for line in network_lines(run.model, run.config)]
+    lines.append("config:")
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in run.config.to_dict().items()]
+    for split in ("train", "test"):
+        last = run.last(split)
+        if last:
+            parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()
+                     if k not in ("split", "kl_per_dim")]
+            lines.append(f"last {split}: " + " ".join(parts))
+            if last.get("normalized") is False:
+                lines.append("  (Bernoulli on non-binary pixels: loss is a cross-entropy, not a normalized "
+                             "negative log-likelihood)")
+    if not run.metrics:
+        lines.append("no metrics yet")
+    return "\n".join(lines)
 
+
+def network_lines(model, config: TrainConfig) -> list[str]:
+    """What each network is and how many parameters it has (and the likelihood's own, if any)."""
+    shape = tuple(config.data_shape)
+    if config.arch == "conv":
+        chans = conv_channels(shape, config.hidden)
+        sizes = stage_sizes(shape, len(chans))
+        what = (f"{len(chans)} stride-2 stages, channels {','.join(map(str, chans))}, {config.blocks} residual "
+                f"block(s) each, {shape[1]}x{shape[2]} -> {sizes[-1][0]}x{sizes[-1][1]}")
+    else:
+        what = f"hidden widths {','.join(map(str, config.hidden))}"
+    out = [f"encoder: {n_parameters(model.encoder):,} parameters ({what})",
+           f"decoder: {n_parameters(model.decoder):,} parameters (mirrored, {model.likelihood.n_params} output "
+           f"tensor(s) per pixel)"]
+    own = n_parameters(model.likelihood)
+    if own:
+        out.append(f"likelihood: {own:,} parameter(s)")
+    return out
+
+
+def format_table(numbers: dict) -> str:
+    rows = table_rows(numbers)
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_info(args) -> int:
     print(info_text(args.run))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .api import demo
-
     demo(out=args.out, epochs=args.epochs, limit=args.limit, progress=not args.quiet)
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .api import evaluate
-    from .evaluate import format_table
-
     numbers = evaluate(args.run, args.split, args.iw_samples, args.batch_size, args.limit, args.json,
                        args.device, progress=not args.quiet)
     print(format_table(numbers))
@@ -124,16 +156,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .api import report
-
     print(report(args.run, args.out, args.iw_samples, args.batch_size, args.limit, args.device,
                  progress=not args.quiet))
     return 0
 
 
 def cmd_plot(args) -> int:
-    from .api import plot
-
     print(plot(args.run, args.only, args.out, args.device))
     return 0
 
@@ -151,8 +179,6 @@ def _add_eval_flags(p: argparse.ArgumentParser, iw_default: int) -> None:
 
 
 def cmd_sigma_study(args) -> int:
-    from .api import sigma_study
-
     path = sigma_study(dataset=args.dataset, sigmas=args.sigmas, also=args.also, latent_dim=args.latent_dim,
                        hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                        lr=args.lr, limit=args.limit, seed=args.seed, device=args.device, out=args.out,
@@ -207,8 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the PNGs and report.html (default: the run directory)")
     p.set_defaults(func=cmd_report)
 
-    from .report import FIGURES
-
     p = sub.add_parser("plot", help="write one figure of the report as PNG",
                        description="Write one figure as <out>/<NAME>.png and print its path.")
     p.add_argument("run", help="run directory")
@@ -247,8 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _set_threads(n: int | None) -> None:
     if n is None:
         return
-    from .config import ConfigError
-
     if n < 1:
         raise ConfigError(f"--threads must be an integer >= 1; got {n}")
     import torch
@@ -262,14 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    errors = _user_errors()
     try:
         _set_threads(getattr(args, "threads", None))
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.formatwarning = lambda msg, cat, *a, **k: f"vaelab: warning: {msg}\n"
             return args.func(args)
-    except errors as e:
+    except VaelabError as e:
         print(f"vaelab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,8 +6,12 @@ import dataclasses
 import json
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
+
+from .errors import ConfigError
+from .likelihoods import LIKELIHOODS, check_likelihood
+from .nets import DEFAULT_BLOCKS, DEFAULT_HIDDEN
 
 Arch = Literal["mlp", "conv"]
 Binarize = Literal["none", "dynamic", "static"]
@@ -16,42 +20,65 @@ Optimizer = Literal["adam", "sgd"]
 Precision = Literal["fp32", "bf16"]
 
 
-class ConfigError(ValueError):
-    """A user-supplied setting is invalid; the message names the value and what is allowed."""
+def option(default, help: str, group: str, flag: bool = True, metavar: str | None = None):
+    """A TrainConfig field with the help text and group of its CLI flag: the one place both are written."""
+    meta = {"help": help, "group": group, "cli": flag, "metavar": metavar}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
+    """Everything a run needs; saved as config.json and used to rebuild the model. Each field is a CLI flag of
+    `vaelab train` (--data-dir for data_dir) with the help text and default written here."""
+
     # data
-    dataset: str = "fashion-mnist"  # a registered name or a path (.npz, .npy, image folder)
-    data_dir: str | None = None
-    limit: int | None = None  # train on the first N training images
-    binarize: Binarize = "none"
+    dataset: str = option("fashion-mnist", "mnist, fashion-mnist, a .npz/.npy file or an image folder", "data")
+    data_dir: str | None = option(None, "folder holding the files of a named dataset (looked at first; then "
+                                  "$VAELAB_DATA, the user cache ~/.cache/vaelab, system copies, then a download)",
+                                  "data")
+    limit: int | None = option(None, "train on the first N training images only", "data", metavar="N")
+    binarize: Binarize = option("none", "turn grey pixels into 0/1: a fresh draw per step (dynamic) or one fixed "
+                                "draw (static); for the Bernoulli likelihood", "data")
     # model
-    arch: Arch = "mlp"
-    hidden: list[int] | None = None  # mlp: layer widths (default 400); conv: stage channels (default 32, doubling)
-    blocks: int | None = None  # conv: residual blocks per stage (default 1); mlp: none
-    latent_dim: int = 20
-    likelihood: str = "gaussian"
-    sigma: str | None = None  # a number, "learned", "learned-pixel" or "optimal" (gaussian); default per likelihood
-    mixtures: int = 1  # discretized-logistic: components per pixel
+    arch: Arch = option("mlp", "encoder/decoder type: mlp (fully connected) or conv (stride-2 convolution "
+                        "stages with residual blocks, sized from the images)", "model")
+    hidden: list[int] | None = option(None, "mlp: hidden layer widths, e.g. 400 or 512,256 (default 400); conv: "
+                                      "channels of the first stride-2 stage, doubled per stage (at most 8x) until "
+                                      "the image is about 4x4 (default 32), or one number per stage, e.g. "
+                                      "32,64,128", "model")
+    blocks: int | None = option(None, "conv: residual blocks per stage (default 1; 0 for a plain conv net)",
+                                "model", metavar="N")
+    latent_dim: int = option(20, "dimensions of z", "model")
+    likelihood: str = option("gaussian", "observation model p(x|z): " + ", ".join(LIKELIHOODS), "model")
+    sigma: str | None = option(None, "the scale: a number (fixed), learned (one shared value, learned), "
+                               "learned-pixel (one per pixel from the decoder) or, for gaussian, optimal (σ² = batch "
+                               "MSE). Default 0.1 for gaussian and laplace, learned-pixel for the discretized ones",
+                               "model")
+    mixtures: int = option(1, "discretized-logistic: components of the per-pixel mixture", "model", metavar="K")
     # objective
-    beta: float = 1.0
-    kl_warmup: float = 0.0  # epochs of linear warm-up from 0 to beta
-    free_bits: float = 0.0  # nats per latent dimension
+    beta: float = option(1.0, "weight of the KL term in the training objective", "objective")
+    kl_warmup: float = option(0.0, "raise the KL weight linearly from 0 to beta over this many epochs", "objective",
+                              metavar="EPOCHS")
+    free_bits: float = option(0.0, "lower bound on each latent dimension's batch-mean KL in the objective (nats)",
+                              "objective", metavar="NATS")
     # optimisation
-    optimizer: Optimizer = "adam"
-    lr: float = 1e-3
-    batch_size: int = 128
-    epochs: int = 10
-    seed: int = 0
-    device: Device = "auto"
-    precision: Precision = "fp32"  # bf16: the networks' matmuls under bfloat16 autocast; all else float32
+    optimizer: Optimizer = option("adam", "the optimizer", "optimisation")
+    lr: float = option(1e-3, "learning rate", "optimisation")
+    batch_size: int = option(128, "images per training step", "optimisation")
+    epochs: int = option(10, "total epochs; with --resume, the new total", "optimisation")
+    seed: int = option(0, "seeds initialisation, shuffling and sampling", "optimisation")
+    device: Device = option("auto", "auto: cuda when available", "optimisation")
+    precision: Precision = option("fp32", "bf16: run the networks' matmuls in bfloat16 (torch.autocast), faster on "
+                                  "GPUs and on CPUs with AVX-512-BF16 or AMX; z, the KL, the likelihood, weights and "
+                                  "optimizer state stay float32 and every reported number is computed in float32",
+                                  "optimisation")
     # run directory
-    out: str | None = None
-    name: str | None = None
+    out: str | None = option(None, "run directory (default runs/<name>)", "run directory")
+    name: str | None = option(None, "run name used for the default --out", "run directory")
     # filled in when training starts, so the model can be rebuilt from config.json alone
-    data_shape: list[int] | None = None
+    data_shape: list[int] | None = option(None, "", "", flag=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,8 +89,6 @@ class TrainConfig:
             value = getattr(self, f.name)
             if allowed and value not in allowed:
                 raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(allowed)}; got {value!r}")
-        from .nets import DEFAULT_BLOCKS, DEFAULT_HIDDEN  # late import: nets imports torch
-
         if self.hidden is None:
             self.hidden = list(DEFAULT_HIDDEN[self.arch])
         if isinstance(self.hidden, str):
@@ -86,8 +111,6 @@ class TrainConfig:
         _positive_float("beta", self.beta, allow_zero=True)
         _positive_float("kl_warmup", self.kl_warmup, allow_zero=True)
         _positive_float("free_bits", self.free_bits, allow_zero=True)
-        from .likelihoods import LIKELIHOODS, check_likelihood  # late import: likelihoods imports torch
-
         if self.sigma is None and self.likelihood in LIKELIHOODS:
             self.sigma = LIKELIHOODS[self.likelihood].default_sigma
         self.sigma = str(self.sigma)

@@ -13,15 +13,15 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-
-class DataError(ValueError):
-    """The data is missing or malformed; the message says what was found and what is expected."""
+from .errors import DataError, NotNormalizedWarning
 
 
 def _only_values(a: np.ndarray, lo, hi, chunk: int = 1 << 20) -> bool:
@@ -60,8 +60,6 @@ class ImageData:
 
 def to_unit(x):
     """uint8 0..255 or float [0, 1] (numpy or torch) -> float32 torch tensor in [0, 1]."""
-    import torch
-
     t = torch.as_tensor(x)
     if t.dtype == torch.uint8:
         return t.to(torch.float32).mul_(1.0 / 255.0)
@@ -479,3 +477,49 @@ def binarize_static(x: np.ndarray, seed: int = 0) -> np.ndarray:
     """One fixed Bernoulli draw per pixel (the 'static binarization' of Larochelle & Murray)."""
     p = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
     return (np.random.default_rng(seed).random(p.shape, dtype=np.float32) < p).astype(np.uint8) * 255
+
+
+# ----------------------------------------------------------------------------------------------- as trained on
+@dataclass
+class Prepared:
+    """The data as the loop uses it: resident tensors and the function that turns a stored batch into x."""
+
+    data: ImageData
+    train: torch.Tensor
+    test: torch.Tensor
+    train_eval: torch.Tensor
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    prepare_train: Callable[[torch.Tensor], torch.Tensor]
+    normalized: bool
+
+
+def prepare_data(config, device: torch.device, data: ImageData | None = None) -> Prepared:
+    if data is None:
+        data = load_dataset(config.dataset, config.data_dir, config.limit)
+    else:  # data the caller loaded once (tests, studies): --limit still applies, as it would on reload/resume
+        data = data.limited(config.limit)
+    train, test = data.train, data.test
+    if config.binarize == "static":
+        train, test = binarize_static(train, config.seed), binarize_static(test, config.seed + 1)
+    train_t = torch.from_numpy(np.ascontiguousarray(train)).to(device)
+    test_t = torch.from_numpy(np.ascontiguousarray(test)).to(device)
+    train_eval = train_t
+    if config.binarize == "dynamic":  # evaluate on one fixed binarization; train on a fresh one every step
+        test_t = torch.from_numpy(binarize_static(test, config.seed + 1)).to(device)
+        train_eval = torch.from_numpy(binarize_static(train, config.seed)).to(device)
+
+    def prepare(xb: torch.Tensor) -> torch.Tensor:
+        return to_unit(xb)
+
+    def prepare_train(xb: torch.Tensor) -> torch.Tensor:
+        x = to_unit(xb)
+        return torch.bernoulli(x) if config.binarize == "dynamic" else x
+
+    normalized = True
+    if config.likelihood == "bernoulli" and config.binarize == "none" and not data.is_binary:
+        normalized = False
+        warnings.warn("the Bernoulli likelihood on non-binary pixels is not a normalized density: its "
+                      "'loss' is a cross-entropy, not a negative log-likelihood (use --binarize dynamic or "
+                      "static, or a continuous likelihood such as continuous-bernoulli)",
+                      NotNormalizedWarning, stacklevel=3)
+    return Prepared(data, train_t, test_t, train_eval, prepare, prepare_train, normalized)

@@ -24,22 +24,20 @@ def tile(images: np.ndarray, ncol: int, pad: int = 1, pad_value: float = 1.0) ->
 
 
 def _figure(width: float, height: float):
-    import matplotlib
+    """A figure bound to its own Agg canvas: no pyplot, so no global backend or figure registry is touched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     from .runs import atomic_write
 
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
-    plt.close(fig)
     return path
 
 
@@ -104,10 +102,10 @@ def latent_scatter(coords: np.ndarray, labels: np.ndarray | None, path: Path,
     if labels is None:
         ax.scatter(coords[:, 0], coords[:, 1], s=3, c="0.4", alpha=0.6, linewidths=0)
     else:
-        import matplotlib.pyplot as plt
+        import matplotlib
 
         labels = np.asarray(labels)
-        cmap = plt.get_cmap("tab10" if labels.max() < 10 else "tab20")
+        cmap = matplotlib.colormaps["tab10" if labels.max() < 10 else "tab20"]
         for k in np.unique(labels):
             sel = labels == k
             name = classes[k] if classes is not None and k < len(classes) else str(k)

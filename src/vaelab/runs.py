@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,27 +17,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .errors import ConfigError, RunError
 from .model import VAE
 
 CONFIG, WEIGHTS, METRICS, CHECKPOINT = "config.json", "model.safetensors", "metrics.jsonl", "checkpoint.safetensors"
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-class RunError(ValueError):
-    """A run directory is missing or unreadable."""
 
 
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) then move tmp_path onto path (same folder, so the move is atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
+    # open(..., "x") creates the file with the mode open() gives any new file (mkstemp would make it 0600)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    open(tmp, "x").close()
     try:
         write(tmp)
         os.replace(tmp, path)

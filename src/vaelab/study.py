@@ -8,6 +8,7 @@ have fewer epochs), so a study can be extended without retraining.
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import math
@@ -18,9 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, TrainConfig
+from . import plots
+from .config import TrainConfig
+from .errors import ConfigError, TrainingError
+from .metrics import evaluate_run, split_data
+from .reporting import figures_html, html_page
 from .runs import CHECKPOINT, CONFIG, WEIGHTS, Run, load_run, write_text_atomic
-from .train import TrainingError
+from .trainer import resume, train
+from .views import manifold_grid, prior_samples, reconstructions
 
 SPECIAL = ("learned", "optimal")
 # settings that must match for a run to be reused by a study
@@ -85,8 +91,6 @@ def parse_list(text: str, flag: str, kind=float) -> list:
 
 def ensure_run(config: TrainConfig, progress: bool) -> Run:
     """Reuse the run at config.out if it was trained with the same settings; resume it if it is shorter."""
-    from .api import resume
-    from .train import train
 
     out = Path(config.out)
     if not (out / CONFIG).exists():
@@ -228,9 +232,6 @@ def summarize(rows: list[dict], threshold: float, optimizer: str) -> list[str]:
 
 def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
     """Train (or reuse) every setting, evaluate, and write table.md, table.csv, figures and index.html."""
-    from . import plots
-    from .evaluate import evaluate_run
-    from .views import manifold_grid, prior_samples, reconstructions
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,15 +256,15 @@ def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
     for r in rows:
         r["epoch_to_threshold"] = epoch_to_reach(r["mse_curve"], threshold)
 
-    from .evaluate import split_data
 
     device = next(runs[0].model.parameters()).device
     split = split_data(runs[0].config, "test", device, limit=10)
     x = split.prepare(split.x)
     image_rows, panels = [("data", x.cpu().numpy())], []
     for label, run in zip([r["setting"] for r in rows], runs, strict=True):
-        torch.manual_seed(0)
-        recon = reconstructions(run.model, x, n_samples=0)[1][1]
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            recon = reconstructions(run.model, x, n_samples=0)[1][1]
         image_rows += [(f"σ={label} recon", recon), (f"σ={label} samples", prior_samples(run.model, 10))]
         if run.model.latent_dim == 2:
             panels.append((f"σ = {label}", *manifold_grid(run.model, 12)))
@@ -291,9 +292,7 @@ def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
 
 
 def study_html(cfg: StudyConfig, rows: list[dict], summary: list[str], threshold: float, figures) -> str:
-    import html
 
-    from .report import figures_html, html_page
 
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c, _, _ in COLUMNS)

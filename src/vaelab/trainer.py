@@ -17,17 +17,16 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.optim.adam import adam as adam_update
 
-from .config import ConfigError, TrainConfig
-from .data import ImageData, binarize_static, load_dataset, to_unit
-from .evaluate import elbo_metrics
+from .config import TrainConfig
+from .data import ImageData, Prepared, prepare_data
+from .errors import ConfigError, RunError, TrainingError
 from .fused import hooked, loss_and_grads
+from .metrics import elbo_metrics
 from .model import VAE
 from .runs import (
     CHECKPOINT,
@@ -35,7 +34,7 @@ from .runs import (
     METRICS,
     WEIGHTS,
     Run,
-    RunError,
+    checkpoint_epoch,
     load_checkpoint,
     read_metrics,
     save_checkpoint,
@@ -47,14 +46,6 @@ PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the 
 FUNCTIONAL_ADAM = True  # Adam's update through torch.optim.adam.adam on cached lists (AdamStep), on the CPU
 CUDA_GRAPHS = True  # replay full-size training steps on a GPU as one CUDA graph, where GraphStep.usable says so
 EVAL_SEED = 12345
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the likely cause."""
-
-
-class NotNormalizedWarning(UserWarning):
-    """A likelihood is used on data where it is not a normalized density (e.g. Bernoulli on grey pixels)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,51 +62,6 @@ def default_out(config: TrainConfig) -> Path:
     stem = Path(config.dataset).stem if config.dataset not in ("mnist", "fashion-mnist") else config.dataset
     name = config.name or f"{stem}-{config.likelihood}-{config.sigma}-z{config.latent_dim}".replace("/", "_")
     return Path("runs") / name
-
-
-@dataclass
-class Prepared:
-    """The data as the loop uses it: resident tensors and the function that turns a stored batch into x."""
-
-    data: ImageData
-    train: torch.Tensor
-    test: torch.Tensor
-    train_eval: torch.Tensor
-    prepare: Callable[[torch.Tensor], torch.Tensor]
-    prepare_train: Callable[[torch.Tensor], torch.Tensor]
-    normalized: bool
-
-
-def prepare_data(config: TrainConfig, device: torch.device, data: ImageData | None = None) -> Prepared:
-    if data is None:
-        data = load_dataset(config.dataset, config.data_dir, config.limit)
-    else:  # data the caller loaded once (tests, studies): --limit still applies, as it would on reload/resume
-        data = data.limited(config.limit)
-    train, test = data.train, data.test
-    if config.binarize == "static":
-        train, test = binarize_static(train, config.seed), binarize_static(test, config.seed + 1)
-    train_t = torch.from_numpy(np.ascontiguousarray(train)).to(device)
-    test_t = torch.from_numpy(np.ascontiguousarray(test)).to(device)
-    train_eval = train_t
-    if config.binarize == "dynamic":  # evaluate on one fixed binarization; train on a fresh one every step
-        test_t = torch.from_numpy(binarize_static(test, config.seed + 1)).to(device)
-        train_eval = torch.from_numpy(binarize_static(train, config.seed)).to(device)
-
-    def prepare(xb: torch.Tensor) -> torch.Tensor:
-        return to_unit(xb)
-
-    def prepare_train(xb: torch.Tensor) -> torch.Tensor:
-        x = to_unit(xb)
-        return torch.bernoulli(x) if config.binarize == "dynamic" else x
-
-    normalized = True
-    if config.likelihood == "bernoulli" and config.binarize == "none" and not data.is_binary:
-        normalized = False
-        warnings.warn("the Bernoulli likelihood on non-binary pixels is not a normalized density: its "
-                      "'loss' is a cross-entropy, not a negative log-likelihood (use --binarize dynamic or "
-                      "static, or a continuous likelihood such as continuous-bernoulli)",
-                      NotNormalizedWarning, stacklevel=3)
-    return Prepared(data, train_t, test_t, train_eval, prepare, prepare_train, normalized)
 
 
 def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
@@ -210,6 +156,13 @@ def train(config: TrainConfig | dict, progress: bool = True, data: ImageData | N
         raise RunError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
     device = resolve_device(config.device)
     check_precision(config, device)
+    # training draws from torch's global generators (initialisation, z); the caller's streams are put back after
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        return _train(config, out, device, progress, data, resume)
+
+
+def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool, data: ImageData | None,
+           resume: bool) -> Run:
     torch.manual_seed(config.seed)
     prep = prepare_data(config, device, data)
     config.data_shape = list(prep.data.shape)
@@ -264,6 +217,26 @@ def train(config: TrainConfig | dict, progress: bool = True, data: ImageData | N
                       f"(rec {test['rec']:.2f}, kl {test['kl']:.2f}), {train_seconds:.1f}s", file=sys.stderr)
     model.eval()
     return Run(out, config, model, metrics)
+
+
+def resume(path: str | Path, progress: bool = True, epochs: int | None = None, device: str | None = None) -> Run:
+    """Continue the run in `path` from its checkpoint, up to `epochs` in total (default: its own setting)."""
+    path = Path(path)
+    if not (path / CHECKPOINT).is_file():
+        raise RunError(f"{path}: no {CHECKPOINT} to resume from (give a run directory that trained at least "
+                       "part of an epoch)")
+    config = TrainConfig.load(path / CONFIG)
+    config.out = str(path)
+    if epochs is not None:
+        done = checkpoint_epoch(path / CHECKPOINT)
+        if epochs <= done:
+            raise ConfigError(f"--epochs is the new total and must exceed the {done} epochs already trained; "
+                              f"got {epochs}")
+        config.epochs = epochs
+    if device is not None:
+        config.device = device
+    config.validate()
+    return train(config, progress=progress, resume=True)
 
 
 def beta_at(config: TrainConfig, epoch_progress: float) -> float:

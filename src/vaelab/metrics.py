@@ -10,6 +10,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .data import prepare_data
+from .errors import ConfigError, NotNormalizedWarning
 from .likelihoods import is_gaussian
 from .model import VAE
 
@@ -192,8 +194,6 @@ SPLITS = ("train", "test")
 
 
 def check_eval_args(split: str, iw_samples: int, batch_size: int, limit: int | None = None) -> None:
-    from .config import ConfigError
-
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
     for flag, v in (("--iw-samples", iw_samples), ("--batch-size", batch_size), ("--limit", limit)):
@@ -211,8 +211,6 @@ class Split(NamedTuple):
 
 def split_data(config, split: str, device: torch.device, limit: int | None = None) -> Split:
     """A run's split as the trainer evaluated it (same data, same binarization), its first `limit` images."""
-    from .train import NotNormalizedWarning, prepare_data
-
     with warnings.catch_warnings():  # evaluate_run reports it as "normalized": false instead
         warnings.simplefilter("ignore", NotNormalizedWarning)
         prep = prepare_data(config, device)
@@ -266,9 +264,3 @@ def table_rows(r: dict) -> list[tuple[str, str]]:
         rows.append(("note", "Bernoulli on non-binary pixels is not a normalized density; ELBO and "
                      "log p(x) are cross-entropy bounds, not log-likelihoods"))
     return rows
-
-
-def format_table(r: dict) -> str:
-    rows = table_rows(r)
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

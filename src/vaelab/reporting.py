@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from . import plots, views
-from .config import ConfigError
-from .evaluate import active_units, elbo_metrics, evaluate_run, split_data, table_rows
+from .errors import ConfigError
 from .likelihoods import is_gaussian
+from .metrics import active_units, elbo_metrics, evaluate_run, split_data, table_rows
 from .runs import Run, write_text_atomic
 
 N_SHOW = 10  # images per row of the image figures
@@ -141,8 +141,14 @@ def check_figure(name: str) -> None:
 
 def draw(material: Material, name: str, out_dir: Path) -> Path:
     check_figure(name)
-    torch.manual_seed(0)  # the sampled figures are reproducible
-    return FIGURES[name][1](material, Path(out_dir) / f"{name}.png")
+    with torch.random.fork_rng(devices=_cuda_devices(material.run)):
+        torch.manual_seed(0)  # the sampled figures are reproducible, and the caller's RNG stream is untouched
+        return FIGURES[name][1](material, Path(out_dir) / f"{name}.png")
+
+
+def _cuda_devices(run: Run) -> list[int]:
+    device = next(run.model.parameters()).device
+    return [device.index or 0] if device.type == "cuda" else []
 
 
 def figures_html(figures: list[tuple[str, Path]]) -> str:
