@@ -1,4 +1,13 @@
+"""Shared fixtures and the test tiers.
+
+Markers: `slow` (trains for a while), `data` (needs real Fashion-MNIST), `browser` (needs headless Chromium),
+`gpu` (needs CUDA). `pytest -m "not slow"` is the quick inner loop; `make test` runs everything but `gpu`.
+A missing resource skips with its reason on a developer's machine, and fails under CI=true, so CI can never
+pass by skipping.
+"""
+
 import os
+import shutil
 import sys
 
 # One thread per process: the suite runs many small models, and on a busy 2-core machine a second
@@ -16,12 +25,52 @@ from vaelab.data import REGISTRY, load_dataset, locate
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+DATA_FIXTURES = {"fashion", "fashion_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.data)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where every resource must be present: {reason}"
+
+
+def missing(resource: str, how: str):
+    """Skip (or, under CI=true, fail) a test whose resource is missing."""
+    pytest.skip(f"{resource} is not available; {how}")
+
+
 @pytest.fixture(scope="session")
 def fashion_dir() -> Path:
     d = locate(REGISTRY["fashion-mnist"])
     if d is None:
-        pytest.fail("Fashion-MNIST is not available; run `make data` (the Makefile does it before the tests)")
+        missing("Fashion-MNIST", "run `make data` (the Makefile does it before the tests)")
     return d
+
+
+def find_browser() -> str | None:
+    for name in (os.environ.get("VAELAB_BROWSER"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser_path() -> str:
+    path = find_browser()
+    if path is None:
+        missing("a headless browser", "`make browser` installs Debian's chromium (or set VAELAB_BROWSER)")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ from vaelab.config import TrainConfig
 from vaelab.model import VAE
 from vaelab.trainer import make_optimizer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")]
 CUDA = torch.device("cuda")
 
 

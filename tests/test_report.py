@@ -3,9 +3,7 @@ browser (Chromium), which must load every embedded figure and render a non-blank
 plot --only and the one-line errors for bad input."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 
 import numpy as np
@@ -23,15 +21,8 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def browser() -> str:
-    for name in (os.environ.get("VAELAB_BROWSER"), "chromium", "chromium-browser", "google-chrome"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    pytest.fail("no headless browser found; `make test` installs Debian's chromium (scripts/get-browser.sh)")
-
-
-def run_browser(tmp_path, *args) -> subprocess.CompletedProcess:
-    cmd = [browser(), *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'browser-profile'}", *args]
+def run_browser(browser: str, tmp_path, *args) -> subprocess.CompletedProcess:
+    cmd = [browser, *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'browser-profile'}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -66,7 +57,8 @@ def test_report_writes_every_figure_and_a_self_contained_html(report, run_dir):
     assert not list(out.glob(".*.tmp"))
 
 
-def test_report_opens_in_a_headless_browser_with_every_figure_loaded(report, tmp_path):
+@pytest.mark.browser
+def test_report_opens_in_a_headless_browser_with_every_figure_loaded(report, tmp_path, browser_path):
     out, _ = report
     # The DOM after load, with a probe that records each <img>'s decoded size, run on a copy of the report.
     probe = ('<script>window.addEventListener("load", () => { const p = document.createElement("pre"); '
@@ -76,7 +68,7 @@ def test_report_opens_in_a_headless_browser_with_every_figure_loaded(report, tmp
              "document.body.appendChild(p); });</script></body>")
     page = tmp_path / "probe.html"
     page.write_text((out / "report.html").read_text().replace("</body>", probe))
-    res = run_browser(tmp_path, "--virtual-time-budget=10000", "--dump-dom", page.as_uri())
+    res = run_browser(browser_path, tmp_path, "--virtual-time-budget=10000", "--dump-dom", page.as_uri())
     assert res.returncode == 0, res.stderr[-2000:]
     found = re.search(r'<pre id="probe" data-height="(\d+)">(.*?)</pre>', res.stdout)
     assert found, res.stdout[-2000:]
@@ -86,7 +78,7 @@ def test_report_opens_in_a_headless_browser_with_every_figure_loaded(report, tmp
         assert complete and img_w > 100 and img_h > 100 and shown > 100
 
     shot = out / "report-screenshot.png"  # kept next to the report for a human to look at
-    res = run_browser(tmp_path, f"--screenshot={shot}", f"--window-size=1200,{page_height}",
+    res = run_browser(browser_path, tmp_path, f"--screenshot={shot}", f"--window-size=1200,{page_height}",
                       (out / "report.html").as_uri())
     assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
     img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32) / 255

@@ -113,6 +113,7 @@ def vaelab(*args):
                           timeout=900)
 
 
+@pytest.mark.slow
 def test_sigma_study_end_to_end_reuses_runs_and_agrees_with_eval(tmp_path):
     out = tmp_path / "sigma"
     common = ["--dataset", "fashion-mnist", "--limit", "1500", "--epochs", "2", "--hidden", "64",

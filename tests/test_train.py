@@ -114,6 +114,7 @@ def test_bf16_precision_trains_to_the_same_loss_and_reports_float32(tmp_path):
     assert lf[-1]["loss"] < lf[1]["loss"] - 5  # and it learned
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):
     """A real process gets SIGINT mid-training; the resumed run equals an uninterrupted one bit for bit."""
     out = tmp_path / "interrupted"
