@@ -180,7 +180,8 @@ def _add_eval_flags(p: argparse.ArgumentParser, iw_default: int) -> None:
 
 def cmd_sigma_study(args) -> int:
     path = sigma_study(dataset=args.dataset, sigmas=args.sigmas, also=args.also, latent_dim=args.latent_dim,
-                       hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                       hidden=args.hidden, arch=args.arch, blocks=args.blocks, epochs=args.epochs,
+                       batch_size=args.batch_size, optimizer=args.optimizer,
                        lr=args.lr, limit=args.limit, seed=args.seed, device=args.device, out=args.out,
                        iw_samples=args.iw_samples, mse_threshold=args.mse_threshold, progress=not args.quiet)
     print(f"wrote {path}")
@@ -250,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 0.03,0.1,0.3,1.0)")
     p.add_argument("--also", default="", help="extra settings: learned and/or optimal, comma-separated")
     p.add_argument("--latent-dim", type=int, default=2, help="default 2 (the manifold figure needs 2)")
-    p.add_argument("--hidden", default="400", help="MLP widths, e.g. 400 or 512,256 (default 400)")
+    p.add_argument("--arch", choices=["mlp", "conv"], default="mlp", help="as for train (default mlp)")
+    p.add_argument("--hidden", help="as for train: mlp widths (default 400) or conv channels (default 32)")
+    p.add_argument("--blocks", type=int, metavar="N", help="conv: residual blocks per stage (default 1)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
     p.add_argument("--batch-size", type=int, default=128, help="default 128")
     p.add_argument("--optimizer", default="adam", help="adam or sgd (default adam)")
