@@ -54,7 +54,7 @@ def linear_flops(module: nn.Module) -> int:
 
 
 def eval_flops(model, n: int, k: int) -> int:
-    """FLOPs of vaelab.evaluate.evaluate on n images with K samples: matmuls of the ELBO pass (encode, decode),
+    """FLOPs of vaelab.metrics.evaluate on n images with K samples: matmuls of the ELBO pass (encode, decode),
     the IWAE (encode, K decodes), the posterior means (encode), reconstructions and prior samples (decode),
     plus the 3x3 Laplacian of the sharpness measure on data, reconstructions and samples."""
     enc, dec = linear_flops(model.encoder), linear_flops(model.decoder)
@@ -75,7 +75,7 @@ def counted_flops(model, x: torch.Tensor, k: int) -> int:
 
 
 def resident_seconds(run_dir: Path, args) -> float:
-    """Seconds of vaelab.evaluate.evaluate alone (the work inside `vaelab eval`) on the run's test images
+    """Seconds of vaelab.metrics.evaluate alone (the work inside `vaelab eval`) on the run's test images
     already on the device: on a GPU, loading the run and decompressing the dataset outweigh the arithmetic."""
     from vaelab.metrics import evaluate, split_data
     from vaelab.runs import load_run

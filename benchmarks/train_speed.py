@@ -3,9 +3,8 @@
 One process, one machine, one model: a 784-400-20 MLP VAE with a Bernoulli likelihood, batch 128, Adam 1e-3,
 on Fashion-MNIST's 60,000 training images.
 
-1. vaelab: `vaelab.train`, the function `vaelab train` calls (with its hand-written MLP step, vaelab.fused),
-   one epoch at a time (epoch 1 on a fresh run directory, then `vaelab.resume` to 2, 3, ...; resuming is
-   bit-identical to one uninterrupted run).
+1. vaelab: `vaelab.train`, the function `vaelab train` calls, one epoch at a time (epoch 1 on a fresh run
+   directory, then `vaelab.resume` to 2, 3, ...; resuming is bit-identical to one uninterrupted run).
    Seconds per epoch are the `seconds` field of each epoch's train row in metrics.jsonl: the training loop's
    wall time, excluding the per-epoch train/test evaluation and the checkpoint. Median over the epochs.
 2. baseline: the well-known PyTorch example (examples/vae) written the usual way: a Dataset that turns each
@@ -18,10 +17,14 @@ on Fashion-MNIST's 60,000 training images.
    median over the blocks.
 4. vaelab --precision bf16 (skip with --skip-bf16): the same run with the networks' matmuls under bfloat16
    autocast. It is reported on its own lines and never in the goal's ratios: it changes the arithmetic.
-5. with --with-autograd, vaelab fp32 once more with `vaelab.fused.ENABLED = False`: the same trainer with its
-   gradients from autograd instead of the hand-written step, to show what that step is worth.
-6. with --device cuda, vaelab fp32 once more with `vaelab.trainer.CUDA_GRAPHS = False`: every step launched
-   kernel by kernel instead of replayed as one CUDA graph, to show what the graph is worth.
+5. with --with-autograd, vaelab fp32 once more with the Bernoulli log-density as the plain expression
+   (Σ x·l − softplus(l), differentiated by autograd) instead of its closed-form gradient
+   (vaelab.likelihoods.BernoulliLogProb), to show what the closed form is worth.
+6. with --device cuda, vaelab fp32 once more with --no-cuda-graph: every step launched kernel by kernel
+   instead of replayed as one CUDA graph, to show what the graph is worth.
+7. with --reference SRC, another vaelab source tree (the `src` folder of an older commit, e.g. from
+   `git archive`) trained the same way through its own CLI in a child process (`vaelab train`, then
+   `vaelab train --resume`), its seconds read from its metrics.jsonl: a before/after comparison in one run.
 
 The trainers take turns: each round runs one epoch of every trainer, then a floor block, so that all
 series see the same mix of machine states on a shared machine.
@@ -32,21 +35,27 @@ The last line is machine-readable.
     python benchmarks/train_speed.py              # the real measurement: 5 epochs each (a few minutes)
     python benchmarks/train_speed.py --epochs 3   # the shortest run that still compares test -ELBO
     python benchmarks/train_speed.py --device cuda   # trainers and floor on the GPU (scores on the CPU)
+    git archive main src | tar -x -C /tmp/before && \
+        python benchmarks/train_speed.py --epochs 3 --reference /tmp/before/src   # this tree vs main
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import importlib
 import math
+import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -55,12 +64,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vaelab import TrainConfig, fused, resume, train
+from vaelab import TrainConfig, load_run, resume, train
 from vaelab.data import load_dataset, to_unit
+from vaelab.likelihoods import Bernoulli
 from vaelab.metrics import elbo_metrics
 from vaelab.model import VAE
+from vaelab.runs import read_metrics
 
-train_module = importlib.import_module("vaelab.trainer")
 BATCH, HIDDEN, LATENT, LR, SEED = 128, 400, 20, 1e-3, 0
 COMPARE_EPOCH = 3  # test -ELBO compared after this many epochs
 EVAL_SEED = 2024
@@ -240,11 +250,17 @@ def main(argv=None) -> None:
                    help="where every trainer and the floor run (default cpu); test scores are computed on the CPU")
     p.add_argument("--skip-bf16", action="store_true", help="do not also time vaelab with --precision bf16")
     p.add_argument("--with-autograd", action="store_true",
-                   help="also time vaelab fp32 with its gradients from autograd (vaelab.fused.ENABLED = False)")
+                   help="also time vaelab fp32 with the Bernoulli log-density differentiated by autograd instead "
+                   "of its closed-form gradient")
+    p.add_argument("--reference", metavar="SRC", default=None,
+                   help="also time the vaelab package in this source folder (e.g. an older commit's src/) through "
+                   "its CLI in a child process")
     args = p.parse_args(argv)
     if args.epochs < COMPARE_EPOCH:
         p.error(f"--epochs must be >= {COMPARE_EPOCH} (the test -ELBO is compared after epoch "
                 f"{COMPARE_EPOCH}); got {args.epochs}")
+    if args.reference and not (Path(args.reference) / "vaelab" / "cli.py").is_file():
+        p.error(f"--reference must be a source folder holding vaelab/cli.py; got {args.reference}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available to torch here; allowed: cpu, cuda")
     device = torch.device(args.device)
@@ -275,7 +291,8 @@ def main(argv=None) -> None:
         bf16 = None if args.skip_bf16 else VaelabRun(Path(tmp), args, "bf16")
         auto = VaelabRun(Path(tmp), args, "fp32", autograd=True) if args.with_autograd else None
         eager = VaelabRun(Path(tmp), args, "fp32", graphs=False) if device.type == "cuda" else None
-        runs += [r for r in (bf16, auto, eager) if r is not None]
+        ref = ReferenceRun(Path(tmp), args) if args.reference else None
+        runs += [r for r in (bf16, auto, eager, ref) if r is not None]
         baseline = train_baseline(data, args.epochs, args.lean_baseline, device)
         for epoch in range(1, args.epochs + 1):
             for run in runs:
@@ -298,6 +315,11 @@ def main(argv=None) -> None:
     if auto:
         print(f"autograd: {_fmt(auto.seconds)}  (vaelab fp32 with gradients from autograd, not the hand-written "
               f"step; test -ELBO {auto.test:.2f} nats)")
+    if ref:
+        r = statistics.median(ref.seconds)
+        print(f"before  : {_fmt(ref.seconds)}  (vaelab from {args.reference}, through its CLI; test -ELBO "
+              f"{ref.test:.2f} nats)")
+        print(f"vaelab / before = {vaelab_s / r:.3f} (vaelab before / floor = {r / floor_s:.3f})")
     if eager:
         print(f"eager   : {_fmt(eager.seconds)}  (vaelab fp32 without the CUDA graph: each step launched kernel by "
               f"kernel; test -ELBO {eager.test:.2f} nats)")
@@ -332,27 +354,66 @@ class VaelabRun:
 
     def __init__(self, tmp: Path, args, precision: str, autograd: bool = False, graphs: bool = True):
         self.label = "autograd" if autograd else precision if graphs else "eager"
-        self.autograd, self.graphs, self.path = autograd, graphs, tmp / self.label
+        self.autograd, self.path = autograd, tmp / self.label
         self.cfg = dict(dataset="fashion-mnist", data_dir=args.data_dir, likelihood="bernoulli", hidden=[HIDDEN],
                         latent_dim=LATENT, batch_size=BATCH, lr=LR, optimizer="adam", seed=SEED, device=args.device,
-                        precision=precision)
+                        precision=precision, cuda_graph=graphs)
         self.seconds: list[float] = []
         self.test = math.nan
 
     def epoch(self, epoch: int, score) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the Bernoulli-on-grey-pixels warning; the example does the same
-            fused.ENABLED, train_module.CUDA_GRAPHS = not self.autograd, self.graphs
-            try:
+            plain = mock.patch.object(Bernoulli, "log_prob", plain_bernoulli_log_prob) if self.autograd else None
+            with plain or contextlib.nullcontext():
                 if epoch == 1:
                     run = train(TrainConfig(**self.cfg, epochs=1, out=str(self.path)), progress=False)
                 else:
                     run = resume(self.path, progress=False, epochs=epoch)
-            finally:
-                fused.ENABLED, train_module.CUDA_GRAPHS = True, True
         self.seconds.append([r for r in run.metrics if r["split"] == "train"][-1]["seconds"])
         if epoch == COMPARE_EPOCH:
             self.test = score(run.model)
+
+
+def plain_bernoulli_log_prob(self, params, x):
+    """Bernoulli.log_prob as the plain expression, for autograd to differentiate (--with-autograd)."""
+    logits = params[0]
+    return (x * logits).sum(dim=(-3, -2, -1)) - F.softplus(logits).sum(dim=(-3, -2, -1))
+
+
+class ReferenceRun:
+    """vaelab from another source folder, run as `vaelab train` in a child process, one epoch per call (the
+    first on a fresh run directory, then --resume to the next total). Seconds are its train-loop time per epoch
+    from metrics.jsonl, as for VaelabRun; the child's start-up and data loading are not in them."""
+
+    def __init__(self, tmp: Path, args):
+        self.label, self.path, self.src = "before", tmp / "before", str(Path(args.reference).resolve())
+        self.flags = ["--dataset", "fashion-mnist", "--likelihood", "bernoulli", "--hidden", str(HIDDEN),
+                      "--latent-dim", str(LATENT), "--batch-size", str(BATCH), "--lr", str(LR), "--seed", str(SEED),
+                      "--device", args.device, "--precision", "fp32", "--quiet"]
+        if args.data_dir:
+            self.flags += ["--data-dir", args.data_dir]
+        self.threads = ["--threads", str(args.threads)] if args.threads else []
+        self.flags += self.threads
+        self.seconds: list[float] = []
+        self.test = math.nan
+
+    def epoch(self, epoch: int, score) -> None:
+        cmd = [sys.executable, "-W", "ignore", "-m", "vaelab.cli", "train"]
+        if epoch == 1:
+            cmd += [*self.flags, "--epochs", "1", "--out", str(self.path)]
+        else:
+            cmd += ["--resume", str(self.path), "--epochs", str(epoch), "--quiet", *self.threads]
+        env = {**os.environ, "PYTHONPATH": self.src}
+        check = subprocess.run([sys.executable, "-c", "import vaelab; print(vaelab.__file__)"], env=env,
+                               capture_output=True, text=True, check=True)
+        if not check.stdout.startswith(self.src):
+            raise SystemExit(f"--reference: the child imported vaelab from {check.stdout.strip()}, not {self.src}")
+        subprocess.run(cmd, env=env, check=True)
+        rows = [r for r in read_metrics(self.path / "metrics.jsonl") if r["split"] == "train"]
+        self.seconds.append(rows[-1]["seconds"])
+        if epoch == COMPARE_EPOCH:
+            self.test = score(load_run(self.path).model)
 
 
 def _fmt(values: list[float]) -> str:

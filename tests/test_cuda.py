@@ -1,39 +1,30 @@
-"""The GPU path: the hand-written step, the trainer, resume and eval on CUDA. Skipped where torch sees no GPU
-(the CI machine has none); run on a GPU machine with `python -m pytest tests/test_cuda.py`."""
+"""The GPU path: the closed-form gradients, the training step and its CUDA graph, resume and eval on CUDA.
+Skipped where torch sees no GPU (the CI machine has none); run on a GPU machine with
+`python -m pytest tests/test_cuda.py`."""
 
-import copy
-import importlib
 import warnings
 
 import pytest
 import torch
 
-from test_fused import LIKELIHOODS, _autograd, _free_bits_between, _fused, _model
-from vaelab import fused, resume, train
+from test_gradients import REFERENCE, SPECS, _inputs, _likelihood, check_against_reference
+from vaelab import cudagraph, resume, train
 from vaelab.config import TrainConfig
 from vaelab.model import VAE
-from vaelab.trainer import make_optimizer
+from vaelab.trainer import TrainStep, autocast, make_optimizer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")]
 CUDA = torch.device("cuda")
 
 
-@pytest.mark.parametrize("lik,sigma", LIKELIHOODS)
-def test_hand_written_step_equals_autograd_on_cuda_in_float64(lik, sigma):
-    model = _model(lik, sigma, (12, 7)).to(CUDA)
-    x = torch.rand(6, *model.shape, dtype=torch.float64, device=CUDA)
-    if lik == "bernoulli":
-        x = x.round()
-    free_bits = _free_bits_between(model, x)
-    reference = copy.deepcopy(model)
-    loss_a, grads_a = _autograd(reference, x, 0.3, free_bits)
-    loss_f, grads_f = _fused(model, x, 0.3, free_bits)
-    assert loss_f.device.type == "cuda"
-    torch.testing.assert_close(loss_f, loss_a, rtol=1e-12, atol=1e-12)
-    for (name, _), g_f, g_a in zip(model.named_parameters(), grads_f, grads_a, strict=True):
-        torch.testing.assert_close(g_f, g_a, rtol=1e-10, atol=1e-12, msg=name)
-        assert g_f.device.type == "cuda" and g_f.stride() == g_a.stride(), name
+@pytest.mark.parametrize("lead", [(), (3,)])
+@pytest.mark.parametrize(("name", "sigma", "function"), SPECS)
+def test_log_prob_gradients_equal_autograd_on_cuda_in_float64(name, sigma, function, lead):
+    lik = _likelihood(name, sigma).to(CUDA)
+    params, x = _inputs(lik, name, lead)
+    params = [p.detach().to(CUDA).requires_grad_() for p in params]
+    check_against_reference(lik, REFERENCE[name], params, x.detach().to(CUDA).requires_grad_())
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -46,17 +37,16 @@ def test_training_steps_never_wait_for_the_gpu(lik, sigma, free_bits, precision)
     optimizer = make_optimizer(cfg, model)
     data = torch.randint(0, 256, (1024, 1, 28, 28), dtype=torch.uint8, device=CUDA)
     order = torch.randperm(1024, device=CUDA)
-    context = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else None
+    step = TrainStep(model, optimizer, lambda idx: data.index_select(0, idx).float() / 255, free_bits,
+                     autocast(cfg, CUDA))
     losses = []
     torch.cuda.synchronize()
     try:
         with warnings.catch_warnings():  # "a prototype feature": it errs on the side of missing some syncs
             warnings.simplefilter("ignore", UserWarning)
             torch.cuda.set_sync_debug_mode("error")
-        for step in range(8):
-            x = data.index_select(0, order[step * 128:(step + 1) * 128]).float() / 255
-            losses.append(fused.loss_and_grads(model, x, 1.0, free_bits, forward_context=context))
-            optimizer.step()
+        for i in range(8):
+            losses.append(step(order[i * 128:(i + 1) * 128], 1.0))
         with pytest.raises(RuntimeError, match="synchroniz"):  # the detector works: reading a loss waits
             losses[-1].item()
     finally:
@@ -107,18 +97,18 @@ def test_eval_on_cuda_agrees_with_cpu(tmp_path, fashion):
     assert on["cuda"]["log_px"] >= on["cuda"]["elbo"] - 0.1  # the IWAE bound is at least the ELBO
 
 
-def _spy_on_graph(monkeypatch) -> tuple[list[bool], object]:
-    """Record each GraphStep call (True once it replays); returns (calls, the vaelab.trainer module)."""
-    train_module = importlib.import_module("vaelab.trainer")
+def _spy_on_graph(monkeypatch) -> list[bool]:
+    """Record each full-size CUDAGraphStep call (True once it replays)."""
     calls = []
-    original = train_module.GraphStep.__call__
+    original = cudagraph.CUDAGraphStep.__call__
 
-    def spy(self, idx):
-        calls.append(self.graph is not None)
-        return original(self, idx)
+    def spy(self, idx, beta):
+        if len(idx) == self.batch_size:
+            calls.append(self.graph is not None)
+        return original(self, idx, beta)
 
-    monkeypatch.setattr(train_module.GraphStep, "__call__", spy)
-    return calls, train_module
+    monkeypatch.setattr(cudagraph.CUDAGraphStep, "__call__", spy)
+    return calls
 
 
 @pytest.mark.parametrize("lik,sigma,extra", [
@@ -129,13 +119,12 @@ def _spy_on_graph(monkeypatch) -> tuple[list[bool], object]:
 def test_cuda_graph_replays_equal_eager_steps(tmp_path, fashion, monkeypatch, lik, sigma, extra):
     """The trainer replays full-size steps as a CUDA graph (one eager step, then replays; the short last batch
     runs eagerly) and reaches the weights of the same run launched kernel by kernel."""
-    calls, train_module = _spy_on_graph(monkeypatch)
+    calls = _spy_on_graph(monkeypatch)
     kw = dict(epochs=1, limit=3050, likelihood=lik, sigma=sigma, binarize="dynamic" if lik == "bernoulli" else "none",
               **extra)
     graphed = train(_cfg(tmp_path, "graph", **kw), progress=False, data=fashion)
     assert calls == [False] + [True] * 29  # 30 full batches of 100; the last 50 images are a short eager step
-    monkeypatch.setattr(train_module, "CUDA_GRAPHS", False)
-    eager = train(_cfg(tmp_path, "eager", **kw), progress=False, data=fashion)
+    eager = train(_cfg(tmp_path, "eager", cuda_graph=False, **kw), progress=False, data=fashion)
     assert len(calls) == 30
     for (name, p), q in zip(graphed.model.state_dict().items(), eager.model.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
@@ -146,7 +135,7 @@ def test_a_module_hook_keeps_the_step_out_of_the_graph(tmp_path, fashion, monkey
     """A hook is Python that would run once, at capture, and never on replay: such a model trains eagerly."""
     from torch.nn.modules.module import register_module_forward_hook
 
-    calls, _ = _spy_on_graph(monkeypatch)
+    calls = _spy_on_graph(monkeypatch)
     seen = []
     handle = register_module_forward_hook(lambda module, args, out: seen.append(1))
     try:

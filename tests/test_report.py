@@ -157,7 +157,7 @@ def test_bad_input_gets_one_line_and_no_files(run_dir, tmp_path, capsys, args, n
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
-    {"arch": "conv", "hidden": [4], "likelihood": "discretized-logistic", "mixtures": 2},
+    {"arch": "conv", "hidden": [4], "likelihood": "discretized-logistic", "sigma": "learned-pixel", "mixtures": 2},
     {"arch": "conv", "hidden": [4], "blocks": 2, "likelihood": "discretized-gaussian", "sigma": "learned"},
     {"likelihood": "laplace", "sigma": "learned"},
 ], ids=["conv-logistic-mixture", "conv-gaussian-8bit", "mlp-laplace-learned"])

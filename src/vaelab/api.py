@@ -1,6 +1,6 @@
-"""The commands of the CLI as library functions: evaluate, report, plot, demo, sigma_study (train and resume live
-in vaelab.trainer, load_run in vaelab.runs). Each checks its arguments before any slow work and returns data
-or paths; printing is the CLI's job."""
+"""The commands of the CLI as library functions: evaluate, report, plot, demo, sigma_study, explore (train and
+resume live in vaelab.trainer, load_run in vaelab.runs). Each checks its arguments before any slow work and returns
+data or paths; printing is the CLI's job."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import json
 import sys
 from pathlib import Path
 
+from . import explorer
 from .config import TrainConfig, parse_hidden
 from .data import REGISTRY, locate
 from .errors import ConfigError
+from .explorer import DEFAULT_PORT
 from .metrics import check_eval_args, evaluate_run
 from .reporting import Material, check_figure, draw, write_report
 from .runs import CONFIG, Run, load_run, write_text_atomic
@@ -111,3 +113,22 @@ def sigma_study(dataset: str = "fashion-mnist", sigmas: str | list[float] = "0.0
 
 
 __all__ = ["evaluate", "report", "plot", "demo", "sigma_study"]
+
+
+def explore(run: str | Path | Run, port: int = DEFAULT_PORT, host: str = "127.0.0.1", open_browser: bool = True,
+            export: str | Path | None = None, n_codes: int | None = None, device: str = "auto",
+            verbose: bool = False, announce=None, progress: bool = True) -> Path | None:
+    """Explore a run's latent space in the browser: serve the live explorer until Ctrl-C (announce(url) is
+    called once it listens; default: print it), or with `export`, write it as one self-contained HTML file and
+    return its path. See docs/explore.md."""
+    explorer.check_port(port)
+    if n_codes is not None:
+        explorer.check_n_codes(n_codes)
+    _check_out_file(export, "--export")
+    run = run if isinstance(run, Run) else _load(run, device)
+    if progress:  # loading the data and encoding the test images takes a few seconds
+        print(f"vaelab explore: encoding the test images of {run.path} ...", file=sys.stderr, flush=True)
+    if export is not None:
+        return explorer.export(run, export, n_codes or explorer.N_CODES_EXPORT)
+    explorer.serve(run, host, port, open_browser, n_codes or explorer.N_CODES, verbose, announce)
+    return None

@@ -11,8 +11,9 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .api import demo, evaluate, plot, report, sigma_study
+from .api import demo, evaluate, explore, plot, report, sigma_study
 from .config import TrainConfig
+from .distributed import env_rank, reports
 from .errors import ConfigError, VaelabError
 from .metrics import table_rows
 from .nets import conv_channels, n_parameters, stage_sizes
@@ -35,8 +36,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         kind = _flag_type(hints[f.name])
         help_text = f.metadata["help"] + ("" if default in (None, False) else f" (default {_show(default)})")
         kwargs: dict = {"help": help_text, "default": None}
-        if kind is bool:
-            kwargs["action"] = "store_true"
+        if kind is bool:  # --flag for an option that is off by default; --flag / --no-flag for one that is on
+            kwargs["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
         elif isinstance(kind, tuple):
             kwargs["choices"] = kind
         else:
@@ -84,7 +85,7 @@ def cmd_train(args) -> int:
     else:
         run = train(TrainConfig(**given), progress=not args.quiet)
     last = run.last("test")
-    if last:
+    if last and env_rank() == 0:
         print(f"{run.path}: test loss {last['loss']:.2f} nats (rec {last['rec']:.2f}, kl {last['kl']:.2f}, "
               f"{last['bits_per_dim']:.3f} bits/dim) after {last['epoch']} epochs")
     return 0
@@ -163,6 +164,16 @@ def cmd_report(args) -> int:
 
 def cmd_plot(args) -> int:
     print(plot(args.run, args.only, args.out, args.device))
+    return 0
+
+
+def cmd_explore(args) -> int:
+    def announce(url: str) -> None:
+        print(f"vaelab explore: serving {args.run} at {url}  (Ctrl-C stops it)", flush=True)
+
+    path = explore(args.run, args.port, args.host, not args.no_browser, args.export, args.codes, args.device,
+                   args.verbose, announce)
+    print(f"wrote {path}" if path else "vaelab explore: stopped", flush=True)
     return 0
 
 
@@ -268,6 +279,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sigma_study)
+
+    p = sub.add_parser("explore", help="explore a run's latent space live in the browser",
+                       description="Serve a local web page that shows the test images' codes in the latent plane "
+                       "and decodes the point under the pointer live, with draws from p(x|z), posteriors q(z|x) "
+                       "and paths; or, with --export, write it as one HTML file that needs no server. The page's "
+                       "HTTP API is in docs/explore.md.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; any other address lets whoever reaches it use the explorer)")
+    p.add_argument("--no-browser", action="store_true", help="print the URL but do not open a browser")
+    p.add_argument("--codes", type=int, metavar="N", help="test images encoded for the scatter (default 5000; "
+                   "2000 with --export)")
+    p.add_argument("--export", metavar="FILE", help="write a self-contained HTML explorer to FILE instead of "
+                   "serving (MLP decoders run in the page; other decoders are precomputed on a grid)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
+    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    _add_threads_flag(p)
+    p.set_defaults(func=cmd_explore)
     return parser
 
 
@@ -290,14 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _set_threads(getattr(args, "threads", None))
         with warnings.catch_warnings():
-            warnings.simplefilter("default")
+            # under torchrun, rank 0 speaks for all: the others would repeat its warnings word for word
+            warnings.simplefilter("default" if env_rank() == 0 else "ignore")
             warnings.formatwarning = lambda msg, cat, *a, **k: f"vaelab: warning: {msg}\n"
             return args.func(args)
     except VaelabError as e:
-        print(f"vaelab: error: {e}", file=sys.stderr)
+        if reports(e):  # under torchrun: one line, from the process that has something to say
+            print(f"vaelab: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("vaelab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if reports(e):
+            print("vaelab: interrupted", file=sys.stderr)
         return 130
     except json.JSONDecodeError as e:
         print(f"vaelab: error: invalid JSON ({e})", file=sys.stderr)

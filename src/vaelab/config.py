@@ -74,9 +74,15 @@ class TrainConfig:
                                   "GPUs and on CPUs with AVX-512-BF16 or AMX; z, the KL, the likelihood, weights and "
                                   "optimizer state stay float32 and every reported number is computed in float32",
                                   "optimisation")
+    cuda_graph: bool = option(True, "on a GPU, record the training step once as a CUDA graph and replay it for "
+                              "each full batch (same results, far fewer kernel launches); --no-cuda-graph launches "
+                              "every kernel of every step (for profiling or debugging)", "optimisation")
     # run directory
     out: str | None = option(None, "run directory (default runs/<name>)", "run directory")
     name: str | None = option(None, "run name used for the default --out", "run directory")
+    tensorboard: str | None = option(None, "also write each epoch's numbers and image grids (reconstructions, prior "
+                                     "samples) to this folder, for `tensorboard --logdir DIR` (needs pip install "
+                                     "'vaelab[tensorboard]')", "run directory", metavar="DIR")
     # filled in when training starts, so the model can be rebuilt from config.json alone
     data_shape: list[int] | None = option(None, "", "", flag=False)
 

@@ -8,16 +8,19 @@ The decoder emits `n_params` tensors per pixel (means, logits, log-scales); a li
   scale(params)       -> (B,) or None   the σ (or Laplace b, logistic s) in use, averaged over pixels.
   init_from_data(params, x)             sets a learned scale from the untrained decoder, before training.
   scale_lr(optimizer, n_pixels)         the step size of the likelihood's own parameters (None: the nets').
-  log_prob_backward(params, x, weight) -> (log_prob (B,), [weight · d Σ_b log p / d params_k])
-                      for the hand-written training step (fused.py); the likelihood's own parameters (a
-                      learned σ) get weight · d Σ_b log p / dθ in their .grad. Autograd by default; a closed
-                      form where a family has a simple one (Bernoulli, Gaussian with a shared σ).
 Add a family by adding one class to LIKELIHOODS.
+
+Where a family's gradient has a simple closed form, its log_prob is a torch.autograd.Function that computes
+the value in the forward pass and that closed form in the backward pass (Bernoulli: x − sigmoid(l); Gaussian
+with one shared σ: (x − μ)/σ², and Σ ||x − μ||²/σ² − D for log σ). Autograd would keep and replay every
+intermediate of the expression instead. Being ordinary autograd nodes, they work wherever log_prob is used:
+under autocast, with hooks or frozen parameters, behind conv decoders, and without gradients at evaluation.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,18 +48,6 @@ class Likelihood(nn.Module):
 
     def mean(self, params: list[Tensor]) -> Tensor:
         return params[0]
-
-    def log_prob_backward(self, params: list[Tensor], x: Tensor, weight: float,
-                          value: bool = True) -> tuple[Tensor | None, list[Tensor]]:
-        """(log p(x | params) per example, d Σ_b weight·log p / d params) and the gradient of the likelihood's own
-        parameters in their .grad. value=False allows a closed form to skip the log-density (then None); this
-        default, autograd on the parameters alone, computes it anyway."""
-        leaves = [p.detach().requires_grad_() for p in params]
-        own = [p for p in self.parameters() if p.requires_grad]
-        with torch.enable_grad():
-            log_px = self.log_prob(leaves, x)  # (B,)
-            torch.autograd.backward(log_px.sum() * weight, inputs=leaves + own)
-        return log_px.detach(), [p.grad for p in leaves]
 
     def sample(self, params: list[Tensor]) -> Tensor:
         raise NotImplementedError
@@ -186,26 +177,9 @@ class Gaussian(ScaledLikelihood):
     def log_prob(self, params, x):
         mu = params[0]
         log_sigma = self.log_scale_for(params)
-        if log_sigma.dim() == 0:  # shared σ: one fused reduction over the squared error
-            return self._shared(_sum_pixels((x - mu).square()), torch.exp(-2 * log_sigma), log_sigma, x[0].numel())
+        if log_sigma.dim() == 0:  # one σ for every pixel (fixed or learned): the closed-form gradient applies
+            return SharedSigmaGaussianLogProb.apply(mu, x, log_sigma)
         return -_sum_pixels(0.5 * ((x - mu) * torch.exp(-log_sigma)).square() + log_sigma + 0.5 * LOG_2PI)
-
-    def log_prob_backward(self, params, x, weight, value=True):
-        """Shared σ: d log p / dμ = (x − μ)/σ², d Σ_b log p / d log σ = Σ_b ||x − μ_b||²/σ² − D."""
-        mu = params[0]
-        log_sigma = self.log_scale_for(params)
-        diff = x - mu
-        sq = _sum_pixels(diff.square()) if value or self.learned else None  # (B,)
-        inv_var, d = torch.exp(-2 * log_sigma), x[0].numel()
-        log_px = self._shared(sq, inv_var, log_sigma, d) if value else None
-        if self.learned:
-            self.log_scale.grad = weight * (sq.sum() * inv_var - sq.numel() * d)
-        return log_px, [diff.mul_(inv_var * weight)]
-
-    @staticmethod
-    def _shared(sq: Tensor, inv_var: Tensor, log_sigma: Tensor, d: int) -> Tensor:
-        """log N(x; μ, σ²I) from ||x − μ||² per example: −||x − μ||²/2σ² − D·(log σ + ½ log 2π)."""
-        return -0.5 * sq * inv_var - d * (log_sigma + 0.5 * LOG_2PI)
 
     def sample(self, params):
         mu = params[0]
@@ -227,7 +201,6 @@ class GaussianPixel(Gaussian):
     [log SIGMA_MIN, log SIGMA_MAX]."""
 
     SIGMA_MIN, SIGMA_MAX = ScaledLikelihood.SCALE_MIN, ScaledLikelihood.SCALE_MAX
-    log_prob_backward = Likelihood.log_prob_backward  # σ per pixel: autograd, not Gaussian's closed form
 
     def __init__(self):
         super().__init__(pixel=True)
@@ -242,7 +215,6 @@ class GaussianOptimal(Gaussian):
 
     MOMENTUM = 0.1
     MIN_VAR = 1e-6
-    log_prob_backward = Likelihood.log_prob_backward  # its own log_prob (running σ): autograd
 
     def __init__(self):
         nn.Module.__init__(self)
@@ -250,12 +222,18 @@ class GaussianOptimal(Gaussian):
         self.register_buffer("running_var", torch.tensor(1.0))
         self.register_buffer("n_updates", torch.tensor(0, dtype=torch.long))
         self._batch_log_sigma: Tensor | None = None
+        # data-parallel training: sums a tensor over every process's part of the batch (see vaelab.distributed)
+        self.batch_reduce: Callable[[Tensor], Tensor] | None = None
 
     def log_prob(self, params, x):
         mu = params[0]
         sq = _sum_pixels((x - mu).square())  # (B,)
-        if self.training:
+        if self.training and self.batch_reduce is not None:  # σ*² from the whole batch, not this process's part
+            total = self.batch_reduce(torch.stack([sq.detach().sum(), sq.new_tensor(float(sq.shape[0]))]))
+            var = (total[0] / (total[1] * x[0].numel())).clamp_min(self.MIN_VAR)
+        elif self.training:
             var = (sq.detach().mean() / x[0].numel()).clamp_min(self.MIN_VAR)
+        if self.training:
             with torch.no_grad():
                 m = torch.where(self.n_updates > 0, self.MOMENTUM, 1.0)
                 self.running_var.lerp_(var, m)
@@ -290,19 +268,71 @@ class Bernoulli(Likelihood):
     binary_only = True
 
     def log_prob(self, params, x):
-        logits = params[0]  # log p = x·l − softplus(l): the same value as −BCE-with-logits, in two reductions
-        return _sum_pixels(x * logits) - _sum_pixels(F.softplus(logits))
-
-    def log_prob_backward(self, params, x, weight, value=True):
-        """d log p / d logits = x − sigmoid(logits): one pass, where autograd makes three."""
-        logits = params[0]
-        return self.log_prob(params, x) if value else None, [torch.sigmoid(logits).sub_(x).mul_(-weight)]
+        return BernoulliLogProb.apply(params[0], x)
 
     def mean(self, params):
         return torch.sigmoid(params[0])
 
     def sample(self, params):
         return torch.bernoulli(torch.sigmoid(params[0]))
+
+
+def _per_example(grad: Tensor) -> Tensor:
+    """The incoming gradient of a per-example log-density, (...,), shaped to broadcast over (..., C, H, W)."""
+    return grad[..., None, None, None]
+
+
+class BernoulliLogProb(torch.autograd.Function):
+    """log p(x | logits) = Σ_pixels x·l − softplus(l), per example; d/dl = x − sigmoid(l), d/dx = l.
+
+    logits (..., B, C, H, W) against x (B, C, H, W) gives (..., B), as the plain expression would.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, x)
+        return _sum_pixels(x * logits) - _sum_pixels(F.softplus(logits))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        logits, x = ctx.saved_tensors
+        g = _per_example(grad)
+        d_logits = torch.sigmoid(logits).sub_(x).mul_(-g) if ctx.needs_input_grad[0] else None
+        d_x = (logits * g).sum_to_size(x.shape) if ctx.needs_input_grad[1] else None
+        return d_logits, d_x
+
+
+class SharedSigmaGaussianLogProb(torch.autograd.Function):
+    """log N(x; μ, σ²I) per example for one σ shared by all pixels, given log σ (a 0-dim tensor):
+    −||x − μ||²/2σ² − D·(log σ + ½ log 2π), with d/dμ = (x − μ)/σ² = −d/dx and d/d log σ = ||x − μ||²/σ² − D.
+
+    μ (..., B, C, H, W) against x (B, C, H, W) gives (..., B), as the plain expression would.
+    """
+
+    @staticmethod
+    def forward(ctx, mu: Tensor, x: Tensor, log_sigma: Tensor) -> Tensor:
+        diff = x - mu  # (..., B, C, H, W)
+        sq = _sum_pixels(diff.square())  # (..., B)
+        inv_var = torch.exp(-2 * log_sigma)
+        d = math.prod(x.shape[-3:])
+        ctx.save_for_backward(diff, sq, inv_var)
+        ctx.shapes, ctx.d = (mu.shape, x.shape, log_sigma.shape), d
+        return -0.5 * sq * inv_var - d * (log_sigma + 0.5 * LOG_2PI)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        diff, sq, inv_var = ctx.saved_tensors
+        mu_shape, x_shape, log_sigma_shape = ctx.shapes
+        d_mu = d_x = d_log_sigma = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            d_diff = diff * (_per_example(grad) * inv_var)  # d/dμ; d/dx is its negative
+            d_mu = d_diff.sum_to_size(mu_shape) if ctx.needs_input_grad[0] else None
+            d_x = -d_diff.sum_to_size(x_shape) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[2]:
+            d_log_sigma = (grad * (sq * inv_var - ctx.d)).sum().reshape(log_sigma_shape)
+        return d_mu, d_x, d_log_sigma
 
 
 def _log_cb_norm(logits: Tensor) -> Tensor:

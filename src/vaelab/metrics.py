@@ -27,38 +27,47 @@ def bits_per_dim(nats_per_image: float, n_pixels: int, continuous: bool) -> floa
 
 
 @torch.no_grad()
-def elbo_metrics(model: VAE, x: Tensor, batch_size: int, prepare, seed: int = 0) -> dict:
+def elbo_metrics(model: VAE, x: Tensor, batch_size: int, prepare, seed: int = 0, part: tuple[int, int] = (0, 1),
+                 reduce: Callable[[Tensor], Tensor] | None = None) -> dict:
     """−ELBO (= rec + kl), rec, kl, bits/dim, per-pixel MSE and σ, averaged over the images of `x`.
 
     `x` is the split as stored (uint8 or float, on the model's device); `prepare` maps a stored batch to
     model inputs in [0, 1]. One z is drawn per image (seeded, without touching the training RNG stream);
     `mse` uses the decoder mean at that same z, so for a shared-σ Gaussian
     rec = (D/2)·log(2πσ²) + D·mse/(2σ²) holds exactly for the reported numbers.
+    Shared among processes: part=(rank, size) evaluates every size-th batch (the noise of every batch is drawn
+    on each process, so each image gets the z it gets on one process) and `reduce` sums the totals across them.
     """
     was_training = model.training
     model.eval()
     n = x.shape[0]
-    sigma_sum = None
-    kl_dims = torch.zeros(model.latent_dim, dtype=torch.float64, device=x.device)
-    acc = torch.zeros(3, dtype=torch.float64, device=x.device)  # rec, kl, squared error
+    rank, size = part
+    dtype = next(model.parameters()).dtype
+    totals = torch.zeros(5 + model.latent_dim, dtype=torch.float64, device=x.device)  # rec, kl, sq, σ, #σ, kl_d
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for start in range(0, n, batch_size):
-            t = model.terms(prepare(x[start:start + batch_size]))
-            acc += torch.stack([t.rec.sum(), t.kl.sum(), t.sq_err.sum()]).double()
-            kl_dims += t.kl_per_dim.sum(0).double()
+        for i, start in enumerate(range(0, n, batch_size)):
+            xb = x[start:start + batch_size]
+            eps = torch.randn((xb.shape[0], model.latent_dim), dtype=dtype, device=x.device)  # (B, L)
+            if i % size != rank:
+                continue
+            t = model.terms(prepare(xb), eps=eps)
+            totals[:3] += torch.stack([t.rec.sum(), t.kl.sum(), t.sq_err.sum()]).double()
+            totals[5:] += t.kl_per_dim.sum(0).double()
             if t.sigma is not None:
-                s = t.sigma.double().sum()
-                sigma_sum = s if sigma_sum is None else sigma_sum + s
+                totals[3] += t.sigma.double().sum()
+                totals[4] += t.sigma.shape[0]
     model.train(was_training)
-    rec, kl, sq = (v / n for v in acc.tolist())
+    if reduce is not None:
+        reduce(totals)
+    rec, kl, sq, sigma_sum, sigma_count = (v / n for v in totals[:5].tolist())
     d = model.n_pixels
     out = {"loss": rec + kl, "rec": rec, "kl": kl,
            "bits_per_dim": bits_per_dim(rec + kl, d, model.likelihood.continuous),
-           "mse": sq / d, "kl_per_dim": (kl_dims / n).tolist()}
-    if sigma_sum is not None:
-        out["sigma"] = sigma_sum.item() / n
+           "mse": sq / d, "kl_per_dim": (totals[5:] / n).tolist()}
+    if sigma_count > 0:
+        out["sigma"] = sigma_sum
     return out
 
 

@@ -118,10 +118,11 @@ class VAE(nn.Module):
     def decode_mean(self, z: Tensor) -> Tensor:
         return self.likelihood.mean(self.decode(z))
 
-    def terms(self, x: Tensor, extras: bool = True) -> Terms:
-        """One z per example; extras=False skips the diagnostics (sq_err, sigma) the training step ignores."""
+    def terms(self, x: Tensor, extras: bool = True, eps: Tensor | None = None) -> Terms:
+        """One z per example; extras=False skips the diagnostics (sq_err, sigma) the training step ignores.
+        `eps` (B, L) is the standard normal noise of the reparameterized z, drawn here when not given."""
         q = self.encode(x)
-        z = q.sample()  # (B, L)
+        z = q.reparameterize(q.noise() if eps is None else eps)  # (B, L)
         params = self.decode(z)
         rec = -self.likelihood.log_prob(params, x)
         sq_err = sigma = None
@@ -131,8 +132,10 @@ class VAE(nn.Module):
                 sigma = self.likelihood.scale(params)
         return Terms(rec, q.kl_per_dim(), sq_err, sigma)
 
-    def forward(self, x: Tensor) -> Terms:
-        return self.terms(x)
+    def forward(self, x: Tensor, eps: Tensor | None = None) -> Terms:
+        """The terms training differentiates, without diagnostics: `model(x)`, as a wrapper such as
+        DistributedDataParallel calls it; `eps` (B, L) is the noise of z, drawn here when not given."""
+        return self.terms(x, extras=False, eps=eps)
 
     @torch.no_grad()
     def iwae_bound(self, x: Tensor, k: int, chunk: int = 100) -> Tensor:

@@ -97,7 +97,8 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.branch = nn.Sequential(
-            nn.GroupNorm(_groups(channels), channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(_groups(channels), channels), nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),  # a bias here is undone by the next norm
             nn.GroupNorm(_groups(channels), channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
         nn.init.zeros_(self.branch[-1].weight)
         nn.init.zeros_(self.branch[-1].bias)

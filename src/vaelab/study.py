@@ -103,7 +103,7 @@ def ensure_run(config: TrainConfig, progress: bool) -> Run:
     if diff:
         raise ConfigError(f"{out} holds a run with different settings ({', '.join(diff)}); use another --out "
                           "or remove it")
-    if not (out / CHECKPOINT).exists():  # an earlier attempt stopped before its first checkpoint: start over
+    if not (out / CHECKPOINT).exists():  # interrupted before its first checkpoint: start over
         (out / CONFIG).unlink()
         return train(config, progress=progress)
     if not (out / WEIGHTS).exists():  # interrupted inside epoch 1

@@ -1,33 +1,36 @@
-"""The training loop. It knows nothing about likelihoods or networks: it optimizes `objective(model.terms(x))`,
-whose gradients `fused.loss_and_grads` computes (by hand for MLP networks, else by autograd).
+"""The training loop. It knows nothing about likelihoods or networks: each step minimises
+`objective(model(x), beta, free_bits)` by autograd and the optimizer (`TrainStep`).
 
 The training set stays resident as one tensor (uint8 where the data is 8-bit) and each batch is gathered
-and scaled on the fly. The loop makes no host sync except to read the loss of every 25th batch (progress bar
-and non-finite check); the steps between compute gradients only. On a GPU, a full-size training step
-(batch gather, scaling, loss and gradients, Adam) is captured once as a CUDA graph and replayed: the step's
-~100 small kernels are then one launch (set CUDA_GRAPHS = False to turn it off).
+and scaled on the fly. The loop makes no host sync except to read the loss of every PROGRESS_EVERY-th batch
+(progress bar and non-finite check). On a GPU the step is replayed as one CUDA graph where that is exact
+(vaelab.cudagraph; --no-cuda-graph turns it off).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
-from torch.optim.adam import adam as adam_update
+from torch import Tensor
 
 from .config import TrainConfig
+from .cudagraph import CUDAGraphStep, Step, capturable
 from .data import ImageData, Prepared, prepare_data
+from .distributed import SINGLE, ShardStep, World, check_batch, join, wrap
 from .errors import ConfigError, RunError, TrainingError
-from .fused import hooked, loss_and_grads
 from .metrics import elbo_metrics
-from .model import VAE
+from .model import VAE, objective
+from .monitor import TensorBoard
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -43,8 +46,6 @@ from .runs import (
 )
 
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
-FUNCTIONAL_ADAM = True  # Adam's update through torch.optim.adam.adam on cached lists (AdamStep), on the CPU
-CUDA_GRAPHS = True  # replay full-size training steps on a GPU as one CUDA graph, where GraphStep.usable says so
 EVAL_SEED = 12345
 
 
@@ -65,10 +66,10 @@ def default_out(config: TrainConfig) -> Path:
 
 
 def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
-    """Adam runs as one fused kernel over all parameters on CPU and CUDA (same update, deterministic);
-    the per-parameter loop it replaces took 1.8 of 8.2 ms per step of the 784-400-20 MLP on one CPU thread
-    (0.5 ms fused). A resumed run keeps whatever implementation its checkpoint's param_groups name, so it
-    continues exactly as it started."""
+    """Adam runs as one fused kernel over all parameters on CPU and CUDA (the same update as the per-parameter
+    loop, in one pass over memory; deterministic). A resumed run keeps whatever implementation its checkpoint's
+    param_groups name, so it continues exactly as it started. The model names the parameter groups (a learned σ
+    has a step size of its own)."""
     groups = model.param_groups(config.optimizer, config.lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr)
@@ -79,16 +80,17 @@ def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=config.lr, fused=fused or None, capturable=capturable)
 
 
-def autocast(config: TrainConfig, device: torch.device):
+def autocast(config: TrainConfig, device: torch.device, cache: bool = True) -> Callable[[], AbstractContextManager]:
     """The context the training step's forward pass runs in: bfloat16 autocast for --precision bf16.
 
     Only the encoder's and decoder's matmuls/convolutions run in bfloat16; the model casts their outputs back,
     so the reparameterized z, the KL and the likelihood are float32, as are the weights, gradients and Adam's
     state. Evaluation (metrics.jsonl, eval, report) never uses it: every reported number is float32.
+    cache=False turns off autocast's cache of cast weights, which a CUDA graph capture cannot hold.
     """
     if config.precision != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def check_precision(config: TrainConfig, device: torch.device) -> None:
@@ -110,17 +112,24 @@ def _cpu_has_bf16() -> bool:
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts at once."""
+    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts at once.
 
-    def __init__(self):
+    Under torchrun the launcher passes Ctrl-C on to every process as SIGINT, and stops them with SIGTERM when one
+    of them fails: both ask to stop. The processes then stop together at the next step where they compare notes
+    (`agreed`), so every one of them stops after the same step."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT,)):
         self.requested = False
-        self._previous = None
+        self.agreed = False
+        self.signals = signals
+        self._previous: dict = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
+        for sig in self.signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+                pass
         return self
 
     def _handle(self, signum, frame):
@@ -129,8 +138,8 @@ class _StopFlag:
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
 
 
@@ -152,71 +161,108 @@ def train(config: TrainConfig | dict, progress: bool = True, data: ImageData | N
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     out = default_out(config)
-    if not resume and (out / CONFIG).exists():
-        raise RunError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
-    device = resolve_device(config.device)
-    check_precision(config, device)
-    # training draws from torch's global generators (initialisation, z); the caller's streams are put back after
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        return _train(config, out, device, progress, data, resume)
+    # under torchrun: this process's rank and device; a single process otherwise (World())
+    world, device = join(resolve_device(config.device))
+    try:
+        check_batch(config.batch_size, world)
+
+        def check_out():
+            if not resume and (out / CONFIG).exists():
+                raise RunError(f"{out} already holds a run; pass --resume {out} to continue it or choose another "
+                               "--out")
+
+        world.agree(check_out)  # every process looks before rank 0 writes there
+        check_precision(config, device)
+        # training draws from torch's global generators (initialisation, z); the caller's streams are put back after
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            return _train(config, out, device, progress and world.main, data, resume, world)
+    finally:
+        world.close()
 
 
 def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool, data: ImageData | None,
-           resume: bool) -> Run:
+           resume: bool, world: World = SINGLE) -> Run:
     torch.manual_seed(config.seed)
-    prep = prepare_data(config, device, data)
-    config.data_shape = list(prep.data.shape)
-    config.out = str(out)
-    model = VAE.from_config(config, prep.data.shape).to(device)
-    optimizer = make_optimizer(config, model)
     shuffle = torch.Generator().manual_seed(config.seed)
-
     epoch, start_step = 0, 0
     metrics: list[dict] = []
-    if resume:
-        meta, rng = load_checkpoint(out / CHECKPOINT, model, optimizer)
-        epoch, start_step = meta["epoch"], meta["step"]
-        torch.set_rng_state(rng["cpu"])
-        shuffle.set_state(rng["shuffle"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        metrics = [r for r in read_metrics(out / METRICS) if r["epoch"] <= epoch]
-    else:
-        model.init_from_data(prep.prepare(prep.train[:config.batch_size]))
-        out.mkdir(parents=True, exist_ok=True)
-    config.save(out / CONFIG)
 
+    def setup():
+        nonlocal epoch, start_step, metrics
+        prep = prepare_data(config, device, data)
+        board = None
+        if config.tensorboard and world.main:  # before anything is written: the package may be missing
+            board = TensorBoard(config.tensorboard, prep.test, prep.prepare, prep.train.shape[0])
+        config.data_shape = list(prep.data.shape)
+        config.out = str(out)
+        model = VAE.from_config(config, prep.data.shape).to(device)
+        optimizer = make_optimizer(config, model)
+        if resume:
+            meta, rng = load_checkpoint(out / CHECKPOINT, model, optimizer)
+            epoch, start_step = meta["epoch"], meta["step"]
+            torch.set_rng_state(rng["cpu"])
+            shuffle.set_state(rng["shuffle"])
+            if "cuda" in rng and device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], device)
+            metrics = [r for r in read_metrics(out / METRICS) if r["epoch"] <= epoch]
+        else:
+            model.init_from_data(prep.prepare(prep.train[:config.batch_size]))  # a learned σ starts from the data
+            if world.main:
+                out.mkdir(parents=True, exist_ok=True)
+        if world.main:
+            config.save(out / CONFIG)
+        return prep, model, optimizer, board
+
+    prep, model, optimizer, board = world.agree(setup)  # a process that cannot start stops them all
     n = prep.train.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
-    graph = GraphStep(config, model, optimizer, prep) if GraphStep.usable(config, model, optimizer, prep) else None
-    adam_step = AdamStep(optimizer)
-    with _StopFlag() as stop:
+    train_step = make_step(config, model, optimizer, prep, device, world)
+    last_good = [epoch]
+
+    def lost() -> str:
+        return (f"the run's files hold its last complete epoch ({last_good[0]}): continue with vaelab train "
+                f"--resume {out}" if last_good[0] else "no epoch was completed, so nothing was saved")
+
+    signals = (signal.SIGINT, signal.SIGTERM) if world.size > 1 else (signal.SIGINT,)
+    with _StopFlag(signals) as stop, world.watch(lost), contextlib.closing(board or _Nothing()):
         while epoch < config.epochs:
             shuffle_state = shuffle.get_state()  # lets a mid-epoch checkpoint rebuild this epoch's order
             order = torch.randperm(n, generator=shuffle).to(device)
             t0 = time.perf_counter()
-            step = _run_epoch(config, model, adam_step, prep, order, epoch, start_step, steps_per_epoch,
-                              stop, progress, graph)
+            step = _run_epoch(config, model, train_step, order, epoch, start_step, steps_per_epoch, stop,
+                              progress, world)
             train_seconds = time.perf_counter() - t0
             if step < steps_per_epoch:  # stopped by Ctrl-C mid-epoch
-                save_checkpoint(out / CHECKPOINT, model, optimizer,
-                                {"epoch": epoch, "step": step}, _rng_state(shuffle_state, device))
-                print(f"\ninterrupted: checkpoint saved at epoch {epoch + 1}, step {step}/{steps_per_epoch}; "
-                      f"continue with: vaelab train --resume {out}", file=sys.stderr)
+                if world.main:
+                    save_checkpoint(out / CHECKPOINT, model, optimizer,
+                                    {"epoch": epoch, "step": step, "world_size": world.size},
+                                    _rng_state(shuffle_state, device))
+                    print(f"\ninterrupted: checkpoint saved at epoch {epoch + 1}, step {step}/{steps_per_epoch}; "
+                          f"continue with: vaelab train --resume {out}", file=sys.stderr)
                 raise KeyboardInterrupt
             start_step = 0
             epoch += 1
-            metrics += _epoch_metrics(config, model, prep, epoch, train_seconds)
-            write_metrics(out / METRICS, metrics)
-            save_weights(model, out / WEIGHTS)
-            save_checkpoint(out / CHECKPOINT, model, optimizer, {"epoch": epoch, "step": 0},
-                            _rng_state(shuffle.get_state(), device))
+            metrics += _epoch_metrics(config, model, prep, epoch, train_seconds, world)
+            if board is not None:
+                board.epoch(epoch, metrics[-2:], model)
+            if world.main:
+                write_metrics(out / METRICS, metrics)
+                save_weights(model, out / WEIGHTS)
+                save_checkpoint(out / CHECKPOINT, model, optimizer,
+                                {"epoch": epoch, "step": 0, "world_size": world.size},
+                                _rng_state(shuffle.get_state(), device))
+            last_good[0] = epoch
             if progress:
                 test = metrics[-1]
                 print(f"epoch {epoch}/{config.epochs}: test loss {test['loss']:.2f} nats "
                       f"(rec {test['rec']:.2f}, kl {test['kl']:.2f}), {train_seconds:.1f}s", file=sys.stderr)
     model.eval()
     return Run(out, config, model, metrics)
+
+
+class _Nothing:
+    def close(self) -> None:
+        pass
 
 
 def resume(path: str | Path, progress: bool = True, epochs: int | None = None, device: str | None = None) -> Run:
@@ -245,8 +291,44 @@ def beta_at(config: TrainConfig, epoch_progress: float) -> float:
     return config.beta * min(1.0, epoch_progress / config.kl_warmup)
 
 
-def _run_epoch(config, model, optimizer_step, prep, order, epoch, start_step, steps_per_epoch, stop, progress,
-               graph: GraphStep | None = None) -> int:
+class TrainStep:
+    """One optimisation step on the training images `idx`: the objective, its gradients, the update."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Callable[[Tensor], Tensor],
+                 free_bits: float = 0.0, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext):
+        self.model, self.optimizer, self.batch = model, optimizer, batch
+        self.free_bits, self.autocast = free_bits, autocast
+
+    def __call__(self, idx: Tensor, beta: float) -> Tensor:
+        x = self.batch(idx)  # (B, C, H, W)
+        with self.autocast():
+            terms = self.model(x)
+        loss = objective(terms, beta, self.free_bits)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared,
+              device: torch.device, world: World = SINGLE) -> Step:
+    """The training step for this run, chosen once: a CUDA graph of it where replaying is exact and allowed;
+    with several processes, the step on this process's share of each batch under DistributedDataParallel."""
+    if world.size > 1:
+        return ShardStep(wrap(model, world, device), optimizer, prep, world, config.free_bits,
+                         config.binarize == "dynamic", autocast(config, device))
+
+    def batch(idx: Tensor) -> Tensor:
+        # index_select copies whole rows; plain indexing (train[idx]) gathers element by element, far slower
+        return prep.prepare_train(prep.train.index_select(0, idx))
+
+    graph = config.cuda_graph and capturable(model, optimizer, device, constant_beta=config.kl_warmup <= 0)
+    step = TrainStep(model, optimizer, batch, config.free_bits, autocast(config, device, cache=not graph))
+    return CUDAGraphStep(step, config.batch_size, config.beta, device) if graph else step
+
+
+def _run_epoch(config, model, train_step: Step, order, epoch, start_step, steps_per_epoch, stop,
+               progress, world: World = SINGLE) -> int:
     model.train()
     bar = None
     if progress:
@@ -254,155 +336,30 @@ def _run_epoch(config, model, optimizer_step, prep, order, epoch, start_step, st
 
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="step", leave=False, dynamic_ncols=True)
-    precision = autocast(config, order.device)
     count = 0
     step = start_step
     try:
         for step in range(start_step, steps_per_epoch):
-            if stop.requested:
+            if stop.agreed or (stop.requested and world.size == 1):
                 return step
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
             beta = beta_at(config, epoch + step / steps_per_epoch)
-            # the loss of every PROGRESS_EVERY-th batch (and the last) is read back, shown and checked; the steps
-            # between need only gradients (the hand-written step then skips the objective's value)
-            report = count + 1 == PROGRESS_EVERY or step == steps_per_epoch - 1
-            if graph is not None and not graph.disabled and len(idx) == config.batch_size:
-                loss = graph(idx)
-            else:
-                loss = _step(config, model, optimizer_step, prep, idx, beta, precision, value=report)
+            loss = train_step(idx, beta)  # with several processes: this process's share of the loss
             count += 1
-            if report:
-                value = loss.item()
+            if count == PROGRESS_EVERY or step == steps_per_epoch - 1:  # reading the loss waits for the device
+                value, stop.agreed = world.report(loss, stop.requested)  # summed over the processes
                 if not math.isfinite(value):  # non-finite weights make every later loss non-finite too
                     raise TrainingError(_nonfinite_message(config, epoch, step))
                 if bar is not None:
                     bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.2f}")
                     bar.update(count)
                 count = 0
+                if stop.agreed and world.size > 1:
+                    return step + 1
         return steps_per_epoch
     finally:
         if bar is not None:
             bar.close()
-
-
-def _step(config, model, optimizer_step: Callable[[], object], prep, idx, beta, precision,
-          value: bool = True) -> torch.Tensor | None:
-    """One training step on the examples `idx` of the training set; returns the loss (a 0-dim tensor), or
-    possibly None with value=False (see fused.loss_and_grads)."""
-    # index_select copies whole rows; plain indexing (train[idx]) gathers byte by byte, ~20x slower
-    x = prep.prepare_train(prep.train.index_select(0, idx))  # (B, C, H, W) in [0, 1]
-    loss = loss_and_grads(model, x, beta, config.free_bits, forward_context=precision, value=value)
-    optimizer_step()
-    return loss
-
-
-class AdamStep:
-    """optimizer.step(), or, for vaelab's own fused Adam on the CPU, the function Adam.step ends in
-    (torch.optim.adam.adam, Adam's public functional form) on parameter and state lists gathered once.
-
-    Same kernel, same arguments, same update: tests/test_train.py checks the trained weights bit for bit. What it
-    skips is Adam.step's per-call bookkeeping (hooks, profiler scope, rebuilding the lists), ~100 µs, about 3 % of
-    a 784-400-20 step on 2 CPU cores. Anything unusual takes optimizer.step(): a GPU (where the step is a CUDA
-    graph), several parameter groups, AMSGrad, maximize, decoupled weight decay, a parameter without a gradient,
-    an optimizer step hook, or FUNCTIONAL_ADAM = False."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-        self.lists: tuple[list, list, list, list] | None = None  # params, exp_avgs, exp_avg_sqs, steps
-        groups = optimizer.param_groups
-        g = groups[0]
-        self.direct = (type(optimizer) is torch.optim.Adam and len(groups) == 1 and bool(g.get("fused"))
-                       and not (g["amsgrad"] or g["maximize"] or g.get("decoupled_weight_decay")
-                                or g.get("capturable") or g.get("differentiable"))
-                       and all(p.device.type == "cpu" for p in g["params"]))
-
-    def _gather(self):
-        params = self.optimizer.param_groups[0]["params"]
-        states = [self.optimizer.state.get(p, {}) for p in params]
-        if not all({"exp_avg", "exp_avg_sq", "step"} <= s.keys() for s in states):
-            return None  # no state yet (the first step creates it)
-        return (params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states])
-
-    def _hooked(self) -> bool:
-        """Whether a step hook is registered (on this optimizer or globally): optimizer.step() runs those."""
-        from torch.optim import optimizer as o
-
-        names = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
-        return any(getattr(self.optimizer, n, None) for n in names) or any(
-            getattr(o, n, None) for n in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"))
-
-    def __call__(self) -> None:
-        if FUNCTIONAL_ADAM and self.direct and self.lists is None:
-            self.lists = self._gather()
-        if not FUNCTIONAL_ADAM or self.lists is None or self._hooked():
-            self.optimizer.step()
-            return
-        params, exp_avgs, exp_avg_sqs, steps = self.lists
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
-            self.optimizer.step()
-            return
-        g = self.optimizer.param_groups[0]
-        adam_update(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True, amsgrad=False,
-                    beta1=g["betas"][0], beta2=g["betas"][1], lr=g["lr"], weight_decay=g["weight_decay"],
-                    eps=g["eps"], maximize=False)
-
-
-class GraphStep:
-    """A full-size training step on a GPU, captured once as a CUDA graph and replayed for every later batch.
-
-    The first call runs the step eagerly (on a side stream, as capture requires: it initialises the optimizer's
-    state and the libraries' per-stream handles) and then records it; each later call copies the batch's indices
-    into the graph's input and replays it. Replays run the same kernels on the same tensors, and the graph's
-    random draws advance the CUDA generator as eager ones do. The step may be the hand-written MLP step or
-    autograd's (conv networks, --precision bf16). Used only where nothing in the step changes from one batch to
-    the next or needs the host: a constant β (no --kl-warmup), Adam with its step count on the GPU (capturable)
-    and no module hooks."""
-
-    def __init__(self, config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared):
-        self.config, self.model, self.optimizer, self.prep = config, model, optimizer, prep
-        self.idx = torch.zeros(config.batch_size, dtype=torch.long, device=prep.train.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.loss: torch.Tensor | None = None
-        self.disabled = False
-
-    @staticmethod
-    def usable(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared) -> bool:
-        if not CUDA_GRAPHS or prep.train.device.type != "cuda" or config.kl_warmup > 0:
-            return False
-        if not all(g.get("capturable") and g.get("fused") for g in optimizer.param_groups):
-            return False  # e.g. SGD, or a checkpoint written without a GPU-resident step count
-        return not hooked(model)  # a hook's Python would run once, at capture, and never on replay
-
-    def _step(self) -> torch.Tensor:
-        # autocast's cast cache must be off inside a graph capture (the casts are recorded like any other op)
-        precision = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-                     if self.config.precision == "bf16" else None)
-        return _step(self.config, self.model, self.optimizer.step, self.prep, self.idx, self.config.beta,
-                     precision)
-
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        self.idx.copy_(idx)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.loss  # overwritten by the next replay: the caller reads it before then (stream order)
-        side = torch.cuda.Stream(self.idx.device)
-        side.wait_stream(torch.cuda.current_stream(self.idx.device))
-        with torch.cuda.stream(side):
-            loss = self._step()  # the real step for this batch
-        torch.cuda.current_stream(self.idx.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):  # records; runs nothing
-                self.loss = self._step()
-        except RuntimeError as e:  # something in the step cannot be captured: go on kernel by kernel
-            warnings.warn(f"CUDA graph capture of the training step failed ({e}); training goes on without it",
-                          RuntimeWarning, stacklevel=2)
-            self.disabled = True
-            return loss
-        self.graph = graph
-        return loss
 
 
 def _nonfinite_message(config: TrainConfig, epoch: int, step: int) -> str:
@@ -416,11 +373,13 @@ def _nonfinite_message(config: TrainConfig, epoch: int, step: int) -> str:
             + (" The last checkpoint (previous epoch) is kept." if epoch > 0 else " No checkpoint was written."))
 
 
-def _epoch_metrics(config, model, prep, epoch, train_seconds) -> list[dict]:
+def _epoch_metrics(config, model, prep, epoch, train_seconds, world: World = SINGLE) -> list[dict]:
+    """Each split's metrics, the evaluation shared among the processes: the numbers one process reports."""
     rows = []
     for split, x in (("train", prep.train_eval), ("test", prep.test)):
-        m = elbo_metrics(model, x, max(config.batch_size, 1000), prep.prepare, seed=EVAL_SEED + epoch)
-        row = {"epoch": epoch, "split": split, **m}
+        m = elbo_metrics(model, x, max(config.batch_size, 1000), prep.prepare, seed=EVAL_SEED + epoch,
+                         part=(world.rank, world.size), reduce=world.all_sum if world.size > 1 else None)
+        row = {"epoch": epoch, "split": split, **m, "world_size": world.size}
         if config.beta != 1.0 or config.kl_warmup > 0 or config.free_bits > 0:
             row["objective"] = _objective_value(config, m, epoch)
         if not prep.normalized:

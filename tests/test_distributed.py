@@ -1,0 +1,325 @@
+"""Data-parallel training with real torchrun processes on loopback (gloo): the model does not depend on how many
+processes trained it; one writer; resume, Ctrl-C and a dead process; several nodes. Each torchrun invocation
+starts three Python processes (launcher and two workers), so every test that launches one is marked slow."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+
+from vaelab import TrainConfig, load_run, resume, train
+from vaelab.data import load_dataset, to_unit
+from vaelab.distributed import World, check_batch, shard_objective
+from vaelab.errors import ConfigError
+from vaelab.likelihoods import make_likelihood
+from vaelab.metrics import elbo_metrics
+from vaelab.model import VAE, objective
+from vaelab.trainer import EVAL_SEED
+
+LAUNCH_TIMEOUT = 240  # seconds for one torchrun invocation on a busy 2-core machine
+RUN_FILES = {"config.json", "metrics.jsonl", "model.safetensors", "checkpoint.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory, fashion_dir) -> Path:
+    """The first 501 training and 300 test images of Fashion-MNIST as a .npz: 501 = 7 batches of 64 and one of
+    53, which two processes split 26 / 27."""
+    fashion = load_dataset("fashion-mnist")
+    path = tmp_path_factory.mktemp("data") / "fashion-subset.npz"
+    np.savez(path, x_train=fashion.train[:501], x_test=fashion.test[:300])
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(nproc: int, *train_args, nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+            "--nproc-per-node", str(nproc),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port or free_port()}", "--rdzv-id", "vaelab-test",
+            "--max-restarts", "0", "-m", "vaelab", "train", *map(str, train_args)]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(nproc: int, *train_args) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_cmd(nproc, *train_args), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                          env=env())
+
+
+def args(data: Path, out: Path, **kw) -> list[str]:
+    settings = {"dataset": data, "hidden": 32, "latent_dim": 3, "batch_size": 64, "epochs": 2, "out": out, **kw}
+    flat = []
+    for k, v in settings.items():
+        flat += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return flat + ["--quiet"]
+
+
+def config(data: Path, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(**{"dataset": str(data), "hidden": [32], "latent_dim": 3, "batch_size": 64, "epochs": 2,
+                          "out": str(out), **kw})
+
+
+def max_rel_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max(((wa[k] - wb[k]).abs().max() / wa[k].abs().max().clamp_min(1e-12)).item() for k in wa)
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_one_world_size(run: Path, size: int) -> None:
+    assert {r["world_size"] for r in rows(run)} == {size}
+
+
+def check_matches_one_process(two: Path, one: Path) -> float:
+    """Weights equal to float rounding, the same test −ELBO to 0.01 nats; returns the max relative difference."""
+    diff = max_rel_diff(one, two)
+    assert diff < 1e-4, diff
+    assert rows(two)[-1]["loss"] == pytest.approx(rows(one)[-1]["loss"], abs=0.01)
+    assert [(r["epoch"], r["split"]) for r in rows(two)] == [(r["epoch"], r["split"]) for r in rows(one)]
+    return diff
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_model_one_process_trains(tmp_path, subset, capsys):
+    """σ² = the batch MSE, free bits on the batch-mean KL and a KL warm-up: batch statistics and the split of a last
+    batch of 53 are where two processes could part from one."""
+    kw = dict(sigma="optimal", free_bits=0.2, kl_warmup=1.0)
+    r = torchrun(2, *args(subset, tmp_path / "two", tensorboard=tmp_path / "tb", **kw))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # from rank 0 alone
+    assert r.stdout.count("test loss") == 1  # the summary, from rank 0 only
+    one = train(config(subset, tmp_path / "one", **kw), progress=False)
+    diff = check_matches_one_process(tmp_path / "two", one.path)
+    with capsys.disabled():
+        print(f"\n2 processes vs 1 (σ optimal, free bits, warm-up): max relative weight difference {diff:.2e}")
+    assert_one_world_size(tmp_path / "two", 2)
+    assert_one_world_size(one.path, 1)
+    assert {p.name for p in (tmp_path / "two").iterdir()} == RUN_FILES  # one writer, no stray temporary files
+
+    # the metrics the two processes reported (evaluation shared between them) are one process's for those weights
+    run = load_run(tmp_path / "two")
+    data = load_dataset(str(subset))
+    test_x = torch.from_numpy(data.test)
+    last = rows(tmp_path / "two")[-1]
+    alone = elbo_metrics(run.model, test_x, 1000, to_unit, seed=EVAL_SEED + last["epoch"])
+    for key in ("loss", "rec", "kl", "mse", "sigma"):
+        assert last[key] == pytest.approx(alone[key], rel=1e-9), key
+
+
+def test_batch_size_is_the_global_batch():
+    check_batch(64, World(0, 2))
+    check_batch(63, World())
+    with pytest.raises(ConfigError, match="must be a multiple of 4; got 6 \\(e.g. 4 or 8\\)"):
+        check_batch(6, World(1, 4))
+    assert [World(r, 2).rows(53) for r in range(2)] == [slice(0, 26), slice(26, 53)]
+    assert [World(r, 3).rows(2) for r in range(3)] == [slice(0, 0), slice(0, 1), slice(1, 2)]
+
+
+@pytest.mark.slow
+def test_batch_size_must_split_evenly(tmp_path, subset):
+    r = torchrun(2, *args(subset, tmp_path / "odd", batch_size=63))
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("vaelab: error:")]
+    assert lines == ["vaelab: error: --batch-size is the global batch, split across the 2 processes, so it must be "
+                     "a multiple of 2; got 63 (e.g. 62 or 64)"]
+    # torchrun itself ends with its own report of the failed processes; the processes print no traceback
+    assert not any(f"vaelab/{m}.py" in r.stderr for m in ("cli", "trainer", "distributed"))
+    assert not (tmp_path / "odd").exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train_one_model(tmp_path, subset):
+    """Two torchrun invocations (--nnodes 2, one process each) meet at one rendezvous address and train one model;
+    dynamic binarization draws fresh inputs every step, the same on two nodes as on one process."""
+    kw = dict(likelihood="bernoulli", binarize="dynamic")
+    port = free_port()
+    nodes = [subprocess.Popen(torchrun_cmd(1, *args(subset, tmp_path / "nodes", **kw), nnodes=2, node_rank=i,
+                                           port=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env()) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=LAUNCH_TIMEOUT) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert [p.returncode for p in nodes] == [0, 0], [o[1][-2000:] for o in outs]
+    one = train(config(subset, tmp_path / "one", **kw), progress=False)
+    check_matches_one_process(tmp_path / "nodes", one.path)
+    assert_one_world_size(tmp_path / "nodes", 2)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"RANK="):
+            return int(item[5:])
+    return None
+
+
+def _wait_for_epochs(run: Path, n: int, proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if (run / "metrics.jsonl").exists() and len(rows(run)) >= 2 * n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before epoch {n}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"no epoch {n} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_launcher_checkpoints_and_resumes_bit_identically(tmp_path, subset, fashion_dir):
+    """SIGINT to torchrun: every process stops after the same step and rank 0 checkpoints mid-epoch; resuming with
+    2 processes ends bit-identical to an uninterrupted 2-process run, resuming with 1 continues the same batches."""
+    data = tmp_path / "more.npz"
+    fashion = load_dataset("fashion-mnist")
+    np.savez(data, x_train=fashion.train[:6000], x_test=fashion.test[:300])  # 188 steps of 32 per epoch
+    kw = dict(batch_size=32, epochs=3)
+    whole = torchrun(2, *args(data, tmp_path / "whole", **kw))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    run = tmp_path / "cut"
+    launcher = subprocess.Popen(torchrun_cmd(2, *args(data, run, **kw)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        _wait_for_epochs(run, 1, launcher)
+        launcher.send_signal(signal.SIGINT)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0
+    assert err.count("interrupted: checkpoint saved at epoch") == 1, err[-3000:]
+    with safe_open(run / "checkpoint.safetensors", "pt") as fh:
+        meta = json.loads(fh.metadata()["meta"])
+    assert meta["epoch"] >= 1 and meta["step"] > 0, meta  # mid-epoch
+    other = tmp_path / "cut-on-one"
+    shutil.copytree(run, other)
+
+    resumed = subprocess.run(torchrun_cmd(2, "--resume", run, "--quiet"), capture_output=True, text=True,
+                             timeout=LAUNCH_TIMEOUT, env=env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in ("model.safetensors",):
+        a, b = load_file(tmp_path / "whole" / name), load_file(run / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), "resumed 2-process run differs from the uninterrupted one"
+    def timeless(rs):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+
+    assert timeless(rows(run)) == timeless(rows(tmp_path / "whole"))
+
+    on_one = resume(other, progress=False)  # one process continues the same global batches
+    assert max_rel_diff(tmp_path / "whole", on_one.path) < 1e-4
+    assert [r["world_size"] for r in rows(other)][-1] == 1
+
+
+@pytest.mark.slow
+def test_a_dead_process_stops_the_others_and_the_run_resumes(tmp_path, subset):
+    data = tmp_path / "more.npz"
+    fashion = load_dataset("fashion-mnist")
+    np.savez(data, x_train=fashion.train[:4000], x_test=fashion.test[:300])
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(torchrun_cmd(2, *args(data, run, batch_size=32, epochs=50)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        _wait_for_epochs(run, 1, launcher)
+        workers = [p for c in _children(launcher.pid) for p in [c, *_children(c)] if _rank_of(p) == 1]
+        assert workers, "rank 1's process not found"
+        os.kill(workers[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = launcher.communicate(timeout=90)
+        stopped_after = time.monotonic() - t0
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("vaelab: error:")]
+    assert len(lines) == 1 and "lost contact with another training process" in lines[0], err[-3000:]
+    assert f"--resume {run}" in lines[0]
+    assert stopped_after < 60
+    done = rows(run)[-1]["epoch"]
+    continued = resume(run, epochs=done + 1, progress=False)  # from the last good checkpoint
+    assert continued.last()["epoch"] == done + 1
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_every_process_with_one_message(tmp_path, subset):
+    r = torchrun(2, *args(subset, tmp_path / "nan", lr=1e8, epochs=3))
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("vaelab: error:")]
+    assert len(lines) == 1 and "the loss became non-finite" in lines[0], r.stderr[-3000:]
+
+
+class _Peers(World):
+    """One process's view of a 2-process world, run in one process for the arithmetic: all_sum returns the sum
+    over the whole batch, computed beforehand (the real collectives are in the torchrun tests above)."""
+
+    def __init__(self, rank: int, size: int, totals: dict[tuple, Tensor]):
+        super().__init__(rank, size)
+        object.__setattr__(self, "totals", totals)
+
+    def all_sum(self, t):
+        return t.copy_(self.totals[tuple(t.shape)])
+
+
+@pytest.mark.parametrize("sigma, free_bits", [("0.1", 0.0), ("learned", 0.05), ("optimal", 0.05)])
+def test_shard_parts_add_up_to_the_one_process_objective_and_gradients(sigma, free_bits):
+    """Σ over processes of shard_objective's part (as DDP averages it) has the one-process objective's gradients,
+    and the shares add up to its value, with free bits and σ² = batch MSE computed from the whole batch."""
+    torch.manual_seed(0)
+    model = VAE((1, 4, 5), "mlp", [8], 3, make_likelihood("gaussian", sigma)).double()
+    x, eps = torch.rand(11, 1, 4, 5, dtype=torch.float64), torch.randn(11, 3, dtype=torch.float64)
+    beta = 0.7  # free bits 0.05 clamp one of the three dimensions (batch-mean KLs 0.065, 0.029, 0.075)
+    reference = copy.deepcopy(model)
+    loss = objective(reference(x, eps), beta, free_bits)
+    loss.backward()
+    with torch.no_grad():
+        whole = copy.deepcopy(model)(x, eps)  # the whole batch's statistics, which the collectives would sum
+        sq = (x - whole_mean(model, x, eps)).square().flatten(1).sum(1)
+    totals = {(2,): torch.stack([sq.sum(), torch.tensor(11.0, dtype=torch.float64)]),
+              (3,): whole.kl_per_dim.sum(0)}
+    shares = 0.0
+    for rank in range(2):
+        world = _Peers(rank, 2, totals)
+        if sigma == "optimal":
+            model.likelihood.batch_reduce = world.all_sum
+        rows = world.rows(11)
+        part, share = shard_objective(model(x[rows], eps[rows]), beta, free_bits, 11, world)
+        (part / world.size).backward()  # DDP's average over the processes
+        shares += share.item()
+    assert shares == pytest.approx(loss.item(), rel=1e-12)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def whole_mean(model, x, eps):
+    q = model.encode(x)
+    return model.decode_mean(q.reparameterize(eps))
