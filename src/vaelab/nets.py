@@ -86,7 +86,9 @@ def stage_sizes(shape: tuple[int, int, int], n_stages: int) -> list[tuple[int, i
 
 
 def _groups(channels: int, most: int = 8) -> int:
-    return max(g for g in range(1, most + 1) if channels % g == 0)
+    """GroupNorm groups: up to 8, with at least 2 channels each where possible (a norm over one channel would
+    undo the bias of the conv before it, leaving that bias a gradient of pure rounding noise)."""
+    return max(g for g in range(1, most + 1) if channels % g == 0 and (channels // g >= 2 or g == 1))
 
 
 class ResBlock(nn.Module):
@@ -97,8 +99,7 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.branch = nn.Sequential(
-            nn.GroupNorm(_groups(channels), channels), nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False),  # a bias here is undone by the next norm
+            nn.GroupNorm(_groups(channels), channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
             nn.GroupNorm(_groups(channels), channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
         nn.init.zeros_(self.branch[-1].weight)
         nn.init.zeros_(self.branch[-1].bias)
