@@ -6,7 +6,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: setup data browser demo test test-fast bench clean
+.PHONY: setup data images browser demo test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 data:
 	bash scripts/get-data.sh
 
+images:
+	bash scripts/get-images.sh
+
 browser:
 	bash scripts/get-browser.sh
 
@@ -26,7 +29,7 @@ demo: setup data
 	$(BIN)/vaelab demo
 
 # every tier but the GPU one (benchmarks/gpu.sh runs that on a CUDA machine); under CI=true a skip is a failure
-test: setup data browser
+test: setup data images browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q -m "not gpu"
 

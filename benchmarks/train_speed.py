@@ -3,7 +3,8 @@
 One process, one machine, one model: a 784-400-20 MLP VAE with a Bernoulli likelihood, batch 128, Adam 1e-3,
 on Fashion-MNIST's 60,000 training images.
 
-1. vaelab: `vaelab.train`, the function `vaelab train` calls, one epoch at a time (epoch 1 on a fresh run
+1. vaelab: `vaelab.train`, the function `vaelab train` calls (on a CPU its hand-written MLP step, vaelab.fused),
+   one epoch at a time (epoch 1 on a fresh run
    directory, then `vaelab.resume` to 2, 3, ...; resuming is bit-identical to one uninterrupted run).
    Seconds per epoch are the `seconds` field of each epoch's train row in metrics.jsonl: the training loop's
    wall time, excluding the per-epoch train/test evaluation and the checkpoint. Median over the epochs.
@@ -17,9 +18,10 @@ on Fashion-MNIST's 60,000 training images.
    median over the blocks.
 4. vaelab --precision bf16 (skip with --skip-bf16): the same run with the networks' matmuls under bfloat16
    autocast. It is reported on its own lines and never in the goal's ratios: it changes the arithmetic.
-5. with --with-autograd, vaelab fp32 once more with the Bernoulli log-density as the plain expression
-   (Σ x·l − softplus(l), differentiated by autograd) instead of its closed-form gradient
-   (vaelab.likelihoods.BernoulliLogProb), to show what the closed form is worth.
+5. with --with-autograd, vaelab fp32 twice more: with --no-handwritten-grads (the networks' gradients from
+   autograd: what the hand-written MLP step is worth), and with that and the Bernoulli log-density as the
+   plain expression (Σ x·l − softplus(l), differentiated by autograd) instead of its closed-form gradient
+   (vaelab.likelihoods.BernoulliLogProb): what the closed form is worth.
 6. with --device cuda, vaelab fp32 once more with --no-cuda-graph: every step launched kernel by kernel
    instead of replayed as one CUDA graph, to show what the graph is worth.
 7. with --reference SRC, another vaelab source tree (the `src` folder of an older commit, e.g. from
@@ -250,8 +252,8 @@ def main(argv=None) -> None:
                    help="where every trainer and the floor run (default cpu); test scores are computed on the CPU")
     p.add_argument("--skip-bf16", action="store_true", help="do not also time vaelab with --precision bf16")
     p.add_argument("--with-autograd", action="store_true",
-                   help="also time vaelab fp32 with the Bernoulli log-density differentiated by autograd instead "
-                   "of its closed-form gradient")
+                   help="also time vaelab fp32 with --no-handwritten-grads, and with that and the Bernoulli "
+                   "log-density differentiated by autograd instead of its closed-form gradient")
     p.add_argument("--reference", metavar="SRC", default=None,
                    help="also time the vaelab package in this source folder (e.g. an older commit's src/) through "
                    "its CLI in a child process")
@@ -290,9 +292,10 @@ def main(argv=None) -> None:
         runs = [VaelabRun(Path(tmp), args, "fp32")]
         bf16 = None if args.skip_bf16 else VaelabRun(Path(tmp), args, "bf16")
         auto = VaelabRun(Path(tmp), args, "fp32", autograd=True) if args.with_autograd else None
+        plain = VaelabRun(Path(tmp), args, "fp32", autograd=True, plain=True) if args.with_autograd else None
         eager = VaelabRun(Path(tmp), args, "fp32", graphs=False) if device.type == "cuda" else None
         ref = ReferenceRun(Path(tmp), args) if args.reference else None
-        runs += [r for r in (bf16, auto, eager, ref) if r is not None]
+        runs += [r for r in (bf16, auto, plain, eager, ref) if r is not None]
         baseline = train_baseline(data, args.epochs, args.lean_baseline, device)
         for epoch in range(1, args.epochs + 1):
             for run in runs:
@@ -312,9 +315,14 @@ def main(argv=None) -> None:
     if bf16:
         print(f"bf16    : {_fmt(bf16.seconds)}  (vaelab --precision bf16: matmuls in bfloat16; not the same "
               "maths, so not the goal's number)")
-    if auto:
-        print(f"autograd: {_fmt(auto.seconds)}  (vaelab fp32 with gradients from autograd, not the hand-written "
-              f"step; test -ELBO {auto.test:.2f} nats)")
+    if auto and plain:
+        a, pl = statistics.median(auto.seconds), statistics.median(plain.seconds)
+        print(f"autograd: {_fmt(auto.seconds)}  (vaelab fp32 --no-handwritten-grads: TrainStep, autograd through "
+              f"the networks; test -ELBO {auto.test:.2f} nats)")
+        print(f"plain   : {_fmt(plain.seconds)}  (as autograd, and the Bernoulli log-density differentiated by "
+              f"autograd, not its closed form; test -ELBO {plain.test:.2f} nats)")
+        print(f"vaelab / autograd = {vaelab_s / a:.3f} (the hand-written MLP step); autograd / plain = {a / pl:.3f} "
+              f"(the closed-form likelihood gradient)")
     if ref:
         r = statistics.median(ref.seconds)
         print(f"before  : {_fmt(ref.seconds)}  (vaelab from {args.reference}, through its CLI; test -ELBO "
@@ -352,19 +360,21 @@ class VaelabRun:
     --epochs N` (bit-identical to one uninterrupted run). Seconds are each epoch's train-loop time from
     metrics.jsonl, without the per-epoch evaluation and checkpoint."""
 
-    def __init__(self, tmp: Path, args, precision: str, autograd: bool = False, graphs: bool = True):
-        self.label = "autograd" if autograd else precision if graphs else "eager"
-        self.autograd, self.path = autograd, tmp / self.label
+    def __init__(self, tmp: Path, args, precision: str, autograd: bool = False, graphs: bool = True,
+                 plain: bool = False):
+        self.label = "plain" if plain else "autograd" if autograd else precision if graphs else "eager"
+        self.plain, self.path = plain, tmp / self.label
         self.cfg = dict(dataset="fashion-mnist", data_dir=args.data_dir, likelihood="bernoulli", hidden=[HIDDEN],
                         latent_dim=LATENT, batch_size=BATCH, lr=LR, optimizer="adam", seed=SEED, device=args.device,
-                        precision=precision, cuda_graph=graphs)
+                        precision=precision, cuda_graph=graphs,
+                        handwritten_grads=not autograd)
         self.seconds: list[float] = []
         self.test = math.nan
 
     def epoch(self, epoch: int, score) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the Bernoulli-on-grey-pixels warning; the example does the same
-            plain = mock.patch.object(Bernoulli, "log_prob", plain_bernoulli_log_prob) if self.autograd else None
+            plain = mock.patch.object(Bernoulli, "log_prob", plain_bernoulli_log_prob) if self.plain else None
             with plain or contextlib.nullcontext():
                 if epoch == 1:
                     run = train(TrainConfig(**self.cfg, epochs=1, out=str(self.path)), progress=False)
@@ -399,7 +409,7 @@ class ReferenceRun:
         self.test = math.nan
 
     def epoch(self, epoch: int, score) -> None:
-        cmd = [sys.executable, "-W", "ignore", "-m", "vaelab.cli", "train"]
+        cmd = [sys.executable, "-m", "vaelab.cli", "train"]
         if epoch == 1:
             cmd += [*self.flags, "--epochs", "1", "--out", str(self.path)]
         else:
@@ -409,7 +419,9 @@ class ReferenceRun:
                                capture_output=True, text=True, check=True)
         if not check.stdout.startswith(self.src):
             raise SystemExit(f"--reference: the child imported vaelab from {check.stdout.strip()}, not {self.src}")
-        subprocess.run(cmd, env=env, check=True)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"--reference: {' '.join(cmd)} failed:\n{done.stderr}")
         rows = [r for r in read_metrics(self.path / "metrics.jsonl") if r["split"] == "train"]
         self.seconds.append(rows[-1]["seconds"])
         if epoch == COMPARE_EPOCH:

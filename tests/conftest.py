@@ -14,6 +14,10 @@ import sys
 # OpenMP thread that gets descheduled stalls every parallel region (measured: 43 s vs 3 s for one fixture).
 # Set before torch is imported so the CLI subprocesses the tests start inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The decoded-dataset cache of the tests lives in a folder of their own, not the user's ~/.cache
+import tempfile  # noqa: E402
+
+os.environ.setdefault("VAELAB_CACHE", tempfile.mkdtemp(prefix="vaelab-test-cache-"))
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +59,18 @@ def fashion_dir() -> Path:
     d = locate(REGISTRY["fashion-mnist"])
     if d is None:
         missing("Fashion-MNIST", "run `make data` (the Makefile does it before the tests)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def emoji_dir() -> Path:
+    """Real colour images: the 3,786 64x64 Twemoji PNGs (modes RGBA and P with transparency mixed) that
+    `make images` fetches with npm (scripts/get-images.sh) into the user cache, outside the repository."""
+    base = os.environ.get("VAELAB_TEST_IMAGES") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vaelab-test-images")
+    d = Path(base) / "twemoji-64"
+    if not (d / ".complete").is_file():
+        missing("the real colour test images", "run `make images` (the Makefile does it before the tests)")
     return d
 
 

@@ -63,7 +63,7 @@ BAD = [  # (arguments, words the one error line must contain)
     (["train", "--hidden", "0"], "--hidden must be"),
     (["train", "--lr", "0"], "--lr must be a finite number > 0"),
     (["train", "--batch-size", "-5"], "--batch-size must be an integer > 0"),
-    (["train", "--dataset", "cifar-99"], "neither a named dataset (mnist, fashion-mnist)"),
+    (["train", "--dataset", "cifar-99"], "neither a named dataset (mnist, fashion-mnist, cifar10"),
     (["train", "--dataset", "{tmp}/notes.txt"], "unsupported file type '.txt'"),
     (["train", "--dataset", "{tmp}/nan.npy"], "NaN"),
     (["train", "--resume", "{tmp}/nothing-here"], "no checkpoint.safetensors to resume from"),

@@ -13,11 +13,12 @@ from pathlib import Path
 from . import __version__
 from .api import demo, evaluate, explore, plot, report, sigma_study
 from .config import TrainConfig
+from .data import cache
 from .distributed import env_rank, reports
 from .errors import ConfigError, VaelabError
 from .metrics import table_rows
 from .nets import conv_channels, n_parameters, stage_sizes
-from .reporting import FIGURES
+from .reporting import ALL_FIGURES
 from .runs import load_run
 from .trainer import resume, train
 
@@ -199,6 +200,22 @@ def cmd_sigma_study(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    root = cache.cache_root()
+    if args.action == "clear":
+        removed = cache.clear(args.entry)
+        if args.entry is not None and not removed:
+            raise ConfigError(f"no cache entry named {args.entry!r} in {root}; `vaelab cache ls` lists them")
+        print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} from {root}")
+        return 0
+    listed = list(cache.entries())
+    for e in listed:
+        print(cache.describe(e))
+    total = sum(e.bytes for e in listed)
+    print(f"{len(listed)} entr{'y' if len(listed) == 1 else 'ies'}, {cache.human_size(total)} in {root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vaelab",
@@ -248,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="write one figure of the report as PNG",
                        description="Write one figure as <out>/<NAME>.png and print its path.")
     p.add_argument("run", help="run directory")
-    p.add_argument("--only", required=True, metavar="NAME", help=f"the figure: {', '.join(FIGURES)}")
+    p.add_argument("--only", required=True, metavar="NAME", help=f"the figure: {', '.join(ALL_FIGURES)} (factors: "
+                   "data with named factors, such as shapes and dsprites)")
     p.add_argument("--out", help="folder for the PNG (default: the run directory)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
     _add_threads_flag(p)
@@ -279,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sigma_study)
+
+    p = sub.add_parser("cache", help="list or clear the decoded-dataset cache",
+                       description="Image folders, .npy files, generated shapes and downloaded archives are decoded "
+                       "once into uint8 arrays that later runs memory-map. `ls` lists them (source, shapes, size); "
+                       "`clear` deletes them all, or the one named. The folder is $VAELAB_CACHE, else "
+                       "~/.cache/vaelab/decoded.")
+    p.add_argument("action", choices=["ls", "clear"], help="ls: list the entries; clear: delete them")
+    p.add_argument("entry", nargs="?", help="clear: only this entry (a name `ls` prints)")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("explore", help="explore a run's latent space live in the browser",
                        description="Serve a local web page that shows the test images' codes in the latent plane "

@@ -18,6 +18,7 @@ Binarize = Literal["none", "dynamic", "static"]
 Device = Literal["auto", "cpu", "cuda"]
 Optimizer = Literal["adam", "sgd"]
 Precision = Literal["fp32", "bf16"]
+Background = Literal["white", "black"]
 
 
 def option(default, help: str, group: str, flag: bool = True, metavar: str | None = None):
@@ -34,13 +35,23 @@ class TrainConfig:
     `vaelab train` (--data-dir for data_dir) with the help text and default written here."""
 
     # data
-    dataset: str = option("fashion-mnist", "mnist, fashion-mnist, a .npz/.npy file or an image folder", "data")
+    dataset: str = option("fashion-mnist", "mnist, fashion-mnist, cifar10, dsprites, celeba (a local folder), shapes "
+                          "(generated), a .npz/.npy file or an image folder", "data")
     data_dir: str | None = option(None, "folder holding the files of a named dataset (looked at first; then "
                                   "$VAELAB_DATA, the user cache ~/.cache/vaelab, system copies, then a download)",
                                   "data")
     limit: int | None = option(None, "train on the first N training images only", "data", metavar="N")
     binarize: Binarize = option("none", "turn grey pixels into 0/1: a fresh draw per step (dynamic) or one fixed "
                                 "draw (static); for the Bernoulli likelihood", "data")
+    image_size: str | None = option(None, "image folders: resize the shorter side to N (antialiased) and centre-crop "
+                                    "to N x N, or to H x W with HxW (needed when images differ in size)", "data",
+                                    metavar="N|HxW")
+    center_crop: str | None = option(None, "image folders: crop the centre N x N (or HxW) before resizing (CelebA's "
+                                     "usual 140 with --image-size 64)", "data", metavar="N|HxW")
+    background: Background = option("white", "image folders: the colour transparent pixels are composited over",
+                                     "data")
+    skip_bad_images: bool = option(False, "image folders: leave out files that cannot be decoded (named in one "
+                                   "warning) instead of stopping at the first", "data")
     # model
     arch: Arch = option("mlp", "encoder/decoder type: mlp (fully connected) or conv (stride-2 convolution "
                         "stages with residual blocks, sized from the images)", "model")
@@ -77,6 +88,9 @@ class TrainConfig:
     cuda_graph: bool = option(True, "on a GPU, record the training step once as a CUDA graph and replay it for "
                               "each full batch (same results, far fewer kernel launches); --no-cuda-graph launches "
                               "every kernel of every step (for profiling or debugging)", "optimisation")
+    handwritten_grads: bool = option(True, "on a CPU, compute a plain MLP VAE's network gradients with vaelab's "
+                                     "hand-written backward pass (the gradients autograd computes, with less "
+                                     "per-step overhead); --no-handwritten-grads uses autograd", "optimisation")
     # run directory
     out: str | None = option(None, "run directory (default runs/<name>)", "run directory")
     name: str | None = option(None, "run name used for the default --out", "run directory")
@@ -108,6 +122,8 @@ class TrainConfig:
         if self.arch == "mlp" and self.blocks:
             raise ConfigError(f"--blocks (residual blocks per stage) applies to --arch conv only; got {self.blocks} "
                               "with --arch mlp")
+        self.image_size = _size("image_size", self.image_size)
+        self.center_crop = _size("center_crop", self.center_crop)
         _positive_int("latent_dim", self.latent_dim)
         _positive_int("batch_size", self.batch_size)
         _positive_int("epochs", self.epochs)
@@ -161,10 +177,24 @@ def _flag(name: str) -> str:
 def _literal_values(tp) -> tuple:
     if isinstance(tp, str):
         tp = {"Arch": Arch, "Binarize": Binarize, "Device": Device, "Optimizer": Optimizer,
-              "Precision": Precision}.get(tp)
+              "Precision": Precision, "Background": Background}.get(tp)
     if tp is not None and typing.get_origin(tp) is Literal:
         return get_args(tp)
     return ()
+
+
+def _size(name: str, value) -> str | None:
+    """An image size as given (64, "64", "64x48", [64, 48]) -> "64" or "64x48" (height x width)."""
+    if value is None:
+        return None
+    parts = list(value) if isinstance(value, list | tuple) else str(value).lower().replace("×", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        sizes = []
+    if len(sizes) not in (1, 2) or any(v < 1 for v in sizes):
+        raise ConfigError(f"{_flag(name)} must be a size such as 64 or 64x48 (height x width); got {value!r}")
+    return "x".join(map(str, sizes)) if len(sizes) == 2 and sizes[0] != sizes[1] else str(sizes[0])
 
 
 def _positive_int(name: str, value, allow_zero: bool = False) -> None:

@@ -255,11 +255,11 @@ class ShardStep:
     def inputs(self, idx: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
         """(x, ε) for this process's rows: random inputs (dynamic binarization) and the noise of z are drawn for
         the whole batch, in the order one process draws them, and this process keeps its rows."""
-        train = self.prep.train
+        gather = self.prep.batches.gather  # rows of the training set, resident or memory-mapped
         if self.fresh_inputs:
-            x = self.prep.prepare_train(train.index_select(0, idx))[rows]  # (B/W, C, H, W)
+            x = self.prep.prepare_train(gather(idx))[rows]  # (B/W, C, H, W)
         else:
-            x = self.prep.prepare_train(train.index_select(0, idx[rows]))
+            x = self.prep.prepare_train(gather(idx[rows]))
         eps = torch.randn((len(idx), self.latent_dim), dtype=x.dtype, device=x.device)[rows]  # (B/W, L)
         return x, eps
 

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -216,6 +217,8 @@ class Split(NamedTuple):
     labels: Tensor | None
     classes: list[str] | None
     normalized: bool  # False for a Bernoulli on grey pixels
+    factors: np.ndarray | None = None  # (N, F) named factors of variation (shapes, dsprites)
+    factor_names: list[str] | None = None
 
 
 def split_data(config, split: str, device: torch.device, limit: int | None = None) -> Split:
@@ -225,11 +228,13 @@ def split_data(config, split: str, device: torch.device, limit: int | None = Non
         prep = prepare_data(config, device)
     x = prep.test if split == "test" else prep.train_eval
     labels = prep.data.test_labels if split == "test" else prep.data.train_labels
+    factors = prep.data.test_factors if split == "test" else prep.data.train_factors
     if limit is not None:
         x = x[:limit]
         labels = None if labels is None else labels[:limit]
+        factors = None if factors is None else factors[:limit]
     labels = None if labels is None else torch.as_tensor(labels)
-    return Split(x, prep.prepare, labels, prep.data.classes, prep.normalized)
+    return Split(x, prep.prepare, labels, prep.data.classes, prep.normalized, factors, prep.data.factor_names)
 
 
 def evaluate_run(run, split: str = "test", iw_samples: int = 1000, batch_size: int = 500,

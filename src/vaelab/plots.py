@@ -123,6 +123,48 @@ def latent_scatter(coords: np.ndarray, labels: np.ndarray | None, path: Path,
     return _save(fig, path)
 
 
+def factor_scatter(coords: np.ndarray, factors: np.ndarray, names: list[str], path: Path,
+                   axis_names: tuple[str, str] = ("z₁", "z₂"), title: str = "",
+                   level_names: dict[str, list[str]] | None = None) -> Path:
+    """Codes (N, 2) once per factor (N, F), coloured by its value: a legend for a factor of a few integer
+    levels (named by level_names[factor] where given), a colour bar for a continuous one (a cyclic colour map
+    for hue and angles)."""
+    import matplotlib
+
+    n = factors.shape[1]
+    ncol = min(4, n)
+    nrow = -(-n // ncol)
+    fig = _figure(4.2 * ncol, 3.8 * nrow)
+    for j, name in enumerate(names):
+        ax = fig.add_subplot(nrow, ncol, j + 1)
+        v = factors[:, j]
+        levels = np.unique(v)
+        if len(levels) <= 10 and np.all(levels == np.round(levels)):
+            cmap = matplotlib.colormaps["tab10"]
+            named = (level_names or {}).get(name)
+            for k, level in enumerate(levels):
+                sel = v == level
+                label = named[int(level)] if named is not None and 0 <= level < len(named) else f"{level:g}"
+                ax.scatter(coords[sel, 0], coords[sel, 1], s=3, color=cmap(k % 10), alpha=0.7, linewidths=0,
+                           label=label)
+            ax.legend(markerscale=3, fontsize=6, loc="best", frameon=False)
+        else:
+            cyclic = name in ("hue", "rotation", "orientation")
+            sc = ax.scatter(coords[:, 0], coords[:, 1], s=3, c=v, cmap="hsv" if cyclic else "viridis",
+                            alpha=0.8, linewidths=0)
+            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_title(name, fontsize=10)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.tick_params(labelsize=7)
+        if j % ncol == 0:
+            ax.set_ylabel(axis_names[1], fontsize=8)
+        if j >= n - ncol:
+            ax.set_xlabel(axis_names[0], fontsize=8)
+    fig.suptitle(title or "posterior means of the test images, coloured by each factor of variation")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 CURVES = (("loss", "−ELBO (nats/image)"), ("rec", "reconstruction (nats)"), ("kl", "KL (nats)"))
 
 

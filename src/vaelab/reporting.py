@@ -34,6 +34,8 @@ class Material:
     labels: np.ndarray | None
     classes: list[str] | None
     numbers: dict | None = None  # the output of evaluate_run, when computed
+    factors: np.ndarray | None = None  # (N, F) named factors of variation of the images, if the data has them
+    factor_names: list[str] | None = None
     plane: tuple = field(init=False)
 
     def __post_init__(self):
@@ -44,7 +46,7 @@ class Material:
         device = next(run.model.parameters()).device
         s = split_data(run.config, "test", device, n)
         labels = None if s.labels is None else np.asarray(s.labels)
-        return cls(run, s.prepare(s.x), labels, s.classes, numbers)
+        return cls(run, s.prepare(s.x), labels, s.classes, numbers, s.factors, s.factor_names)
 
     @property
     def model(self):
@@ -77,6 +79,16 @@ def _scatter(m: Material, path: Path) -> Path:
     codes, _, axes = m.plane
     return plots.latent_scatter(views.plane_coords(codes, axes), m.labels, path, m.classes,
                                 axis_names=m.axis_names)
+
+
+def _factors(m: Material, path: Path) -> Path:
+    if m.factors is None:
+        raise ConfigError(f"the dataset of {m.run.path} has no named factors of variation (shapes and dsprites "
+                          "have them); `--only scatter` colours the codes by class label")
+    codes, _, axes = m.plane
+    named = {"shape": m.classes} if m.classes and "shape" in m.factor_names else None
+    return plots.factor_scatter(views.plane_coords(codes, axes), np.asarray(m.factors), m.factor_names, path,
+                                axis_names=m.axis_names, level_names=named)
 
 
 def _reconstructions(m: Material, path: Path) -> Path:
@@ -134,16 +146,27 @@ FIGURES = {  # name -> (caption, drawing function); the PNG is written as <name>
 }
 
 
+FACTOR_FIGURES = {  # drawn for data with named factors of variation (shapes, dsprites)
+    "factors": ("Latent scatter coloured by each factor of variation", _factors),
+}
+ALL_FIGURES = {**FIGURES, **FACTOR_FIGURES}
+
+
+def figures_for(material: Material) -> list[str]:
+    """The figures of this material's report: FIGURES, and FACTOR_FIGURES where the data has factors."""
+    return [*FIGURES, *(FACTOR_FIGURES if material.factors is not None else ())]
+
+
 def check_figure(name: str) -> None:
-    if name not in FIGURES:
-        raise ConfigError(f"--only must be one of {', '.join(FIGURES)}; got {name!r}")
+    if name not in ALL_FIGURES:
+        raise ConfigError(f"--only must be one of {', '.join(ALL_FIGURES)}; got {name!r}")
 
 
 def draw(material: Material, name: str, out_dir: Path) -> Path:
     check_figure(name)
     with torch.random.fork_rng(devices=_cuda_devices(material.run)):
         torch.manual_seed(0)  # the sampled figures are reproducible, and the caller's RNG stream is untouched
-        return FIGURES[name][1](material, Path(out_dir) / f"{name}.png")
+        return ALL_FIGURES[name][1](material, Path(out_dir) / f"{name}.png")
 
 
 def _cuda_devices(run: Run) -> list[int]:
@@ -202,7 +225,7 @@ def write_report(run: Run, out_dir: str | Path | None = None, iw_samples: int = 
     out = Path(out_dir) if out_dir is not None else Path(run.path)
     out.mkdir(parents=True, exist_ok=True)
     material = Material.of(run, min(N_CODES, limit or N_CODES), numbers)
-    figures = [(caption, draw(material, name, out)) for name, (caption, _) in FIGURES.items()]
+    figures = [(ALL_FIGURES[name][0], draw(material, name, out)) for name in figures_for(material)]
     write_text_atomic(out / "eval.json", json.dumps(numbers, indent=2) + "\n")
     title = (f"vaelab report: {run.path.name} ({run.model.likelihood.describe()}, "
              f"latent {run.config.latent_dim})")

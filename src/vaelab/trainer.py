@@ -1,8 +1,10 @@
 """The training loop. It knows nothing about likelihoods or networks: each step minimises
 `objective(model(x), beta, free_bits)` by autograd and the optimizer (`TrainStep`).
+On a CPU a plain MLP VAE takes the same step with its networks' gradients written by hand (vaelab.fused).
 
-The training set stays resident as one tensor (uint8 where the data is 8-bit) and each batch is gathered
-and scaled on the fly. The loop makes no host sync except to read the loss of every PROGRESS_EVERY-th batch
+Each batch is gathered from the training set as stored (uint8 where the data is 8-bit) and scaled on the fly:
+from one resident tensor, or, for memory-mapped data, by a background thread one batch ahead (data.BatchSource).
+The loop makes no host sync except to read the loss of every PROGRESS_EVERY-th batch
 (progress bar and non-finite check). On a GPU the step is replayed as one CUDA graph where that is exact
 (vaelab.cudagraph; --no-cuda-graph turns it off).
 """
@@ -28,6 +30,7 @@ from .cudagraph import CUDAGraphStep, Step, capturable
 from .data import ImageData, Prepared, prepare_data
 from .distributed import SINGLE, ShardStep, World, check_batch, join, wrap
 from .errors import ConfigError, RunError, TrainingError
+from .fused import MLPStep
 from .metrics import elbo_metrics
 from .model import VAE, objective
 from .monitor import TensorBoard
@@ -47,6 +50,46 @@ from .runs import (
 
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
 EVAL_SEED = 12345
+
+
+class TrainStep:
+    """One optimisation step on the training images `idx`: the objective, its gradients, the update."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Callable[[Tensor], Tensor],
+                 free_bits: float = 0.0, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext):
+        self.model, self.optimizer, self.batch = model, optimizer, batch
+        self.free_bits, self.autocast = free_bits, autocast
+
+    def __call__(self, idx: Tensor, beta: float) -> Tensor:
+        x = self.batch(idx)  # (B, C, H, W)
+        with self.autocast():
+            terms = self.model(x)
+        loss = objective(terms, beta, self.free_bits)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared,
+              device: torch.device, world: World = SINGLE) -> Step:
+    """The training step for this run, chosen once: TrainStep; on a CPU, the same step with an MLP's gradients
+    written by hand (vaelab.fused) where that is exact; on a GPU, a CUDA graph of it where replaying is exact;
+    with several processes, the step on this process's share of each batch under DistributedDataParallel."""
+    if world.size > 1:
+        return ShardStep(wrap(model, world, device), optimizer, prep, world, config.free_bits,
+                         config.binarize == "dynamic", autocast(config, device))
+
+    def batch(idx: Tensor) -> Tensor:
+        return prep.prepare_train(prep.batches(idx))
+
+    bf16 = config.precision == "bf16"
+    if config.handwritten_grads and MLPStep.applies(model, device, autocast=bf16):
+        return MLPStep(model, optimizer, batch, config.free_bits)
+    graph = (config.cuda_graph and prep.batches.resident
+             and capturable(model, optimizer, device, constant_beta=config.kl_warmup <= 0))
+    step = TrainStep(model, optimizer, batch, config.free_bits, autocast(config, device, cache=not graph))
+    return CUDAGraphStep(step, config.batch_size, config.beta, device) if graph else step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,8 +119,8 @@ def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     # capturable: the step count lives on the GPU, so the update can be replayed inside a CUDA graph
-    capturable = fused and all(p.device.type == "cuda" for p in params)
-    return torch.optim.Adam(groups, lr=config.lr, fused=fused or None, capturable=capturable)
+    on_gpu = fused and all(p.device.type == "cuda" for p in params)
+    return torch.optim.Adam(groups, lr=config.lr, fused=fused or None, capturable=on_gpu)
 
 
 def autocast(config: TrainConfig, device: torch.device, cache: bool = True) -> Callable[[], AbstractContextManager]:
@@ -189,7 +232,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
 
     def setup():
         nonlocal epoch, start_step, metrics
-        prep = prepare_data(config, device, data)
+        prep = prepare_data(config, device, data, progress=progress and world.main)
         board = None
         if config.tensorboard and world.main:  # before anything is written: the package may be missing
             board = TensorBoard(config.tensorboard, prep.test, prep.prepare, prep.train.shape[0])
@@ -217,17 +260,20 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
     n = prep.train.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
     train_step = make_step(config, model, optimizer, prep, device, world)
-    last_good = [epoch]
+    # where the checkpoint on disk stands, for the message if another process dies
+    saved = [f"epoch {epoch + 1}, step {start_step}" if start_step else f"end of epoch {epoch}" if epoch else None]
 
     def lost() -> str:
-        return (f"the run's files hold its last complete epoch ({last_good[0]}): continue with vaelab train "
-                f"--resume {out}" if last_good[0] else "no epoch was completed, so nothing was saved")
+        if saved[0] is None:
+            return "no epoch was completed, so no checkpoint was written"
+        return f"the last checkpoint ({saved[0]}) is kept: continue with vaelab train --resume {out}"
 
     signals = (signal.SIGINT, signal.SIGTERM) if world.size > 1 else (signal.SIGINT,)
     with _StopFlag(signals) as stop, world.watch(lost), contextlib.closing(board or _Nothing()):
         while epoch < config.epochs:
             shuffle_state = shuffle.get_state()  # lets a mid-epoch checkpoint rebuild this epoch's order
             order = torch.randperm(n, generator=shuffle).to(device)
+            prep.batches.plan(order, start_step)  # mapped data: the next batch is read while a step runs
             t0 = time.perf_counter()
             step = _run_epoch(config, model, train_step, order, epoch, start_step, steps_per_epoch, stop,
                               progress, world)
@@ -251,7 +297,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
                 save_checkpoint(out / CHECKPOINT, model, optimizer,
                                 {"epoch": epoch, "step": 0, "world_size": world.size},
                                 _rng_state(shuffle.get_state(), device))
-            last_good[0] = epoch
+            saved[0] = f"end of epoch {epoch}"
             if progress:
                 test = metrics[-1]
                 print(f"epoch {epoch}/{config.epochs}: test loss {test['loss']:.2f} nats "
@@ -289,42 +335,6 @@ def beta_at(config: TrainConfig, epoch_progress: float) -> float:
     if config.kl_warmup <= 0:
         return config.beta
     return config.beta * min(1.0, epoch_progress / config.kl_warmup)
-
-
-class TrainStep:
-    """One optimisation step on the training images `idx`: the objective, its gradients, the update."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Callable[[Tensor], Tensor],
-                 free_bits: float = 0.0, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext):
-        self.model, self.optimizer, self.batch = model, optimizer, batch
-        self.free_bits, self.autocast = free_bits, autocast
-
-    def __call__(self, idx: Tensor, beta: float) -> Tensor:
-        x = self.batch(idx)  # (B, C, H, W)
-        with self.autocast():
-            terms = self.model(x)
-        loss = objective(terms, beta, self.free_bits)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
-
-
-def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared,
-              device: torch.device, world: World = SINGLE) -> Step:
-    """The training step for this run, chosen once: a CUDA graph of it where replaying is exact and allowed;
-    with several processes, the step on this process's share of each batch under DistributedDataParallel."""
-    if world.size > 1:
-        return ShardStep(wrap(model, world, device), optimizer, prep, world, config.free_bits,
-                         config.binarize == "dynamic", autocast(config, device))
-
-    def batch(idx: Tensor) -> Tensor:
-        # index_select copies whole rows; plain indexing (train[idx]) gathers element by element, far slower
-        return prep.prepare_train(prep.train.index_select(0, idx))
-
-    graph = config.cuda_graph and capturable(model, optimizer, device, constant_beta=config.kl_warmup <= 0)
-    step = TrainStep(model, optimizer, batch, config.free_bits, autocast(config, device, cache=not graph))
-    return CUDAGraphStep(step, config.batch_size, config.beta, device) if graph else step
 
 
 def _run_epoch(config, model, train_step: Step, order, epoch, start_step, steps_per_epoch, stop,

@@ -1,0 +1,347 @@
+"""Image folders as users have them: every Pillow mode, transparency, EXIF, sizes, bad files, the decoded cache.
+
+Unit tests build small images; the tests of the real path use real colour images: the 64x64 Twemoji PNGs
+(modes RGBA and P with transparency mixed) that `make images` fetches with npm (scripts/get-images.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vaelab.cli import main
+from vaelab.data import cache, load_dataset
+from vaelab.data.folders import Options, decode
+from vaelab.errors import DataError
+
+
+@pytest.fixture()
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """A decoded cache of this test's own, so entries can be counted."""
+    root = tmp_path / "decoded"
+    monkeypatch.setenv("VAELAB_CACHE", str(root))
+    return root
+
+
+def _copy(files: list[Path], dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy(f, dest / f.name)
+    return dest
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    """The CLI's main() in this process (the same parsing and error handling as `vaelab`, without the start-up
+    of another Python on a busy machine): (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------------------- modes, one layout
+def _decoded(tmp_path, im: Image.Image, name: str, **opts) -> tuple[np.ndarray, bool]:
+    p = tmp_path / name
+    im.save(p, **({"lossless": True} if name.endswith(".webp") else {}))
+    return decode(p, Options(**opts))
+
+
+def _p_image(transparent: bool) -> Image.Image:
+    im = Image.new("P", (4, 2))
+    im.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # 0 red, 1 blue
+    im.putdata([0, 0, 1, 1, 0, 0, 1, 1])
+    if transparent:
+        im.info["transparency"] = 1  # blue is transparent
+    return im
+
+
+@pytest.mark.parametrize("make,name,grey,pixel", [
+    (lambda: Image.new("1", (4, 2), 1), "a.png", True, (255, 255, 255)),
+    (lambda: Image.new("L", (4, 2), 77), "a.png", True, (77, 77, 77)),
+    (lambda: Image.new("LA", (4, 2), (77, 0)), "a.png", True, (255, 255, 255)),  # transparent -> background
+    (lambda: Image.new("LA", (4, 2), (77, 255)), "a.png", True, (77, 77, 77)),
+    (lambda: _p_image(False), "a.png", False, (255, 0, 0)),
+    (lambda: Image.new("RGB", (4, 2), (10, 200, 30)), "a.bmp", False, (10, 200, 30)),
+    (lambda: Image.new("RGBA", (4, 2), (10, 200, 30, 0)), "a.png", False, (255, 255, 255)),
+    (lambda: Image.new("RGBA", (4, 2), (10, 200, 30, 255)), "a.webp", False, (10, 200, 30)),
+    (lambda: Image.new("CMYK", (4, 2), (0, 255, 255, 0)), "a.tif", False, (255, 0, 0)),
+    (lambda: Image.fromarray(np.full((2, 4), 65535 // 3, np.uint16)), "a.png", True, (85, 85, 85)),  # I;16
+    (lambda: Image.new("RGB", (4, 2), (0, 0, 250)), "a.gif", False, (0, 0, 250)),
+])
+def test_every_mode_becomes_grey_or_rgb(tmp_path, make, name, grey, pixel):
+    a, g = _decoded(tmp_path, make(), name)
+    assert a.shape == (2, 4, 3) and a.dtype == np.uint8 and g is grey
+    assert tuple(int(v) for v in a[0, 0]) == pixel
+
+
+def test_palette_transparency_is_composited_over_the_background(tmp_path):
+    white, _ = _decoded(tmp_path, _p_image(True), "p.png")
+    black, _ = _decoded(tmp_path, _p_image(True), "p.png", background="black")
+    assert white[0, 0].tolist() == [255, 0, 0] and black[0, 0].tolist() == [255, 0, 0]  # opaque red stays
+    assert white[0, 2].tolist() == [255, 255, 255] and black[0, 2].tolist() == [0, 0, 0]
+
+
+def test_half_transparent_pixels_blend_with_the_background(tmp_path):
+    a, _ = _decoded(tmp_path, Image.new("RGBA", (2, 2), (0, 0, 0, 128)), "h.png")
+    assert abs(int(a[0, 0, 0]) - 127) <= 1
+
+
+def test_first_frame_of_an_animated_gif(tmp_path):
+    frames = [Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (0, 255, 0))]
+    p = tmp_path / "anim.gif"
+    frames[0].save(p, save_all=True, append_images=frames[1:])
+    a, _ = decode(p, Options())
+    assert a[0, 0].tolist() == [255, 0, 0]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (8, 4), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 4, 4))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    p = tmp_path / "photo.jpg"
+    im.save(p, exif=exif, quality=95)
+    a, _ = decode(p, Options())
+    assert a.shape == (8, 4, 3)  # upright: 4 wide, 8 tall
+    assert a[1, 2, 0] > 200 and a[1, 2, 2] < 60  # the red half is now on top
+    assert a[6, 2, 2] > 200 and a[6, 2, 0] < 60
+
+
+def test_grey_folder_stays_one_channel_and_mixed_folder_is_rgb(tmp_path, own_cache):
+    (tmp_path / "grey").mkdir()
+    for i in range(4):
+        Image.new("L", (6, 5), 40 * i).save(tmp_path / "grey" / f"{i}.png")
+    assert load_dataset(str(tmp_path / "grey")).shape == (1, 5, 6)
+    shutil.copytree(tmp_path / "grey", tmp_path / "mixed")
+    Image.new("RGB", (6, 5), (200, 10, 10)).save(tmp_path / "mixed" / "colour.png")
+    data = load_dataset(str(tmp_path / "mixed"))
+    assert data.shape == (3, 5, 6)
+    x = np.concatenate([data.train, data.test])
+    assert sum(bool((im[0] == 200).all() and (im[1] == 10).all()) for im in x) == 1  # the red one
+    greys = [im for im in x if not (im[0] == 200).all()]
+    assert all((im[0] == im[1]).all() and (im[1] == im[2]).all() for im in greys)  # grey repeated
+
+
+def test_hidden_and_non_image_files_are_skipped_and_counted(tmp_path, own_cache):
+    d = tmp_path / "f"
+    for cls in ("a", "b"):
+        (d / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (4, 4), (50 * i, 0, 0)).save(d / cls / f"{i}.png")
+    (d / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (d / "a" / ".hidden.png").write_bytes(b"not even an image")
+    (d / ".git").mkdir()
+    (d / ".git" / "x.png").write_bytes(b"ignored with its folder")
+    (d / "README.txt").write_text("about these images")
+    (d / "b" / "labels.csv").write_text("0,1\n")
+    data = load_dataset(str(d))
+    assert data.classes == ["a", "b"] and len(data.train) + len(data.test) == 6
+    assert data.skipped == {"hidden": 3, "non_image": 2, "bad": 0}
+
+
+# ------------------------------------------------------------------------------------------- sizes
+def test_image_size_resizes_the_shorter_side_and_centre_crops(tmp_path, own_cache):
+    d = tmp_path / "f"
+    d.mkdir()
+    wide = Image.new("RGB", (90, 30), (0, 0, 255))
+    wide.paste((255, 0, 0), (30, 0, 60, 30))  # the centre third red
+    wide.save(d / "wide.png")
+    Image.new("RGB", (20, 40), (0, 255, 0)).save(d / "tall.png")
+    data = load_dataset(str(d), image_size=15)
+    assert data.shape == (3, 15, 15)
+    x = np.concatenate([data.train, data.test])
+    red = [im for im in x if im[0].mean() > 100]
+    assert len(red) == 1 and (red[0][0] > 200).mean() > 0.9  # only the red centre survives the crop
+    data = load_dataset(str(d), image_size="8x12")
+    assert data.shape == (3, 8, 12)
+
+
+def test_center_crop_before_resize(tmp_path, own_cache):
+    d = tmp_path / "f"
+    d.mkdir()
+    for i in range(2):
+        im = Image.new("L", (178, 218), 0)
+        im.paste(255, (19, 39, 159, 179))  # a white 140x140 centre, as a CelebA face
+        im.save(d / f"{i}.png")
+    data = load_dataset(str(d), image_size=64, center_crop=140)
+    assert data.shape == (1, 64, 64) and int(data.train.min()) == 255
+    (d / "small.png").write_bytes((d / "0.png").read_bytes())
+    Image.new("L", (100, 100)).save(d / "small.png")
+    with pytest.raises(DataError, match=r"small.png: is 100x100 pixels, smaller than --center-crop 140x140"):
+        load_dataset(str(d), image_size=64, center_crop=140)
+
+
+def test_real_folder_of_mixed_sizes_needs_image_size(emoji_dir, tmp_path, own_cache):
+    d = tmp_path / "sizes"
+    d.mkdir()
+    for i, f in enumerate(sorted(emoji_dir.glob("*.png"))[:12]):
+        size = (64, 64) if i % 3 == 0 else (48, 48) if i % 3 == 1 else (80, 60)
+        Image.open(f).resize(size).save(d / f.name)
+    with pytest.raises(DataError, match=r"images differ in size: .* is 64x64 pixels but .* is 48x48 .*--image-size"):
+        load_dataset(str(d))
+    data = load_dataset(str(d), image_size=32)
+    assert data.shape == (3, 32, 32) and data.train.dtype == np.uint8
+
+
+# ------------------------------------------------------------------------------------------- bad files
+def _bad_folder(emoji_dir: Path, d: Path, n: int = 40) -> Path:
+    files = sorted(emoji_dir.glob("*.png"))[:n]
+    _copy(files, d)
+    raw = files[0].read_bytes()
+    (d / "truncated.png").write_bytes(raw[: len(raw) // 2])
+    (d / "garbage.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return d
+
+
+def test_corrupt_files_are_named_or_skipped(emoji_dir, tmp_path, own_cache):
+    d = _bad_folder(emoji_dir, tmp_path / "bad")
+    with pytest.raises(DataError, match=r"garbage.jpg: cannot decode it .*\(1 more bad files\).*--skip-bad-images"):
+        load_dataset(str(d))
+    with pytest.warns(UserWarning, match=r"skipped 2 bad image files in .*garbage.jpg .*truncated.png"):
+        data = load_dataset(str(d), skip_bad_images=True)
+    assert len(data.train) + len(data.test) == 40 and data.skipped["bad"] == 2
+    with pytest.raises(DataError, match="--skip-bad-images"):  # the cache built with the flag is not trusted without
+        load_dataset(str(d))
+
+
+def test_decompression_bomb_is_a_bad_file(tmp_path, monkeypatch, own_cache):
+    d = tmp_path / "f"
+    d.mkdir()
+    for i in range(3):
+        Image.new("L", (20, 20), i).save(d / f"{i}.png")
+    Image.new("L", (60, 60)).save(d / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 3600 pixels is then "too large to decode safely"
+    with pytest.raises(DataError, match=r"huge.png: .*decompression.bomb"):
+        load_dataset(str(d))
+
+
+@pytest.mark.slow
+def test_cli_corrupt_file_one_line_then_skip_trains(emoji_dir, tmp_path, capsys):
+    d = _bad_folder(emoji_dir, tmp_path / "bad", n=64)
+    code, _, err = _run(capsys, "train", "--dataset", str(d), "--arch", "conv", "--epochs", "1", "--latent-dim", "4",
+                        "--out", str(tmp_path / "run"), "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("vaelab: error: ") and "garbage.jpg" in err and "--skip-bad-images" in err
+    with pytest.warns(UserWarning, match=r"skipped 2 bad image files .*garbage.jpg"):  # printed by the CLI
+        code, _, err = _run(capsys, "train", "--dataset", str(d), "--arch", "conv", "--epochs", "1", "--latent-dim",
+                            "4", "--out", str(tmp_path / "run"), "--quiet", "--skip-bad-images")
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data_shape"] == [3, 64, 64] and config["skip_bad_images"] is True
+
+
+# ------------------------------------------------------------------------------------------- the real path
+@pytest.mark.slow
+def test_real_emoji_folder_trains_with_conv(emoji_dir, tmp_path, capsys):
+    modes = set()
+    for f in sorted(emoji_dir.glob("*.png"))[:400]:
+        with Image.open(f) as im:
+            modes.add(im.mode)
+    assert {"RGBA", "P"} <= modes  # the folder really mixes modes
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, "train", "--dataset", str(emoji_dir), "--arch", "conv", "--epochs", "1", "--limit",
+                        "512", "--latent-dim", "8", "--out", str(out), "--quiet")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    test = [row for row in rows if row["split"] == "test"][-1]
+    assert np.isfinite(test["loss"]) and json.loads((out / "config.json").read_text())["data_shape"] == [3, 64, 64]
+
+
+# ------------------------------------------------------------------------------------------- the decoded cache
+def test_cache_is_reused_and_rebuilt_on_change(tmp_path, own_cache):
+    d = tmp_path / "f"
+    d.mkdir()
+    for i in range(5):
+        Image.new("L", (4, 4), 10 * i).save(d / f"{i}.png")
+    first = load_dataset(str(d))
+    assert isinstance(first.train, np.memmap)
+    (entry,) = list(cache.entries())
+    built = entry.manifest["created"], (entry.path / "manifest.json").stat().st_mtime_ns
+    again = load_dataset(str(d))
+    (same,) = list(cache.entries())
+    assert (same.manifest["created"], (same.path / "manifest.json").stat().st_mtime_ns) == built
+    assert np.array_equal(first.train, again.train)
+    manifest = same.manifest
+    assert [f[0] for f in manifest["fingerprint"]["files"]] == [f"{i}.png" for i in range(5)]
+    assert manifest["fingerprint"]["options"]["background"] == "white"
+    # a changed file (same name), an added file, a removed file: each rebuilds the entry
+    Image.new("L", (4, 4), 250).save(d / "0.png")
+    os.utime(d / "0.png", ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert 250 in np.concatenate([load_dataset(str(d)).train, load_dataset(str(d)).test])
+    Image.new("L", (4, 4), 123).save(d / "5.png")
+    data = load_dataset(str(d))
+    assert len(data.train) + len(data.test) == 6
+    (d / "1.png").unlink()
+    data = load_dataset(str(d))
+    assert len(data.train) + len(data.test) == 5
+    assert len(list(cache.entries())) == 1  # rebuilt in place
+    load_dataset(str(d), background="black")  # other options: an entry of their own
+    assert len(list(cache.entries())) == 2
+
+
+@pytest.mark.slow
+def test_cache_build_killed_midway_leaves_nothing_trusted(emoji_dir, tmp_path, own_cache):
+    code = f"from vaelab.data import load_dataset; load_dataset({str(emoji_dir)!r}, image_size=48)"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "VAELAB_CACHE": str(own_cache)})
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(own_cache.glob(".tmp-*/*.scratch")):
+        time.sleep(0.05)
+    assert list(own_cache.glob(".tmp-*")), "the build did not start"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not [p for p in own_cache.iterdir() if not p.name.startswith(".")]  # no entry in place
+    listed = list(cache.entries())
+    assert listed and all("incomplete" in cache.describe(e) for e in listed)
+    data = load_dataset(str(emoji_dir), image_size=48)  # rebuilds, and removes the dead build's folder
+    assert data.shape == (3, 48, 48)
+    assert not list(own_cache.glob(".tmp-*"))
+
+
+def test_failed_build_leaves_no_temporary_folder(tmp_path, own_cache):
+    d = tmp_path / "f"
+    d.mkdir()
+    Image.new("L", (4, 4)).save(d / "a.png")
+    Image.new("L", (5, 4)).save(d / "b.png")
+    with pytest.raises(DataError, match="differ in size"):
+        load_dataset(str(d))
+    assert not own_cache.exists() or not list(own_cache.iterdir())
+
+
+def test_cli_cache_ls_and_clear(tmp_path, own_cache, capsys):
+    d = tmp_path / "myimages"
+    d.mkdir()
+    for i in range(3):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(d / f"{i}.png")
+    load_dataset(str(d))
+    load_dataset(str(d), image_size=2)
+    code, out, _ = _run(capsys, "cache", "ls")
+    assert code == 0 and out.count("myimages-") == 2 and str(d) in out and "2 entries" in out
+    assert "size 2x2" in out and "[test 1x3x2x2, train 2x3x2x2]" in out
+    name = out.split()[0]
+    code, _, err = _run(capsys, "cache", "clear", "nope")
+    assert code == 2 and "no cache entry named 'nope'" in err
+    code, out, _ = _run(capsys, "cache", "clear", name)
+    assert code == 0 and "removed 1 entry" in out
+    assert len(list(own_cache.iterdir())) == 1
+    code, out, _ = _run(capsys, "cache", "clear")
+    assert code == 0 and "removed 1 entry" in out and not list(own_cache.iterdir())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--image-size", "0"], "--image-size must be a size such as 64 or 64x48"),
+    (["--center-crop", "64xq"], "--center-crop must be a size such as 64 or 64x48"),
+    (["--image-size", "32", "--dataset", "shapes"], "--image-size and --center-crop apply to image folders"),
+])
+def test_bad_size_flags_get_one_line(capsys, tmp_path, args, needle):
+    code, _, err = _run(capsys, "train", "--out", str(tmp_path / "run"), "--quiet", *args)
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
