@@ -153,3 +153,40 @@ def test_bad_input_gets_one_line_and_no_files(run_dir, tmp_path, capsys, args, n
     assert "Traceback" not in err
     assert sorted(p.name for p in run_dir.iterdir()) == before
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    {"arch": "conv", "hidden": [4], "likelihood": "discretized-logistic", "sigma": "learned-pixel", "mixtures": 2},
+    {"arch": "conv", "hidden": [4], "blocks": 2, "likelihood": "discretized-gaussian", "sigma": "learned"},
+    {"likelihood": "laplace", "sigma": "learned"},
+], ids=["conv-logistic-mixture", "conv-gaussian-8bit", "mlp-laplace-learned"])
+def test_every_figure_and_number_for_the_new_networks_and_likelihoods(tmp_path, tmp_path_factory, overrides):
+    run = trained_run(tmp_path_factory, epochs=1, limit=600, latent_dim=3, **overrides)
+    assert main(["report", str(run), "--out", str(tmp_path), "--limit", "200", "--iw-samples", "8", "--quiet"]) == 0
+    for name in FIGURES:
+        assert (tmp_path / f"{name}.png").is_file(), name
+    numbers = json.loads((tmp_path / "eval.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    d = 784
+    if overrides["likelihood"].startswith("discretized"):  # a probability of the 8-bit image: no log 256 term
+        assert all(r["bits_per_dim"] == pytest.approx(r["loss"] / d / np.log(2)) for r in rows)
+        assert numbers["bits_per_dim"] > 0 and numbers["elbo"] < 0  # a mass: log-likelihoods are <= 0
+    assert numbers["log_px"] >= numbers["elbo"] - 1.0  # IWAE (K=8) on the same images bounds from above
+
+
+def test_cli_trains_a_conv_net_with_blocks_and_mixtures_and_info_counts_parameters(tmp_path, capsys):
+    from vaelab import load_run
+    from vaelab.nets import n_parameters
+
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "fashion-mnist", "--limit", "256", "--epochs", "1", "--arch", "conv",
+                 "--hidden", "4", "--blocks", "2", "--latent-dim", "3", "--likelihood", "discretized-logistic",
+                 "--mixtures", "2", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    model = load_run(out).model
+    assert f"encoder: {n_parameters(model.encoder):,} parameters (3 stride-2 stages, channels 4,8,16, 2 " in text
+    assert f"decoder: {n_parameters(model.decoder):,} parameters (mirrored, 6 output" in text
+    assert "likelihood: 1 parameter(s)" in text and "mixture of 2 per pixel" in text

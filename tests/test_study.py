@@ -148,3 +148,20 @@ def test_sigma_study_end_to_end_reuses_runs_and_agrees_with_eval(tmp_path):
     # a different network in the same folder is refused, not silently mixed in
     r = vaelab("sigma-study", "--sigmas", "0.1", *[a if a != "64" else "32" for a in common])
     assert r.returncode == 2 and "different settings (hidden)" in r.stderr
+
+
+@pytest.mark.slow
+def test_sigma_study_with_conv_networks_and_a_learned_sigma(tmp_path, capsys):
+    from vaelab.cli import main
+
+    out = tmp_path / "conv"
+    assert main(["sigma-study", "--arch", "conv", "--hidden", "4", "--blocks", "1", "--sigmas", "0.3",
+                 "--also", "learned", "--dataset", "fashion-mnist", "--limit", "640", "--epochs", "1",
+                 "--iw-samples", "2", "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader((out / "table.csv").read_text().splitlines()))
+    assert [r["setting"] for r in rows] == ["0.3", "learned"]
+    config = json.loads((out / "sigma-learned" / "config.json").read_text())
+    assert (config["arch"], config["hidden"], config["blocks"]) == ("conv", [4], 1)
+    learned = rows[1]  # a learned σ ends near √MSE (5 steps here: started from the data, moving fast)
+    assert 0.5 < float(learned["sigma"]) / math.sqrt(float(learned["mse"])) < 2.0
+    assert (out / "manifolds.png").stat().st_size > 0

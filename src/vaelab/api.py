@@ -98,7 +98,7 @@ def _unfinished(path: Path, epochs: int) -> bool:
 
 
 def sigma_study(dataset: str = "fashion-mnist", sigmas: str | list[float] = "0.03,0.1,0.3,1.0",
-                also: str | list[str] = "", hidden: str | list[int] = "400", progress: bool = True,
+                also: str | list[str] = "", hidden: str | list[int] | None = None, progress: bool = True,
                 **kwargs) -> Path:
     """Run the σ study (see vaelab.study) and return the path of its index.html."""
     if isinstance(sigmas, str):
@@ -107,7 +107,8 @@ def sigma_study(dataset: str = "fashion-mnist", sigmas: str | list[float] = "0.0
         also = parse_list(also, "--also", str)
     if isinstance(hidden, str):
         hidden = parse_hidden(hidden)
-    return run_study(StudyConfig(dataset=dataset, sigmas=list(sigmas), also=list(also), hidden=list(hidden),
+    hidden = None if hidden is None else list(hidden)
+    return run_study(StudyConfig(dataset=dataset, sigmas=list(sigmas), also=list(also), hidden=hidden,
                                  **kwargs), progress=progress)
 
 

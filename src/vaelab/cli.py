@@ -17,6 +17,7 @@ from .data import cache
 from .distributed import env_rank, reports
 from .errors import ConfigError, VaelabError
 from .metrics import table_rows
+from .nets import conv_channels, n_parameters, stage_sizes
 from .reporting import ALL_FIGURES
 from .runs import load_run
 from .trainer import resume, train
@@ -94,7 +95,9 @@ def cmd_train(args) -> int:
 def info_text(path: str | Path) -> str:
     run = load_run(path)
     lines = [f"run: {run.path}", f"model: {run.config.arch} {run.config.hidden} -> z{run.config.latent_dim}, "
-             f"{run.model.likelihood.describe()}", "config:"]
+             f"{run.model.likelihood.describe()}"]
+    lines += [f"  {line}" for line in network_lines(run.model, run.config)]
+    lines.append("config:")
     lines += [f"  {k}: {json.dumps(v)}" for k, v in run.config.to_dict().items()]
     for split in ("train", "test"):
         last = run.last(split)
@@ -108,6 +111,25 @@ def info_text(path: str | Path) -> str:
     if not run.metrics:
         lines.append("no metrics yet")
     return "\n".join(lines)
+
+
+def network_lines(model, config: TrainConfig) -> list[str]:
+    """What each network is and how many parameters it has (and the likelihood's own, if any)."""
+    shape = tuple(config.data_shape)
+    if config.arch == "conv":
+        chans = conv_channels(shape, config.hidden)
+        sizes = stage_sizes(shape, len(chans))
+        what = (f"{len(chans)} stride-2 stages, channels {','.join(map(str, chans))}, {config.blocks} residual "
+                f"block(s) each, {shape[1]}x{shape[2]} -> {sizes[-1][0]}x{sizes[-1][1]}")
+    else:
+        what = f"hidden widths {','.join(map(str, config.hidden))}"
+    out = [f"encoder: {n_parameters(model.encoder):,} parameters ({what})",
+           f"decoder: {n_parameters(model.decoder):,} parameters (mirrored, {model.likelihood.n_params} output "
+           f"tensor(s) per pixel)"]
+    own = n_parameters(model.likelihood)
+    if own:
+        out.append(f"likelihood: {own:,} parameter(s)")
+    return out
 
 
 def format_table(numbers: dict) -> str:
@@ -170,7 +192,8 @@ def _add_eval_flags(p: argparse.ArgumentParser, iw_default: int) -> None:
 
 def cmd_sigma_study(args) -> int:
     path = sigma_study(dataset=args.dataset, sigmas=args.sigmas, also=args.also, latent_dim=args.latent_dim,
-                       hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                       hidden=args.hidden, arch=args.arch, blocks=args.blocks, epochs=args.epochs,
+                       batch_size=args.batch_size, optimizer=args.optimizer,
                        lr=args.lr, limit=args.limit, seed=args.seed, device=args.device, out=args.out,
                        iw_samples=args.iw_samples, mse_threshold=args.mse_threshold, progress=not args.quiet)
     print(f"wrote {path}")
@@ -257,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 0.03,0.1,0.3,1.0)")
     p.add_argument("--also", default="", help="extra settings: learned and/or optimal, comma-separated")
     p.add_argument("--latent-dim", type=int, default=2, help="default 2 (the manifold figure needs 2)")
-    p.add_argument("--hidden", default="400", help="MLP widths, e.g. 400 or 512,256 (default 400)")
+    p.add_argument("--arch", choices=["mlp", "conv"], default="mlp", help="as for train (default mlp)")
+    p.add_argument("--hidden", help="as for train: mlp widths (default 400) or conv channels (default 32)")
+    p.add_argument("--blocks", type=int, metavar="N", help="conv: residual blocks per stage (default 1)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
     p.add_argument("--batch-size", type=int, default=128, help="default 128")
     p.add_argument("--optimizer", default="adam", help="adam or sgd (default adam)")

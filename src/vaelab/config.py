@@ -11,6 +11,7 @@ from typing import Literal, get_args
 
 from .errors import ConfigError
 from .likelihoods import LIKELIHOODS, check_likelihood
+from .nets import DEFAULT_BLOCKS, DEFAULT_HIDDEN
 
 Arch = Literal["mlp", "conv"]
 Binarize = Literal["none", "dynamic", "static"]
@@ -52,14 +53,21 @@ class TrainConfig:
     skip_bad_images: bool = option(False, "image folders: leave out files that cannot be decoded (named in one "
                                    "warning) instead of stopping at the first", "data")
     # model
-    arch: Arch = option("mlp", "encoder/decoder type", "model")
-    hidden: list[int] | None = option(None, "hidden sizes, e.g. 400 or 512,256 (mlp widths, default 400; conv "
-                                      "channels, default 32,64)", "model")
+    arch: Arch = option("mlp", "encoder/decoder type: mlp (fully connected) or conv (stride-2 convolution "
+                        "stages with residual blocks, sized from the images)", "model")
+    hidden: list[int] | None = option(None, "mlp: hidden layer widths, e.g. 400 or 512,256 (default 400); conv: "
+                                      "channels of the first stride-2 stage, doubled per stage (at most 8x) until "
+                                      "the image is about 4x4 (default 32), or one number per stage, e.g. "
+                                      "32,64,128", "model")
+    blocks: int | None = option(None, "conv: residual blocks per stage (default 1; 0 for a plain conv net)",
+                                "model", metavar="N")
     latent_dim: int = option(20, "dimensions of z", "model")
     likelihood: str = option("gaussian", "observation model p(x|z): " + ", ".join(LIKELIHOODS), "model")
-    sigma: str = option("0.1", "gaussian σ: a number (e.g. 0.1), learned (one shared σ), learned-pixel (σ per "
-                        "pixel from the decoder) or optimal (σ² = batch MSE); laplace: the scale b or learned",
-                        "model")
+    sigma: str | None = option(None, "the scale: a number (fixed), learned (one shared value, learned), "
+                               "learned-pixel (one per pixel from the decoder) or, for gaussian, optimal (σ² = batch "
+                               "MSE). Default 0.1 for gaussian and laplace, learned-pixel for the discretized ones",
+                               "model")
+    mixtures: int = option(1, "discretized-logistic: components of the per-pixel mixture", "model", metavar="K")
     # objective
     beta: float = option(1.0, "weight of the KL term in the training objective", "objective")
     kl_warmup: float = option(0.0, "raise the KL weight linearly from 0 to beta over this many epochs", "objective",
@@ -102,12 +110,18 @@ class TrainConfig:
             if allowed and value not in allowed:
                 raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(allowed)}; got {value!r}")
         if self.hidden is None:
-            self.hidden = [400] if self.arch == "mlp" else [32, 64]
+            self.hidden = list(DEFAULT_HIDDEN[self.arch])
         if isinstance(self.hidden, str):
             self.hidden = parse_hidden(self.hidden)
         self.hidden = [int(h) for h in self.hidden]
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise ConfigError(f"--hidden must be positive layer sizes such as 400 or 512,256; got {self.hidden}")
+        if self.blocks is None:
+            self.blocks = DEFAULT_BLOCKS[self.arch]
+        _positive_int("blocks", self.blocks, allow_zero=True)
+        if self.arch == "mlp" and self.blocks:
+            raise ConfigError(f"--blocks (residual blocks per stage) applies to --arch conv only; got {self.blocks} "
+                              "with --arch mlp")
         self.image_size = _size("image_size", self.image_size)
         self.center_crop = _size("center_crop", self.center_crop)
         _positive_int("latent_dim", self.latent_dim)
@@ -119,8 +133,10 @@ class TrainConfig:
         _positive_float("beta", self.beta, allow_zero=True)
         _positive_float("kl_warmup", self.kl_warmup, allow_zero=True)
         _positive_float("free_bits", self.free_bits, allow_zero=True)
+        if self.sigma is None and self.likelihood in LIKELIHOODS:
+            self.sigma = LIKELIHOODS[self.likelihood].default_sigma
         self.sigma = str(self.sigma)
-        check_likelihood(self.likelihood, self.sigma)
+        check_likelihood(self.likelihood, self.sigma, self.mixtures)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

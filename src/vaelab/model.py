@@ -73,16 +73,35 @@ class Terms:
 
 class VAE(nn.Module):
     def __init__(self, shape: tuple[int, int, int], arch: str, hidden: list[int], latent_dim: int,
-                 likelihood: Likelihood):
+                 likelihood: Likelihood, blocks: int | None = None):
         super().__init__()
         self.shape, self.latent_dim = tuple(shape), latent_dim
         self.likelihood = likelihood
-        self.encoder, self.decoder = make_nets(arch, self.shape, hidden, latent_dim, likelihood.n_params)
+        self.encoder, self.decoder = make_nets(arch, self.shape, hidden, latent_dim, likelihood.n_params, blocks)
 
     @classmethod
     def from_config(cls, config, shape: tuple[int, int, int]) -> VAE:
-        lik = make_likelihood(config.likelihood, config.sigma)
-        return cls(shape, config.arch, config.hidden, config.latent_dim, lik)
+        lik = make_likelihood(config.likelihood, config.sigma, getattr(config, "mixtures", 1))
+        return cls(shape, config.arch, config.hidden, config.latent_dim, lik, config.blocks)
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """Set what the likelihood learns (a shared σ, ...) to its best value for the untrained decoder on x,
+        decoded at the posterior means (no random draw, so the training RNG stream is untouched)."""
+        was_training = self.training
+        self.eval()
+        self.likelihood.init_from_data(self.decode(self.encode(x).mean), x)
+        self.train(was_training)
+
+    def param_groups(self, optimizer: str, lr: float) -> list[dict]:
+        """The optimizer's parameter groups: the networks at `lr`; the likelihood's own parameters at the step
+        size the likelihood asks for (a learned σ keeps up with the decoder), if it asks for one."""
+        own = [p for p in self.likelihood.parameters()]
+        own_lr = self.likelihood.scale_lr(optimizer, self.n_pixels) if own else None
+        if own_lr is None:
+            return [{"params": list(self.parameters())}]
+        ids = {id(p) for p in own}
+        return [{"params": [p for p in self.parameters() if id(p) not in ids]}, {"params": own, "lr": own_lr}]
 
     @property
     def n_pixels(self) -> int:

@@ -30,8 +30,8 @@ from .views import manifold_grid, prior_samples, reconstructions
 
 SPECIAL = ("learned", "optimal")
 # settings that must match for a run to be reused by a study
-SHARED_KEYS = ("dataset", "data_dir", "limit", "binarize", "arch", "hidden", "latent_dim", "likelihood", "sigma",
-               "beta", "kl_warmup", "free_bits", "optimizer", "lr", "batch_size", "seed")
+SHARED_KEYS = ("dataset", "data_dir", "limit", "binarize", "arch", "hidden", "blocks", "latent_dim", "likelihood",
+               "sigma", "mixtures", "beta", "kl_warmup", "free_bits", "optimizer", "lr", "batch_size", "seed")
 
 
 @dataclass
@@ -40,7 +40,9 @@ class StudyConfig:
     sigmas: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0])
     also: list[str] = field(default_factory=list)  # learned, optimal
     latent_dim: int = 2
-    hidden: list[int] = field(default_factory=lambda: [400])
+    hidden: list[int] | None = None  # default: the architecture's (mlp 400, conv 32)
+    arch: str = "mlp"
+    blocks: int | None = None  # conv: residual blocks per stage (default 1)
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "adam"
@@ -73,7 +75,8 @@ class StudyConfig:
         labels = [_fmt(s) for s in sorted(set(self.sigmas))] + list(dict.fromkeys(self.also))
         return [(label, TrainConfig(
             dataset=self.dataset, likelihood="gaussian", sigma=label, latent_dim=self.latent_dim,
-            hidden=list(self.hidden), epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
+            hidden=None if self.hidden is None else list(self.hidden), arch=self.arch, blocks=self.blocks,
+            epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
             lr=self.lr, limit=self.limit, seed=self.seed, device=self.device,
             out=str(Path(self.out) / f"sigma-{label}"))) for label in labels]
 

@@ -111,14 +111,16 @@ def default_out(config: TrainConfig) -> Path:
 def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
     """Adam runs as one fused kernel over all parameters on CPU and CUDA (the same update as the per-parameter
     loop, in one pass over memory; deterministic). A resumed run keeps whatever implementation its checkpoint's
-    param_groups name, so it continues exactly as it started."""
-    params = list(model.parameters())
+    param_groups name, so it continues exactly as it started. The model names the parameter groups (a learned σ
+    has a step size of its own)."""
+    groups = model.param_groups(config.optimizer, config.lr)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr)
+        return torch.optim.SGD(groups, lr=config.lr)
+    params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     # capturable: the step count lives on the GPU, so the update can be replayed inside a CUDA graph
     on_gpu = fused and all(p.device.type == "cuda" for p in params)
-    return torch.optim.Adam(params, lr=config.lr, fused=fused or None, capturable=on_gpu)
+    return torch.optim.Adam(groups, lr=config.lr, fused=fused or None, capturable=on_gpu)
 
 
 def autocast(config: TrainConfig, device: torch.device, cache: bool = True) -> Callable[[], AbstractContextManager]:
@@ -246,8 +248,10 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
             if "cuda" in rng and device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], device)
             metrics = [r for r in read_metrics(out / METRICS) if r["epoch"] <= epoch]
-        elif world.main:
-            out.mkdir(parents=True, exist_ok=True)
+        else:
+            model.init_from_data(prep.prepare(prep.train[:config.batch_size]))  # a learned σ starts from the data
+            if world.main:
+                out.mkdir(parents=True, exist_ok=True)
         if world.main:
             config.save(out / CONFIG)
         return prep, model, optimizer, board

@@ -1,0 +1,105 @@
+"""Conv networks for any image size: stages, channels, mirrored decoder, per-example normalization."""
+
+import pytest
+import torch
+from torch import nn
+
+from vaelab.config import TrainConfig
+from vaelab.errors import ConfigError
+from vaelab.model import VAE
+from vaelab.nets import ConvDecoder, ConvEncoder, conv_channels, n_parameters, stage_sizes
+
+
+@pytest.mark.parametrize("shape,channels,final", [
+    ((1, 28, 28), [32, 64, 128], (4, 4)),
+    ((3, 32, 32), [32, 64, 128], (4, 4)),
+    ((3, 64, 64), [32, 64, 128, 256], (4, 4)),
+    ((3, 128, 128), [32, 64, 128, 256, 256], (4, 4)),
+    ((3, 48, 80), [32, 64, 128, 256], (3, 5)),
+    ((1, 9, 9), [32], (5, 5)),
+])
+def test_default_stages_shrink_the_image_to_about_4x4_with_growing_channels(shape, channels, final):
+    assert conv_channels(shape, [32]) == channels
+    assert stage_sizes(shape, len(channels))[-1] == final
+
+
+def test_several_numbers_give_the_stages_explicitly():
+    assert conv_channels((3, 64, 64), [16, 48]) == [16, 48]
+    assert stage_sizes((3, 64, 64), 2) == [(64, 64), (32, 32), (16, 16)]
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 64, 64), (3, 128, 128), (3, 48, 80), (1, 9, 9),
+                                   (3, 30, 17)])
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_the_decoder_retraces_the_encoders_sizes_exactly(shape, blocks):
+    hidden = [4] if shape[1] >= 64 else [8]  # small widths: the shapes are what is tested
+    enc, dec = ConvEncoder(shape, hidden, 3, blocks), ConvDecoder(shape, hidden, 3, 2, blocks)
+    x = torch.rand(2, *shape)
+    mu, logvar = enc(x)
+    assert mu.shape == logvar.shape == (2, 3)
+    out = dec(mu)
+    assert len(out) == 2 and all(o.shape == (2, *shape) for o in out)
+    # mirrored: every stride-2 conv has a transposed twin, every residual block a twin
+    convs = [m for m in enc.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    ups = [m for m in dec.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert len(convs) == len(ups) == len(conv_channels(shape, hidden))
+    assert [c.out_channels for c in convs][:-1] == [u.in_channels for u in ups][::-1][:-1]
+
+
+def test_blocks_add_residual_blocks_that_start_as_the_identity():
+    shape = (3, 32, 32)
+    plain = ConvEncoder(shape, [8], 4, 0)
+    deep = ConvEncoder(shape, [8], 4, 2)
+    assert n_parameters(deep) > n_parameters(plain)
+    with torch.no_grad():  # copy the shared layers: with zeroed residual branches both compute the same
+        for name, p in plain.named_parameters():
+            dict(deep.named_parameters())[_twin(name, plain, deep)].copy_(p)
+    x = torch.rand(3, *shape)
+    torch.testing.assert_close(deep(x)[0], plain(x)[0])
+
+
+def _twin(name, plain, deep):
+    """The name in `deep` of the layer that is `name` in `plain` (the bodies differ by the blocks between)."""
+    if not name.startswith("body."):
+        return name
+    index, rest = name.split(".")[1], name.split(".", 2)[2]
+    layer = plain.body[int(index)]
+    convs_before = sum(1 for m in list(plain.body)[:int(index)] if isinstance(m, nn.Conv2d))
+    seen = -1
+    for i, m in enumerate(deep.body):
+        if isinstance(m, nn.Conv2d) and type(m) is type(layer):
+            seen += 1
+            if seen == convs_before:
+                return f"body.{i}.{rest}"
+    raise KeyError(name)
+
+
+def test_no_batch_statistics_an_examples_elbo_ignores_the_rest_of_its_batch():
+    torch.manual_seed(0)
+    model = VAE.from_config(TrainConfig(arch="conv", hidden=[8], blocks=1, latent_dim=4), (3, 32, 32)).double()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    x = torch.rand(6, 3, 32, 32, dtype=torch.float64)
+    for training in (True, False):
+        model.train(training)
+        alone = model.encoder(x[:1])[0]
+        in_batch = model.encoder(x)[0][:1]
+        torch.testing.assert_close(alone, in_batch)
+        torch.testing.assert_close(model.decoder(alone)[0], model.decoder(in_batch)[0])
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"arch": "mlp", "blocks": 2}, "--blocks .* applies to --arch conv only"),
+    ({"arch": "conv", "blocks": -1}, "--blocks must be an integer >= 0"),
+    ({"likelihood": "gaussian", "mixtures": 3}, "--mixtures 3 applies to discretized-logistic only"),
+])
+def test_config_rejects_what_does_not_apply(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        TrainConfig(**kwargs)
+
+
+def test_defaults_per_family():
+    assert TrainConfig(arch="mlp").hidden == [400] and TrainConfig(arch="mlp").blocks == 0
+    conv = TrainConfig(arch="conv")
+    assert conv.hidden == [32] and conv.blocks == 1
+    assert TrainConfig(likelihood="discretized-logistic").sigma == "learned-pixel"
+    assert TrainConfig(likelihood="gaussian").sigma == "0.1"
