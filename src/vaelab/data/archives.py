@@ -81,7 +81,10 @@ def _read_cifar(archive: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]]
                 base = m.name.rsplit("/", 1)[-1]
                 if not m.isfile() or base not in (*CIFAR_TRAIN, "test_batch", "batches.meta"):
                     continue
-                d = _unpickle(tar.extractfile(m).read(), f"{archive}:{m.name}")
+                member = tar.extractfile(m)
+                if member is None:  # only for non-files, which were skipped above
+                    continue
+                d = _unpickle(member.read(), f"{archive}:{m.name}")
                 if base == "batches.meta":
                     meta = [n.decode() if isinstance(n, bytes) else str(n) for n in d.get(b"label_names", [])]
                     continue

@@ -41,7 +41,7 @@ class ImageData:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.shape[1:])  # type: ignore[return-value]
+        return tuple(self.train.shape[1:])
 
     @property
     def is_binary(self) -> bool:

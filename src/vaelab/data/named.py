@@ -117,6 +117,14 @@ def _find_file(directory: Path, f: RemoteFile) -> Path | None:
     return None
 
 
+def _file_in(directory: Path, f: RemoteFile) -> Path:
+    """`f` in a folder that locate() or download() found complete."""
+    p = _find_file(directory, f)
+    if p is None:
+        raise DataError(f"{directory}: {f.name} is missing")
+    return p
+
+
 def locate(spec: NamedDataset, data_dir: str | None = None) -> Path | None:
     for d in search_dirs(spec, data_dir):
         if all(_find_file(d, f) for f in spec.files.values()):
@@ -240,9 +248,9 @@ def load_named(name: str, data_dir: str | None = None, allow_download: bool = Tr
                 f"Put {what} from {spec.homepage} in one of those folders, or pass --data-dir DIR "
                 "or set VAELAB_DATA") from e
     if spec.kind != "idx":
-        path = _find_file(directory, next(iter(spec.files.values())))
+        path = _file_in(directory, next(iter(spec.files.values())))
         return (archives.load_cifar10 if spec.kind == "cifar10" else archives.load_dsprites)(path, progress)
-    arrays = {role: read_idx(_find_file(directory, f)) for role, f in spec.files.items()}  # type: ignore[arg-type]
+    arrays = {role: read_idx(_file_in(directory, f)) for role, f in spec.files.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1:
