@@ -103,7 +103,8 @@ def scan(root: Path) -> Listing:
     labelled = all(all(c is not None for _, c in files) for files in parts.values())
     classes = sorted({c for files in parts.values() for _, c in files if c is not None}) if labelled else []
     index = {c: i for i, c in enumerate(classes)}
-    splits = {s: [(p, index[c] if labelled and c is not None else None) for p, c in files] for s, files in parts.items()}
+    splits = {s: [(p, index[c] if labelled and c is not None else None) for p, c in files]
+              for s, files in parts.items()}
     return Listing(splits, classes, stamps, counts["hidden"], counts["non_image"])
 
 

@@ -28,7 +28,8 @@ MAX_DRAWS = 16
 
 
 def read_asset(name: str) -> str:
-    return resources.files(__package__).joinpath("static", name).read_text(encoding="utf-8")
+    # one step per joinpath: Python 3.10's Traversable takes a single child
+    return resources.files(__package__).joinpath("static").joinpath(name).read_text(encoding="utf-8")
 
 
 class App:
