@@ -72,7 +72,7 @@ def args(data: Path, out: Path, **kw) -> list[str]:
     flat = []
     for k, v in settings.items():
         flat += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-    return flat + ["--quiet"]
+    return [*flat, "--quiet"]
 
 
 def config(data: Path, out: Path, **kw) -> TrainConfig:
@@ -290,7 +290,7 @@ class _Peers(World):
         return t.copy_(self.totals[tuple(t.shape)])
 
 
-@pytest.mark.parametrize("sigma, free_bits", [("0.1", 0.0), ("learned", 0.05), ("optimal", 0.05)])
+@pytest.mark.parametrize(("sigma", "free_bits"), [("0.1", 0.0), ("learned", 0.05), ("optimal", 0.05)])
 def test_shard_parts_add_up_to_the_one_process_objective_and_gradients(sigma, free_bits):
     """Σ over processes of shard_objective's part (as DDP averages it) has the one-process objective's gradients,
     and the shares add up to its value, with free bits and σ² = batch MSE computed from the whole batch."""

@@ -113,7 +113,7 @@ def sigma_study(dataset: str = "fashion-mnist", sigmas: str | list[float] = "0.0
                                  **kwargs), progress=progress)
 
 
-__all__ = ["evaluate", "report", "plot", "demo", "sigma_study"]
+__all__ = ["demo", "evaluate", "plot", "report", "sigma_study"]
 
 
 def explore(run: str | Path | Run, port: int = DEFAULT_PORT, host: str = "127.0.0.1", open_browser: bool = True,

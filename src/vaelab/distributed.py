@@ -88,7 +88,7 @@ class World:
         result = None
         try:
             result = fn()
-        except Exception as e:  # noqa: BLE001 - every process must learn of any failure, whatever its kind
+        except Exception as e:  # every process must learn of any failure, whatever its kind
             error = e
         if self.size > 1:
             failed = torch.zeros(self.size, device=self.device)

@@ -167,10 +167,8 @@ class _StopFlag:
 
     def __enter__(self):
         for sig in self.signals:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: no handler, Ctrl-C behaves as usual
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-                pass
         return self
 
     def _handle(self, signum, frame):

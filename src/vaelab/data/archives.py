@@ -25,8 +25,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     included) that the file names: a tampered archive would run code. This unpickler resolves only the globals
     numpy needs to rebuild an array; any other name stops the load."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy", "ndarray"), ("numpy", "dtype")})
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:

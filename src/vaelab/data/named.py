@@ -134,24 +134,26 @@ def locate(spec: NamedDataset, data_dir: str | None = None) -> Path | None:
 
 def _digests(path: Path) -> tuple[str, str | None]:
     """md5 of the file as stored, sha256 of its decompressed content (None if it is not gzip)."""
-    md5 = _hash_stream(open(path, "rb"), hashlib.md5(usedforsecurity=False))
+    with open(path, "rb") as fh:
+        md5 = _hash_stream(fh, hashlib.md5(usedforsecurity=False))
     try:
-        sha = _hash_stream(gzip.open(path, "rb"), hashlib.sha256())
+        with gzip.open(path, "rb") as gz:
+            sha = _hash_stream(gz, hashlib.sha256())
     except (OSError, EOFError):
         sha = None
     return md5, sha
 
 
 def _hash_stream(fh, h) -> str:
-    with fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
+    while chunk := fh.read(1 << 20):
+        h.update(chunk)
     return h.hexdigest()
 
 
 def verify(path: Path, f: RemoteFile) -> bool:
     if f.sha256 is None:
-        return _hash_stream(open(path, "rb"), hashlib.md5(usedforsecurity=False)) == f.md5
+        with open(path, "rb") as fh:
+            return _hash_stream(fh, hashlib.md5(usedforsecurity=False)) == f.md5
     md5, sha = _digests(path)
     return md5 == f.md5 or (f.sha256 is not None and sha == f.sha256)
 

@@ -7,6 +7,7 @@ keeps serving. See docs/explore.md for the API.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import socket
@@ -236,10 +237,8 @@ class ExploreServer(ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
         for conn in list(self._connections):
-            try:
+            with contextlib.suppress(OSError):  # already closed by the other side
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def is_loopback(host: str) -> bool:
