@@ -96,7 +96,8 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, args, needle):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("vaelab: error: ") and needle in lines[0], lines[0]
+    assert lines[0].startswith("vaelab: error: "), lines[0]
+    assert needle in lines[0], lines[0]
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

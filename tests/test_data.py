@@ -198,14 +198,14 @@ def test_empty_folder(tmp_path):
 def test_unreadable_image(tmp_path):
     _save_png(tmp_path / "f" / "a.png", 1)
     (tmp_path / "f" / "b.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="b.png: cannot decode it.*--skip-bad-images"):
+    with pytest.raises(DataError, match=r"b\.png: cannot decode it.*--skip-bad-images"):
         load_dataset(str(tmp_path / "f"))
 
 
 def test_mixed_sizes(tmp_path):
     _save_png(tmp_path / "f" / "a.png", 1, size=(4, 4))
     _save_png(tmp_path / "f" / "b.png", 1, size=(5, 4))
-    with pytest.raises(DataError, match="images differ in size.*--image-size"):
+    with pytest.raises(DataError, match=r"images differ in size.*--image-size"):
         load_dataset(str(tmp_path / "f"))
 
 
@@ -253,7 +253,7 @@ def test_download_rejects_bad_checksum_and_leaves_nothing(fashion_dir, http_root
     corrupt = bytearray(gzip.decompress((root / "t10k-labels-idx1-ubyte.gz").read_bytes()))
     corrupt[100] ^= 1
     (root / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(corrupt)))
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz.*checksum mismatch"):
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz.*checksum mismatch"):
         D.download("fashion-mnist", tmp_path / "cache", mirrors=[url], timeout=10, progress=False)
     assert not (tmp_path / "cache" / "t10k-labels-idx1-ubyte.gz").exists()
     assert not list((tmp_path / "cache").glob("*.part"))

@@ -349,7 +349,8 @@ def test_cli_serves_the_page_opens_the_browser_and_stops_on_ctrl_c(open_page, ml
         reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
         reader.start()
         reader.join(timeout=60)
-        assert lines and "http://127.0.0.1:" in lines[0], lines
+        assert lines, "the explorer printed no address"
+        assert "http://127.0.0.1:" in lines[0], lines
         url = lines[0].split(" at ")[1].split()[0]
         port = int(url.rsplit(":", 1)[1].strip("/"))
         assert get(port, "/api/info")[0] == 200
@@ -373,7 +374,7 @@ def test_cli_serves_the_page_opens_the_browser_and_stops_on_ctrl_c(open_page, ml
     assert proc.returncode == 0, err
     assert "vaelab explore: stopped" in out
     assert "Traceback" not in err
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):  # nothing listens on the port any more
         get(port, "/api/info")
 
 

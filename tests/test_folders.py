@@ -370,4 +370,6 @@ def test_cli_cache_ls_and_clear(tmp_path, own_cache, capsys):
 ])
 def test_bad_size_flags_get_one_line(capsys, tmp_path, args, needle):
     code, _, err = _run(capsys, "train", "--out", str(tmp_path / "run"), "--quiet", *args)
-    assert code == 2 and err.count("\n") == 1 and needle in err, err
+    assert code == 2, err
+    assert err.count("\n") == 1, err
+    assert needle in err, err

@@ -75,7 +75,7 @@ def test_kl_per_dim_greys_inactive_dimensions(tmp_path):
 
 
 def test_a_failed_figure_leaves_no_file(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected 4"):
         plots.image_rows([("bad", np.zeros((3, 12, 10)))], tmp_path / "bad.png")  # rank 3, not (N, C, H, W)
     assert not list(tmp_path.iterdir())
 
