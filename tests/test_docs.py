@@ -35,6 +35,8 @@ def _vaelab_commands() -> list[tuple[str, list[str]]]:
     for page in PAGES:
         for line in _code_lines(page):
             words = shlex.split(line, comments=True)
+            if words[:1] == ["torchrun"] and "vaelab" in words:  # torchrun [its options] -m vaelab ...
+                words = words[words.index("vaelab"):]
             if words[:1] == ["vaelab"]:
                 found.append((f"{page.name}: {line.strip()}", words[1:]))
     return found
