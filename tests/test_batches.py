@@ -13,11 +13,12 @@ from vaelab.data.core import split_rows
 from vaelab.errors import DataError
 
 
-@pytest.fixture
-def mapped(tmp_path) -> np.ndarray:
+@pytest.fixture(params=["c", "r"])
+def mapped(tmp_path, request) -> np.ndarray:
+    """A memory-mapped array: copy-on-write (as the decoded cache maps, read as a tensor) or read-only (numpy)."""
     x = np.random.default_rng(0).integers(0, 256, (50, 3, 6, 5), dtype=np.uint8)
     np.save(tmp_path / "x.npy", x)
-    return np.load(tmp_path / "x.npy", mmap_mode="r")
+    return np.load(tmp_path / "x.npy", mmap_mode=request.param)
 
 
 @pytest.mark.parametrize("start_step", [0, 3])
@@ -40,6 +41,7 @@ def test_batches_can_stop_early(mapped):
 
 def test_stored_images_read_in_slices(mapped):
     s = StoredImages(mapped)
+    assert (s.rows is not None) == (mapped.mode == "c")
     assert len(s) == 50
     assert s.shape == (50, 3, 6, 5)
     assert s.device.type == "cpu"

@@ -152,7 +152,7 @@ def test_batch_size_must_split_evenly(tmp_path, subset):
 
 
 @pytest.mark.slow
-def test_two_nodes_on_loopback_train_one_model(tmp_path, subset):
+def test_two_nodes_on_loopback_train_one_model(tmp_path, subset, capsys):
     """Two torchrun invocations (--nnodes 2, one process each) meet at one rendezvous address and train one model;
     dynamic binarization draws fresh inputs every step, the same on two nodes as on one process."""
     kw = dict(likelihood="bernoulli", binarize="dynamic")
@@ -167,7 +167,9 @@ def test_two_nodes_on_loopback_train_one_model(tmp_path, subset):
             p.kill()
     assert [p.returncode for p in nodes] == [0, 0], [o[1][-2000:] for o in outs]
     one = train(config(subset, tmp_path / "one", **kw), progress=False)
-    check_matches_one_process(tmp_path / "nodes", one.path)
+    diff = check_matches_one_process(tmp_path / "nodes", one.path)
+    with capsys.disabled():
+        print(f"\n2 nodes vs 1 process (Bernoulli, dynamic binarization): max relative weight difference {diff:.2e}")
     assert_one_world_size(tmp_path / "nodes", 2)
 
 
@@ -241,6 +243,29 @@ def test_ctrl_c_to_the_launcher_checkpoints_and_resumes_bit_identically(tmp_path
     on_one = resume(other, progress=False)  # one process continues the same global batches
     assert max_rel_diff(tmp_path / "whole", on_one.path) < 1e-4
     assert [r["world_size"] for r in rows(other)][-1] == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_like_ctrl_c(tmp_path):
+    """What a cluster scheduler sends before it takes the machines back: torchrun passes SIGTERM on."""
+    data = tmp_path / "more.npz"
+    fashion = load_dataset("fashion-mnist")
+    np.savez(data, x_train=fashion.train[:4000], x_test=fashion.test[:300])
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(torchrun_cmd(2, *args(data, run, batch_size=32, epochs=50)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        _wait_for_epochs(run, 1, launcher)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert err.count("interrupted: checkpoint saved at epoch") == 1, err[-3000:]
+    with safe_open(run / "checkpoint.safetensors", "pt") as fh:
+        meta = json.loads(fh.metadata()["meta"])
+    assert meta["step"] > 0, meta
+    assert meta["world_size"] == 2, meta
+    assert resume(run, epochs=meta["epoch"] + 1, progress=False).last()["epoch"] == meta["epoch"] + 1
 
 
 @pytest.mark.slow

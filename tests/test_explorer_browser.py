@@ -366,7 +366,7 @@ def test_cli_serves_the_page_opens_the_browser_and_stops_on_ctrl_c(open_page, ml
         move_and_wait(page, x, y, plane.z_at(x, y))
         page.close()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=90)  # a clean stop; generous for a loaded machine
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -456,3 +456,29 @@ def load_json_blob(path: Path) -> dict:
 
     html = path.read_text()
     return json.loads(html.split('id="vaelab-data">', 1)[1].split("</script>", 1)[0].replace("<\\/", "</"))
+
+
+def test_scatter_can_be_coloured_by_a_factor_of_variation(open_page, tmp_path, monkeypatch):
+    """Data with named factors (the generated `shapes`) offers them as colourings of the scatter."""
+    from vaelab import TrainConfig, train
+    from vaelab.data import shapes
+
+    monkeypatch.setattr(shapes, "N_TRAIN", 400)
+    monkeypatch.setattr(shapes, "N_TEST", 120)
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    run = train(TrainConfig(dataset="shapes", hidden=[64], latent_dim=2, epochs=1, device="cpu",
+                            out=str(tmp_path / "run")), progress=False)
+    srv = start(load_run(run.path), port=0)
+    try:
+        info, ex = srv.app.ex.info(), srv.app.ex
+        assert info["factor_names"]
+        assert ex.factors.shape == (120, len(info["factor_names"]))
+        page = open_page(srv.url)
+        assert page.locator("#colour-row").is_visible()
+        scatter = page.eval_on_selector("#plane-base", "c => c.toDataURL()")
+        k = info["factor_names"].index("x")
+        page.select_option("#colour-by", value=str(k))
+        assert "x = " in page.text_content("#legend")
+        assert page.eval_on_selector("#plane-base", "c => c.toDataURL()") != scatter  # recoloured
+    finally:
+        srv.stop()

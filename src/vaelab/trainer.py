@@ -254,11 +254,13 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
     n = prep.train.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
     train_step = make_step(config, model, optimizer, prep, device, world)
-    last_good = [epoch]
+    # where the checkpoint on disk stands, for the message if another process dies
+    saved = [f"epoch {epoch + 1}, step {start_step}" if start_step else f"end of epoch {epoch}" if epoch else None]
 
     def lost() -> str:
-        return (f"the run's files hold its last complete epoch ({last_good[0]}): continue with vaelab train "
-                f"--resume {out}" if last_good[0] else "no epoch was completed, so nothing was saved")
+        if saved[0] is None:
+            return "no epoch was completed, so no checkpoint was written"
+        return f"the last checkpoint ({saved[0]}) is kept: continue with vaelab train --resume {out}"
 
     signals = (signal.SIGINT, signal.SIGTERM) if world.size > 1 else (signal.SIGINT,)
     with _StopFlag(signals) as stop, world.watch(lost), contextlib.closing(board or _Nothing()):
@@ -289,7 +291,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
                 save_checkpoint(out / CHECKPOINT, model, optimizer,
                                 {"epoch": epoch, "step": 0, "world_size": world.size},
                                 _rng_state(shuffle.get_state(), device))
-            last_good[0] = epoch
+            saved[0] = f"end of epoch {epoch}"
             if progress:
                 test = metrics[-1]
                 print(f"epoch {epoch}/{config.epochs}: test loss {test['loss']:.2f} nats "

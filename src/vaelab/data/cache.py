@@ -49,9 +49,10 @@ class Entry:
     manifest: dict
 
     def array(self, name: str, mmap: bool = True) -> np.ndarray:
-        """A stored array, memory-mapped read-only (its pages are the kernel's page cache, not this process's);
-        mmap=False reads it into memory (labels and factors: small, and handed to code that may write)."""
-        return np.load(self.path / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+        """A stored array, memory-mapped (its pages are the kernel's page cache, not this process's memory),
+        copy-on-write: a write would change this process's copy of a page, never the file; mmap=False reads it
+        into memory (labels and factors: small, and handed to code that may write)."""
+        return np.load(self.path / f"{name}.npy", mmap_mode="c" if mmap else None, allow_pickle=False)
 
     def optional(self, name: str, mmap: bool = True) -> np.ndarray | None:
         return self.array(name, mmap) if (self.path / f"{name}.npy").is_file() else None

@@ -68,6 +68,10 @@ class StoredImages:
         self.device = torch.device(device)
         self.shape = torch.Size(array.shape)
         self.dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
+        # A writable mapping (the decoded cache maps copy-on-write: nothing is ever written back) is viewed as
+        # one tensor without copying, so a batch is one index_select, which reads the rows (and waits for any
+        # page not in the page cache) without holding the GIL. A read-only array is read through numpy.
+        self.rows = torch.from_numpy(array) if array.flags.writeable and array.flags.c_contiguous else None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -75,14 +79,15 @@ class StoredImages:
     def __getitem__(self, key: slice) -> torch.Tensor:
         if not isinstance(key, slice):
             raise TypeError("StoredImages is read in slices (x[a:b]) or with gather(idx)")
-        return self._tensor(np.array(self.array[key]))  # a copy of those rows only
+        return self._placed(torch.from_numpy(np.array(self.array[key])))  # a copy of those rows only
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows `idx` (1-D, in that order) as one (B, C, H, W) tensor on the device."""
-        return self._tensor(np.take(self.array, idx.cpu().numpy(), axis=0))
+        if self.rows is not None:
+            return self._placed(self.rows.index_select(0, idx.cpu()))
+        return self._placed(torch.from_numpy(np.take(self.array, idx.cpu().numpy(), axis=0)))
 
-    def _tensor(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
+    def _placed(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
 
     @property

@@ -87,14 +87,17 @@ class Explorer:
     from the origin of z, so the prior's radius circles keep their meaning.
     """
 
-    def __init__(self, run: Run, n_codes: int = N_CODES, data=None):
+    def __init__(self, run: Run, n_codes: int = N_CODES):
         self.run, self.model = run, run.model.eval()
         self.device = next(self.model.parameters()).device
         self.lock = threading.Lock()  # one request at a time in the model (and in the global RNG for draws)
-        split = data if data is not None else split_data(run.config, "test", self.device, n_codes)
+        split = split_data(run.config, "test", self.device, n_codes)  # the data as the trainer evaluated it
         self.x, self.prepare = split.x[:n_codes], split.prepare  # stored form; scaled per request
         self.labels = None if split.labels is None else np.asarray(split.labels)[:n_codes].astype(int)
         self.classes = split.classes
+        factors = getattr(split, "factors", None)  # (N, F) named factors of variation, for data that has them
+        self.factors = None if factors is None else np.asarray(factors, dtype=np.float64)[:n_codes]
+        self.factor_names = getattr(split, "factor_names", None) if factors is not None else None
         with torch.inference_mode():
             means, stds = [], []
             for i in range(0, len(self.x), 500):
@@ -152,6 +155,7 @@ class Explorer:
             "sigma_name": getattr(lik, "scale_name", None),
             "sigma_per_pixel": per_pixel,
             "labels": self.classes,
+            "factor_names": self.factor_names,
             "n_codes": self.n,
             "centre": _round(self.centre),
             "basis": _round(self.basis),
@@ -173,7 +177,8 @@ class Explorer:
 
     def codes_payload(self) -> dict:
         labels = None if self.labels is None else self.labels.tolist()
-        return {"codes": _round(self.codes), "labels": labels}
+        factors = None if self.factors is None else _round(self.factors, 4)
+        return {"codes": _round(self.codes), "labels": labels, "factors": factors}
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """f(z) for codes (B, L) -> uint8 (B, H, W, C)."""

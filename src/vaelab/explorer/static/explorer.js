@@ -66,7 +66,7 @@ function showStatus(text) { $("status").textContent = text || ""; }
 async function main() {
   const backend = window.vaelabBackend;
   const info = await backend.info();
-  const { codes, labels } = await backend.codes();
+  const { codes, labels, factors } = await backend.codes();
   const L = info.latent_dim, [C, H, W] = info.shape;
   const S = {                         // everything the drawing reads
     kind: info.basis_kind,            // "pca" or "axes"
@@ -77,6 +77,7 @@ async function main() {
     pointer: null,                    // z under the pointer
     sigma: info.sigma, seed: 1,
     selected: null, qSamples: [], ends: [], offset: 0,
+    colourBy: -1,                     // -1: the label; k: factor k (a colour ramp over its range)
   };
   window.vaelabExplorer = { info, state: S, latencies: [] };
 
@@ -149,7 +150,8 @@ async function main() {
     g.beginPath(); g.moveTo(ox, 0); g.lineTo(ox, h); g.moveTo(0, oy); g.lineTo(w, oy); g.stroke();
     for (let i = 0; i < S.uv.length; i++) {
       const [x, y] = toPx(...S.uv[i]);
-      g.fillStyle = labels ? colour(labels[i]) : "#1f77b4";
+      g.fillStyle = S.colourBy >= 0 ? ramp(factors[i][S.colourBy], S.colourBy)
+        : labels ? colour(labels[i]) : "#1f77b4";
       g.globalAlpha = 0.55;
       g.fillRect(x - 1.5, y - 1.5, 3, 3);
     }
@@ -332,16 +334,42 @@ async function main() {
     $("reset-sliders").addEventListener("click", () => setPlane());
   }
 
-  // ---- legend
-  if (labels) {
-    const seen = [...new Set(labels)].sort((a, b) => a - b);
-    for (const k of seen) {
+  // ---- colours and legend: the label, or one factor of variation on a ramp from its smallest to largest value
+  const ranges = factors ? info.factor_names.map((_, k) => {
+    const v = factors.map(f => f[k]);
+    return [Math.min(...v), Math.max(...v)];
+  }) : [];
+  function ramp(value, k) {
+    const [lo, hi] = ranges[k], t = hi > lo ? (value - lo) / (hi - lo) : 0.5;
+    return `hsl(${250 - 200 * t} 75% ${35 + 20 * t}%)`;  // blue (lowest) to yellow-green (highest)
+  }
+  function legend() {
+    const box = $("legend");
+    box.textContent = "";
+    const add = (c, text) => {
       const s = document.createElement("span");
-      s.style.setProperty("--c", colour(k));
-      s.textContent = info.labels && info.labels[k] !== undefined ? info.labels[k] : `label ${k}`;
-      $("legend").appendChild(s);
+      s.style.setProperty("--c", c);
+      s.textContent = text;
+      box.appendChild(s);
+    };
+    if (S.colourBy >= 0) {
+      const [lo, hi] = ranges[S.colourBy];
+      add(ramp(lo, S.colourBy), `${info.factor_names[S.colourBy]} = ${+lo.toFixed(3)}`);
+      add(ramp((lo + hi) / 2, S.colourBy), `${+((lo + hi) / 2).toFixed(3)}`);
+      add(ramp(hi, S.colourBy), `${+hi.toFixed(3)}`);
+    } else if (labels) {
+      for (const k of [...new Set(labels)].sort((a, b) => a - b)) {
+        add(colour(k), info.labels && info.labels[k] !== undefined ? info.labels[k] : `label ${k}`);
+      }
     }
   }
+  if (factors && info.factor_names) {
+    $("colour-row").hidden = false;
+    $("colour-by").add(new Option(labels ? "label" : "nothing", -1));
+    info.factor_names.forEach((name, k) => $("colour-by").add(new Option(`factor: ${name}`, k)));
+    $("colour-by").addEventListener("change", () => { S.colourBy = +$("colour-by").value; legend(); drawBase(); });
+  }
+  legend();
 
   // ---- test images -> q(z|x)
   function fillStrip() {
@@ -377,8 +405,9 @@ async function main() {
     const { mean, std } = S.selected;
     S.qSamples = Array.from({ length: N_Q }, () => mean.map((m, d) => +(m + std[d] * randn()).toFixed(5)));
     drawOverlay();
-    setRow($("q-row"), N_Q);
-    $("q-row").getContext("2d").drawImage(await backend.decode(S.qSamples), 0, 0);
+    const strip = await backend.decode(S.qSamples);
+    setRow($("q-row"), N_Q);          // sized once the images are here: a test or a script can wait for it
+    $("q-row").getContext("2d").drawImage(strip, 0, 0);
   });
   $("set-a").addEventListener("click", () => { S.ends[0] = S.selected.mean; S.ends.length = Math.max(S.ends.length, 1); decodePath(); });
   $("set-b").addEventListener("click", () => {
@@ -399,8 +428,9 @@ async function main() {
     }
     const [a, b] = S.ends;
     const zs = Array.from({ length: N_PATH }, (_, k) => a.map((v, d) => +(v + (b[d] - v) * k / (N_PATH - 1)).toFixed(5)));
+    const strip = await backend.decode(zs);
     setRow($("path-row"), N_PATH);
-    $("path-row").getContext("2d").drawImage(await backend.decode(zs), 0, 0);
+    $("path-row").getContext("2d").drawImage(strip, 0, 0);
     $("path-caption").textContent = `f(z) at ${N_PATH} evenly spaced points from A to B (|A − B| = ` +
       `${Math.hypot(...a.map((v, d) => v - b[d])).toFixed(2)}); click the plane to start a new path`;
   }

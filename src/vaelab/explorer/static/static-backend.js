@@ -141,7 +141,7 @@
     note: dec.note,
     nImages: D.images.length,
     info: async () => { await dec.ready; return info; },
-    codes: async () => ({ codes: D.codes, labels: D.labels }),
+    codes: async () => ({ codes: D.codes, labels: D.labels, factors: D.factors }),
     decode: async zs => strip(zs.map(dec.decode)),
     sample: async (z, sigma, seed, n) => {
       const rand = mulberry32(seed * 9973 + 1);
