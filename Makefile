@@ -31,6 +31,7 @@ demo: setup data
 # every tier but the GPU one (benchmarks/gpu.sh runs that on a CUDA machine); under CI=true a skip is a failure
 test: setup data images browser
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 # the developer's inner loop: about a minute

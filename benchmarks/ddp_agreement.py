@@ -26,15 +26,15 @@ from vaelab.data import load_dataset
 SMALL = ["--hidden", "32", "--latent-dim", "3", "--epochs", "2"]
 CASES = [  # (label, processes, training images, flags)
     ("Gaussian, σ optimal, free bits 0.2, KL warm-up, batch 64", 2, 501,
-     SMALL + ["--batch-size", "64", "--sigma", "optimal", "--free-bits", "0.2", "--kl-warmup", "1"]),
+     [*SMALL, "--batch-size", "64", "--sigma", "optimal", "--free-bits", "0.2", "--kl-warmup", "1"]),
     ("conv net (8,16), σ learned, batch 48", 2, 400,
      ["--arch", "conv", "--hidden", "8,16", "--latent-dim", "3", "--epochs", "2", "--batch-size", "48",
       "--sigma", "learned"]),
     ("Bernoulli, dynamic binarization, batch 48 (last batch 16 = 5+5+6)", 3, 400,
-     SMALL + ["--batch-size", "48", "--likelihood", "bernoulli", "--binarize", "dynamic"]),
+     [*SMALL, "--batch-size", "48", "--likelihood", "bernoulli", "--binarize", "dynamic"]),
     ("the same with SGD (lr 0.001)", 3, 400,
-     SMALL + ["--batch-size", "48", "--likelihood", "bernoulli", "--binarize", "dynamic", "--optimizer", "sgd",
-              "--lr", "0.001"]),
+     [*SMALL, "--batch-size", "48", "--likelihood", "bernoulli", "--binarize", "dynamic", "--optimizer", "sgd",
+      "--lr", "0.001"]),
 ]
 
 

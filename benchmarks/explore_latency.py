@@ -30,9 +30,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from explorer_helpers import colour_npz  # noqa: E402
-from vaelab import TrainConfig, load_run, train  # noqa: E402
-from vaelab.explorer import start  # noqa: E402
+from explorer_helpers import colour_npz
+from vaelab import TrainConfig, load_run, train
+from vaelab.explorer import start
 
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--no-first-run", "--disable-sync"]

@@ -15,7 +15,7 @@ import sys
 # Set before torch is imported so the CLI subprocesses the tests start inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The decoded-dataset cache of the tests lives in a folder of their own, not the user's ~/.cache
-import tempfile  # noqa: E402
+import tempfile
 
 os.environ.setdefault("VAELAB_CACHE", tempfile.mkdtemp(prefix="vaelab-test-cache-"))
 from pathlib import Path
@@ -94,7 +94,7 @@ def fashion(fashion_dir):
     return load_dataset("fashion-mnist")
 
 
-@pytest.fixture()
+@pytest.fixture
 def tiny_npz(tmp_path) -> Path:
     """A small labelled uint8 dataset of odd size (3 x 12 x 10) for shape tests."""
     rng = np.random.default_rng(0)

@@ -27,7 +27,8 @@ def test_stored_batches_equal_index_select(mapped, start_step):
     resident = BatchSource(torch.from_numpy(np.array(mapped)), 8)
     stored = BatchSource(StoredImages(mapped), 8)
     a, b = list(resident.epoch(order, start_step)), list(stored.epoch(order, start_step))
-    assert len(a) == len(b) == 7 - start_step and b[-1].shape == (2, 3, 6, 5)
+    assert len(a) == len(b) == 7 - start_step
+    assert b[-1].shape == (2, 3, 6, 5)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert torch.equal(b[0], torch.from_numpy(np.array(mapped))[order[start_step * 8:(start_step + 1) * 8]])
 
@@ -41,7 +42,9 @@ def test_batches_can_stop_early(mapped):
 def test_stored_images_read_in_slices(mapped):
     s = StoredImages(mapped)
     assert (s.rows is not None) == (mapped.mode == "c")
-    assert len(s) == 50 and s.shape == (50, 3, 6, 5) and s.device.type == "cpu"
+    assert len(s) == 50
+    assert s.shape == (50, 3, 6, 5)
+    assert s.device.type == "cpu"
     assert torch.equal(s[10:13], torch.from_numpy(np.array(mapped[10:13])))
     with pytest.raises(TypeError):
         s[3]
@@ -51,7 +54,8 @@ def test_npy_is_memory_mapped_and_split_like_in_memory(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (40, 7, 9, 3), dtype=np.uint8)  # channels last
     np.save(tmp_path / "x.npy", x)
     data = load_dataset(str(tmp_path / "x.npy"))
-    assert isinstance(data.train, np.memmap) and data.shape == (3, 7, 9)
+    assert isinstance(data.train, np.memmap)
+    assert data.shape == (3, 7, 9)
     tr, te = split_rows(40)
     assert np.array_equal(data.train, x[tr].transpose(0, 3, 1, 2))
     assert np.array_equal(data.test, x[te].transpose(0, 3, 1, 2))
@@ -68,7 +72,8 @@ def test_npy_float_is_checked_in_chunks(tmp_path):
 def test_prepare_keeps_mapped_data_mapped(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((30, 1, 4, 4), np.uint8))
     prep = prepare_data(TrainConfig(dataset=str(tmp_path / "x.npy"), batch_size=8), torch.device("cpu"))
-    assert isinstance(prep.train, StoredImages) and isinstance(prep.train.array, np.memmap)
+    assert isinstance(prep.train, StoredImages)
+    assert isinstance(prep.train.array, np.memmap)
     assert isinstance(prep.test, StoredImages)
 
 

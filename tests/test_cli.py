@@ -21,12 +21,14 @@ def test_train_then_info_end_to_end(tmp_path):
     r = vaelab("train", "--dataset", "fashion-mnist", "--limit", "3000", "--latent-dim", "2", "--hidden", "128,64",
                "--epochs", "2", "--sigma", "learned", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert "epoch 2/2" in r.stderr and "test loss" in r.stdout
+    assert "epoch 2/2" in r.stderr
+    assert "test loss" in r.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     info = vaelab("info", str(out))
     assert info.returncode == 0
-    assert 'hidden: [128, 64]' in info.stdout and "last test:" in info.stdout
+    assert 'hidden: [128, 64]' in info.stdout
+    assert "last test:" in info.stdout
     assert f"loss={rows[-1]['loss']:.4f}" in info.stdout
 
 
@@ -50,7 +52,8 @@ def test_bernoulli_fashion_mnist_beats_the_pytorch_example(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "not a normalized density" in r.stderr  # grey pixels: vaelab says so
     test = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert test["split"] == "test" and test["epoch"] == 3
+    assert test["split"] == "test"
+    assert test["epoch"] == 3
     assert test["loss"] <= 250.3
 
 
@@ -76,7 +79,7 @@ BAD = [  # (arguments, words the one error line must contain)
 ]
 
 
-@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a[:3]) for a, _ in BAD])
+@pytest.mark.parametrize(("args", "needle"), BAD, ids=[" ".join(a[:3]) for a, _ in BAD])
 def test_bad_input_gets_one_clear_line(tmp_path, capsys, args, needle):
     (tmp_path / "notes.txt").write_text("hello")
     np.save(tmp_path / "nan.npy", np.full((4, 3, 3), np.nan, np.float32))
@@ -93,7 +96,8 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, args, needle):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("vaelab: error: ") and needle in lines[0], lines[0]
+    assert lines[0].startswith("vaelab: error: "), lines[0]
+    assert needle in lines[0], lines[0]
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
@@ -101,7 +105,9 @@ def test_argparse_errors_are_short_too(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--arch", "rnn"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "invalid choice: 'rnn'" in err and "Traceback" not in err
+    assert e.value.code == 2
+    assert "invalid choice: 'rnn'" in err
+    assert "Traceback" not in err
 
 
 def test_every_command_has_help_for_every_flag(capsys):
@@ -115,7 +121,9 @@ def test_every_command_has_help_for_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and "--kl-warmup EPOCHS" in out and "learned-pixel" in out
+    assert e.value.code == 0
+    assert "--kl-warmup EPOCHS" in out
+    assert "learned-pixel" in out
     assert "(default 128)" in out  # defaults come from TrainConfig
 
 
@@ -123,10 +131,13 @@ def test_every_command_has_help_for_every_flag(capsys):
 def test_out_that_is_a_file_and_resume_that_goes_backwards(tmp_path):
     (tmp_path / "taken").write_text("not a folder")
     r = vaelab("train", "--limit", "200", "--epochs", "1", "--out", str(tmp_path / "taken"), "--quiet")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "taken" in r.stderr
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "taken" in r.stderr
     assert (tmp_path / "taken").read_text() == "not a folder"
     run = tmp_path / "short"
     assert vaelab("train", "--limit", "200", "--hidden", "16", "--epochs", "2", "--out", str(run),
                   "--quiet").returncode == 0
     r = vaelab("train", "--resume", str(run), "--epochs", "1")
-    assert r.returncode == 2 and "must exceed the 2 epochs already trained; got 1" in r.stderr
+    assert r.returncode == 2
+    assert "must exceed the 2 epochs already trained; got 1" in r.stderr

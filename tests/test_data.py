@@ -19,7 +19,8 @@ from vaelab.errors import DataError
 
 
 def test_fashion_mnist_official_split(fashion):
-    assert fashion.train.shape == (60000, 1, 28, 28) and fashion.train.dtype == np.uint8
+    assert fashion.train.shape == (60000, 1, 28, 28)
+    assert fashion.train.dtype == np.uint8
     assert fashion.test.shape == (10000, 1, 28, 28)
     assert sorted(np.unique(fashion.train_labels)) == list(range(10))
     assert np.bincount(fashion.test_labels).tolist() == [1000] * 10  # the official test split is balanced
@@ -38,7 +39,7 @@ def _idx(dims, payload: bytes) -> bytes:
     return bytes([0, 0, 0x08, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + payload
 
 
-@pytest.mark.parametrize("content,needle", [
+@pytest.mark.parametrize(("content", "needle"), [
     (b"\x12\x34\x08\x01" + (3).to_bytes(4, "big") + b"abc", "bad IDX magic"),
     (b"", "bad IDX magic"),
     (_idx([5, 2, 2], bytes(19)), "truncated or corrupt"),
@@ -74,7 +75,8 @@ def _make_idx_dir(tmp_path, n_train=12, n_train_labels=12):
 def test_data_dir_is_looked_at_first(tmp_path):
     d = _make_idx_dir(tmp_path)
     data = load_dataset("fashion-mnist", data_dir=str(d))
-    assert data.train.shape == (12, 1, 4, 4) and data.source == str(d)
+    assert data.train.shape == (12, 1, 4, 4)
+    assert data.source == str(d)
 
 
 def test_image_label_count_mismatch(tmp_path):
@@ -97,12 +99,16 @@ def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
     with pytest.raises(DataError) as e:
         load_dataset("mnist", data_dir=str(tmp_path / "nowhere"))
     msg = str(e.value)
-    assert "nowhere" in msg and "cache" in msg and "download failed" in msg and "--data-dir" in msg
+    assert "nowhere" in msg
+    assert "cache" in msg
+    assert "download failed" in msg
+    assert "--data-dir" in msg
 
 
 def test_limit_takes_the_first_images(fashion):
     small = fashion.limited(100)
-    assert np.array_equal(small.train, fashion.train[:100]) and len(small.test) == 10000
+    assert np.array_equal(small.train, fashion.train[:100])
+    assert len(small.test) == 10000
 
 
 # ------------------------------------------------------------------------------------------- user arrays
@@ -114,7 +120,8 @@ def test_npy_shapes_become_nchw(tmp_path, shape):
     data = load_dataset(str(p))
     c = 3 if 3 in shape[1:2] + shape[3:] else 1
     assert data.shape == (c, 9, 7)
-    assert len(data.train) + len(data.test) == 20 and len(data.test) == 2
+    assert len(data.train) + len(data.test) == 20
+    assert len(data.test) == 2
 
 
 def test_npz_with_splits_and_labels_and_float(tmp_path):
@@ -123,11 +130,12 @@ def test_npz_with_splits_and_labels_and_float(tmp_path):
     np.savez(p, x_train=rng.random((10, 5, 6)).astype(np.float32), x_test=rng.random((4, 5, 6)),
              y_train=np.arange(10) % 3, y_test=np.arange(4) % 3)
     data = load_dataset(str(p))
-    assert data.train.dtype == np.float32 and data.train.shape == (10, 1, 5, 6)
+    assert data.train.dtype == np.float32
+    assert data.train.shape == (10, 1, 5, 6)
     assert data.test_labels.tolist() == [0, 1, 2, 0]
 
 
-@pytest.mark.parametrize("arrays,needle", [
+@pytest.mark.parametrize(("arrays", "needle"), [
     ({"x": np.full((5, 4, 4), np.nan, np.float32)}, "NaN"),
     ({"x": np.full((5, 4, 4), 1.5, np.float32)}, r"float pixel values must lie in \[0, 1\]"),
     ({"x": np.full((5, 4, 4), 300, np.int32)}, "0-255"),
@@ -163,10 +171,12 @@ def test_image_folder_subfolders_become_labels(tmp_path):
         for i in range(10):
             _save_png(tmp_path / "imgs" / cls / f"{i}.png", v)
     data = load_dataset(str(tmp_path / "imgs"))
-    assert data.classes == ["cat", "dog"] and data.shape == (1, 5, 6)
+    assert data.classes == ["cat", "dog"]
+    assert data.shape == (1, 5, 6)
     x = np.concatenate([data.train, data.test])
     y = np.concatenate([data.train_labels, data.test_labels])
-    assert set(x[y == 0].ravel()) == {10} and set(x[y == 1].ravel()) == {200}
+    assert set(x[y == 0].ravel()) == {10}
+    assert set(x[y == 1].ravel()) == {200}
 
 
 def test_image_folder_rgb_and_train_test(tmp_path):
@@ -174,7 +184,9 @@ def test_image_folder_rgb_and_train_test(tmp_path):
         for i in range(n):
             _save_png(tmp_path / "rgb" / split / f"{i}.jpg", 100, size=(8, 3), mode="RGB")
     data = load_dataset(str(tmp_path / "rgb"))
-    assert data.train.shape == (4, 3, 3, 8) and data.test.shape == (2, 3, 3, 8) and data.train_labels is None
+    assert data.train.shape == (4, 3, 3, 8)
+    assert data.test.shape == (2, 3, 3, 8)
+    assert data.train_labels is None
 
 
 def test_empty_folder(tmp_path):
@@ -186,14 +198,14 @@ def test_empty_folder(tmp_path):
 def test_unreadable_image(tmp_path):
     _save_png(tmp_path / "f" / "a.png", 1)
     (tmp_path / "f" / "b.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="b.png: cannot decode it.*--skip-bad-images"):
+    with pytest.raises(DataError, match=r"b\.png: cannot decode it.*--skip-bad-images"):
         load_dataset(str(tmp_path / "f"))
 
 
 def test_mixed_sizes(tmp_path):
     _save_png(tmp_path / "f" / "a.png", 1, size=(4, 4))
     _save_png(tmp_path / "f" / "b.png", 1, size=(5, 4))
-    with pytest.raises(DataError, match="images differ in size.*--image-size"):
+    with pytest.raises(DataError, match=r"images differ in size.*--image-size"):
         load_dataset(str(tmp_path / "f"))
 
 
@@ -208,7 +220,7 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture()
+@pytest.fixture
 def http_root(tmp_path):
     """A real HTTP server on 127.0.0.1 serving a folder; yields (folder, base URL)."""
     root = tmp_path / "www"
@@ -241,7 +253,7 @@ def test_download_rejects_bad_checksum_and_leaves_nothing(fashion_dir, http_root
     corrupt = bytearray(gzip.decompress((root / "t10k-labels-idx1-ubyte.gz").read_bytes()))
     corrupt[100] ^= 1
     (root / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(corrupt)))
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz.*checksum mismatch"):
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz.*checksum mismatch"):
         D.download("fashion-mnist", tmp_path / "cache", mirrors=[url], timeout=10, progress=False)
     assert not (tmp_path / "cache" / "t10k-labels-idx1-ubyte.gz").exists()
     assert not list((tmp_path / "cache").glob("*.part"))

@@ -72,7 +72,7 @@ def args(data: Path, out: Path, **kw) -> list[str]:
     flat = []
     for k, v in settings.items():
         flat += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-    return flat + ["--quiet"]
+    return [*flat, "--quiet"]
 
 
 def config(data: Path, out: Path, **kw) -> TrainConfig:
@@ -133,7 +133,7 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path, subset, caps
 def test_batch_size_is_the_global_batch():
     check_batch(64, World(0, 2))
     check_batch(63, World())
-    with pytest.raises(ConfigError, match="must be a multiple of 4; got 6 \\(e.g. 4 or 8\\)"):
+    with pytest.raises(ConfigError, match=r"must be a multiple of 4; got 6 \(e\.g\. 4 or 8\)"):
         check_batch(6, World(1, 4))
     assert [World(r, 2).rows(53) for r in range(2)] == [slice(0, 26), slice(26, 53)]
     assert [World(r, 3).rows(2) for r in range(3)] == [slice(0, 0), slice(0, 1), slice(1, 2)]
@@ -224,7 +224,8 @@ def test_ctrl_c_to_the_launcher_checkpoints_and_resumes_bit_identically(tmp_path
     assert err.count("interrupted: checkpoint saved at epoch") == 1, err[-3000:]
     with safe_open(run / "checkpoint.safetensors", "pt") as fh:
         meta = json.loads(fh.metadata()["meta"])
-    assert meta["epoch"] >= 1 and meta["step"] > 0, meta  # mid-epoch
+    assert meta["epoch"] >= 1, meta
+    assert meta["step"] > 0, meta  # mid-epoch
     other = tmp_path / "cut-on-one"
     shutil.copytree(run, other)
 
@@ -262,7 +263,8 @@ def test_sigterm_to_the_launcher_checkpoints_like_ctrl_c(tmp_path):
     assert err.count("interrupted: checkpoint saved at epoch") == 1, err[-3000:]
     with safe_open(run / "checkpoint.safetensors", "pt") as fh:
         meta = json.loads(fh.metadata()["meta"])
-    assert meta["step"] > 0 and meta["world_size"] == 2, meta
+    assert meta["step"] > 0, meta
+    assert meta["world_size"] == 2, meta
     assert resume(run, epochs=meta["epoch"] + 1, progress=False).last()["epoch"] == meta["epoch"] + 1
 
 
@@ -286,7 +288,8 @@ def test_a_dead_process_stops_the_others_and_the_run_resumes(tmp_path, subset):
         launcher.kill()
     assert launcher.returncode != 0
     lines = [line for line in err.splitlines() if line.startswith("vaelab: error:")]
-    assert len(lines) == 1 and "lost contact with another training process" in lines[0], err[-3000:]
+    assert len(lines) == 1, err[-3000:]
+    assert "lost contact with another training process" in lines[0], err[-3000:]
     assert f"--resume {run}" in lines[0]
     assert stopped_after < 60
     done = rows(run)[-1]["epoch"]
@@ -299,7 +302,8 @@ def test_a_non_finite_loss_stops_every_process_with_one_message(tmp_path, subset
     r = torchrun(2, *args(subset, tmp_path / "nan", lr=1e8, epochs=3))
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("vaelab: error:")]
-    assert len(lines) == 1 and "the loss became non-finite" in lines[0], r.stderr[-3000:]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert "the loss became non-finite" in lines[0], r.stderr[-3000:]
 
 
 class _Peers(World):
@@ -314,7 +318,7 @@ class _Peers(World):
         return t.copy_(self.totals[tuple(t.shape)])
 
 
-@pytest.mark.parametrize("sigma, free_bits", [("0.1", 0.0), ("learned", 0.05), ("optimal", 0.05)])
+@pytest.mark.parametrize(("sigma", "free_bits"), [("0.1", 0.0), ("learned", 0.05), ("optimal", 0.05)])
 def test_shard_parts_add_up_to_the_one_process_objective_and_gradients(sigma, free_bits):
     """Σ over processes of shard_objective's part (as DDP averages it) has the one-process objective's gradients,
     and the shares add up to its value, with free bits and σ² = batch MSE computed from the whole batch."""

@@ -25,7 +25,7 @@ from vaelab.data.folders import Options, decode
 from vaelab.errors import DataError
 
 
-@pytest.fixture()
+@pytest.fixture
 def own_cache(tmp_path, monkeypatch) -> Path:
     """A decoded cache of this test's own, so entries can be counted."""
     root = tmp_path / "decoded"
@@ -65,7 +65,7 @@ def _p_image(transparent: bool) -> Image.Image:
     return im
 
 
-@pytest.mark.parametrize("make,name,grey,pixel", [
+@pytest.mark.parametrize(("make", "name", "grey", "pixel"), [
     (lambda: Image.new("1", (4, 2), 1), "a.png", True, (255, 255, 255)),
     (lambda: Image.new("L", (4, 2), 77), "a.png", True, (77, 77, 77)),
     (lambda: Image.new("LA", (4, 2), (77, 0)), "a.png", True, (255, 255, 255)),  # transparent -> background
@@ -80,15 +80,19 @@ def _p_image(transparent: bool) -> Image.Image:
 ])
 def test_every_mode_becomes_grey_or_rgb(tmp_path, make, name, grey, pixel):
     a, g = _decoded(tmp_path, make(), name)
-    assert a.shape == (2, 4, 3) and a.dtype == np.uint8 and g is grey
+    assert a.shape == (2, 4, 3)
+    assert a.dtype == np.uint8
+    assert g is grey
     assert tuple(int(v) for v in a[0, 0]) == pixel
 
 
 def test_palette_transparency_is_composited_over_the_background(tmp_path):
     white, _ = _decoded(tmp_path, _p_image(True), "p.png")
     black, _ = _decoded(tmp_path, _p_image(True), "p.png", background="black")
-    assert white[0, 0].tolist() == [255, 0, 0] and black[0, 0].tolist() == [255, 0, 0]  # opaque red stays
-    assert white[0, 2].tolist() == [255, 255, 255] and black[0, 2].tolist() == [0, 0, 0]
+    assert white[0, 0].tolist() == [255, 0, 0]
+    assert black[0, 0].tolist() == [255, 0, 0]  # opaque red stays
+    assert white[0, 2].tolist() == [255, 255, 255]
+    assert black[0, 2].tolist() == [0, 0, 0]
 
 
 def test_half_transparent_pixels_blend_with_the_background(tmp_path):
@@ -113,8 +117,10 @@ def test_exif_orientation_is_applied(tmp_path):
     im.save(p, exif=exif, quality=95)
     a, _ = decode(p, Options())
     assert a.shape == (8, 4, 3)  # upright: 4 wide, 8 tall
-    assert a[1, 2, 0] > 200 and a[1, 2, 2] < 60  # the red half is now on top
-    assert a[6, 2, 2] > 200 and a[6, 2, 0] < 60
+    assert a[1, 2, 0] > 200
+    assert a[1, 2, 2] < 60  # the red half is now on top
+    assert a[6, 2, 2] > 200
+    assert a[6, 2, 0] < 60
 
 
 def test_grey_folder_stays_one_channel_and_mixed_folder_is_rgb(tmp_path, own_cache):
@@ -145,7 +151,8 @@ def test_hidden_and_non_image_files_are_skipped_and_counted(tmp_path, own_cache)
     (d / "README.txt").write_text("about these images")
     (d / "b" / "labels.csv").write_text("0,1\n")
     data = load_dataset(str(d))
-    assert data.classes == ["a", "b"] and len(data.train) + len(data.test) == 6
+    assert data.classes == ["a", "b"]
+    assert len(data.train) + len(data.test) == 6
     assert data.skipped == {"hidden": 3, "non_image": 2, "bad": 0}
 
 
@@ -161,7 +168,8 @@ def test_image_size_resizes_the_shorter_side_and_centre_crops(tmp_path, own_cach
     assert data.shape == (3, 15, 15)
     x = np.concatenate([data.train, data.test])
     red = [im for im in x if im[0].mean() > 100]
-    assert len(red) == 1 and (red[0][0] > 200).mean() > 0.9  # only the red centre survives the crop
+    assert len(red) == 1
+    assert (red[0][0] > 200).mean() > 0.9  # only the red centre survives the crop
     data = load_dataset(str(d), image_size="8x12")
     assert data.shape == (3, 8, 12)
 
@@ -174,7 +182,8 @@ def test_center_crop_before_resize(tmp_path, own_cache):
         im.paste(255, (19, 39, 159, 179))  # a white 140x140 centre, as a CelebA face
         im.save(d / f"{i}.png")
     data = load_dataset(str(d), image_size=64, center_crop=140)
-    assert data.shape == (1, 64, 64) and int(data.train.min()) == 255
+    assert data.shape == (1, 64, 64)
+    assert int(data.train.min()) == 255
     (d / "small.png").write_bytes((d / "0.png").read_bytes())
     Image.new("L", (100, 100)).save(d / "small.png")
     with pytest.raises(DataError, match=r"small.png: is 100x100 pixels, smaller than --center-crop 140x140"):
@@ -190,7 +199,8 @@ def test_real_folder_of_mixed_sizes_needs_image_size(emoji_dir, tmp_path, own_ca
     with pytest.raises(DataError, match=r"images differ in size: .* is 64x64 pixels but .* is 48x48 .*--image-size"):
         load_dataset(str(d))
     data = load_dataset(str(d), image_size=32)
-    assert data.shape == (3, 32, 32) and data.train.dtype == np.uint8
+    assert data.shape == (3, 32, 32)
+    assert data.train.dtype == np.uint8
 
 
 # ------------------------------------------------------------------------------------------- bad files
@@ -209,7 +219,8 @@ def test_corrupt_files_are_named_or_skipped(emoji_dir, tmp_path, own_cache):
         load_dataset(str(d))
     with pytest.warns(UserWarning, match=r"skipped 2 bad image files in .*garbage.jpg .*truncated.png"):
         data = load_dataset(str(d), skip_bad_images=True)
-    assert len(data.train) + len(data.test) == 40 and data.skipped["bad"] == 2
+    assert len(data.train) + len(data.test) == 40
+    assert data.skipped["bad"] == 2
     with pytest.raises(DataError, match="--skip-bad-images"):  # the cache built with the flag is not trusted without
         load_dataset(str(d))
 
@@ -230,14 +241,19 @@ def test_cli_corrupt_file_one_line_then_skip_trains(emoji_dir, tmp_path, capsys)
     d = _bad_folder(emoji_dir, tmp_path / "bad", n=64)
     code, _, err = _run(capsys, "train", "--dataset", str(d), "--arch", "conv", "--epochs", "1", "--latent-dim", "4",
                         "--out", str(tmp_path / "run"), "--quiet")
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("vaelab: error: ") and "garbage.jpg" in err and "--skip-bad-images" in err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+    assert err.startswith("vaelab: error: ")
+    assert "garbage.jpg" in err
+    assert "--skip-bad-images" in err
     with pytest.warns(UserWarning, match=r"skipped 2 bad image files .*garbage.jpg"):  # printed by the CLI
         code, _, err = _run(capsys, "train", "--dataset", str(d), "--arch", "conv", "--epochs", "1", "--latent-dim",
                             "4", "--out", str(tmp_path / "run"), "--quiet", "--skip-bad-images")
     assert code == 0, err
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["data_shape"] == [3, 64, 64] and config["skip_bad_images"] is True
+    assert config["data_shape"] == [3, 64, 64]
+    assert config["skip_bad_images"] is True
 
 
 # ------------------------------------------------------------------------------------------- the real path
@@ -254,7 +270,8 @@ def test_real_emoji_folder_trains_with_conv(emoji_dir, tmp_path, capsys):
     assert code == 0, err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     test = [row for row in rows if row["split"] == "test"][-1]
-    assert np.isfinite(test["loss"]) and json.loads((out / "config.json").read_text())["data_shape"] == [3, 64, 64]
+    assert np.isfinite(test["loss"])
+    assert json.loads((out / "config.json").read_text())["data_shape"] == [3, 64, 64]
 
 
 # ------------------------------------------------------------------------------------------- the decoded cache
@@ -301,7 +318,8 @@ def test_cache_build_killed_midway_leaves_nothing_trusted(emoji_dir, tmp_path, o
     proc.wait(timeout=30)
     assert not [p for p in own_cache.iterdir() if not p.name.startswith(".")]  # no entry in place
     listed = list(cache.entries())
-    assert listed and all("incomplete" in cache.describe(e) for e in listed)
+    assert listed
+    assert all("incomplete" in cache.describe(e) for e in listed)
     data = load_dataset(str(emoji_dir), image_size=48)  # rebuilds, and removes the dead build's folder
     assert data.shape == (3, 48, 48)
     assert not list(own_cache.glob(".tmp-*"))
@@ -325,23 +343,33 @@ def test_cli_cache_ls_and_clear(tmp_path, own_cache, capsys):
     load_dataset(str(d))
     load_dataset(str(d), image_size=2)
     code, out, _ = _run(capsys, "cache", "ls")
-    assert code == 0 and out.count("myimages-") == 2 and str(d) in out and "2 entries" in out
-    assert "size 2x2" in out and "[test 1x3x2x2, train 2x3x2x2]" in out
+    assert code == 0
+    assert out.count("myimages-") == 2
+    assert str(d) in out
+    assert "2 entries" in out
+    assert "size 2x2" in out
+    assert "[test 1x3x2x2, train 2x3x2x2]" in out
     name = out.split()[0]
     code, _, err = _run(capsys, "cache", "clear", "nope")
-    assert code == 2 and "no cache entry named 'nope'" in err
+    assert code == 2
+    assert "no cache entry named 'nope'" in err
     code, out, _ = _run(capsys, "cache", "clear", name)
-    assert code == 0 and "removed 1 entry" in out
+    assert code == 0
+    assert "removed 1 entry" in out
     assert len(list(own_cache.iterdir())) == 1
     code, out, _ = _run(capsys, "cache", "clear")
-    assert code == 0 and "removed 1 entry" in out and not list(own_cache.iterdir())
+    assert code == 0
+    assert "removed 1 entry" in out
+    assert not list(own_cache.iterdir())
 
 
-@pytest.mark.parametrize("args,needle", [
+@pytest.mark.parametrize(("args", "needle"), [
     (["--image-size", "0"], "--image-size must be a size such as 64 or 64x48"),
     (["--center-crop", "64xq"], "--center-crop must be a size such as 64 or 64x48"),
     (["--image-size", "32", "--dataset", "shapes"], "--image-size and --center-crop apply to image folders"),
 ])
 def test_bad_size_flags_get_one_line(capsys, tmp_path, args, needle):
     code, _, err = _run(capsys, "train", "--out", str(tmp_path / "run"), "--quiet", *args)
-    assert code == 2 and err.count("\n") == 1 and needle in err, err
+    assert code == 2, err
+    assert err.count("\n") == 1, err
+    assert needle in err, err

@@ -66,7 +66,8 @@ def test_loss_and_gradients_equal_autograd_in_float64(lik, sigma, hidden, beta, 
     assert len(grads_h) == len(grads_a) == len(names)
     for name, g_h, g_a in zip(names, grads_h, grads_a, strict=True):
         assert g_h is not None, name
-        assert g_h.shape == g_a.shape and g_h.dtype == g_a.dtype, name
+        assert g_h.shape == g_a.shape, name
+        assert g_h.dtype == g_a.dtype, name
         torch.testing.assert_close(g_h, g_a, rtol=1e-10, atol=1e-12, msg=name)
         assert g_h.stride() == g_a.stride(), name  # the layout the optimizer and AccumulateGrad expect
     for buf_h, buf_a in zip(model.buffers(), reference.buffers(), strict=True):  # the optimal-σ running value

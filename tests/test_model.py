@@ -32,17 +32,19 @@ def test_posterior_log_prob_matches_torch():
     torch.testing.assert_close(q.log_prob(z), ref)
 
 
-@pytest.mark.parametrize("arch,hidden", [("mlp", [16]), ("mlp", [32, 16]), ("conv", [8, 16]), ("conv", [4])])
+@pytest.mark.parametrize(("arch", "hidden"), [("mlp", [16]), ("mlp", [32, 16]), ("conv", [8, 16]), ("conv", [4])])
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 30, 17), (1, 9, 9)])
-@pytest.mark.parametrize("lik,sigma", [("gaussian", "learned-pixel"), ("bernoulli", "0.1")])
+@pytest.mark.parametrize(("lik", "sigma"), [("gaussian", "learned-pixel"), ("bernoulli", "0.1")])
 def test_networks_are_sized_from_the_data(arch, hidden, shape, lik, sigma):
     cfg = TrainConfig(arch=arch, hidden=hidden, latent_dim=3, likelihood=lik, sigma=sigma)
     model = VAE.from_config(cfg, shape)
     x = torch.rand(5, *shape)
     q = model.encode(x)
-    assert q.mean.shape == (5, 3) and q.logvar.shape == (5, 3)
+    assert q.mean.shape == (5, 3)
+    assert q.logvar.shape == (5, 3)
     params = model.decode(q.sample())
-    assert len(params) == model.likelihood.n_params and all(p.shape == (5, *shape) for p in params)
+    assert len(params) == model.likelihood.n_params
+    assert all(p.shape == (5, *shape) for p in params)
     t = model.terms(x)
     assert t.rec.shape == t.kl.shape == t.sq_err.shape == (5,)
     assert torch.isfinite(t.loss).all()
@@ -92,7 +94,7 @@ def test_objective_beta_and_free_bits():
     assert objective(t, free_bits=1.0).item() == pytest.approx(15 + 1.0 + 3.0)
 
 
-@pytest.mark.parametrize("lik,sigma", [("bernoulli", "0.1"), ("gaussian", "learned"), ("gaussian", "optimal")])
+@pytest.mark.parametrize(("lik", "sigma"), [("bernoulli", "0.1"), ("gaussian", "learned"), ("gaussian", "optimal")])
 def test_bf16_autocast_keeps_z_kl_and_likelihood_in_float32(lik, sigma):
     torch.manual_seed(0)
     model = VAE.from_config(TrainConfig(likelihood=lik, sigma=sigma, hidden=[32], latent_dim=3), (1, 6, 6))
@@ -111,7 +113,7 @@ def test_bf16_autocast_keeps_z_kl_and_likelihood_in_float32(lik, sigma):
     assert t.rec.float().sub(exact.rec).abs().max() < 0.05 * exact.rec.abs().max() + 1  # ... but close
 
 
-@pytest.mark.parametrize("kwargs,needle", [
+@pytest.mark.parametrize(("kwargs", "needle"), [
     ({"latent_dim": 0}, "--latent-dim must be an integer > 0"),
     ({"arch": "rnn"}, "--arch must be one of mlp, conv"),
     ({"hidden": "12,x"}, "--hidden must be comma-separated"),

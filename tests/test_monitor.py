@@ -30,7 +30,8 @@ def test_event_files_hold_the_epochs_numbers_and_images(tmp_path, fashion):
     assert set(tags["images"]) == {"reconstructions", "prior_samples"}
     recon = acc.Images("reconstructions")
     prior = acc.Images("prior_samples")
-    assert [e.step for e in recon] == [1, 2] and [e.step for e in prior] == [1, 2]
+    assert [e.step for e in recon] == [1, 2]
+    assert [e.step for e in prior] == [1, 2]
     # 2 rows of 8 images of 28 x 28 with 1-pixel white borders; 8 x 8 prior samples
     assert (recon[0].height, recon[0].width) == (2 * 29 + 1, 8 * 29 + 1)
     assert (prior[0].height, prior[0].width) == (8 * 29 + 1, 8 * 29 + 1)
@@ -41,8 +42,11 @@ def test_grid_places_images_row_major():
     images = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1) / 2  # three 1x1 images: 0, 0.5, 1
     g = grid(images, ncol=2, pad=1)
     assert g.shape == (1, 5, 5)
-    assert g[0, 1, 1] == 0.0 and g[0, 1, 3] == 0.5 and g[0, 3, 1] == 1.0
-    assert g[0, 3, 3] == 1.0 and g[0, 0].eq(1).all()  # the empty slot and the borders are white
+    assert g[0, 1, 1] == 0.0
+    assert g[0, 1, 3] == 0.5
+    assert g[0, 3, 1] == 1.0
+    assert g[0, 3, 3] == 1.0
+    assert g[0, 0].eq(1).all()  # the empty slot and the borders are white
 
 
 def test_missing_tensorboard_package_is_one_line(tmp_path, monkeypatch, capsys):

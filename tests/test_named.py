@@ -28,7 +28,7 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture()
+@pytest.fixture
 def server(tmp_path):
     """A real HTTP server on 127.0.0.1 serving a folder; yields (folder, base URL)."""
     root = tmp_path / "www"
@@ -105,11 +105,14 @@ def test_cifar10_downloads_and_reads_the_python_archive(server, tmp_path, monkey
     monkeypatch.delenv("VAELAB_DATA", raising=False)
     data = load_dataset("cifar10")
     assert (tmp_path / "home-cache" / "vaelab" / "cifar10" / "cifar-10-python.tar.gz").is_file()
-    assert data.train.shape == (30, 3, 32, 32) and data.test.shape == (6, 3, 32, 32)
-    assert data.classes[:3] == ["airplane", "automobile", "bird"] and isinstance(data.train, np.memmap)
+    assert data.train.shape == (30, 3, 32, 32)
+    assert data.test.shape == (6, 3, 32, 32)
+    assert data.classes[:3] == ["airplane", "automobile", "bird"]
+    assert isinstance(data.train, np.memmap)
     x, y = made["data_batch_2"]
     # row layout: 1024 red, then 1024 green, then 1024 blue values, each plane row-major 32x32
-    assert np.array_equal(data.train[6], x[0].reshape(3, 32, 32)) and data.train_labels[6] == y[0]
+    assert np.array_equal(data.train[6], x[0].reshape(3, 32, 32))
+    assert data.train_labels[6] == y[0]
     assert data.train[6, 1, 0, 0] == x[0, 1024]
     assert np.array_equal(data.test_labels, made["test_batch"][1])
 
@@ -146,7 +149,9 @@ def test_dsprites_downloads_and_keeps_its_factors(server, tmp_path, monkeypatch)
     _serve_as(monkeypatch, "dsprites", url, root)
     dest = D.download("dsprites", tmp_path / "dl", timeout=10, progress=False)
     data = load_dataset("dsprites", data_dir=str(dest))
-    assert data.shape == (1, 64, 64) and len(data.train) == 36 and len(data.test) == 4
+    assert data.shape == (1, 64, 64)
+    assert len(data.train) == 36
+    assert len(data.test) == 4
     assert data.factor_names == ["shape", "scale", "orientation", "x", "y"]
     assert data.classes == ["square", "ellipse", "heart"]
     assert set(np.unique(data.train)) <= {0, 255}
@@ -185,7 +190,8 @@ def test_mnist_downloads_tiny_idx_files(server, tmp_path, monkeypatch):
     dest = D.download("mnist", tmp_path / "dl", timeout=10, progress=False)
     assert sorted(p.name for p in dest.iterdir()) == sorted(payloads)  # no partial files left
     data = load_dataset("mnist", data_dir=str(dest))
-    assert np.array_equal(data.train[:, 0], x) and data.train_labels.tolist() == list(range(7))
+    assert np.array_equal(data.train[:, 0], x)
+    assert data.train_labels.tolist() == list(range(7))
 
 
 def test_celeba_needs_a_local_folder(tmp_path, monkeypatch):
@@ -203,7 +209,8 @@ def test_celeba_folder_is_cropped_and_resized_to_64(tmp_path):
     for i in range(3):
         Image.new("RGB", (178, 218), (10 * i, 100, 200)).save(d / f"{i:06d}.jpg", quality=95)
     data = load_dataset("celeba", data_dir=str(tmp_path))
-    assert data.name == "celeba" and data.shape == (3, 64, 64)
+    assert data.name == "celeba"
+    assert data.shape == (3, 64, 64)
 
 
 def test_image_size_is_refused_where_it_does_not_apply(tmp_path):

@@ -12,9 +12,11 @@ from vaelab.model import VAE
 
 def _png(path):
     """The written PNG as an (H, W, 3) float array; fails unless it is a real, non-blank image."""
-    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.is_file()
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
-    assert img.shape[0] > 100 and img.shape[1] > 100
+    assert img.shape[0] > 100
+    assert img.shape[1] > 100
     assert img.std() > 0.05, "blank figure"
     assert not list(path.parent.glob(".*.tmp")), "temporary file left behind"
     return img
@@ -30,7 +32,9 @@ def test_tile_places_images_row_major_with_padding():
         imgs[i] = i / 10
     out = plots.tile(imgs, ncol=3, pad=1, pad_value=1.0)
     assert out.shape == (2 * 3 + 1, 3 * 4 + 1, 1)
-    assert out[1, 1, 0] == 0.0 and out[1, 5, 0] == pytest.approx(0.1) and out[4, 5, 0] == pytest.approx(0.4)
+    assert out[1, 1, 0] == 0.0
+    assert out[1, 5, 0] == pytest.approx(0.1)
+    assert out[4, 5, 0] == pytest.approx(0.4)
     assert out[4, 9, 0] == 1.0  # the empty sixth cell stays padding
 
 
@@ -71,7 +75,7 @@ def test_kl_per_dim_greys_inactive_dimensions(tmp_path):
 
 
 def test_a_failed_figure_leaves_no_file(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected 4"):
         plots.image_rows([("bad", np.zeros((3, 12, 10)))], tmp_path / "bad.png")  # rank 3, not (N, C, H, W)
     assert not list(tmp_path.iterdir())
 
@@ -97,14 +101,18 @@ def test_stochastic_rows_show_f_z_and_draws_with_noise_sigma(gaussian_model):
 
 def test_traversals_interpolations_and_prior_samples(gaussian_model):
     rows = views.traversals(gaussian_model, [0, 2], steps=5)
-    assert [r[0] for r in rows] == ["z1", "z3"] and rows[0][1].shape == (5, 1, 6, 5)
+    assert [r[0] for r in rows] == ["z1", "z3"]
+    assert rows[0][1].shape == (5, 1, 6, 5)
     x = torch.rand(4, 1, 6, 5)
     inter = views.interpolations(gaussian_model, x[:2], x[2:], steps=6)
-    assert len(inter) == 2 and inter[0][1].shape == (8, 1, 6, 5)
+    assert len(inter) == 2
+    assert inter[0][1].shape == (8, 1, 6, 5)
     np.testing.assert_array_equal(inter[1][1][0], x[1].numpy())  # x_a | ... | x_b
     np.testing.assert_array_equal(inter[1][1][-1], x[3].numpy())
     samples = views.prior_samples(gaussian_model, 9)
-    assert samples.shape == (9, 1, 6, 5) and samples.min() >= 0 and samples.max() <= 1
+    assert samples.shape == (9, 1, 6, 5)
+    assert samples.min() >= 0
+    assert samples.max() <= 1
 
 
 def test_plane_coords_keep_the_origin():

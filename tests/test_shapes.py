@@ -16,8 +16,12 @@ def test_same_seed_same_images_other_seed_other_images():
     a, fa = S.generate(40, seed=3)
     b, fb = S.generate(40, seed=3)
     c, _ = S.generate(40, seed=4)
-    assert np.array_equal(a, b) and np.array_equal(fa, fb) and not np.array_equal(a, c)
-    assert a.shape == (40, 3, 64, 64) and a.dtype == np.uint8 and fa.shape == (40, len(S.FACTORS))
+    assert np.array_equal(a, b)
+    assert np.array_equal(fa, fb)
+    assert not np.array_equal(a, c)
+    assert a.shape == (40, 3, 64, 64)
+    assert a.dtype == np.uint8
+    assert fa.shape == (40, len(S.FACTORS))
 
 
 def test_factors_cover_their_ranges():
@@ -25,9 +29,13 @@ def test_factors_cover_their_ranges():
     col = {name: f[:, i] for i, name in enumerate(S.FACTORS)}
     assert set(np.unique(col["shape"])) == set(range(len(S.SHAPES)))
     assert set(np.unique(col["background"])) == set(range(len(S.BACKGROUNDS)))
-    assert 0 <= col["hue"].min() and col["hue"].max() < 1
-    assert 0.5 <= col["scale"].min() and col["scale"].max() <= 1
-    assert 0.25 <= col["x"].min() and col["x"].max() <= 0.75 and 0 <= col["rotation"].min() < col["rotation"].max() < 90
+    assert col["hue"].min() >= 0
+    assert col["hue"].max() < 1
+    assert col["scale"].min() >= 0.5
+    assert col["scale"].max() <= 1
+    assert col["x"].min() >= 0.25
+    assert col["x"].max() <= 0.75
+    assert 0 <= col["rotation"].min() < col["rotation"].max() < 90
 
 
 @pytest.mark.parametrize("shape", range(len(S.SHAPES)))
@@ -37,7 +45,8 @@ def test_drawn_object_has_its_colour_position_and_background(shape):
     img = S.render(f)[0]  # (3, 64, 64)
     cx, cy = int(0.35 * 64), 32
     assert img[:, cy, cx].tolist() == [0, 255, 0]  # the object's centre
-    assert img[:, 2, 62].tolist() == [0, 0, 0] and img[:, 62, 2].tolist() == [0, 0, 0]  # background corners
+    assert img[:, 2, 62].tolist() == [0, 0, 0]
+    assert img[:, 62, 2].tolist() == [0, 0, 0]  # background corners
     assert img[:, cy, 60].tolist() == [0, 0, 0]  # right of the object: background
     covered = (img[1] > 128).mean()
     assert 0.02 < covered < 0.2  # an object, not a dot nor the whole image
@@ -54,8 +63,10 @@ def test_rotation_turns_the_square():
     f = np.array([[0, 0.0, 1.0, 0.5, 0.5, a, 0] for a in (0.0, 45.0)], dtype=np.float32)
     upright, turned = S.render(f)[:, 0] > 128
     # half-side 0.8 x 0.22 x 64 = 11.3 pixels; turned by 45°, the corner reaches 11.3 x √2 = 15.9 pixels
-    assert upright[32, 32 + 10] and not upright[32, 32 + 13]
-    assert turned[32, 32 + 14] and not turned[32, 32 + 17]
+    assert upright[32, 32 + 10]
+    assert not upright[32, 32 + 13]
+    assert turned[32, 32 + 14]
+    assert not turned[32, 32 + 17]
 
 
 def test_dataset_has_labels_factors_and_is_cached(monkeypatch, tmp_path):
@@ -63,14 +74,19 @@ def test_dataset_has_labels_factors_and_is_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(S, "N_TRAIN", 300)
     monkeypatch.setattr(S, "N_TEST", 50)
     data = load_dataset("shapes")
-    assert data.shape == (3, 64, 64) and len(data.train) == 300 and len(data.test) == 50
-    assert data.factor_names == list(S.FACTORS) and data.classes == list(S.SHAPES)
+    assert data.shape == (3, 64, 64)
+    assert len(data.train) == 300
+    assert len(data.test) == 50
+    assert data.factor_names == list(S.FACTORS)
+    assert data.classes == list(S.SHAPES)
     assert np.array_equal(data.train_labels, data.train_factors[:, 0].astype(np.int64))
     assert isinstance(data.train, np.memmap)
     x, f = S.generate(300, seed=0)
-    assert np.array_equal(data.train, x) and np.array_equal(data.train_factors, f)
+    assert np.array_equal(data.train, x)
+    assert np.array_equal(data.train_factors, f)
     small = data.limited(10)
-    assert small.train_factors.shape == (10, len(S.FACTORS)) and len(small.train_labels) == 10
+    assert small.train_factors.shape == (10, len(S.FACTORS))
+    assert len(small.train_labels) == 10
 
 
 @pytest.mark.slow
@@ -85,7 +101,8 @@ def test_shapes_trains_and_reports(tmp_path, monkeypatch, capsys):
     assert main(["report", str(out), "--iw-samples", "2", "--quiet"]) == 0
     html = (out / "report.html").read_text()
     for figure in ("manifold", "scatter", "factors", "reconstructions", "samples", "traversals"):
-        assert f'id="{figure}"' in html and (out / f"{figure}.png").stat().st_size > 5000
+        assert f'id="{figure}"' in html
+        assert (out / f"{figure}.png").stat().st_size > 5000
     from PIL import Image
 
     with Image.open(out / "reconstructions.png") as im:

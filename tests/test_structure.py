@@ -47,7 +47,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep]
+                return [*path[path.index(dep):], dep]
             if dep not in state and (cycle := visit(dep)):
                 return cycle
         state[node] = 2
@@ -80,4 +80,6 @@ def test_each_command_is_a_function_at_the_top_level():
     for module in sorted(m for m in import_graph() if not m.endswith("__main__")):  # no module may shadow a function
         importlib.import_module(module)
 
-    assert callable(vaelab.train) and callable(vaelab.evaluate) and callable(vaelab.report)
+    assert callable(vaelab.train)
+    assert callable(vaelab.evaluate)
+    assert callable(vaelab.report)

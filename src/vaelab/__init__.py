@@ -6,10 +6,10 @@ rebuilds a trained run from its directory.
 
 __version__ = "0.1.0"
 
-from .api import demo, evaluate, explore, plot, report, sigma_study  # noqa: E402
-from .config import TrainConfig  # noqa: E402
-from .runs import Run, load_run  # noqa: E402
-from .trainer import resume, train  # noqa: E402
+from .api import demo, evaluate, explore, plot, report, sigma_study
+from .config import TrainConfig
+from .runs import Run, load_run
+from .trainer import resume, train
 
-__all__ = ["TrainConfig", "Run", "train", "resume", "evaluate", "report", "plot", "sigma_study", "demo", "explore",
-           "load_run", "__version__"]
+__all__ = ["Run", "TrainConfig", "__version__", "demo", "evaluate", "explore", "load_run", "plot", "report", "resume",
+           "sigma_study", "train"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import explorer
 from .config import TrainConfig, parse_hidden
 from .data import REGISTRY, locate
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 from .explorer import DEFAULT_PORT
 from .metrics import check_eval_args, evaluate_run
 from .reporting import Material, check_figure, draw, write_report
@@ -81,6 +81,8 @@ def demo(out: str = "runs/demo", epochs: int = 5, limit: int | None = None, prog
               file=sys.stderr)
         run = train(config, progress=progress)
     last = run.last("test")
+    if last is None:
+        raise RunError(f"{run.path}: no test metrics recorded; the run never finished an epoch")
     print(f"test −ELBO {last['loss']:.2f} nats/image (rec {last['rec']:.2f}, KL {last['kl']:.2f}), "
           f"MSE {last['mse']:.4f}, σ {last.get('sigma', float('nan')):.3g}")
     print(f"vaelab demo: evaluating (IWAE K={DEMO_IW_SAMPLES}) and drawing the report ...", file=sys.stderr)
@@ -112,7 +114,7 @@ def sigma_study(dataset: str = "fashion-mnist", sigmas: str | list[float] = "0.0
                                  **kwargs), progress=progress)
 
 
-__all__ = ["evaluate", "report", "plot", "demo", "sigma_study"]
+__all__ = ["demo", "evaluate", "plot", "report", "sigma_study"]
 
 
 def explore(run: str | Path | Run, port: int = DEFAULT_PORT, host: str = "127.0.0.1", open_browser: bool = True,

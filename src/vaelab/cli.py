@@ -33,7 +33,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             continue
         group = groups.get(f.metadata["group"]) or groups.setdefault(
             f.metadata["group"], p.add_argument_group(f.metadata["group"]))
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        default = f.default_factory() if callable(f.default_factory) else f.default
         kind = _flag_type(hints[f.name])
         help_text = f.metadata["help"] + ("" if default in (None, False) else f" (default {_show(default)})")
         kwargs: dict = {"help": help_text, "default": None}

@@ -58,6 +58,7 @@ class CUDAGraphStep:
         if self.graph is None:
             return self._capture()
         self.graph.replay()
+        assert self.loss is not None, "set by _capture with the graph"
         return self.loss  # overwritten by the next replay: the caller reads it before then (stream order)
 
     def _capture(self) -> Tensor:

@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -87,18 +88,18 @@ class World:
         result = None
         try:
             result = fn()
-        except Exception as e:  # noqa: BLE001 - every process must learn of any failure, whatever its kind
+        except Exception as e:  # every process must learn of any failure, whatever its kind
             error = e
         if self.size > 1:
             failed = torch.zeros(self.size, device=self.device)
             failed[self.rank] = float(error is not None)
             first = self.all_sum(failed).nonzero()
             if first.numel():
-                first = int(first[0])
-                if error is not None and first == self.rank:
+                failed_rank = int(first[0])
+                if error is not None and failed_rank == self.rank:
                     error.report = True  # type: ignore[attr-defined]
                     raise error
-                raise Stopped(f"stopped: process {first} failed") from error
+                raise Stopped(f"stopped: process {failed_rank} failed") from error
         if error is not None:
             raise error
         return result
@@ -230,11 +231,13 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> DistributedDat
     """
     for m in model.modules():
         if hasattr(m, "batch_reduce"):
-            m.batch_reduce = world.all_sum
+            # nn.Module.__setattr__ stores any value; its stub admits only tensors and modules
+            m.batch_reduce = world.all_sum  # type: ignore[assignment]
     # newer PyTorch names the buffer broadcast before each forward `forward_sync_buffers`
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_ARGS else "broadcast_buffers"
+    options: dict[str, Any] = {no_sync: False}
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True, **{no_sync: False})
+                                   gradient_as_bucket_view=True, **options)
 
 
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters

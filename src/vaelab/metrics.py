@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import prepare_data
+from .data import StoredImages, prepare_data
 from .errors import ConfigError, NotNormalizedWarning
 from .likelihoods import is_gaussian
 from .model import VAE
@@ -28,8 +28,8 @@ def bits_per_dim(nats_per_image: float, n_pixels: int, continuous: bool) -> floa
 
 
 @torch.no_grad()
-def elbo_metrics(model: VAE, x: Tensor, batch_size: int, prepare, seed: int = 0, part: tuple[int, int] = (0, 1),
-                 reduce: Callable[[Tensor], Tensor] | None = None) -> dict:
+def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare, seed: int = 0,
+                 part: tuple[int, int] = (0, 1), reduce: Callable[[Tensor], Tensor] | None = None) -> dict:
     """−ELBO (= rec + kl), rec, kl, bits/dim, per-pixel MSE and σ, averaged over the images of `x`.
 
     `x` is the split as stored (uint8 or float, on the model's device); `prepare` maps a stored batch to
@@ -54,6 +54,7 @@ def elbo_metrics(model: VAE, x: Tensor, batch_size: int, prepare, seed: int = 0,
             if i % size != rank:
                 continue
             t = model.terms(prepare(xb), eps=eps)
+            assert t.sq_err is not None, "terms() with extras computes it"
             totals[:3] += torch.stack([t.rec.sum(), t.kl.sum(), t.sq_err.sum()]).double()
             totals[5:] += t.kl_per_dim.sum(0).double()
             if t.sigma is not None:
@@ -129,7 +130,8 @@ def sharpness(images: Tensor) -> float:
 
 
 @torch.no_grad()
-def iwae_log_px(model: VAE, x: Tensor, k: int, batch_size: int, prepare, progress: bool = False) -> Tensor:
+def iwae_log_px(model: VAE, x: Tensor | StoredImages, k: int, batch_size: int, prepare,
+                progress: bool = False) -> Tensor:
     """Importance-weighted log p(x) with K samples per image, (N,) nats, over a whole split.
 
     model.iwae_bound draws the K samples `chunk` at a time for a group of images and combines them with a
@@ -152,12 +154,12 @@ def iwae_log_px(model: VAE, x: Tensor, k: int, batch_size: int, prepare, progres
 
 
 @torch.no_grad()
-def posterior_means(model: VAE, x: Tensor, batch_size: int, prepare) -> Tensor:
+def posterior_means(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare) -> Tensor:
     return torch.cat([model.encode(prepare(x[i:i + batch_size])).mean for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
-def evaluate(model: VAE, x: Tensor, prepare, labels=None, iw_samples: int = 1000, batch_size: int = 500,
+def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samples: int = 1000, batch_size: int = 500,
              seed: int = 0, progress: bool = False) -> dict:
     """Every number of `vaelab eval` for the images `x` (stored form; `prepare` maps them to [0, 1]).
 
@@ -180,7 +182,7 @@ def evaluate(model: VAE, x: Tensor, prepare, labels=None, iw_samples: int = 1000
             sharp += torch.tensor([sharpness(im) for im in images], dtype=torch.float64) * len(z)
         torch.manual_seed(seed)  # K = 1 then draws the very z that elbo_metrics drew: it is the ELBO estimate
         log_px = iwae_log_px(model, x, iw_samples, batch_size, prepare, progress)
-    sharp = (sharp / len(x)).tolist()
+    sharpness_means = (sharp / len(x)).tolist()
     count, var = active_units(codes)
     d = model.n_pixels
     lp = log_px.mean().item()
@@ -194,7 +196,7 @@ def evaluate(model: VAE, x: Tensor, prepare, labels=None, iw_samples: int = 1000
         "active_units": count, "posterior_mean_variance": var,
         "radius_share": radius_share(codes),
         "knn_agreement": knn_agreement(codes, labels) if len(codes) > KNN_K else None,
-        "sharpness": dict(zip(("data", "recon", "samples"), sharp, strict=True)),
+        "sharpness": dict(zip(("data", "recon", "samples"), sharpness_means, strict=True)),
         "sigma": m.get("sigma") if is_gaussian(model.likelihood) else None,
         "n_images": int(x.shape[0]),
     }
@@ -212,8 +214,8 @@ def check_eval_args(split: str, iw_samples: int, batch_size: int, limit: int | N
 
 
 class Split(NamedTuple):
-    x: Tensor  # (N, C, H, W) as stored (uint8 or float), on the model's device
-    prepare: Callable[[Tensor], Tensor]  # stored batch -> model input in [0, 1]
+    x: Tensor | StoredImages  # (N, C, H, W) as stored (uint8 or float), on the model's device
+    prepare: Callable[[Tensor | StoredImages], Tensor]  # stored batch -> model input in [0, 1]
     labels: Tensor | None
     classes: list[str] | None
     normalized: bool  # False for a Bernoulli on grey pixels
@@ -233,8 +235,8 @@ def split_data(config, split: str, device: torch.device, limit: int | None = Non
         x = x[:limit]
         labels = None if labels is None else labels[:limit]
         factors = None if factors is None else factors[:limit]
-    labels = None if labels is None else torch.as_tensor(labels)
-    return Split(x, prep.prepare, labels, prep.data.classes, prep.normalized, factors, prep.data.factor_names)
+    label_tensor = None if labels is None else torch.as_tensor(labels)
+    return Split(x, prep.prepare, label_tensor, prep.data.classes, prep.normalized, factors, prep.data.factor_names)
 
 
 def evaluate_run(run, split: str = "test", iw_samples: int = 1000, batch_size: int = 500,

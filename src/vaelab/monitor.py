@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .data import StoredImages
 from .errors import ConfigError
 from .model import VAE
 
@@ -38,7 +39,7 @@ def grid(images: Tensor, ncol: int, pad: int = 1) -> Tensor:
 class TensorBoard:
     """Writes one event file in `logdir`; `epoch()` after each epoch, `close()` at the end."""
 
-    def __init__(self, logdir: str | Path, test: Tensor, prepare, n_train: int):
+    def __init__(self, logdir: str | Path, test: Tensor | StoredImages, prepare, n_train: int):
         try:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency
         except ImportError as e:

@@ -192,17 +192,17 @@ def training_curves(metrics: list[dict], path: Path, title: str = "") -> Path:
 def kl_per_dim(kl: list[float], path: Path, variance: list[float] | None = None, threshold: float = 0.01,
                title: str = "") -> Path:
     """A bar per latent dimension: its KL in nats; inactive dimensions (variance ≤ threshold) in grey."""
-    kl = np.asarray(kl, dtype=float)
-    colors = ["C0"] * len(kl)
+    values = np.asarray(kl, dtype=float)
+    colors = ["C0"] * len(values)
     if variance is not None:
         colors = ["C0" if v > threshold else "0.7" for v in variance]
-    fig = _figure(max(5, 0.35 * len(kl) + 2), 3.5)
+    fig = _figure(max(5, 0.35 * len(values) + 2), 3.5)
     ax = fig.add_subplot(111)
-    ax.bar(np.arange(1, len(kl) + 1), kl, color=colors)
-    ax.set_xticks(np.arange(1, len(kl) + 1))
+    ax.bar(np.arange(1, len(values) + 1), values, color=colors)
+    ax.set_xticks(np.arange(1, len(values) + 1))
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL (nats/image)")
-    ax.set_title(title or f"KL per latent dimension (total {kl.sum():.2f} nats)"
+    ax.set_title(title or f"KL per latent dimension (total {values.sum():.2f} nats)"
                  + ("; grey: inactive" if variance is not None else ""))
     return _save(fig, path)
 

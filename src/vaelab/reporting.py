@@ -82,7 +82,7 @@ def _scatter(m: Material, path: Path) -> Path:
 
 
 def _factors(m: Material, path: Path) -> Path:
-    if m.factors is None:
+    if m.factors is None or m.factor_names is None:
         raise ConfigError(f"the dataset of {m.run.path} has no named factors of variation (shapes and dsprites "
                           "have them); `--only scatter` colours the codes by class label")
     codes, _, axes = m.plane

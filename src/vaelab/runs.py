@@ -150,7 +150,10 @@ def load_run(path: str | os.PathLike, device: str = "cpu") -> Run:
         raise RunError(f"{path / CONFIG}: invalid config ({e})") from e
     if config.data_shape is None:
         raise RunError(f"{path / CONFIG}: no data_shape; the run never started training")
-    model = VAE.from_config(config, tuple(config.data_shape))
+    if len(config.data_shape) != 3:
+        raise RunError(f"{path / CONFIG}: data_shape must be [channels, height, width], got {config.data_shape}")
+    c, h, w = config.data_shape
+    model = VAE.from_config(config, (c, h, w))
     weights = path / WEIGHTS
     if not weights.is_file():
         raise RunError(f"{path}: no {WEIGHTS} yet; the run has not finished an epoch")

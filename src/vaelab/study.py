@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import plots
-from .config import TrainConfig
+from .config import Device, Optimizer, TrainConfig
 from .errors import ConfigError, TrainingError
 from .metrics import evaluate_run, split_data
 from .reporting import figures_html, html_page
@@ -45,11 +45,11 @@ class StudyConfig:
     blocks: int | None = None  # conv: residual blocks per stage (default 1)
     epochs: int = 10
     batch_size: int = 128
-    optimizer: str = "adam"
+    optimizer: Optimizer = "adam"
     lr: float | None = None  # default: 1e-3 (adam) / 1e-4 (sgd)
     limit: int | None = None
     seed: int = 0
-    device: str = "auto"
+    device: Device = "auto"
     out: str = "runs/sigma"
     iw_samples: int = 100
     mse_threshold: float | None = None  # default: the worst final test MSE of the sweep
@@ -68,17 +68,22 @@ class StudyConfig:
         if self.mse_threshold is not None and not self.mse_threshold > 0:
             raise ConfigError(f"--mse-threshold must be > 0; got {self.mse_threshold!r}")
         if self.lr is None:
-            self.lr = 1e-3 if self.optimizer == "adam" else 1e-4
+            self.lr = _default_lr(self.optimizer)
         self.settings()  # validates the TrainConfig of every setting up front
 
     def settings(self) -> list[tuple[str, TrainConfig]]:
         labels = [_fmt(s) for s in sorted(set(self.sigmas))] + list(dict.fromkeys(self.also))
+        lr = self.lr if self.lr is not None else _default_lr(self.optimizer)
         return [(label, TrainConfig(
             dataset=self.dataset, likelihood="gaussian", sigma=label, latent_dim=self.latent_dim,
             hidden=None if self.hidden is None else list(self.hidden), arch=self.arch, blocks=self.blocks,
             epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
-            lr=self.lr, limit=self.limit, seed=self.seed, device=self.device,
+            lr=lr, limit=self.limit, seed=self.seed, device=self.device,
             out=str(Path(self.out) / f"sigma-{label}"))) for label in labels]
+
+
+def _default_lr(optimizer: str) -> float:
+    return 1e-3 if optimizer == "adam" else 1e-4
 
 
 def _fmt(s: float) -> str:
@@ -94,7 +99,7 @@ def parse_list(text: str, flag: str, kind=float) -> list:
 
 def ensure_run(config: TrainConfig, progress: bool) -> Run:
     """Reuse the run at config.out if it was trained with the same settings; resume it if it is shorter."""
-
+    assert config.out is not None, "every setting of a study has its own folder"
     out = Path(config.out)
     if not (out / CONFIG).exists():
         return train(config, progress=progress)
@@ -250,7 +255,7 @@ def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
             continue
         run.model.eval()
         numbers = evaluate_run(run, "test", cfg.iw_samples)
-        write_text_atomic(Path(tc.out) / "eval.json", json.dumps(numbers, indent=2) + "\n")
+        write_text_atomic(run.path / "eval.json", json.dumps(numbers, indent=2) + "\n")
         rows.append(study_row(label, run, numbers))
         runs.append(run)
     if not rows:

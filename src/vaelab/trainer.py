@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import TrainConfig
+from .config import Device, TrainConfig
 from .cudagraph import CUDAGraphStep, Step, capturable
 from .data import ImageData, Prepared, prepare_data
 from .distributed import SINGLE, ShardStep, World, check_batch, join, wrap
@@ -169,10 +169,8 @@ class _StopFlag:
 
     def __enter__(self):
         for sig in self.signals:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: no handler, Ctrl-C behaves as usual
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-                pass
         return self
 
     def _handle(self, signum, frame):
@@ -311,7 +309,8 @@ class _Nothing:
         pass
 
 
-def resume(path: str | Path, progress: bool = True, epochs: int | None = None, device: str | None = None) -> Run:
+def resume(path: str | Path, progress: bool = True, epochs: int | None = None, device: Device | None = None
+           ) -> Run:
     """Continue the run in `path` from its checkpoint, up to `epochs` in total (default: its own setting)."""
     path = Path(path)
     if not (path / CHECKPOINT).is_file():

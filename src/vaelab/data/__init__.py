@@ -21,6 +21,6 @@ from .load import load_dataset
 from .named import NAMES, REGISTRY, NamedDataset, RemoteFile, cache_dir, download, get_spec, locate, verify
 from .prepare import Prepared, prepare_data
 
-__all__ = ["DataError", "ImageData", "to_unit", "binarize_static", "TEST_FRACTION", "read_idx", "load_dataset",
-           "NAMES", "REGISTRY", "NamedDataset", "RemoteFile", "cache_dir", "download", "get_spec", "locate", "verify",
-           "BatchSource", "StoredImages", "Prepared", "prepare_data"]
+__all__ = ["NAMES", "REGISTRY", "TEST_FRACTION", "BatchSource", "DataError", "ImageData", "NamedDataset", "Prepared",
+           "RemoteFile", "StoredImages", "binarize_static", "cache_dir", "download", "get_spec", "load_dataset",
+           "locate", "prepare_data", "read_idx", "to_unit", "verify"]

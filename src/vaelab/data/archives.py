@@ -25,8 +25,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     included) that the file names: a tampered archive would run code. This unpickler resolves only the globals
     numpy needs to rebuild an array; any other name stops the load."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy", "ndarray"), ("numpy", "dtype")})
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -81,7 +81,10 @@ def _read_cifar(archive: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]]
                 base = m.name.rsplit("/", 1)[-1]
                 if not m.isfile() or base not in (*CIFAR_TRAIN, "test_batch", "batches.meta"):
                     continue
-                d = _unpickle(tar.extractfile(m).read(), f"{archive}:{m.name}")
+                member = tar.extractfile(m)
+                if member is None:  # only for non-files, which were skipped above
+                    continue
+                d = _unpickle(member.read(), f"{archive}:{m.name}")
                 if base == "batches.meta":
                     meta = [n.decode() if isinstance(n, bytes) else str(n) for n in d.get(b"label_names", [])]
                     continue

@@ -39,10 +39,10 @@ def check_images(x: np.ndarray, where: str) -> np.ndarray:
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise DataError(f"{where}: images contain NaN or infinite values")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0 or hi > 1:
+    fmin, fmax = float(x.min()), float(x.max())
+    if fmin < 0 or fmax > 1:
         raise DataError(f"{where}: float pixel values must lie in [0, 1] (or use uint8 0-255); "
-                        f"got range [{lo:g}, {hi:g}]")
+                        f"got range [{fmin:g}, {fmax:g}]")
     return np.ascontiguousarray(x)
 
 

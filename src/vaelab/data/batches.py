@@ -50,10 +50,10 @@ class BatchSource:
         return -(-len(self.train) // self.batch_size)
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.resident:
-            # index_select copies whole rows; plain indexing (train[idx]) gathers element by element, far slower
-            return self.train.index_select(0, idx)
-        return self.train.gather(idx)
+        if isinstance(self.train, StoredImages):
+            return self.train.gather(idx)
+        # index_select copies whole rows; plain indexing (train[idx]) gathers element by element, far slower
+        return self.train.index_select(0, idx)
 
     def plan(self, order: torch.Tensor, start_step: int = 0) -> None:
         """This epoch's order of the training set; the first batch is gathered from here on."""
@@ -93,6 +93,7 @@ class BatchSource:
             self._pool = None
 
     def _step_idx(self, step: int) -> torch.Tensor:
+        assert self._order is not None, "a batch is only pending after plan() set the order"
         return self._order[step * self.batch_size:(step + 1) * self.batch_size]
 
     def _ahead(self, step: int) -> None:

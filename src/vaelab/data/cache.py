@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -91,13 +92,18 @@ class Builder:
         return self
 
     def create(self, name: str, shape: tuple[int, ...], dtype) -> np.memmap:
-        arr = np.lib.format.open_memmap(self.tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=tuple(shape))
+        arr = np.lib.format.open_memmap(self._path(f"{name}.npy"), mode="w+", dtype=dtype, shape=tuple(shape))
         self.arrays[name] = arr
         return arr
 
     def scratch(self, name: str, shape: tuple[int, ...], dtype) -> np.memmap:
         """A working array inside the temporary folder, deleted at commit."""
-        return np.lib.format.open_memmap(self.tmp / f"{name}.scratch", mode="w+", dtype=dtype, shape=tuple(shape))
+        return np.lib.format.open_memmap(self._path(f"{name}.scratch"), mode="w+", dtype=dtype, shape=tuple(shape))
+
+    def _path(self, filename: str) -> Path:
+        if self.tmp is None:
+            raise RuntimeError("a Builder writes arrays only inside its `with` block")
+        return self.tmp / filename
 
     def save(self, name: str, arr: np.ndarray) -> None:
         self.create(name, arr.shape, arr.dtype)[...] = arr
@@ -129,7 +135,7 @@ class Builder:
             shutil.rmtree(old, ignore_errors=True)
         return Entry(final, manifest)
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         self.arrays.clear()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -194,7 +200,7 @@ def describe(e: Listed) -> str:
 def clear(name: str | None = None) -> list[Path]:
     """Remove every entry (or the one named); returns what was removed."""
     root = cache_root()
-    removed = []
+    removed: list[Path] = []
     if not root.is_dir():
         return removed
     for p in sorted(root.iterdir()):
@@ -204,7 +210,7 @@ def clear(name: str | None = None) -> list[Path]:
     return removed
 
 
-def human_size(n: int) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

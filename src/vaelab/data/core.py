@@ -41,7 +41,7 @@ class ImageData:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.shape[1:])  # type: ignore[return-value]
+        return tuple(self.train.shape[1:])
 
     @property
     def is_binary(self) -> bool:
@@ -110,7 +110,7 @@ def split_rows(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     if n < 2:
         raise DataError(f"need at least 2 images to hold out a test split; got {n}")
     order = np.random.default_rng(seed).permutation(n)
-    n_test = max(1, int(round(n * TEST_FRACTION)))
+    n_test = max(1, round(n * TEST_FRACTION))
     return order[n_test:], order[:n_test]
 
 

@@ -14,6 +14,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -31,6 +32,7 @@ def parse_size(text, flag: str) -> tuple[int, int] | None:
     """'64' -> (64, 64); '64x48' -> (64, 48) as (height, width); None stays None."""
     if text is None:
         return None
+    parts: list[Any]  # ints, or strings int() parses
     if isinstance(text, int | list | tuple):
         parts = [text, text] if isinstance(text, int) else list(text)
     else:
@@ -101,7 +103,8 @@ def scan(root: Path) -> Listing:
     labelled = all(all(c is not None for _, c in files) for files in parts.values())
     classes = sorted({c for files in parts.values() for _, c in files if c is not None}) if labelled else []
     index = {c: i for i, c in enumerate(classes)}
-    splits = {s: [(p, index[c] if labelled else None) for p, c in files] for s, files in parts.items()}
+    splits = {s: [(p, index[c] if labelled and c is not None else None) for p, c in files]
+              for s, files in parts.items()}
     return Listing(splits, classes, stamps, counts["hidden"], counts["non_image"])
 
 
@@ -114,8 +117,8 @@ def _scan_split(top: Path, suffixes: set[str], counts: dict, stamps: list, prefi
     def walk(d: str, label: str | None):
         try:
             items = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError as e:
-            raise DataError(f"{d}: cannot list the folder ({e.strerror or e})") from e
+        except OSError as err:
+            raise DataError(f"{d}: cannot list the folder ({err.strerror or err})") from err
         for e in items:
             if e.name.startswith("."):
                 counts["hidden"] += 1
@@ -135,7 +138,7 @@ def _scan_split(top: Path, suffixes: set[str], counts: dict, stamps: list, prefi
 
 
 # ----------------------------------------------------------------------------------------------- decoding
-def decode(path: Path, opts: Options) -> tuple[np.ndarray, bool]:
+def decode(path: str | Path, opts: Options) -> tuple[np.ndarray, bool]:
     """One image as (H, W, 3) uint8 and whether it is grey; raises BadImage for anything unusable."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -242,7 +245,7 @@ def load_image_folder(folder: Path, opts: Options | None = None, skip_bad: bool 
                      skipped={"hidden": m["hidden"], "non_image": m["non_image"], "bad": len(bad)})
 
 
-def _bad_files_error(bad: list[tuple[str, str]]):
+def _bad_files_error(bad: list[tuple[str, str]]) -> NoReturn:
     path, why = bad[0]
     more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""
     raise DataError(f"{path}: {why}{more}; fix or remove it, or pass --skip-bad-images to leave bad files out")
@@ -283,6 +286,7 @@ def _build(folder: Path, listing: Listing, opts: Options, name: str, fingerprint
         if bad and not skip_bad:
             _bad_files_error([(str(files[i][0]), why) for i, why in sorted(bad.items())])
         if sizes:
+            assert first is not None, "sizes are compared with the first good image"
             i, (h, w) = next(iter(sizes.items()))
             raise DataError(f"images differ in size: {files[first[0]][0]} is {shape[2]}x{shape[1]} pixels but "
                             f"{files[i][0]} is {w}x{h} ({len(sizes)} differ from the first); pass --image-size N "

@@ -10,8 +10,8 @@ import numpy as np
 
 from ..errors import DataError
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES: dict[int, np.dtype] = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+                                    0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
 def _open_maybe_gzip(path: Path):
@@ -31,7 +31,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path}: bad IDX magic number {raw[:4].hex() or '(empty file)'}; "
                         "expected 00 00 <type> <rank> (type 08 for uint8 images/labels)")
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    dtype = _IDX_DTYPES[raw[2]]
     rank = raw[3]
     header = 4 + 4 * rank
     if len(raw) < header:

@@ -23,7 +23,7 @@ def load_dataset(dataset: str, data_dir: str | None = None, limit: int | None = 
     Image folders: `image_size` (N or (H, W)) resizes the shorter side and centre-crops, `center_crop` crops
     first, transparent pixels are composited over `background` (white or black); `skip_bad_images` leaves
     undecodable files out instead of stopping at the first."""
-    if (image_size is not None or center_crop is not None) and (dataset in NAMES and dataset != "celeba"
+    if (image_size is not None or center_crop is not None) and ((dataset in NAMES and dataset != "celeba")
                                                                  or not Path(dataset).expanduser().is_dir()):
         raise DataError(f"--image-size and --center-crop apply to image folders and celeba; --dataset {dataset} "
                         "has images of one size already")

@@ -117,6 +117,14 @@ def _find_file(directory: Path, f: RemoteFile) -> Path | None:
     return None
 
 
+def _file_in(directory: Path, f: RemoteFile) -> Path:
+    """`f` in a folder that locate() or download() found complete."""
+    p = _find_file(directory, f)
+    if p is None:
+        raise DataError(f"{directory}: {f.name} is missing")
+    return p
+
+
 def locate(spec: NamedDataset, data_dir: str | None = None) -> Path | None:
     for d in search_dirs(spec, data_dir):
         if all(_find_file(d, f) for f in spec.files.values()):
@@ -126,24 +134,26 @@ def locate(spec: NamedDataset, data_dir: str | None = None) -> Path | None:
 
 def _digests(path: Path) -> tuple[str, str | None]:
     """md5 of the file as stored, sha256 of its decompressed content (None if it is not gzip)."""
-    md5 = _hash_stream(open(path, "rb"), hashlib.md5(usedforsecurity=False))
+    with open(path, "rb") as fh:
+        md5 = _hash_stream(fh, hashlib.md5(usedforsecurity=False))
     try:
-        sha = _hash_stream(gzip.open(path, "rb"), hashlib.sha256())
+        with gzip.open(path, "rb") as gz:
+            sha = _hash_stream(gz, hashlib.sha256())
     except (OSError, EOFError):
         sha = None
     return md5, sha
 
 
 def _hash_stream(fh, h) -> str:
-    with fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
+    while chunk := fh.read(1 << 20):
+        h.update(chunk)
     return h.hexdigest()
 
 
 def verify(path: Path, f: RemoteFile) -> bool:
     if f.sha256 is None:
-        return _hash_stream(open(path, "rb"), hashlib.md5(usedforsecurity=False)) == f.md5
+        with open(path, "rb") as fh:
+            return _hash_stream(fh, hashlib.md5(usedforsecurity=False)) == f.md5
     md5, sha = _digests(path)
     return md5 == f.md5 or (f.sha256 is not None and sha == f.sha256)
 
@@ -240,9 +250,9 @@ def load_named(name: str, data_dir: str | None = None, allow_download: bool = Tr
                 f"Put {what} from {spec.homepage} in one of those folders, or pass --data-dir DIR "
                 "or set VAELAB_DATA") from e
     if spec.kind != "idx":
-        path = _find_file(directory, next(iter(spec.files.values())))
+        path = _file_in(directory, next(iter(spec.files.values())))
         return (archives.load_cifar10 if spec.kind == "cifar10" else archives.load_dsprites)(path, progress)
-    arrays = {role: read_idx(_find_file(directory, f)) for role, f in spec.files.items()}  # type: ignore[arg-type]
+    arrays = {role: read_idx(_file_in(directory, f)) for role, f in spec.files.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1:

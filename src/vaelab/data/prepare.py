@@ -31,8 +31,8 @@ class Prepared:
     train: torch.Tensor | StoredImages
     test: torch.Tensor | StoredImages
     train_eval: torch.Tensor | StoredImages
-    prepare: Callable[[torch.Tensor], torch.Tensor]
-    prepare_train: Callable[[torch.Tensor], torch.Tensor]
+    prepare: Callable[[torch.Tensor | StoredImages], torch.Tensor]
+    prepare_train: Callable[[torch.Tensor | StoredImages], torch.Tensor]
     normalized: bool
     batches: BatchSource
 
@@ -64,10 +64,10 @@ def prepare_data(config, device: torch.device, data: ImageData | None = None, pr
         test_t = place(binarize_static(test, config.seed + 1), device)
         train_eval = place(binarize_static(train, config.seed), device)
 
-    def prepare(xb: torch.Tensor) -> torch.Tensor:
+    def prepare(xb: torch.Tensor | StoredImages) -> torch.Tensor:
         return to_unit(xb)
 
-    def prepare_train(xb: torch.Tensor) -> torch.Tensor:
+    def prepare_train(xb: torch.Tensor | StoredImages) -> torch.Tensor:
         x = to_unit(xb)
         return torch.bernoulli(x) if config.binarize == "dynamic" else x
 

@@ -90,5 +90,5 @@ def export(run: Run, path: str | Path, n_codes: int = N_CODES_EXPORT) -> Path:
     return write_export(Explorer(run, n_codes), path)
 
 
-__all__ = ["serve", "start", "export", "Explorer", "ExploreServer", "RequestError", "ExposedWarning",
-           "DEFAULT_PORT", "N_CODES", "N_CODES_EXPORT"]
+__all__ = ["DEFAULT_PORT", "N_CODES", "N_CODES_EXPORT", "ExploreServer", "Explorer", "ExposedWarning", "RequestError",
+           "export", "serve", "start"]

@@ -108,7 +108,7 @@ class Explorer:
         self.stds = torch.cat(stds).numpy()  # (N, L)
         self.centre, self.basis = principal_basis(self.codes)
         self.shape = tuple(self.model.shape)  # (C, H, W)
-        c, h, w = self.shape
+        _, h, w = self.shape
         self.max_batch = max(1, min(MAX_BATCH, MAX_RESPONSE_PIXELS // (h * w)))
 
     @property
@@ -227,7 +227,7 @@ class Explorer:
 def principal_basis(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean code (L,), orthonormal basis (L, L)): the latent axes for L = 2, else the principal components of
     the codes, largest variance first, each signed so that its largest entry is positive (a stable choice)."""
-    n, dim = codes.shape
+    _, dim = codes.shape
     centre = codes.mean(0)
     if dim == 2:
         return centre, np.eye(2)

@@ -105,7 +105,7 @@ def mlp_spec(ex: Explorer) -> dict | None:
                         "bias": _b64(lin.bias)} for lin, relu in layers]}
 
 
-def grid_size(shape: tuple[int, int, int]) -> int:
+def grid_size(shape: tuple[int, ...]) -> int:
     n = int(math.sqrt(GRID_BYTES / math.prod(shape)))
     n = max(GRID_MIN, min(GRID_MAX, n))
     return n if n % 2 else n - 1  # odd: the plane's origin is a grid point
