@@ -101,7 +101,7 @@ def _make(case, name, sigma):
     return make_likelihood(name, sigma, MIXTURES.get(case, 1)).double()
 
 
-@pytest.mark.parametrize("case,name,sigma,binary", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("case", "name", "sigma", "binary"), CASES, ids=[c[0] for c in CASES])
 def test_log_prob_matches_torch_distributions(case, name, sigma, binary):
     gen = torch.Generator().manual_seed(1)
     lik = _make(case, name, sigma)
@@ -119,7 +119,7 @@ def test_log_prob_matches_torch_distributions(case, name, sigma, binary):
     assert lik.sample(params).shape == x.shape
 
 
-@pytest.mark.parametrize("case,name,sigma,binary", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("case", "name", "sigma", "binary"), CASES, ids=[c[0] for c in CASES])
 def test_mean_matches_torch_distributions(case, name, sigma, binary):
     gen = torch.Generator().manual_seed(2)
     lik = _make(case, name, sigma)
@@ -178,7 +178,8 @@ def test_learned_pixel_sigma_is_softly_bounded():
     lik = make_likelihood("gaussian", "learned-pixel")
     raw = torch.tensor([-1e4, -20.0, 0.0, 20.0, 1e4]).view(1, 1, 1, 5)
     s = torch.exp(lik.log_scale_for([raw, raw]))
-    assert (s >= lik.SIGMA_MIN * 0.999).all() and (s <= lik.SIGMA_MAX * 1.001).all()
+    assert (s >= lik.SIGMA_MIN * 0.999).all()
+    assert (s <= lik.SIGMA_MAX * 1.001).all()
     assert torch.all(s[..., 1:] >= s[..., :-1])  # monotone in the raw output
 
 
@@ -188,7 +189,7 @@ def test_learned_sigma_is_a_parameter_and_fixed_is_not():
     assert any(True for _ in make_likelihood("laplace", "learned").parameters())
 
 
-@pytest.mark.parametrize("name,sigma,needle", [
+@pytest.mark.parametrize(("name", "sigma", "needle"), [
     ("gaussian", "-1", "--sigma must be a number > 0"),
     ("gaussian", "0", "--sigma must be a number > 0"),
     ("gaussian", "fixed", "learned, learned-pixel, optimal"),
@@ -202,7 +203,7 @@ def test_bad_arguments_name_the_allowed_values(name, sigma, needle):
         make_likelihood(name, sigma)
 
 
-@pytest.mark.parametrize("name,sigma,k,needle", [
+@pytest.mark.parametrize(("name", "sigma", "k", "needle"), [
     ("gaussian", "0.1", 3, "--mixtures 3 applies to discretized-logistic only"),
     ("discretized-gaussian", "learned-pixel", 2, "applies to discretized-logistic only"),
     ("discretized-logistic", "learned", 2, "use --sigma learned-pixel"),
@@ -220,7 +221,7 @@ def test_table_is_the_one_place():
                                                                         "discretized-gaussian"}
 
 
-@pytest.mark.parametrize("case,name,sigma,binary", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("case", "name", "sigma", "binary"), CASES, ids=[c[0] for c in CASES])
 def test_log_prob_broadcasts_over_leading_sample_dims(case, name, sigma, binary):
     """params (K, B, C, H, W) against x (B, C, H, W) gives (K, B), as the IWAE bound uses it."""
     gen = torch.Generator().manual_seed(4)
@@ -240,7 +241,7 @@ DISCRETIZED = ["discretized-logistic", "discretized-gaussian"]
 
 @pytest.mark.parametrize("name", DISCRETIZED)
 @pytest.mark.parametrize("scale", [1e-7, 1e-3, 0.05, 1.0, 1e3, 1e7])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 def test_the_256_bin_probabilities_sum_to_one_for_any_parameters(name, scale, dtype, tol):
     lik = make_likelihood(name, str(scale)).to(dtype)
     x = LEVELS.to(dtype)
@@ -273,7 +274,8 @@ def test_tails_are_exact_where_the_plain_cdf_difference_cancels(name):
     upper = lik.log_prob([torch.full_like(x, 0.2)], x)
     mirrored = lik.log_prob([torch.full_like(x, 0.8)], 1 - x)
     torch.testing.assert_close(upper, mirrored, rtol=1e-9, atol=1e-9)
-    assert torch.isfinite(upper).all() and upper.min() < -50  # really in the far tail
+    assert torch.isfinite(upper).all()
+    assert upper.min() < -50
     cdf = _logistic_cdf(0.2, 0.01) if "logistic" in name else _normal_cdf(0.2, 0.01)
     plain = torch.log(cdf(x + 0.5 / 255) - cdf(x - 0.5 / 255)).flatten()
     below = (x.flatten() < 0.2) & torch.isfinite(plain)  # the lower tail, where the plain form is accurate
@@ -301,7 +303,8 @@ def test_float32_gradients_stay_finite_at_extreme_parameters(name):
     mu = torch.tensor([-50.0, 0.0, 0.5, 60.0]).view(1, 1, 2, 2).expand_as(x).clone().requires_grad_()
     raw = torch.tensor([-1e3, -5.0, 5.0, 1e3]).view(1, 1, 2, 2).expand_as(x).clone().requires_grad_()
     lik.log_prob([mu, raw], x).sum().backward()
-    assert torch.isfinite(mu.grad).all() and torch.isfinite(raw.grad).all()
+    assert torch.isfinite(mu.grad).all()
+    assert torch.isfinite(raw.grad).all()
 
 
 @pytest.mark.parametrize("name", DISCRETIZED)
@@ -337,7 +340,7 @@ def test_a_mixture_of_identical_components_is_the_component():
 
 
 # ------------------------------------------------------------------------------------ learned scales
-@pytest.mark.parametrize("name,sigma,expected", [
+@pytest.mark.parametrize(("name", "sigma", "expected"), [
     ("gaussian", "learned", lambda err: err.square().mean().sqrt()),
     ("laplace", "learned", lambda err: err.abs().mean()),
     ("discretized-gaussian", "learned", lambda err: err.square().mean().sqrt()),
@@ -373,7 +376,7 @@ def test_a_per_pixel_scale_saved_without_its_offset_still_loads():
     assert lik.log_scale.item() == 0.0
 
 
-@pytest.mark.parametrize("optimizer,expected", [("adam", 0.05), ("sgd", 0.25 / 784)])
+@pytest.mark.parametrize(("optimizer", "expected"), [("adam", 0.05), ("sgd", 0.25 / 784)])
 def test_learned_scales_have_their_own_step_size(optimizer, expected):
     assert make_likelihood("gaussian", "learned").scale_lr(optimizer, 784) == pytest.approx(expected)
     assert make_likelihood("gaussian", "0.1").scale_lr(optimizer, 784) is None

@@ -10,7 +10,7 @@ from vaelab.model import VAE
 from vaelab.nets import ConvDecoder, ConvEncoder, conv_channels, n_parameters, stage_sizes
 
 
-@pytest.mark.parametrize("shape,channels,final", [
+@pytest.mark.parametrize(("shape", "channels", "final"), [
     ((1, 28, 28), [32, 64, 128], (4, 4)),
     ((3, 32, 32), [32, 64, 128], (4, 4)),
     ((3, 64, 64), [32, 64, 128, 256], (4, 4)),
@@ -38,7 +38,8 @@ def test_the_decoder_retraces_the_encoders_sizes_exactly(shape, blocks):
     mu, logvar = enc(x)
     assert mu.shape == logvar.shape == (2, 3)
     out = dec(mu)
-    assert len(out) == 2 and all(o.shape == (2, *shape) for o in out)
+    assert len(out) == 2
+    assert all(o.shape == (2, *shape) for o in out)
     # mirrored: every stride-2 conv has a transposed twin, every residual block a twin
     convs = [m for m in enc.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
     ups = [m for m in dec.modules() if isinstance(m, nn.ConvTranspose2d)]
@@ -87,7 +88,7 @@ def test_no_batch_statistics_an_examples_elbo_ignores_the_rest_of_its_batch():
         torch.testing.assert_close(model.decoder(alone)[0], model.decoder(in_batch)[0])
 
 
-@pytest.mark.parametrize("kwargs,needle", [
+@pytest.mark.parametrize(("kwargs", "needle"), [
     ({"arch": "mlp", "blocks": 2}, "--blocks .* applies to --arch conv only"),
     ({"arch": "conv", "blocks": -1}, "--blocks must be an integer >= 0"),
     ({"likelihood": "gaussian", "mixtures": 3}, "--mixtures 3 applies to discretized-logistic only"),
@@ -98,8 +99,10 @@ def test_config_rejects_what_does_not_apply(kwargs, needle):
 
 
 def test_defaults_per_family():
-    assert TrainConfig(arch="mlp").hidden == [400] and TrainConfig(arch="mlp").blocks == 0
+    assert TrainConfig(arch="mlp").hidden == [400]
+    assert TrainConfig(arch="mlp").blocks == 0
     conv = TrainConfig(arch="conv")
-    assert conv.hidden == [32] and conv.blocks == 1
+    assert conv.hidden == [32]
+    assert conv.blocks == 1
     assert TrainConfig(likelihood="discretized-logistic").sigma == "learned-pixel"
     assert TrainConfig(likelihood="gaussian").sigma == "0.1"

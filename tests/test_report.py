@@ -48,10 +48,12 @@ def test_report_writes_every_figure_and_a_self_contained_html(report, run_dir):
         assert (out / f"{name}.png").is_file(), name
     text = path.read_text()
     assert text.count('src="data:image/png;base64,') == len(FIGURES)
-    assert "src=\"http" not in text and "file://" not in text  # nothing outside the file
+    assert "src=\"http" not in text
+    assert "file://" not in text
     numbers = json.loads((out / "eval.json").read_text())
-    assert JSON_KEYS <= numbers.keys()
-    assert f"{numbers['elbo']:.2f}" in text and f"{numbers['log_px']:.2f}" in text
+    assert numbers.keys() >= JSON_KEYS
+    assert f"{numbers['elbo']:.2f}" in text
+    assert f"{numbers['log_px']:.2f}" in text
     config = json.loads((run_dir / "config.json").read_text())
     assert f"<th>likelihood</th><td>&quot;{config['likelihood']}&quot;</td>" in text
     assert not list(out.glob(".*.tmp"))
@@ -75,14 +77,19 @@ def test_report_opens_in_a_headless_browser_with_every_figure_loaded(report, tmp
     page_height, images = int(found[1]), json.loads(found[2])
     assert len(images) == len(FIGURES)
     for complete, img_w, img_h, shown in images:
-        assert complete and img_w > 100 and img_h > 100 and shown > 100
+        assert complete
+        assert img_w > 100
+        assert img_h > 100
+        assert shown > 100
 
     shot = out / "report-screenshot.png"  # kept next to the report for a human to look at
     res = run_browser(browser_path, tmp_path, f"--screenshot={shot}", f"--window-size=1200,{page_height}",
                       (out / "report.html").as_uri())
-    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert shot.is_file()
     img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32) / 255
-    assert img.shape == (page_height, 1200) and page_height > 3000  # nine figures stacked
+    assert img.shape == (page_height, 1200)
+    assert page_height > 3000
     ink = img < 0.5
     assert ink.mean() > 0.02, "the page is (nearly) blank"
     bands = [band.mean() for band in np.array_split(ink, 8)]
@@ -95,13 +102,18 @@ def test_eval_prints_a_table_and_writes_the_json(run_dir, tmp_path):
                           "--json", str(path), "--quiet"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     numbers = _strict_json(path.read_text())
-    assert JSON_KEYS <= numbers.keys()
-    assert numbers["iw_samples"] == 5 and numbers["n_images"] == 300 and numbers["split"] == "test"
-    assert set(numbers["radius_share"]) == {"1", "2", "3"} and set(numbers["sharpness"]) == {"data", "recon",
+    assert numbers.keys() >= JSON_KEYS
+    assert numbers["iw_samples"] == 5
+    assert numbers["n_images"] == 300
+    assert numbers["split"] == "test"
+    assert set(numbers["radius_share"]) == {"1", "2", "3"}
+    assert set(numbers["sharpness"]) == {"data", "recon",
                                                                                                "samples"}
-    assert len(numbers["kl_per_dim"]) == 2 and numbers["sigma"] == pytest.approx(0.1)
+    assert len(numbers["kl_per_dim"]) == 2
+    assert numbers["sigma"] == pytest.approx(0.1)
     assert 0 <= numbers["knn_agreement"] <= 1
-    assert f"{numbers['log_px']:.2f}" in res.stdout and "active units" in res.stdout
+    assert f"{numbers['log_px']:.2f}" in res.stdout
+    assert "active units" in res.stdout
 
 
 def test_unlabelled_non_gaussian_run_reports_nulls(tmp_path, tmp_path_factory, capsys):
@@ -111,7 +123,8 @@ def test_unlabelled_non_gaussian_run_reports_nulls(tmp_path, tmp_path_factory, c
                       hidden=[16], limit=None)
     assert main(["eval", str(run), "--iw-samples", "3", "--json", str(tmp_path / "e.json"), "--quiet"]) == 0
     numbers = json.loads((tmp_path / "e.json").read_text())
-    assert numbers["knn_agreement"] is None and numbers["sigma"] is None
+    assert numbers["knn_agreement"] is None
+    assert numbers["sigma"] is None
     assert "n/a (needs labels" in capsys.readouterr().out
 
 
@@ -126,7 +139,9 @@ def test_eval_of_a_single_image_is_valid_json(run_dir, tmp_path):
     assert main(["eval", str(run_dir), "--limit", "1", "--iw-samples", "2", "--json", str(tmp_path / "one.json"),
                  "--quiet"]) == 0
     numbers = _strict_json((tmp_path / "one.json").read_text())
-    assert numbers["n_images"] == 1 and numbers["knn_agreement"] is None and numbers["log_px_stderr"] is None
+    assert numbers["n_images"] == 1
+    assert numbers["knn_agreement"] is None
+    assert numbers["log_px_stderr"] is None
 
 
 def test_plot_only_writes_one_figure(run_dir, tmp_path, capsys):
@@ -135,7 +150,7 @@ def test_plot_only_writes_one_figure(run_dir, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["kl.png"]
 
 
-@pytest.mark.parametrize("args, needle", [
+@pytest.mark.parametrize(("args", "needle"), [
     (["plot", "{run}", "--only", "nope"], "--only must be one of manifold, scatter, reconstructions"),
     (["eval", "{run}", "--iw-samples", "0"], "--iw-samples must be an integer >= 1; got 0"),
     (["eval", "{run}", "--split", "valid"], "--split must be one of train, test; got 'valid'"),
@@ -149,7 +164,9 @@ def test_bad_input_gets_one_line_and_no_files(run_dir, tmp_path, capsys, args, n
     argv = [a.format(run=run_dir, tmp=tmp_path) for a in args]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("vaelab: error: ") and needle in err, err
+    assert err.count("\n") == 1, err
+    assert err.startswith("vaelab: error: "), err
+    assert needle in err, err
     assert "Traceback" not in err
     assert sorted(p.name for p in run_dir.iterdir()) == before
     assert not list(tmp_path.iterdir())
@@ -171,7 +188,8 @@ def test_every_figure_and_number_for_the_new_networks_and_likelihoods(tmp_path, 
     d = 784
     if overrides["likelihood"].startswith("discretized"):  # a probability of the 8-bit image: no log 256 term
         assert all(r["bits_per_dim"] == pytest.approx(r["loss"] / d / np.log(2)) for r in rows)
-        assert numbers["bits_per_dim"] > 0 and numbers["elbo"] < 0  # a mass: log-likelihoods are <= 0
+        assert numbers["bits_per_dim"] > 0
+        assert numbers["elbo"] < 0
     assert numbers["log_px"] >= numbers["elbo"] - 1.0  # IWAE (K=8) on the same images bounds from above
 
 
@@ -189,4 +207,5 @@ def test_cli_trains_a_conv_net_with_blocks_and_mixtures_and_info_counts_paramete
     model = load_run(out).model
     assert f"encoder: {n_parameters(model.encoder):,} parameters (3 stride-2 stages, channels 4,8,16, 2 " in text
     assert f"decoder: {n_parameters(model.decoder):,} parameters (mirrored, 6 output" in text
-    assert "likelihood: 1 parameter(s)" in text and "mixture of 2 per pixel" in text
+    assert "likelihood: 1 parameter(s)" in text
+    assert "mixture of 2 per pixel" in text

@@ -97,10 +97,12 @@ def test_summary_reports_what_the_numbers_say():
 def test_markdown_table_has_every_column():
     md = markdown_table([_row("0.1", 0.1, 10.0, 0.05, None)])
     header, _, line = md.splitlines()
-    assert header.count("|") == line.count("|") and "never" in line and "99.0%" in line
+    assert header.count("|") == line.count("|")
+    assert "never" in line
+    assert "99.0%" in line
 
 
-@pytest.mark.parametrize("kwargs,needle", [({"sigmas": [0.1, -1]}, "--sigmas must be numbers > 0"),
+@pytest.mark.parametrize(("kwargs", "needle"), [({"sigmas": [0.1, -1]}, "--sigmas must be numbers > 0"),
                                            ({"also": ["fixed"]}, "--also must be a comma-separated subset"),
                                            ({"optimizer": "lbfgs"}, "--optimizer must be one of adam, sgd")])
 def test_study_config_validation(kwargs, needle):
@@ -142,12 +144,14 @@ def test_sigma_study_end_to_end_reuses_runs_and_agrees_with_eval(tmp_path):
     assert float(row["within_r3"]) == pytest.approx(e["radius_share"]["3"])
     assert float(row["sigma"]) == pytest.approx(1.0)
     summary = (out / "summary.md").read_text()
-    assert "Larger σ puts fewer nats in the code" in summary and "radius 3" in summary
+    assert "Larger σ puts fewer nats in the code" in summary
+    assert "radius 3" in summary
     html = (out / "index.html").read_text()
     assert html.count("data:image/png;base64,") == 4
     # a different network in the same folder is refused, not silently mixed in
     r = vaelab("sigma-study", "--sigmas", "0.1", *[a if a != "64" else "32" for a in common])
-    assert r.returncode == 2 and "different settings (hidden)" in r.stderr
+    assert r.returncode == 2
+    assert "different settings (hidden)" in r.stderr
 
 
 @pytest.mark.slow

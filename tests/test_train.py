@@ -48,7 +48,8 @@ def test_gaussian_metrics_are_the_true_negative_elbo(tmp_path, sigma):
         assert r["rec"] == pytest.approx(expected_rec, rel=1e-5, abs=1e-3)
         assert r["loss"] == pytest.approx(r["rec"] + r["kl"], rel=1e-12)
         assert r["bits_per_dim"] == pytest.approx((r["loss"] / d + math.log(256)) / math.log(2))
-        assert len(r["kl_per_dim"]) == 2 and r["kl"] == pytest.approx(sum(r["kl_per_dim"]))
+        assert len(r["kl_per_dim"]) == 2
+        assert r["kl"] == pytest.approx(sum(r["kl_per_dim"]))
     if sigma == "0.1":
         assert rows[-1]["sigma"] == pytest.approx(0.1)
     else:
@@ -64,14 +65,15 @@ def test_run_directory_reloads_exactly(tmp_path):
     again = load_run(run.path)
     assert again.config == run.config
     for (k, a), (k2, b) in zip(run.model.state_dict().items(), again.model.state_dict().items(), strict=True):
-        assert k == k2 and a.equal(b)
+        assert k == k2
+        assert a.equal(b)
     with safe_open(str(run.path / "model.safetensors"), "pt") as fh:  # plain tensors, no pickle
         assert set(fh.keys()) == set(run.model.state_dict())
 
 
 def _weights(run_dir):
     with safe_open(str(run_dir / "model.safetensors"), "pt") as fh:
-        return {k: fh.get_tensor(k) for k in fh.keys()}
+        return {k: fh.get_tensor(k) for k in fh}
 
 
 def _assert_same_weights(a, b):
@@ -85,7 +87,7 @@ NO_NATIVE_BF16 = "ignore:this CPU has no native bfloat16"  # the warning bf16 gi
 
 
 @pytest.mark.filterwarnings(NO_NATIVE_BF16)
-@pytest.mark.parametrize("lik,extra", [("gaussian", {"sigma": "learned"}),
+@pytest.mark.parametrize(("lik", "extra"), [("gaussian", {"sigma": "learned"}),
                                        ("bernoulli", {"binarize": "dynamic", "kl_warmup": 1.5}),
                                        ("bernoulli", {"binarize": "dynamic", "precision": "bf16"}),
                                        ("gaussian", {"arch": "conv", "hidden": [4], "sigma": "learned-pixel"}),
@@ -133,10 +135,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err
-    assert "checkpoint saved" in err and "Traceback" not in err
+    assert "checkpoint saved" in err
+    assert "Traceback" not in err
     with safe_open(str(out / "checkpoint.safetensors"), "pt") as fh:
         meta = json.loads(fh.metadata()["meta"])
-    assert meta["epoch"] >= 1 and meta["step"] > 0, meta  # stopped mid-epoch
+    assert meta["epoch"] >= 1, meta
+    assert meta["step"] > 0, meta  # stopped mid-epoch
     assert subprocess.run([sys.executable, "-m", "vaelab.cli", "train", "--resume", str(out), "--quiet"],
                           capture_output=True, timeout=900).returncode == 0
     ref = train(TrainConfig(dataset="fashion-mnist", limit=8000, hidden=[256], latent_dim=2, batch_size=16,
@@ -145,7 +149,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_cause(tmp_path):
-    with pytest.raises(TrainingError, match="non-finite.*likely cause.*learning rate"):
+    with pytest.raises(TrainingError, match=r"non-finite.*likely cause.*learning rate"):
         train(_cfg(tmp_path, "nan", sigma="0.0001", lr=1e4, epochs=1), progress=False)
 
 
@@ -167,7 +171,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
     cfg = _cfg(tmp_path, "once", epochs=1)
     train(cfg, progress=False)
     before = (tmp_path / "once" / "model.safetensors").read_bytes()
-    with pytest.raises(RunError, match="already holds a run.*--resume"):
+    with pytest.raises(RunError, match=r"already holds a run.*--resume"):
         train(_cfg(tmp_path, "once", epochs=1), progress=False)
     assert (tmp_path / "once" / "model.safetensors").read_bytes() == before
 
@@ -295,7 +299,7 @@ def _scale_and_target(run, x, likelihood, sigma):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("likelihood,sigma", [("gaussian", "learned"), ("laplace", "learned"),
+@pytest.mark.parametrize(("likelihood", "sigma"), [("gaussian", "learned"), ("laplace", "learned"),
                                               ("gaussian", "learned-pixel"), ("discretized-logistic", "learned"),
                                               ("discretized-gaussian", "learned"),
                                               ("discretized-logistic", "learned-pixel")])

@@ -115,14 +115,15 @@ def info_text(path: str | Path) -> str:
 
 def network_lines(model, config: TrainConfig) -> list[str]:
     """What each network is and how many parameters it has (and the likelihood's own, if any)."""
-    shape = tuple(config.data_shape)
+    shape: tuple[int, int, int] = model.shape
+    hidden = config.hidden or []
     if config.arch == "conv":
-        chans = conv_channels(shape, config.hidden)
+        chans = conv_channels(shape, hidden)
         sizes = stage_sizes(shape, len(chans))
         what = (f"{len(chans)} stride-2 stages, channels {','.join(map(str, chans))}, {config.blocks} residual "
                 f"block(s) each, {shape[1]}x{shape[2]} -> {sizes[-1][0]}x{sizes[-1][1]}")
     else:
-        what = f"hidden widths {','.join(map(str, config.hidden))}"
+        what = f"hidden widths {','.join(map(str, hidden))}"
     out = [f"encoder: {n_parameters(model.encoder):,} parameters ({what})",
            f"decoder: {n_parameters(model.decoder):,} parameters (mirrored, {model.likelihood.n_params} output "
            f"tensor(s) per pixel)"]

@@ -215,6 +215,8 @@ class GaussianOptimal(Gaussian):
 
     MOMENTUM = 0.1
     MIN_VAR = 1e-6
+    running_var: Tensor  # buffers, registered in __init__
+    n_updates: Tensor
 
     def __init__(self):
         nn.Module.__init__(self)

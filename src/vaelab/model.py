@@ -75,7 +75,8 @@ class VAE(nn.Module):
     def __init__(self, shape: tuple[int, int, int], arch: str, hidden: list[int], latent_dim: int,
                  likelihood: Likelihood, blocks: int | None = None):
         super().__init__()
-        self.shape, self.latent_dim = tuple(shape), latent_dim
+        self.shape: tuple[int, int, int] = (int(shape[0]), int(shape[1]), int(shape[2]))
+        self.latent_dim = latent_dim
         self.likelihood = likelihood
         self.encoder, self.decoder = make_nets(arch, self.shape, hidden, latent_dim, likelihood.n_params, blocks)
 

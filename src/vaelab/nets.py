@@ -101,8 +101,11 @@ class ResBlock(nn.Module):
         self.branch = nn.Sequential(
             nn.GroupNorm(_groups(channels), channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
             nn.GroupNorm(_groups(channels), channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
-        nn.init.zeros_(self.branch[-1].weight)
-        nn.init.zeros_(self.branch[-1].bias)
+        last = self.branch[-1]
+        assert isinstance(last, nn.Conv2d)
+        assert last.bias is not None
+        nn.init.zeros_(last.weight)  # each block starts as the identity
+        nn.init.zeros_(last.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.branch(x)
@@ -145,7 +148,7 @@ class ConvDecoder(nn.Module):
         self.start = (chans[-1], *sizes[-1])
         self.fc = nn.Linear(latent_dim, math.prod(self.start))
         layers: list[nn.Module] = [nn.SiLU()]
-        outs = list(reversed(chans[:-1])) + [n_params * shape[0]]
+        outs = [*reversed(chans[:-1]), n_params * shape[0]]
         for i, (a, b) in enumerate(zip(reversed(chans), outs, strict=True)):
             layers += [ResBlock(a) for _ in range(blocks)]
             (h_in, w_in), (h_out, w_out) = sizes[-1 - i], sizes[-2 - i]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import plots
-from .config import Device, Optimizer, TrainConfig
+from .config import Arch, Device, Optimizer, TrainConfig
 from .errors import ConfigError, TrainingError
 from .metrics import evaluate_run, split_data
 from .reporting import figures_html, html_page
@@ -41,7 +41,7 @@ class StudyConfig:
     also: list[str] = field(default_factory=list)  # learned, optimal
     latent_dim: int = 2
     hidden: list[int] | None = None  # default: the architecture's (mlp 400, conv 32)
-    arch: str = "mlp"
+    arch: Arch = "mlp"
     blocks: int | None = None  # conv: residual blocks per stage (default 1)
     epochs: int = 10
     batch_size: int = 128
