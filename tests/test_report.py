@@ -49,7 +49,7 @@ def test_report_writes_every_figure_and_a_self_contained_html(report, run_dir):
     text = path.read_text()
     assert text.count('src="data:image/png;base64,') == len(FIGURES)
     assert "src=\"http" not in text
-    assert "file://" not in text
+    assert "file://" not in text  # nothing outside the file
     numbers = json.loads((out / "eval.json").read_text())
     assert numbers.keys() >= JSON_KEYS
     assert f"{numbers['elbo']:.2f}" in text
@@ -89,7 +89,7 @@ def test_report_opens_in_a_headless_browser_with_every_figure_loaded(report, tmp
     assert shot.is_file()
     img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32) / 255
     assert img.shape == (page_height, 1200)
-    assert page_height > 3000
+    assert page_height > 3000  # nine figures stacked
     ink = img < 0.5
     assert ink.mean() > 0.02, "the page is (nearly) blank"
     bands = [band.mean() for band in np.array_split(ink, 8)]
@@ -189,7 +189,7 @@ def test_every_figure_and_number_for_the_new_networks_and_likelihoods(tmp_path, 
     if overrides["likelihood"].startswith("discretized"):  # a probability of the 8-bit image: no log 256 term
         assert all(r["bits_per_dim"] == pytest.approx(r["loss"] / d / np.log(2)) for r in rows)
         assert numbers["bits_per_dim"] > 0
-        assert numbers["elbo"] < 0
+        assert numbers["elbo"] < 0  # a mass: log-likelihoods are <= 0
     assert numbers["log_px"] >= numbers["elbo"] - 1.0  # IWAE (K=8) on the same images bounds from above
 
 
