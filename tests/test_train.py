@@ -73,7 +73,7 @@ def test_run_directory_reloads_exactly(tmp_path):
 
 def _weights(run_dir):
     with safe_open(str(run_dir / "model.safetensors"), "pt") as fh:
-        return {k: fh.get_tensor(k) for k in fh}
+        return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118  safe_open is not iterable
 
 
 def _assert_same_weights(a, b):
