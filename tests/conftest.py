@@ -6,9 +6,12 @@ A missing resource skips with its reason on a developer's machine, and fails und
 pass by skipping.
 """
 
+import http.server
 import os
 import shutil
 import sys
+import threading
+from functools import partial
 
 # One thread per process: the suite runs many small models, and on a busy 2-core machine a second
 # OpenMP thread that gets descheduled stalls every parallel region (measured: 43 s vs 3 s for one fixture).
@@ -107,3 +110,21 @@ def tiny_npz(tmp_path) -> Path:
 
 def vaelab_cmd() -> list[str]:
     return [sys.executable, "-m", "vaelab.cli"]
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving a folder; yields (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()

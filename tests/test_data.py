@@ -3,10 +3,7 @@
 import dataclasses
 import gzip
 import hashlib
-import http.server
 import shutil
-import threading
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -215,24 +212,6 @@ def test_unknown_dataset_lists_choices():
 
 
 # ------------------------------------------------------------------------------------------- download
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_root(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving a folder; yields (folder, base URL)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
-
-
 def test_download_real_files_from_local_mirror(fashion_dir, http_root, tmp_path):
     root, url = http_root
     for f in D.REGISTRY["fashion-mnist"].files.values():

@@ -6,13 +6,10 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import http.server
 import io
 import pickle
 import struct
 import tarfile
-import threading
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,24 +18,6 @@ import pytest
 from vaelab import data as D
 from vaelab.data import load_dataset
 from vaelab.errors import DataError
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving a folder; yields (folder, base URL)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def _md5(path: Path) -> str:
@@ -97,8 +76,8 @@ def _cifar_archive(path: Path, n: int = 6, evil: bytes | None = None) -> dict:
     return made
 
 
-def test_cifar10_downloads_and_reads_the_python_archive(server, tmp_path, monkeypatch):
-    root, url = server
+def test_cifar10_downloads_and_reads_the_python_archive(http_root, tmp_path, monkeypatch):
+    root, url = http_root
     made = _cifar_archive(root / "cifar-10-python.tar.gz")
     _serve_as(monkeypatch, "cifar10", url, root)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
@@ -143,8 +122,8 @@ def _dsprites_npz(path: Path, n: int = 40) -> np.ndarray:
     return imgs, classes
 
 
-def test_dsprites_downloads_and_keeps_its_factors(server, tmp_path, monkeypatch):
-    root, url = server
+def test_dsprites_downloads_and_keeps_its_factors(http_root, tmp_path, monkeypatch):
+    root, url = http_root
     imgs, classes = _dsprites_npz(root / D.REGISTRY["dsprites"].files["npz"].name)
     _serve_as(monkeypatch, "dsprites", url, root)
     dest = D.download("dsprites", tmp_path / "dl", timeout=10, progress=False)
@@ -161,8 +140,8 @@ def test_dsprites_downloads_and_keeps_its_factors(server, tmp_path, monkeypatch)
     assert np.array_equal(data.train_labels, classes[train_rows, 1])
 
 
-def test_a_wrong_checksum_is_refused_and_leaves_nothing(server, tmp_path, monkeypatch):
-    root, url = server
+def test_a_wrong_checksum_is_refused_and_leaves_nothing(http_root, tmp_path, monkeypatch):
+    root, url = http_root
     _dsprites_npz(root / D.REGISTRY["dsprites"].files["npz"].name)
     spec = D.REGISTRY["dsprites"]
     monkeypatch.setitem(D.REGISTRY, "dsprites", dataclasses.replace(spec, mirrors=("http://127.0.0.1:9/", url)))
@@ -176,8 +155,8 @@ def _idx(dims, payload: bytes) -> bytes:
     return bytes([0, 0, 0x08, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + payload
 
 
-def test_mnist_downloads_tiny_idx_files(server, tmp_path, monkeypatch):
-    root, url = server
+def test_mnist_downloads_tiny_idx_files(http_root, tmp_path, monkeypatch):
+    root, url = http_root
     rng = np.random.default_rng(2)
     x = rng.integers(0, 256, (7, 28, 28), dtype=np.uint8)
     payloads = {"train-images-idx3-ubyte.gz": _idx([7, 28, 28], x.tobytes()),
