@@ -193,6 +193,7 @@ def test_every_figure_and_number_for_the_new_networks_and_likelihoods(tmp_path, 
     assert numbers["log_px"] >= numbers["elbo"] - 1.0  # IWAE (K=8) on the same images bounds from above
 
 
+@pytest.mark.slow
 def test_cli_trains_a_conv_net_with_blocks_and_mixtures_and_info_counts_parameters(tmp_path, capsys):
     from vaelab import load_run
     from vaelab.nets import n_parameters

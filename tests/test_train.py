@@ -90,8 +90,10 @@ NO_NATIVE_BF16 = "ignore:this CPU has no native bfloat16"  # the warning bf16 gi
 @pytest.mark.parametrize(("lik", "extra"), [("gaussian", {"sigma": "learned"}),
                                        ("bernoulli", {"binarize": "dynamic", "kl_warmup": 1.5}),
                                        ("bernoulli", {"binarize": "dynamic", "precision": "bf16"}),
-                                       ("gaussian", {"arch": "conv", "hidden": [4], "sigma": "learned-pixel"}),
-                                       ("discretized-logistic", {"arch": "conv", "hidden": [4], "mixtures": 2}),
+                                       pytest.param("gaussian", {"arch": "conv", "hidden": [4],
+                                                                 "sigma": "learned-pixel"}, marks=pytest.mark.slow),
+                                       pytest.param("discretized-logistic", {"arch": "conv", "hidden": [4],
+                                                                             "mixtures": 2}, marks=pytest.mark.slow),
                                        ("laplace", {"sigma": "learned", "optimizer": "sgd", "lr": 1e-4})])
 def test_resume_is_bit_identical(tmp_path, lik, extra):
     full = train(_cfg(tmp_path, "full", epochs=3, likelihood=lik, **extra), progress=False)
@@ -177,6 +179,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("VAELAB_SKIP_SLOW") == "1", reason="VAELAB_SKIP_SLOW=1")
+@pytest.mark.slow
 def test_conv_and_static_binarization_train(tmp_path):
     run = train(_cfg(tmp_path, "conv", arch="conv", hidden=[8, 16], likelihood="bernoulli", binarize="static",
                      epochs=2), progress=False)
@@ -258,6 +261,7 @@ def test_frozen_parameters_and_module_hooks_train_as_in_plain_pytorch(tmp_path, 
     assert not torch.equal(run.model.decoder.body[0].weight, fresh.decoder.body[0].weight)
 
 
+@pytest.mark.slow
 def test_run_files_get_the_mode_of_any_new_file(tmp_path):
     """Atomic writes go through a temporary file; the file that lands has the usual mode (umask applied), not the
     private 0600 that safetensors gives its own files."""
