@@ -245,15 +245,21 @@ def test_ctrl_c_to_the_launcher_checkpoints_and_resumes_bit_identically(tmp_path
     assert [r["world_size"] for r in rows(other)][-1] == 1
 
 
-@pytest.mark.slow
-def test_sigterm_to_the_launcher_checkpoints_like_ctrl_c(tmp_path):
-    """What a cluster scheduler sends before it takes the machines back: torchrun passes SIGTERM on."""
+def _start_long_run(tmp_path):
+    """A 2-process run long enough (50 epochs of 4,000 images) to be stopped from outside; (run dir, launcher)."""
     data = tmp_path / "more.npz"
     fashion = load_dataset("fashion-mnist")
     np.savez(data, x_train=fashion.train[:4000], x_test=fashion.test[:300])
     run = tmp_path / "run"
     launcher = subprocess.Popen(torchrun_cmd(2, *args(data, run, batch_size=32, epochs=50)), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env())
+    return run, launcher
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_like_ctrl_c(tmp_path):
+    """What a cluster scheduler sends before it takes the machines back: torchrun passes SIGTERM on."""
+    run, launcher = _start_long_run(tmp_path)
     try:
         _wait_for_epochs(run, 1, launcher)
         launcher.send_signal(signal.SIGTERM)
@@ -270,12 +276,7 @@ def test_sigterm_to_the_launcher_checkpoints_like_ctrl_c(tmp_path):
 
 @pytest.mark.slow
 def test_a_dead_process_stops_the_others_and_the_run_resumes(tmp_path, subset):
-    data = tmp_path / "more.npz"
-    fashion = load_dataset("fashion-mnist")
-    np.savez(data, x_train=fashion.train[:4000], x_test=fashion.test[:300])
-    run = tmp_path / "run"
-    launcher = subprocess.Popen(torchrun_cmd(2, *args(data, run, batch_size=32, epochs=50)), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env())
+    run, launcher = _start_long_run(tmp_path)
     try:
         _wait_for_epochs(run, 1, launcher)
         workers = [p for c in _children(launcher.pid) for p in [c, *_children(c)] if _rank_of(p) == 1]
