@@ -74,7 +74,8 @@ def check_against_reference(lik, reference, params, x, rtol=1e-10):
     expected = reference(ref_lik, copies, x_copy)
     assert value.shape == expected.shape == params[0].shape[:-3]  # (..., B)
     torch.testing.assert_close(value, expected, rtol=rtol, atol=1e-9)
-    upstream = torch.randn(value.shape, generator=torch.Generator().manual_seed(7), dtype=value.dtype)
+    upstream = torch.randn(value.shape, generator=torch.Generator().manual_seed(7), dtype=value.dtype).to(
+        value.device)
     got = torch.autograd.grad((value * upstream).sum(), [*params, x, *own])
     want = torch.autograd.grad((expected * upstream).sum(), [*copies, x_copy, *ref_lik.parameters()])
     for g, w in zip(got, want, strict=True):

@@ -126,7 +126,8 @@ class ScaledLikelihood(Likelihood):
             return _soft_bounds(params[-1] + self.log_scale, math.log(self.SCALE_MIN), math.log(self.SCALE_MAX))
         if self.learned:
             return self.log_scale
-        return torch.tensor(self.fixed_log_scale, dtype=params[0].dtype, device=params[0].device)
+        # a fill on the device, not a copy from host memory, so the step can be recorded as a CUDA graph
+        return params[0].new_full((), self.fixed_log_scale)
 
     def location(self, params: list[Tensor]) -> Tensor:
         return params[0]
