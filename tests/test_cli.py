@@ -124,7 +124,9 @@ def test_every_command_has_help_for_every_flag(capsys):
     assert e.value.code == 0
     assert "--kl-warmup EPOCHS" in out
     assert "learned-pixel" in out
-    assert "(default 128)" in out  # defaults come from TrainConfig
+    text = " ".join(out.split())
+    assert "total epochs; with --resume, the new total (default 10)" in text  # defaults come from TrainConfig
+    assert "(default 128 for mlp, 64 for conv)" in text  # per-family defaults are spelled out
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from torch import nn
 from vaelab.config import TrainConfig
 from vaelab.errors import ConfigError
 from vaelab.model import VAE
-from vaelab.nets import ConvDecoder, ConvEncoder, conv_channels, n_parameters, stage_sizes
+from vaelab.nets import ConvDecoder, ConvEncoder, ResBlock, conv_channels, n_parameters, stage_sizes
 
 
 @pytest.mark.parametrize(("shape", "channels", "final"), [
@@ -60,18 +60,16 @@ def test_blocks_add_residual_blocks_that_start_as_the_identity():
 
 
 def _twin(name, plain, deep):
-    """The name in `deep` of the layer that is `name` in `plain` (the bodies differ by the blocks between)."""
+    """The name in `deep` of the layer that is `name` in `plain`: the bodies are the same layers with residual
+    blocks between, so the k-th layer of `plain` is the k-th non-block layer of `deep`."""
     if not name.startswith("body."):
         return name
     index, rest = name.split(".")[1], name.split(".", 2)[2]
-    layer = plain.body[int(index)]
-    convs_before = sum(1 for m in list(plain.body)[:int(index)] if isinstance(m, nn.Conv2d))
-    seen = -1
-    for i, m in enumerate(deep.body):
-        if isinstance(m, nn.Conv2d) and type(m) is type(layer):
-            seen += 1
-            if seen == convs_before:
-                return f"body.{i}.{rest}"
+    outside_blocks = [i for i, m in enumerate(deep.body) if not isinstance(m, ResBlock)]
+    assert len(outside_blocks) == len(plain.body)
+    i = outside_blocks[int(index)]
+    if type(deep.body[i]) is type(plain.body[int(index)]):
+        return f"body.{i}.{rest}"
     raise KeyError(name)
 
 
@@ -104,5 +102,12 @@ def test_defaults_per_family():
     conv = TrainConfig(arch="conv")
     assert conv.hidden == [32]
     assert conv.blocks == 1
+    assert (conv.lr, conv.batch_size) == (5e-4, 64)
+    mlp = TrainConfig(arch="mlp")
+    assert (mlp.lr, mlp.batch_size) == (1e-3, 128)
+    given = TrainConfig(arch="conv", lr=2e-3, batch_size=16)
+    assert (given.lr, given.batch_size) == (2e-3, 16)
+    again = TrainConfig.from_dict(given.to_dict())  # config.json keeps the resolved values
+    assert (again.lr, again.batch_size) == (2e-3, 16)
     assert TrainConfig(likelihood="discretized-logistic").sigma == "learned-pixel"
     assert TrainConfig(likelihood="gaussian").sigma == "0.1"

@@ -111,8 +111,16 @@ class ResBlock(nn.Module):
         return x + self.branch(x)
 
 
+def _norm_act(channels: int) -> list[nn.Module]:
+    """GroupNorm then SiLU on the main path after each resampling convolution. Without it nothing bounds the
+    activations between stages, and Adam at 1e-3 can blow a run up within a few hundred steps (seen with
+    --hidden 64 and on `shapes`); with it every stage starts from unit-scale features."""
+    return [nn.GroupNorm(_groups(channels), channels), nn.SiLU()]
+
+
 class ConvEncoder(nn.Module):
-    """Stages of [3x3 stride-2 conv, SiLU, `blocks` residual blocks], then one linear layer to (μ, log σ²)."""
+    """Stages of [3x3 stride-2 conv, GroupNorm, SiLU, `blocks` residual blocks], then one linear layer to
+    (μ, log σ²)."""
 
     def __init__(self, shape: tuple[int, int, int], hidden: list[int], latent_dim: int, blocks: int = 1):
         super().__init__()
@@ -121,7 +129,7 @@ class ConvEncoder(nn.Module):
         layers: list[nn.Module] = []
         c = shape[0]
         for ch in chans:
-            layers += [nn.Conv2d(c, ch, 3, stride=2, padding=1), nn.SiLU()]
+            layers += [nn.Conv2d(c, ch, 3, stride=2, padding=1), *_norm_act(ch)]
             layers += [ResBlock(ch) for _ in range(blocks)]
             c = ch
         self.body = nn.Sequential(*layers, nn.Flatten())  # (B, C_last * h * w)
@@ -135,9 +143,9 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """The encoder mirrored: linear to the smallest map, then stages of [`blocks` residual blocks, 3x3
-    stride-2 transposed conv] that retrace the encoder's sizes exactly (odd sides included), the last one
-    giving the likelihood's parameters at full size."""
+    """The encoder mirrored: linear to the smallest map (GroupNorm, SiLU), then stages of [`blocks` residual
+    blocks, 3x3 stride-2 transposed conv, GroupNorm, SiLU] that retrace the encoder's sizes exactly (odd sides
+    included), the last one giving the likelihood's parameters at full size (no norm or activation)."""
 
     def __init__(self, shape: tuple[int, int, int], hidden: list[int], latent_dim: int, n_params: int,
                  blocks: int = 1):
@@ -147,7 +155,7 @@ class ConvDecoder(nn.Module):
         sizes = stage_sizes(shape, len(chans))
         self.start = (chans[-1], *sizes[-1])
         self.fc = nn.Linear(latent_dim, math.prod(self.start))
-        layers: list[nn.Module] = [nn.SiLU()]
+        layers: list[nn.Module] = _norm_act(chans[-1])
         outs = [*reversed(chans[:-1]), n_params * shape[0]]
         for i, (a, b) in enumerate(zip(reversed(chans), outs, strict=True)):
             layers += [ResBlock(a) for _ in range(blocks)]
@@ -155,7 +163,7 @@ class ConvDecoder(nn.Module):
             pad = (h_out - (2 * h_in - 1), w_out - (2 * w_in - 1))  # 0 for an odd side, 1 for an even one
             layers.append(nn.ConvTranspose2d(a, b, 3, stride=2, padding=1, output_padding=pad))
             if i < len(chans) - 1:
-                layers.append(nn.SiLU())
+                layers += _norm_act(b)
         self.body = nn.Sequential(*layers)
         to_channels_last(self)
 
