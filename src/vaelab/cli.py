@@ -285,9 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", help="as for train: mlp widths (default 400) or conv channels (default 32)")
     p.add_argument("--blocks", type=int, metavar="N", help="conv: residual blocks per stage (default 1)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
-    p.add_argument("--batch-size", type=int, default=128, help="default 128")
+    p.add_argument("--batch-size", type=int, help="as for train (default 128 for mlp, 64 for conv)")
     p.add_argument("--optimizer", default="adam", help="adam or sgd (default adam)")
-    p.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adam, 1e-4 for sgd)")
+    p.add_argument("--lr", type=float, help="learning rate (default with adam as for train: 1e-3 for mlp, 5e-4 "
+                   "for conv; 1e-4 with sgd)")
     p.add_argument("--limit", type=int, help="train on the first N training images only")
     p.add_argument("--seed", type=int, default=0, help="the same seed for every run (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")

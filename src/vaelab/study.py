@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import plots
-from .config import Arch, Device, Optimizer, TrainConfig
+from .config import DEFAULT_BATCH, DEFAULT_LR, Arch, Device, Optimizer, TrainConfig
 from .errors import ConfigError, TrainingError
 from .metrics import evaluate_run, split_data
 from .reporting import figures_html, html_page
@@ -44,9 +44,9 @@ class StudyConfig:
     arch: Arch = "mlp"
     blocks: int | None = None  # conv: residual blocks per stage (default 1)
     epochs: int = 10
-    batch_size: int = 128
+    batch_size: int | None = None  # default: as for train (mlp 128, conv 64)
     optimizer: Optimizer = "adam"
-    lr: float | None = None  # default: 1e-3 (adam) / 1e-4 (sgd)
+    lr: float | None = None  # default: as for train with adam (mlp 1e-3, conv 5e-4); 1e-4 with sgd
     limit: int | None = None
     seed: int = 0
     device: Device = "auto"
@@ -68,22 +68,24 @@ class StudyConfig:
         if self.mse_threshold is not None and not self.mse_threshold > 0:
             raise ConfigError(f"--mse-threshold must be > 0; got {self.mse_threshold!r}")
         if self.lr is None:
-            self.lr = _default_lr(self.optimizer)
+            self.lr = _default_lr(self.optimizer, self.arch)
+        if self.batch_size is None:
+            self.batch_size = DEFAULT_BATCH[self.arch]
         self.settings()  # validates the TrainConfig of every setting up front
 
     def settings(self) -> list[tuple[str, TrainConfig]]:
         labels = [_fmt(s) for s in sorted(set(self.sigmas))] + list(dict.fromkeys(self.also))
-        lr = self.lr if self.lr is not None else _default_lr(self.optimizer)
+        lr = self.lr if self.lr is not None else _default_lr(self.optimizer, self.arch)
         return [(label, TrainConfig(
             dataset=self.dataset, likelihood="gaussian", sigma=label, latent_dim=self.latent_dim,
             hidden=None if self.hidden is None else list(self.hidden), arch=self.arch, blocks=self.blocks,
-            epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
+            epochs=self.epochs, batch_size=self.batch_size or DEFAULT_BATCH[self.arch], optimizer=self.optimizer,
             lr=lr, limit=self.limit, seed=self.seed, device=self.device,
             out=str(Path(self.out) / f"sigma-{label}"))) for label in labels]
 
 
-def _default_lr(optimizer: str) -> float:
-    return 1e-3 if optimizer == "adam" else 1e-4
+def _default_lr(optimizer: str, arch: str) -> float:
+    return DEFAULT_LR[arch] if optimizer == "adam" else 1e-4
 
 
 def _fmt(s: float) -> str:
