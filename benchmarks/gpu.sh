@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything vaelab checks on a CUDA machine, in one go: the GPU tests, then both speed benchmarks on the GPU.
+# Everything vaelab checks on a CUDA machine, in one go: the GPU tests, then the speed benchmarks on the GPU.
 #   bash benchmarks/gpu.sh [LOG_DIR]        (default LOG_DIR: gpu-logs)
 # Uses the `python3` on PATH (it must have torch with CUDA, numpy, safetensors, matplotlib, pillow, tqdm and
 # pytest) and the vaelab source next to this script. Fashion-MNIST is found the usual way (--data-dir,
@@ -25,4 +25,5 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.versio
 part tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 part train_speed 270 python3 benchmarks/train_speed.py --device cuda --with-autograd
 part eval_speed 100 python3 benchmarks/eval_speed.py --device cuda
+part conv_speed 150 python3 benchmarks/conv_speed.py --device cuda --images 12800 --rounds 5
 exit $status
