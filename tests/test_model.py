@@ -7,8 +7,9 @@ import torch
 from torch import distributions as D
 
 from vaelab.config import TrainConfig
-from vaelab.errors import ConfigError
+from vaelab.errors import ConfigError, RunError
 from vaelab.model import VAE, DiagonalGaussian, objective
+from vaelab.runs import CONFIG, WEIGHTS, load_run, save_weights
 
 
 def test_kl_closed_form_matches_torch_and_monte_carlo():
@@ -130,3 +131,17 @@ def test_config_validation(kwargs, needle):
 def test_config_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="unknown config keys \\['sigmaa'\\]"):
         TrainConfig.from_dict({"sigmaa": 1})
+
+
+def test_weights_of_another_network_design_give_one_line_that_says_so(tmp_path):
+    """A run directory whose weights were saved for another network (an earlier conv design, an edited
+    config.json) stops with one line that counts what differs, not torch's list of every key."""
+    saved = TrainConfig(arch="conv", hidden=[8], blocks=0, latent_dim=4, data_shape=[3, 16, 16])
+    save_weights(VAE.from_config(saved, (3, 16, 16)), tmp_path / WEIGHTS)
+    saved.save(tmp_path / CONFIG)
+    assert load_run(tmp_path).config.blocks == 0  # the matching network loads
+    TrainConfig(**{**saved.to_dict(), "blocks": 1}).save(tmp_path / CONFIG)
+    with pytest.raises(RunError, match=r"do not fit the network config\.json describes") as e:
+        load_run(tmp_path)
+    assert "\n" not in str(e.value)
+    assert "missing, e.g. encoder.body" in str(e.value)

@@ -139,6 +139,16 @@ class Run:
         return f"Run({str(self.path)!r}, {self.config.likelihood}, latent {self.config.latent_dim}{tail})"
 
 
+def _mismatch(expected: dict, saved: dict) -> str:
+    """'' when `saved` has exactly the tensors and shapes of `expected`; else a short account of the difference."""
+    missing = [k for k in expected if k not in saved]
+    extra = [k for k in saved if k not in expected]
+    reshaped = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{len(v)} {what}, e.g. {v[0]}" for v, what in
+             ((missing, "missing"), (extra, "unexpected"), (reshaped, "of another shape")) if v]
+    return "; ".join(parts)
+
+
 def load_run(path: str | os.PathLike, device: str = "cpu") -> Run:
     """Rebuild a run's model from config.json and model.safetensors (no pickle, no training code needed)."""
     path = Path(path)
@@ -158,8 +168,17 @@ def load_run(path: str | os.PathLike, device: str = "cpu") -> Run:
     if not weights.is_file():
         raise RunError(f"{path}: no {WEIGHTS} yet; the run has not finished an epoch")
     try:
-        model.load_state_dict(load_file(weights))
-    except (SafetensorError, OSError, RuntimeError) as e:
+        saved = load_file(weights)
+    except (SafetensorError, OSError) as e:
         raise RunError(f"{weights}: cannot load weights ({e})") from e
+    try:
+        model.load_state_dict(saved)
+    except RuntimeError as e:
+        mismatch = _mismatch(model.state_dict(), saved)
+        if not mismatch:
+            raise RunError(f"{weights}: cannot load weights ({e})") from e
+        raise RunError(f"{weights}: the saved weights do not fit the network config.json describes ({mismatch}); "
+                       "the run was saved by a vaelab with another network design: train it again with this one"
+                       ) from None
     model.to(device).eval()
     return Run(path, config, model, read_metrics(path / METRICS))
