@@ -32,7 +32,7 @@ def command(cfg: dict) -> str:
                 "mse_threshold": None}
     for key, default in defaults.items():
         value = cfg.get(key, default)
-        if value != default:
+        if value is not None and value != default:  # None: the study's default
             shown = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}"
             parts.append(f"--{key.replace('_', '-')} {shown}")
     parts.append(f"--out runs/sigma-{cfg['optimizer']}")
