@@ -1,7 +1,8 @@
 """How fast does vaelab train the default 64x64 RGB conv VAE, against the same network in a plain PyTorch loop?
 
 One process, one machine, one model: `--arch conv` with its defaults (4 stride-2 stages of 32-64-128-256
-channels, one residual block each, mirrored decoder), latent 32, Gaussian σ = 0.1, batch 128, Adam 1e-3.
+channels, one residual block each, mirrored decoder), latent 32, Gaussian σ = 0.1, batch 128, Adam at the
+conv default 5e-4 in every series (weights that take other paths can run at other speeds on a CPU).
 
 1. vaelab: `vaelab.train`, the function `vaelab train` calls, one epoch per round (epoch 1 on a fresh run
    directory, then `vaelab.resume`). Seconds per epoch are the `seconds` field of the epoch's train row in
@@ -106,7 +107,7 @@ def main() -> None:
         if layout == "channels_last":
             model = model.to(memory_format=torch.channels_last)
         xs = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.contiguous()
-        plains[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True), xs,
+        plains[name] = (model, torch.optim.Adam(model.parameters(), lr=TrainConfig(**cfg).lr, fused=True), xs,
                         torch.Generator().manual_seed(0), bf16)
 
     times: dict[str, list[float]] = {k: [] for k in [*ours, *plains]}
