@@ -200,6 +200,22 @@ def _wait_for_epochs(run: Path, n: int, proc: subprocess.Popen, timeout: float =
     pytest.fail(f"no epoch {n} within {timeout} s")
 
 
+def _interrupt_after_an_epoch(run, launcher, sig) -> dict:
+    """Send `sig` to the torchrun launcher once an epoch is done; check that the processes stopped with one
+    message and a mid-epoch checkpoint, and return that checkpoint's progress record."""
+    try:
+        _wait_for_epochs(run, 1, launcher)
+        launcher.send_signal(sig)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert err.count("interrupted: checkpoint saved at epoch") == 1, err[-3000:]
+    with safe_open(run / "checkpoint.safetensors", "pt") as fh:
+        meta = json.loads(fh.metadata()["meta"])
+    assert meta["step"] > 0, meta  # mid-epoch
+    return meta
+
+
 @pytest.mark.slow
 def test_ctrl_c_to_the_launcher_checkpoints_and_resumes_bit_identically(tmp_path, subset, fashion_dir):
     """SIGINT to torchrun: every process stops after the same step and rank 0 checkpoints mid-epoch; resuming with
@@ -214,18 +230,9 @@ def test_ctrl_c_to_the_launcher_checkpoints_and_resumes_bit_identically(tmp_path
     run = tmp_path / "cut"
     launcher = subprocess.Popen(torchrun_cmd(2, *args(data, run, **kw)), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env())
-    try:
-        _wait_for_epochs(run, 1, launcher)
-        launcher.send_signal(signal.SIGINT)
-        _, err = launcher.communicate(timeout=60)
-    finally:
-        launcher.kill()
+    meta = _interrupt_after_an_epoch(run, launcher, signal.SIGINT)
     assert launcher.returncode != 0
-    assert err.count("interrupted: checkpoint saved at epoch") == 1, err[-3000:]
-    with safe_open(run / "checkpoint.safetensors", "pt") as fh:
-        meta = json.loads(fh.metadata()["meta"])
     assert meta["epoch"] >= 1, meta
-    assert meta["step"] > 0, meta  # mid-epoch
     other = tmp_path / "cut-on-one"
     shutil.copytree(run, other)
 
@@ -260,16 +267,7 @@ def _start_long_run(tmp_path):
 def test_sigterm_to_the_launcher_checkpoints_like_ctrl_c(tmp_path):
     """What a cluster scheduler sends before it takes the machines back: torchrun passes SIGTERM on."""
     run, launcher = _start_long_run(tmp_path)
-    try:
-        _wait_for_epochs(run, 1, launcher)
-        launcher.send_signal(signal.SIGTERM)
-        _, err = launcher.communicate(timeout=60)
-    finally:
-        launcher.kill()
-    assert err.count("interrupted: checkpoint saved at epoch") == 1, err[-3000:]
-    with safe_open(run / "checkpoint.safetensors", "pt") as fh:
-        meta = json.loads(fh.metadata()["meta"])
-    assert meta["step"] > 0, meta
+    meta = _interrupt_after_an_epoch(run, launcher, signal.SIGTERM)
     assert meta["world_size"] == 2, meta
     assert resume(run, epochs=meta["epoch"] + 1, progress=False).last()["epoch"] == meta["epoch"] + 1
 

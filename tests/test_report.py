@@ -12,7 +12,9 @@ from PIL import Image
 
 from conftest import vaelab_cmd
 from trained_runs import trained_run
+from vaelab import load_run
 from vaelab.cli import main
+from vaelab.nets import n_parameters
 from vaelab.reporting import FIGURES
 
 JSON_KEYS = {"elbo", "log_px", "iw_samples", "bits_per_dim", "mse", "kl", "kl_per_dim", "active_units",
@@ -195,9 +197,6 @@ def test_every_figure_and_number_for_the_new_networks_and_likelihoods(tmp_path, 
 
 @pytest.mark.slow
 def test_cli_trains_a_conv_net_with_blocks_and_mixtures_and_info_counts_parameters(tmp_path, capsys):
-    from vaelab import load_run
-    from vaelab.nets import n_parameters
-
     out = tmp_path / "run"
     assert main(["train", "--dataset", "fashion-mnist", "--limit", "256", "--epochs", "1", "--arch", "conv",
                  "--hidden", "4", "--blocks", "2", "--latent-dim", "3", "--likelihood", "discretized-logistic",

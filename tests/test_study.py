@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import distributions as D
 
+from vaelab.cli import main
 from vaelab.config import TrainConfig
 from vaelab.errors import ConfigError
 from vaelab.likelihoods import make_likelihood
@@ -156,8 +157,6 @@ def test_sigma_study_end_to_end_reuses_runs_and_agrees_with_eval(tmp_path):
 
 @pytest.mark.slow
 def test_sigma_study_with_conv_networks_and_a_learned_sigma(tmp_path, capsys):
-    from vaelab.cli import main
-
     out = tmp_path / "conv"
     assert main(["sigma-study", "--arch", "conv", "--hidden", "4", "--blocks", "1", "--sigmas", "0.3",
                  "--also", "learned", "--dataset", "fashion-mnist", "--limit", "640", "--epochs", "1",
