@@ -41,7 +41,7 @@ import torch
 
 from vaelab import TrainConfig, resume, train
 from vaelab.data import ImageData, load_dataset, to_unit
-from vaelab.model import VAE
+from vaelab.models.vae import VAE
 
 LATENT, BATCH, SIGMA = 32, 128, 0.1
 

@@ -106,7 +106,7 @@ def write_big_set(tmp: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
 def memory_child(train_path: str, test_path: str, out: str) -> None:
     """Runs in a fresh process: train one epoch on the mapped set, sampling RssAnon throughout and noting the
     peak of the training loop (the steps) apart from that of the whole run (loading, evaluation included)."""
-    import vaelab.trainer as trainer
+    import vaelab.training.trainer as trainer
 
     before = rss_anon_mib()
     peak = {"loop": before, "all": before}

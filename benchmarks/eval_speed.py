@@ -54,7 +54,7 @@ def linear_flops(module: nn.Module) -> int:
 
 
 def eval_flops(model, n: int, k: int) -> int:
-    """FLOPs of vaelab.metrics.evaluate on n images with K samples: matmuls of the ELBO pass (encode, decode),
+    """FLOPs of vaelab.analysis.metrics.evaluate on n images with K samples: matmuls of the ELBO pass (encode, decode),
     the IWAE (encode, K decodes), the posterior means (encode), reconstructions and prior samples (decode),
     plus the 3x3 Laplacian of the sharpness measure on data, reconstructions and samples."""
     enc, dec = linear_flops(model.encoder), linear_flops(model.decoder)
@@ -67,7 +67,7 @@ def counted_flops(model, x: torch.Tensor, k: int) -> int:
     """The same count from torch's FLOP counter on a real (small) evaluation."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vaelab.metrics import evaluate
+    from vaelab.analysis.metrics import evaluate
 
     with FlopCounterMode(display=False) as counter:
         evaluate(model, x, lambda t: t.float() / 255, None, k, batch_size=len(x))
@@ -75,9 +75,9 @@ def counted_flops(model, x: torch.Tensor, k: int) -> int:
 
 
 def resident_seconds(run_dir: Path, args) -> float:
-    """Seconds of vaelab.metrics.evaluate alone (the work inside `vaelab eval`) on the run's test images
+    """Seconds of vaelab.analysis.metrics.evaluate alone (the work inside `vaelab eval`) on the run's test images
     already on the device: on a GPU, loading the run and decompressing the dataset outweigh the arithmetic."""
-    from vaelab.metrics import evaluate, split_data
+    from vaelab.analysis.metrics import evaluate, split_data
     from vaelab.runs import load_run
 
     run = load_run(run_dir, device=args.device)
@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from vaelab import api
     from vaelab.config import TrainConfig
-    from vaelab.model import VAE
+    from vaelab.models.vae import VAE
     from vaelab.runs import CONFIG, WEIGHTS, save_weights
-    from vaelab.trainer import train
+    from vaelab.training.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"

@@ -3,10 +3,10 @@
 The model of benchmarks/train_speed.py (784-400-20 MLP VAE, Bernoulli likelihood, batch 128, Adam 1e-3, on
 Fashion-MNIST's training images), trained by three steps that compute the same update:
 
-    handwritten  vaelab.fused.MLPStep: the networks' gradients by hand (what `vaelab train` runs on a CPU)
-    autograd     vaelab.trainer.TrainStep: objective, loss.backward(), optimizer.step() (--no-handwritten-grads)
+    handwritten  vaelab.training.fused.MLPStep: the networks' gradients by hand (what `vaelab train` runs on a CPU)
+    autograd     vaelab.training.trainer.TrainStep: objective, backward, optimizer step (--no-handwritten-grads)
     plain        TrainStep with the Bernoulli log-density as the plain expression Σ x·l − softplus(l), so that
-                 autograd differentiates it instead of using its closed form (vaelab.likelihoods.BernoulliLogProb)
+                 autograd differentiates it, not its closed form (vaelab.models.likelihoods.BernoulliLogProb)
 
 The steps take turns in blocks of 25 steps, each on its own model and optimizer; every block is timed by the
 CPU time of the timing thread (time.thread_time), which counts the work done and not the time spent waiting for
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from vaelab import TrainConfig
 from vaelab.data import load_dataset, to_unit
-from vaelab.fused import MLPStep
-from vaelab.model import VAE
-from vaelab.trainer import TrainStep, make_optimizer
+from vaelab.models.vae import VAE
+from vaelab.training.fused import MLPStep
+from vaelab.training.trainer import TrainStep, make_optimizer
 
 BATCH, HIDDEN, LATENT, BLOCK = 128, 400, 20, 25
 

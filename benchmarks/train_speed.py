@@ -3,7 +3,8 @@
 One process, one machine, one model: a 784-400-20 MLP VAE with a Bernoulli likelihood, batch 128, Adam 1e-3,
 on Fashion-MNIST's 60,000 training images.
 
-1. vaelab: `vaelab.train`, the function `vaelab train` calls (on a CPU its hand-written MLP step, vaelab.fused),
+1. vaelab: `vaelab.train`, the function `vaelab train` calls (on a CPU its hand-written MLP step,
+   vaelab.training.fused),
    one epoch at a time (epoch 1 on a fresh run
    directory, then `vaelab.resume` to 2, 3, ...; resuming is bit-identical to one uninterrupted run).
    Seconds per epoch are the `seconds` field of each epoch's train row in metrics.jsonl: the training loop's
@@ -21,7 +22,7 @@ on Fashion-MNIST's 60,000 training images.
 5. with --with-autograd, vaelab fp32 twice more: with --no-handwritten-grads (the networks' gradients from
    autograd: what the hand-written MLP step is worth), and with that and the Bernoulli log-density as the
    plain expression (Σ x·l − softplus(l), differentiated by autograd) instead of its closed-form gradient
-   (vaelab.likelihoods.BernoulliLogProb): what the closed form is worth.
+   (vaelab.models.likelihoods.BernoulliLogProb): what the closed form is worth.
 6. with --device cuda, vaelab fp32 once more with --no-cuda-graph: every step launched kernel by kernel
    instead of replayed as one CUDA graph, to show what the graph is worth.
 7. with --reference SRC, another vaelab source tree (the `src` folder of an older commit, e.g. from
@@ -67,10 +68,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vaelab import TrainConfig, load_run, resume, train
+from vaelab.analysis.metrics import elbo_metrics
 from vaelab.data import load_dataset, to_unit
-from vaelab.likelihoods import Bernoulli
-from vaelab.metrics import elbo_metrics
-from vaelab.model import VAE
+from vaelab.models.likelihoods import Bernoulli
+from vaelab.models.vae import VAE
 from vaelab.runs import read_metrics
 
 BATCH, HIDDEN, LATENT, LR, SEED = 128, 400, 20, 1e-3, 0

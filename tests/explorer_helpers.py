@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from vaelab.config import TrainConfig
-from vaelab.trainer import train
+from vaelab.training.trainer import train
 
 CLASSES = ("disc", "square", "bar")
 _RUNS: dict[str, Path] = {}

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from test_gradients import REFERENCE, SPECS, _inputs, _likelihood, check_against_reference
-from vaelab import cudagraph, resume, train
+from vaelab import resume, train
 from vaelab.config import TrainConfig
-from vaelab.model import VAE
-from vaelab.trainer import TrainStep, autocast, make_optimizer
+from vaelab.models.vae import VAE
+from vaelab.training import cudagraph
+from vaelab.training.trainer import TrainStep, autocast, make_optimizer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")]

@@ -23,13 +23,13 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from vaelab import TrainConfig, load_run, resume, train
+from vaelab.analysis.metrics import elbo_metrics
 from vaelab.data import load_dataset, to_unit
-from vaelab.distributed import World, check_batch, shard_objective
 from vaelab.errors import ConfigError
-from vaelab.likelihoods import make_likelihood
-from vaelab.metrics import elbo_metrics
-from vaelab.model import VAE, objective
-from vaelab.trainer import EVAL_SEED
+from vaelab.models.likelihoods import make_likelihood
+from vaelab.models.vae import VAE, objective
+from vaelab.training.distributed import World, check_batch, shard_objective
+from vaelab.training.trainer import EVAL_SEED
 
 LAUNCH_TIMEOUT = 240  # seconds for one torchrun invocation on a busy 2-core machine
 RUN_FILES = {"config.json", "metrics.jsonl", "model.safetensors", "checkpoint.safetensors"}

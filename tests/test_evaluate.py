@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 from trained_runs import trained_run
 from vaelab import load_run
-from vaelab.cli import format_table
-from vaelab.metrics import (
+from vaelab.analysis.metrics import (
     active_units,
     evaluate_run,
     iwae_log_px,
@@ -20,6 +19,7 @@ from vaelab.metrics import (
     radius_share,
     sharpness,
 )
+from vaelab.cli import format_table
 
 N_EVAL = 1000  # test images the run is evaluated on
 

@@ -1,4 +1,4 @@
-"""The hand-written MLP step (vaelab.fused.MLPStep) against the autograd step: same loss, same gradients, same
+"""The hand-written MLP step (vaelab.training.fused.MLPStep) against the autograd step: same loss, same gradients, same
 update, and chosen only where it computes exactly what autograd would."""
 
 import copy
@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from vaelab.config import TrainConfig
-from vaelab.fused import MLPStep
-from vaelab.model import VAE, objective
-from vaelab.trainer import TrainStep, make_step
+from vaelab.models.vae import VAE, objective
+from vaelab.training.fused import MLPStep
+from vaelab.training.trainer import TrainStep, make_step
 
 SHAPE = (1, 5, 4)  # odd sizes: nothing may assume square or 28x28 images
 LIKELIHOODS = [("bernoulli", "0.1"), ("gaussian", "0.3"), ("gaussian", "learned"), ("gaussian", "learned-pixel"),

@@ -10,9 +10,9 @@ import torch
 import torch.distributions as D
 
 from vaelab.config import TrainConfig
-from vaelab.likelihoods import BernoulliLogProb, SharedSigmaGaussianLogProb, make_likelihood
-from vaelab.model import VAE, objective
-from vaelab.trainer import TrainStep
+from vaelab.models.likelihoods import BernoulliLogProb, SharedSigmaGaussianLogProb, make_likelihood
+from vaelab.models.vae import VAE, objective
+from vaelab.training.trainer import TrainStep
 
 SHAPE = (2, 3, 5)  # (C, H, W), odd sizes: nothing may assume square or 28x28 images
 B, K = 4, 3

@@ -7,7 +7,7 @@ import torch
 from torch import distributions as D
 
 from vaelab.errors import ConfigError
-from vaelab.likelihoods import LIKELIHOODS, Discretized, GaussianOptimal, make_likelihood
+from vaelab.models.likelihoods import LIKELIHOODS, Discretized, GaussianOptimal, make_likelihood
 
 B, SHAPE = 4, (1, 5, 3)
 

@@ -8,7 +8,7 @@ from torch import distributions as D
 
 from vaelab.config import TrainConfig
 from vaelab.errors import ConfigError, RunError
-from vaelab.model import VAE, DiagonalGaussian, objective
+from vaelab.models.vae import VAE, DiagonalGaussian, objective
 from vaelab.runs import CONFIG, WEIGHTS, load_run, save_weights
 
 
@@ -85,7 +85,7 @@ def test_iwae_matches_a_direct_computation():
 
 
 def test_objective_beta_and_free_bits():
-    from vaelab.model import Terms
+    from vaelab.models.vae import Terms
 
     rec = torch.tensor([10.0, 20.0])
     kl = torch.tensor([[0.1, 2.0], [0.3, 4.0]])  # batch-mean per dim: 0.2, 3.0

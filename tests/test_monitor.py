@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from vaelab import TrainConfig, train
 from vaelab.cli import main
-from vaelab.monitor import grid
+from vaelab.training.monitor import grid
 
 
 def test_event_files_hold_the_epochs_numbers_and_images(tmp_path, fashion):

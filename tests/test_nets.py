@@ -6,8 +6,8 @@ from torch import nn
 
 from vaelab.config import TrainConfig
 from vaelab.errors import ConfigError
-from vaelab.model import VAE
-from vaelab.nets import ConvDecoder, ConvEncoder, ResBlock, conv_channels, n_parameters, stage_sizes
+from vaelab.models.nets import ConvDecoder, ConvEncoder, ResBlock, conv_channels, n_parameters, stage_sizes
+from vaelab.models.vae import VAE
 
 
 @pytest.mark.parametrize(("shape", "channels", "final"), [

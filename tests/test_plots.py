@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vaelab import plots, views
+from vaelab.analysis import plots, views
 from vaelab.config import TrainConfig
-from vaelab.model import VAE
+from vaelab.models.vae import VAE
 
 
 def _png(path):

@@ -13,9 +13,9 @@ from PIL import Image
 from conftest import vaelab_cmd
 from trained_runs import trained_run
 from vaelab import load_run
+from vaelab.analysis.reporting import FIGURES
 from vaelab.cli import main
-from vaelab.nets import n_parameters
-from vaelab.reporting import FIGURES
+from vaelab.models.nets import n_parameters
 
 JSON_KEYS = {"elbo", "log_px", "iw_samples", "bits_per_dim", "mse", "kl", "kl_per_dim", "active_units",
              "radius_share", "knn_agreement", "sharpness", "sigma"}

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import distributions as D
 
+from vaelab.analysis.study import StudyConfig, epoch_to_reach, markdown_table, summarize
 from vaelab.cli import main
 from vaelab.config import TrainConfig
 from vaelab.errors import ConfigError
-from vaelab.likelihoods import make_likelihood
-from vaelab.model import VAE
-from vaelab.study import StudyConfig, epoch_to_reach, markdown_table, summarize
+from vaelab.models.likelihoods import make_likelihood
+from vaelab.models.vae import VAE
 
 
 def test_gaussian_nll_identity():

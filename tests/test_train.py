@@ -195,7 +195,7 @@ def test_conv_and_static_binarization_train(tmp_path):
 
 
 def test_bf16_on_a_cpu_without_native_support_warns(monkeypatch):
-    T = sys.modules["vaelab.trainer"]
+    T = sys.modules["vaelab.training.trainer"]
     monkeypatch.setattr(T, "_cpu_has_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="emulated and slower"):
         T.check_precision(TrainConfig(precision="bf16"), torch.device("cpu"))
@@ -205,9 +205,9 @@ def test_bf16_on_a_cpu_without_native_support_warns(monkeypatch):
 def test_loaded_optimizer_state_lives_in_aligned_memory_of_its_own(tmp_path):
     """load_file's tensors are views into the checkpoint's mapping at 4-byte-aligned offsets; Adam's moments
     must be copied out (64-byte aligned by torch's allocator): on the views each step ran ~5 % slower."""
-    from vaelab.model import VAE
+    from vaelab.models.vae import VAE
     from vaelab.runs import load_checkpoint, save_checkpoint
-    from vaelab.trainer import make_optimizer
+    from vaelab.training.trainer import make_optimizer
 
     cfg = TrainConfig(hidden=[24], latent_dim=3, likelihood="bernoulli")
     model = VAE.from_config(cfg, (1, 5, 7))
@@ -244,7 +244,7 @@ def test_frozen_parameters_and_module_hooks_train_as_in_plain_pytorch(tmp_path, 
     """A user's frozen layer stays as initialised and a forward hook runs on every step."""
     from torch.nn.modules.module import register_module_forward_hook
 
-    from vaelab.model import VAE
+    from vaelab.models.vae import VAE
 
     original = VAE.from_config
 

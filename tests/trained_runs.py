@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vaelab.config import TrainConfig
-from vaelab.trainer import train
+from vaelab.training.trainer import train
 
 _CACHE: dict[tuple, Path] = {}
 

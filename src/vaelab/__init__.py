@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from .api import demo, evaluate, explore, plot, report, sigma_study
 from .config import TrainConfig
 from .runs import Run, load_run
-from .trainer import resume, train
+from .training.trainer import resume, train
 
 __all__ = ["Run", "TrainConfig", "__version__", "demo", "evaluate", "explore", "load_run", "plot", "report", "resume",
            "sigma_study", "train"]

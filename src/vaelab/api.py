@@ -9,16 +9,16 @@ import sys
 from pathlib import Path
 
 from . import explorer
+from .analysis.metrics import check_eval_args, evaluate_run
+from .analysis.reporting import Material, check_figure, draw, write_report
+from .analysis.study import StudyConfig, parse_list
+from .analysis.study import sigma_study as run_study
 from .config import TrainConfig, parse_hidden
 from .data import REGISTRY, locate
 from .errors import ConfigError, RunError
 from .explorer import DEFAULT_PORT
-from .metrics import check_eval_args, evaluate_run
-from .reporting import Material, check_figure, draw, write_report
 from .runs import CONFIG, Run, load_run, write_text_atomic
-from .study import StudyConfig, parse_list
-from .study import sigma_study as run_study
-from .trainer import resolve_device, resume, train
+from .training.trainer import resolve_device, resume, train
 
 
 def _load(path: str | Path, device: str = "auto") -> Run:

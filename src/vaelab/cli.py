@@ -11,16 +11,16 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .analysis.metrics import table_rows
+from .analysis.reporting import ALL_FIGURES
 from .api import demo, evaluate, explore, plot, report, sigma_study
 from .config import TrainConfig
 from .data import cache
-from .distributed import env_rank, reports
 from .errors import ConfigError, VaelabError
-from .metrics import table_rows
-from .nets import conv_channels, n_parameters, stage_sizes
-from .reporting import ALL_FIGURES
+from .models.nets import conv_channels, n_parameters, stage_sizes
 from .runs import load_run
-from .trainer import resume, train
+from .training.distributed import env_rank, reports
+from .training.trainer import resume, train
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from .errors import ConfigError
-from .likelihoods import LIKELIHOODS, check_likelihood
-from .nets import DEFAULT_BLOCKS, DEFAULT_HIDDEN
+from .models.likelihoods import LIKELIHOODS, check_likelihood
+from .models.nets import DEFAULT_BLOCKS, DEFAULT_HIDDEN
 
 DEFAULT_LR = {"mlp": 1e-3, "conv": 5e-4}
 DEFAULT_BATCH = {"mlp": 128, "conv": 64}

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .config import TrainConfig
 from .errors import ConfigError, RunError
-from .model import VAE
+from .models.vae import VAE
 
 CONFIG, WEIGHTS, METRICS, CHECKPOINT = "config.json", "model.safetensors", "metrics.jsonl", "checkpoint.safetensors"
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..likelihoods import Laplace, ScaledLikelihood
-from ..metrics import split_data
+from ..analysis.metrics import split_data
+from ..models.likelihoods import Laplace, ScaledLikelihood
 from ..runs import Run
 
 MAX_ABS_Z = 100.0  # |z_i| bound: the prior puts no visible mass past a few units

@@ -32,9 +32,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import Prepared
-from .errors import ConfigError, TrainingError
-from .model import Terms
+from ..data import Prepared
+from ..errors import ConfigError, TrainingError
+from ..models.vae import Terms
 
 # how long a process waits in one collective for the others before it gives up (a peer that vanished without
 # closing its connections, e.g. a machine that lost power); the work between two collectives is far shorter

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+from ..models.likelihoods import is_gaussian
+from ..runs import Run, write_text_atomic
 from . import plots, views
-from .errors import ConfigError
-from .likelihoods import is_gaussian
 from .metrics import active_units, elbo_metrics, evaluate_run, split_data, table_rows
-from .runs import Run, write_text_atomic
 
 N_SHOW = 10  # images per row of the image figures
 N_CODES = 2000  # test images encoded for the scatter and the principal plane

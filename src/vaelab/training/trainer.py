@@ -25,16 +25,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import Device, TrainConfig
-from .cudagraph import CUDAGraphStep, Step, capturable
-from .data import ImageData, Prepared, prepare_data
-from .distributed import SINGLE, ShardStep, World, check_batch, join, wrap
-from .errors import ConfigError, RunError, TrainingError
-from .fused import MLPStep
-from .metrics import elbo_metrics
-from .model import VAE, objective
-from .monitor import TensorBoard
-from .runs import (
+from ..config import Device, TrainConfig
+from ..data import ImageData, Prepared, prepare_data
+from ..errors import ConfigError, RunError, TrainingError
+from ..models.vae import VAE, objective
+from ..runs import (
     CHECKPOINT,
     CONFIG,
     METRICS,
@@ -47,6 +42,11 @@ from .runs import (
     save_weights,
     write_metrics,
 )
+from .cudagraph import CUDAGraphStep, Step, capturable
+from .distributed import SINGLE, ShardStep, World, check_batch, join, wrap
+from .evaluation import elbo_metrics
+from .fused import MLPStep
+from .monitor import TensorBoard
 
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
 EVAL_SEED = 12345

@@ -7,7 +7,7 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
-from .model import VAE
+from ..models.vae import VAE
 
 
 def gaussian_quantiles(n: int, tail: float = 0.05) -> np.ndarray:

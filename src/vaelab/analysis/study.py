@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import DEFAULT_BATCH, DEFAULT_LR, Arch, Device, Optimizer, TrainConfig
+from ..errors import ConfigError, TrainingError
+from ..runs import CHECKPOINT, CONFIG, WEIGHTS, Run, load_run, write_text_atomic
+from ..training.trainer import resume, train
 from . import plots
-from .config import DEFAULT_BATCH, DEFAULT_LR, Arch, Device, Optimizer, TrainConfig
-from .errors import ConfigError, TrainingError
 from .metrics import evaluate_run, split_data
 from .reporting import figures_html, html_page
-from .runs import CHECKPOINT, CONFIG, WEIGHTS, Run, load_run, write_text_atomic
-from .trainer import resume, train
 from .views import manifold_grid, prior_samples, reconstructions
 
 SPECIAL = ("learned", "optimal")

@@ -11,67 +11,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import StoredImages, prepare_data
-from .errors import ConfigError, NotNormalizedWarning
-from .likelihoods import is_gaussian
-from .model import VAE
-
-
-def bits_per_dim(nats_per_image: float, n_pixels: int, continuous: bool) -> float:
-    """Nats per image -> bits per dimension on the 8-bit scale.
-
-    A continuous density on [0, 1]-scaled 8-bit pixels becomes a probability of the 256-level bin after a
-    change of scale: log p_8bit = log p_[0,1] - D·log 256. A Bernoulli mass needs no such term.
-    """
-    nats = nats_per_image + (n_pixels * math.log(256.0) if continuous else 0.0)
-    return nats / (n_pixels * math.log(2.0))
-
-
-@torch.no_grad()
-def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare, seed: int = 0,
-                 part: tuple[int, int] = (0, 1), reduce: Callable[[Tensor], Tensor] | None = None) -> dict:
-    """−ELBO (= rec + kl), rec, kl, bits/dim, per-pixel MSE and σ, averaged over the images of `x`.
-
-    `x` is the split as stored (uint8 or float, on the model's device); `prepare` maps a stored batch to
-    model inputs in [0, 1]. One z is drawn per image (seeded, without touching the training RNG stream);
-    `mse` uses the decoder mean at that same z, so for a shared-σ Gaussian
-    rec = (D/2)·log(2πσ²) + D·mse/(2σ²) holds exactly for the reported numbers.
-    Shared among processes: part=(rank, size) evaluates every size-th batch (the noise of every batch is drawn
-    on each process, so each image gets the z it gets on one process) and `reduce` sums the totals across them.
-    """
-    was_training = model.training
-    model.eval()
-    n = x.shape[0]
-    rank, size = part
-    dtype = next(model.parameters()).dtype
-    totals = torch.zeros(5 + model.latent_dim, dtype=torch.float64, device=x.device)  # rec, kl, sq, σ, #σ, kl_d
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for i, start in enumerate(range(0, n, batch_size)):
-            xb = x[start:start + batch_size]
-            eps = torch.randn((xb.shape[0], model.latent_dim), dtype=dtype, device=x.device)  # (B, L)
-            if i % size != rank:
-                continue
-            t = model.terms(prepare(xb), eps=eps)
-            assert t.sq_err is not None, "terms() with extras computes it"
-            totals[:3] += torch.stack([t.rec.sum(), t.kl.sum(), t.sq_err.sum()]).double()
-            totals[5:] += t.kl_per_dim.sum(0).double()
-            if t.sigma is not None:
-                totals[3] += t.sigma.double().sum()
-                totals[4] += t.sigma.shape[0]
-    model.train(was_training)
-    if reduce is not None:
-        reduce(totals)
-    rec, kl, sq, sigma_sum, sigma_count = (v / n for v in totals[:5].tolist())
-    d = model.n_pixels
-    out = {"loss": rec + kl, "rec": rec, "kl": kl,
-           "bits_per_dim": bits_per_dim(rec + kl, d, model.likelihood.continuous),
-           "mse": sq / d, "kl_per_dim": (totals[5:] / n).tolist()}
-    if sigma_count > 0:
-        out["sigma"] = sigma_sum
-    return out
-
+from ..data import StoredImages, prepare_data
+from ..errors import ConfigError, NotNormalizedWarning
+from ..models.likelihoods import is_gaussian
+from ..models.vae import VAE
+from ..training.evaluation import bits_per_dim, elbo_metrics
 
 # ------------------------------------------------------------------------------ evaluating a saved run
 # The numbers below are functions of arrays (codes, labels, images) so each can be checked on inputs whose

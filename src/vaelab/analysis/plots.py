@@ -34,7 +34,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> Path:
-    from .runs import atomic_write
+    from ..runs import atomic_write
 
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data import StoredImages
-from .errors import ConfigError
-from .model import VAE
+from ..data import StoredImages
+from ..errors import ConfigError
+from ..models.vae import VAE
 
 SCALARS = ("loss", "rec", "kl", "bits_per_dim", "mse", "sigma", "objective")
 N_RECON = 8  # test images shown with their reconstructions

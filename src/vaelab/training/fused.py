@@ -24,9 +24,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..models.nets import MLPDecoder, MLPEncoder
+from ..models.vae import VAE, DiagonalGaussian, Terms, objective
 from .cudagraph import has_module_hooks
-from .model import VAE, DiagonalGaussian, Terms, objective
-from .nets import MLPDecoder, MLPEncoder
 
 Layers = list[tuple[Tensor, Tensor]]  # (weight (out, in), bias (out,)) per Linear, in order
 
