@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.train_epochs:
             model = train(config, progress=False).model
         else:  # a fresh initialisation written as a run directory, so `eval` loads it the usual way
-            config.data_shape = [1, 28, 28]
+            config.model.data_shape = [1, 28, 28]
             out.mkdir()
             config.save(out / CONFIG)
             model = VAE.from_config(config, (1, 28, 28)).to(args.device)

@@ -1,7 +1,10 @@
 """Shared fixtures and the test tiers.
 
 Markers: `slow` (trains for a while), `data` (needs real Fashion-MNIST), `browser` (needs headless Chromium),
-`gpu` (needs CUDA). `pytest -m "not slow"` is the quick inner loop; `make test` runs everything but `gpu`.
+`gpu` (needs CUDA). A test gets `data` by requesting the `fashion` or `fashion_dir` fixture (directly or through
+another fixture), which also skips it where the data is missing; a test that reads a real named dataset in this
+process without the marker fails, so `-m "not data"` never reaches for data.
+`pytest -m "not slow"` is the quick inner loop; `make test` runs everything but `gpu`.
 A missing resource skips with its reason on a developer's machine, and fails under CI=true, so CI can never
 pass by skipping.
 """
@@ -28,6 +31,7 @@ import pytest
 import torch
 
 from vaelab.data import REGISTRY, load_dataset, locate
+from vaelab.data import named as _named
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -40,6 +44,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.data)
+
+
+_RUNNING: dict[str, pytest.Item] = {}  # the test being set up, run or torn down (its fixtures included)
+_TMP = Path(tempfile.gettempdir()).resolve()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _RUNNING["item"] = item
+    try:
+        yield
+    finally:
+        _RUNNING.pop("item", None)
+
+
+def _file_in_only_with_the_data_marker(directory, f, _read=_named._file_in):
+    """Every read of a named dataset's files (MNIST, Fashion-MNIST, CIFAR-10, dSprites) goes through
+    named._file_in: one found outside the temporary folder is real data, which a test reads only if marked."""
+    path = _read(directory, f)
+    item = _RUNNING.get("item")
+    if item is not None and item.get_closest_marker("data") is None and _TMP not in Path(path).resolve().parents:
+        pytest.fail(f"{item.nodeid} reads the real dataset file {path} but has no `data` marker: request the "
+                    "`fashion_dir` fixture (it adds the marker, and skips where the data is missing)", pytrace=False)
+    return path
+
+
+_named._file_in = _file_in_only_with_the_data_marker
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -10,9 +10,11 @@ import torch
 from test_gradients import REFERENCE, SPECS, _inputs, _likelihood, check_against_reference
 from vaelab import resume, train
 from vaelab.config import TrainConfig
+from vaelab.models.objective import ELBO, ObjectiveSettings
 from vaelab.models.vae import VAE
 from vaelab.training import cudagraph
-from vaelab.training.trainer import TrainStep, autocast, make_optimizer
+from vaelab.training.step import Step, local_inputs
+from vaelab.training.trainer import autocast, make_optimizer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")]
@@ -39,8 +41,8 @@ def test_training_steps_never_wait_for_the_gpu(lik, sigma, free_bits, precision)
     optimizer = make_optimizer(cfg, model)
     data = torch.randint(0, 256, (1024, 1, 28, 28), dtype=torch.uint8, device=CUDA)
     order = torch.randperm(1024, device=CUDA)
-    step = TrainStep(model, optimizer, lambda idx: data.index_select(0, idx).float() / 255, free_bits,
-                     autocast(cfg, CUDA))
+    step = Step(model, optimizer, ELBO(ObjectiveSettings(free_bits=free_bits)),
+                local_inputs(lambda idx: data.index_select(0, idx).float() / 255), autocast(cfg, CUDA))
     losses = []
     torch.cuda.synchronize()
     try:

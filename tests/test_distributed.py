@@ -27,8 +27,9 @@ from vaelab.analysis.metrics import elbo_metrics
 from vaelab.data import load_dataset, to_unit
 from vaelab.errors import ConfigError
 from vaelab.models.likelihoods import make_likelihood
-from vaelab.models.vae import VAE, objective
-from vaelab.training.distributed import World, check_batch, shard_objective
+from vaelab.models.objective import ELBO, Batch, ObjectiveSettings
+from vaelab.models.vae import VAE
+from vaelab.training.distributed import World, check_batch
 from vaelab.training.trainer import EVAL_SEED
 
 LAUNCH_TIMEOUT = 240  # seconds for one torchrun invocation on a busy 2-core machine
@@ -264,7 +265,7 @@ def _start_long_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_checkpoints_like_ctrl_c(tmp_path):
+def test_sigterm_to_the_launcher_checkpoints_like_ctrl_c(tmp_path, fashion_dir):
     """What a cluster scheduler sends before it takes the machines back: torchrun passes SIGTERM on."""
     run, launcher = _start_long_run(tmp_path)
     meta = _interrupt_after_an_epoch(run, launcher, signal.SIGTERM)
@@ -319,28 +320,30 @@ class _Peers(World):
 
 @pytest.mark.parametrize(("sigma", "free_bits"), [("0.1", 0.0), ("learned", 0.05), ("optimal", 0.05)])
 def test_shard_parts_add_up_to_the_one_process_objective_and_gradients(sigma, free_bits):
-    """Σ over processes of shard_objective's part (as DDP averages it) has the one-process objective's gradients,
+    """Σ over processes of the objective's share, differentiated as Step does under DDP (which averages), has the
+    one-process objective's gradients,
     and the shares add up to its value, with free bits and σ² = batch MSE computed from the whole batch."""
     torch.manual_seed(0)
     model = VAE((1, 4, 5), "mlp", [8], 3, make_likelihood("gaussian", sigma)).double()
     x, eps = torch.rand(11, 1, 4, 5, dtype=torch.float64), torch.randn(11, 3, dtype=torch.float64)
     beta = 0.7  # free bits 0.05 clamp one of the three dimensions (batch-mean KLs 0.065, 0.029, 0.075)
     reference = copy.deepcopy(model)
-    loss = objective(reference(x, eps), beta, free_bits)
+    objective = ELBO(ObjectiveSettings(free_bits=free_bits))
+    loss = objective(reference(x, eps), Batch(11, beta)).total
     loss.backward()
     with torch.no_grad():
         whole = copy.deepcopy(model)(x, eps)  # the whole batch's statistics, which the collectives would sum
         sq = (x - whole_mean(model, x, eps)).square().flatten(1).sum(1)
     totals = {(2,): torch.stack([sq.sum(), torch.tensor(11.0, dtype=torch.float64)]),
-              (3,): whole.kl_per_dim.sum(0)}
+              (3,): whole.kl_per_dim.sum(0) / 11}  # the batch-mean KL per dimension
     shares = 0.0
     for rank in range(2):
         world = _Peers(rank, 2, totals)
         if sigma == "optimal":
             model.likelihood.batch_reduce = world.all_sum
         rows = world.rows(11)
-        part, share = shard_objective(model(x[rows], eps[rows]), beta, free_bits, 11, world)
-        (part / world.size).backward()  # DDP's average over the processes
+        share = objective(model(x[rows], eps[rows]), Batch(11, beta, world.all_sum, world.size)).total
+        (share * world.size / world.size).backward()  # Step's scaling, then DDP's average over the processes
         shares += share.item()
     assert shares == pytest.approx(loss.item(), rel=1e-12)
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 import vaelab
-from vaelab.cli import TRAIN_KEYS, build_parser
+from vaelab.cli import build_parser
 from vaelab.config import TrainConfig
+from vaelab.flags import given_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -79,7 +80,7 @@ def test_documented_commands_parse():
             assert "--help" in words, f"does not parse: {where}"
             continue
         if args.command == "train" and not args.resume:
-            TrainConfig(**{k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k) is not None})
+            TrainConfig(**given_settings(args))
 
 
 def test_documented_api_exists():

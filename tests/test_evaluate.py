@@ -104,7 +104,7 @@ class ByHand:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, fashion_dir):
     return trained_run(tmp_path_factory)
 
 

@@ -25,7 +25,7 @@ from vaelab.explorer.standalone import linear_layers, mlp_spec, write_export
 
 
 @pytest.fixture(scope="module")
-def mlp_run(tmp_path_factory) -> Path:
+def mlp_run(tmp_path_factory, fashion_dir) -> Path:
     return trained_run(tmp_path_factory)
 
 
@@ -263,12 +263,12 @@ def test_parse_number_takes_plain_decimals_only(text, ok):
 
 
 @pytest.mark.slow
-def test_sigma_is_refused_for_a_bernoulli_run(tmp_path_factory):
+def test_sigma_is_refused_for_a_bernoulli_run(tmp_path_factory, fashion_dir):
     run = load_run(trained_run(tmp_path_factory, likelihood="bernoulli", binarize="dynamic", epochs=1,
                                limit=1000))
     ex = Explorer(run, 50)
     assert ex.info()["sigma"] is None
-    with pytest.raises(RequestError, match="sigma applies to gaussian and laplace"):
+    with pytest.raises(RequestError, match="sigma applies to observation models with a scale"):
         ex.sample(np.zeros((1, 2), np.float32), 0.1, 0)
     draw = ex.sample(np.zeros((1, 2), np.float32), None, 0, 4)
     assert set(np.unique(draw)) <= {0, 255}  # binary draws from a Bernoulli
@@ -311,7 +311,7 @@ def test_export_falls_back_to_the_grid_when_the_decoder_is_not_a_plain_stack(mlp
 
 
 @pytest.mark.slow
-def test_grid_export_of_a_one_dimensional_latent_space(tmp_path_factory, tmp_path, monkeypatch):
+def test_grid_export_of_a_one_dimensional_latent_space(tmp_path_factory, tmp_path, monkeypatch, fashion_dir):
     from vaelab.explorer import standalone
 
     ex = Explorer(load_run(trained_run(tmp_path_factory, latent_dim=1, epochs=1, limit=1000)), 100)

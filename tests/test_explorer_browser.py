@@ -66,7 +66,7 @@ def open_page(browser):
 
 
 @pytest.fixture(scope="module")
-def mlp_run(tmp_path_factory) -> Path:
+def mlp_run(tmp_path_factory, fashion_dir) -> Path:
     return trained_run(tmp_path_factory)
 
 
@@ -318,7 +318,7 @@ def test_conv_64x64_rgb_plane_axes_and_sliders(open_page, conv_server):
     assert_shows_decode(page, ex.model, z, 3)
 
 
-def test_one_latent_dimension_uses_the_horizontal_axis_only(open_page, tmp_path_factory):
+def test_one_latent_dimension_uses_the_horizontal_axis_only(open_page, tmp_path_factory, fashion_dir):
     run = load_run(trained_run(tmp_path_factory, latent_dim=1, epochs=1, limit=1000))
     srv = start(run, port=0, n_codes=300)
     try:
@@ -408,7 +408,8 @@ def test_export_of_an_mlp_decodes_in_the_page_from_disk(open_page, mlp_run, tmp_
 @pytest.mark.parametrize("settings", [{"likelihood": "continuous-bernoulli"},
                                       {"likelihood": "bernoulli", "binarize": "dynamic"}],
                          ids=lambda s: s["likelihood"])
-def test_export_computes_each_likelihoods_mean_like_pytorch(open_page, tmp_path_factory, tmp_path, settings):
+def test_export_computes_each_likelihoods_mean_like_pytorch(open_page, tmp_path_factory, tmp_path, settings,
+                                                          fashion_dir):
     """The page's f(z) is the likelihood's mean of the decoder's output (a sigmoid of logits, the continuous
     Bernoulli's mean), not the raw output."""
     likelihood = settings["likelihood"]

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vaelab
 from vaelab.cli import main
 from vaelab.data import cache, load_dataset
 from vaelab.data.folders import Options, decode
-from vaelab.errors import DataError
+from vaelab.errors import ConfigError, DataError
 
 
 @pytest.fixture
@@ -252,7 +253,7 @@ def test_cli_corrupt_file_one_line_then_skip_trains(emoji_dir, tmp_path, capsys)
                             "4", "--out", str(tmp_path / "run"), "--quiet", "--skip-bad-images")
     assert code == 0, err
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["data_shape"] == [3, 64, 64]
+    assert config["model"]["data_shape"] == [3, 64, 64]
     assert config["skip_bad_images"] is True
 
 
@@ -271,7 +272,7 @@ def test_real_emoji_folder_trains_with_conv(emoji_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     test = [row for row in rows if row["split"] == "test"][-1]
     assert np.isfinite(test["loss"])
-    assert json.loads((out / "config.json").read_text())["data_shape"] == [3, 64, 64]
+    assert json.loads((out / "config.json").read_text())["model"]["data_shape"] == [3, 64, 64]
 
 
 # ------------------------------------------------------------------------------------------- the decoded cache
@@ -361,6 +362,34 @@ def test_cli_cache_ls_and_clear(tmp_path, own_cache, capsys):
     assert code == 0
     assert "removed 1 entry" in out
     assert not list(own_cache.iterdir())
+
+
+def test_cache_listing_and_clear_entries_are_what_the_cli_prints(tmp_path, own_cache, capsys):
+    assert cache.listing() == f"0 entries, 0 B in {own_cache}"  # no cache folder yet
+    d = tmp_path / "myimages"
+    d.mkdir()
+    for i in range(3):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(d / f"{i}.png")
+    load_dataset(str(d))
+    load_dataset(str(d), image_size=2)
+    (own_cache / ".tmp-999999999-abandoned").mkdir()  # a build whose process is gone
+    listed = list(cache.entries())
+    lines = cache.listing().splitlines()
+    assert lines[:-1] == [cache.describe(e) for e in listed]
+    assert len(lines) == 4
+    assert lines[0].startswith(".tmp-999999999-abandoned  0 B  incomplete")
+    total = sum(f.stat().st_size for f in own_cache.rglob("*") if f.is_file())
+    assert lines[-1] == f"3 entries, {cache.human_size(total)} in {own_cache}"
+    assert vaelab.cache_list() == cache.listing()
+    assert _run(capsys, "cache", "ls") == (0, cache.listing() + "\n", "")
+    with pytest.raises(ConfigError, match=f"no cache entry named 'nope' in {own_cache}; `vaelab cache ls` lists"):
+        cache.clear_entries("nope")
+    assert len(list(cache.entries())) == 3  # nothing removed
+    name = listed[1].name
+    assert cache.clear_entries(name) == f"removed 1 entry from {own_cache}"
+    assert [e.name for e in cache.entries()] == [listed[0].name, listed[2].name]
+    assert vaelab.cache_clear() == f"removed 2 entries from {own_cache}"
+    assert cache.listing() == f"0 entries, 0 B in {own_cache}"
 
 
 @pytest.mark.parametrize(("args", "needle"), [

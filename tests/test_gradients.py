@@ -11,8 +11,9 @@ import torch.distributions as D
 
 from vaelab.config import TrainConfig
 from vaelab.models.likelihoods import BernoulliLogProb, SharedSigmaGaussianLogProb, make_likelihood
-from vaelab.models.vae import VAE, objective
-from vaelab.training.trainer import TrainStep
+from vaelab.models.objective import ELBO, Batch, ObjectiveSettings
+from vaelab.models.vae import VAE
+from vaelab.training.step import Step, local_inputs
 
 SHAPE = (2, 3, 5)  # (C, H, W), odd sizes: nothing may assume square or 28x28 images
 B, K = 4, 3
@@ -186,7 +187,7 @@ CASES = {  # name -> (model kwargs, change made to the model, autocast)
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_train_step_equals_autograd_on_the_plain_likelihood(case):
-    """Two TrainSteps (objective, backward, Adam) reach the parameters of the same steps with the likelihood's
+    """Two Steps (objective, backward, Adam) reach the parameters of the same steps with the likelihood's
     plain expression: the closed forms need no special case for networks, hooks, frozen weights or autocast."""
     kwargs, change, bf16 = CASES[case]
     name = kwargs.get("name", "bernoulli")
@@ -204,8 +205,9 @@ def test_train_step_equals_autograd_on_the_plain_likelihood(case):
     losses = []
     for m in (model, ref):
         opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-        step = TrainStep(m, opt, lambda idx: data.index_select(0, idx), free_bits=0.05,
-                         **({"autocast": context} if context else {}))
+        inputs = local_inputs(lambda idx: data.index_select(0, idx))
+        step = Step(m, opt, ELBO(ObjectiveSettings(free_bits=0.05)), inputs,
+                    **({"autocast": context} if context else {}))
         torch.manual_seed(5)
         losses.append([step(torch.arange(i, i + 4), 0.5) for i in (0, 4)])
     rtol, atol = (1e-3, 1e-5) if bf16 else (1e-9, 1e-11)
@@ -227,8 +229,8 @@ def test_train_step_replaces_old_gradients():
     x = torch.rand(4, 1, 8, 6, dtype=torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     torch.manual_seed(1)
-    TrainStep(model, opt, lambda idx: x)(torch.arange(4), 1.0)
+    Step(model, opt, ELBO(), local_inputs(lambda idx: x))(torch.arange(4), 1.0)
     torch.manual_seed(1)
-    objective(ref(x)).backward()
+    ELBO()(ref(x), Batch(4)).total.backward()
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)

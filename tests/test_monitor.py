@@ -49,10 +49,10 @@ def test_grid_places_images_row_major():
     assert g[0, 0].eq(1).all()  # the empty slot and the borders are white
 
 
-def test_missing_tensorboard_package_is_one_line(tmp_path, monkeypatch, capsys):
+def test_missing_tensorboard_package_is_one_line(tmp_path, tiny_npz, monkeypatch, capsys):
     for name in ("tensorboard", "torch.utils.tensorboard"):  # as if not installed: importing them fails
         monkeypatch.setitem(sys.modules, name, None)
-    code = main(["train", "--limit", "100", "--epochs", "1", "--quiet", "--out", str(tmp_path / "run"),
+    code = main(["train", "--dataset", str(tiny_npz), "--epochs", "1", "--quiet", "--out", str(tmp_path / "run"),
                  "--tensorboard", str(tmp_path / "tb")])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -97,11 +97,11 @@ def test_config_rejects_what_does_not_apply(kwargs, needle):
 
 
 def test_defaults_per_family():
-    assert TrainConfig(arch="mlp").hidden == [400]
-    assert TrainConfig(arch="mlp").blocks == 0
+    assert TrainConfig(arch="mlp").model.hidden == [400]
+    assert TrainConfig(arch="mlp").model.blocks == 0
     conv = TrainConfig(arch="conv")
-    assert conv.hidden == [32]
-    assert conv.blocks == 1
+    assert conv.model.hidden == [32]
+    assert conv.model.blocks == 1
     assert (conv.lr, conv.batch_size) == (5e-4, 64)
     mlp = TrainConfig(arch="mlp")
     assert (mlp.lr, mlp.batch_size) == (1e-3, 128)
@@ -109,5 +109,5 @@ def test_defaults_per_family():
     assert (given.lr, given.batch_size) == (2e-3, 16)
     again = TrainConfig.from_dict(given.to_dict())  # config.json keeps the resolved values
     assert (again.lr, again.batch_size) == (2e-3, 16)
-    assert TrainConfig(likelihood="discretized-logistic").sigma == "learned-pixel"
-    assert TrainConfig(likelihood="gaussian").sigma == "0.1"
+    assert TrainConfig(likelihood="discretized-logistic").model.sigma == "learned-pixel"
+    assert TrainConfig(likelihood="gaussian").model.sigma == "0.1"

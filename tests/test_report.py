@@ -29,7 +29,7 @@ def run_browser(browser: str, tmp_path, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, fashion_dir):
     return trained_run(tmp_path_factory)
 
 
@@ -56,7 +56,7 @@ def test_report_writes_every_figure_and_a_self_contained_html(report, run_dir):
     assert numbers.keys() >= JSON_KEYS
     assert f"{numbers['elbo']:.2f}" in text
     assert f"{numbers['log_px']:.2f}" in text
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())["model"]
     assert f"<th>likelihood</th><td>&quot;{config['likelihood']}&quot;</td>" in text
     assert not list(out.glob(".*.tmp"))
 
@@ -180,7 +180,8 @@ def test_bad_input_gets_one_line_and_no_files(run_dir, tmp_path, capsys, args, n
     {"arch": "conv", "hidden": [4], "blocks": 2, "likelihood": "discretized-gaussian", "sigma": "learned"},
     {"likelihood": "laplace", "sigma": "learned"},
 ], ids=["conv-logistic-mixture", "conv-gaussian-8bit", "mlp-laplace-learned"])
-def test_every_figure_and_number_for_the_new_networks_and_likelihoods(tmp_path, tmp_path_factory, overrides):
+def test_every_figure_and_number_for_the_new_networks_and_likelihoods(tmp_path, tmp_path_factory, overrides,
+                                                                     fashion_dir):
     run = trained_run(tmp_path_factory, epochs=1, limit=600, latent_dim=3, **overrides)
     assert main(["report", str(run), "--out", str(tmp_path), "--limit", "200", "--iw-samples", "8", "--quiet"]) == 0
     for name in FIGURES:
@@ -196,7 +197,7 @@ def test_every_figure_and_number_for_the_new_networks_and_likelihoods(tmp_path, 
 
 
 @pytest.mark.slow
-def test_cli_trains_a_conv_net_with_blocks_and_mixtures_and_info_counts_parameters(tmp_path, capsys):
+def test_cli_trains_a_conv_net_with_blocks_and_mixtures_and_info_counts_parameters(tmp_path, capsys, fashion_dir):
     out = tmp_path / "run"
     assert main(["train", "--dataset", "fashion-mnist", "--limit", "256", "--epochs", "1", "--arch", "conv",
                  "--hidden", "4", "--blocks", "2", "--latent-dim", "3", "--likelihood", "discretized-logistic",

@@ -97,7 +97,7 @@ def test_shapes_trains_and_reports(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert main(["train", "--dataset", "shapes", "--arch", "conv", "--hidden", "8", "--epochs", "1",
                  "--latent-dim", "2", "--out", str(out), "--quiet"]) == 0
-    assert json.loads((out / "config.json").read_text())["data_shape"] == [3, 64, 64]
+    assert json.loads((out / "config.json").read_text())["model"]["data_shape"] == [3, 64, 64]
     assert main(["report", str(out), "--iw-samples", "2", "--quiet"]) == 0
     html = (out / "report.html").read_text()
     for figure in ("manifold", "scatter", "factors", "reconstructions", "samples", "traversals"):

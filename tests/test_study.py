@@ -117,7 +117,7 @@ def vaelab(*args):
 
 
 @pytest.mark.slow
-def test_sigma_study_end_to_end_reuses_runs_and_agrees_with_eval(tmp_path):
+def test_sigma_study_end_to_end_reuses_runs_and_agrees_with_eval(tmp_path, fashion_dir):
     out = tmp_path / "sigma"
     common = ["--dataset", "fashion-mnist", "--limit", "1500", "--epochs", "2", "--hidden", "64",
               "--iw-samples", "3", "--out", str(out), "--quiet"]
@@ -156,7 +156,7 @@ def test_sigma_study_end_to_end_reuses_runs_and_agrees_with_eval(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigma_study_with_conv_networks_and_a_learned_sigma(tmp_path, capsys):
+def test_sigma_study_with_conv_networks_and_a_learned_sigma(tmp_path, capsys, fashion_dir):
     out = tmp_path / "conv"
     assert main(["sigma-study", "--arch", "conv", "--hidden", "4", "--blocks", "1", "--sigmas", "0.3",
                  "--also", "learned", "--dataset", "fashion-mnist", "--limit", "640", "--epochs", "1",
@@ -164,7 +164,7 @@ def test_sigma_study_with_conv_networks_and_a_learned_sigma(tmp_path, capsys):
     rows = list(csv.DictReader((out / "table.csv").read_text().splitlines()))
     assert [r["setting"] for r in rows] == ["0.3", "learned"]
     config = json.loads((out / "sigma-learned" / "config.json").read_text())
-    assert (config["arch"], config["hidden"], config["blocks"]) == ("conv", [4], 1)
+    assert (config["model"]["arch"], config["model"]["hidden"], config["model"]["blocks"]) == ("conv", [4], 1)
     learned = rows[1]  # a learned σ ends near √MSE (5 steps here: started from the data, moving fast)
     assert 0.5 < float(learned["sigma"]) / math.sqrt(float(learned["mse"])) < 2.0
     assert (out / "manifolds.png").stat().st_size > 0

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from vaelab import TrainConfig, load_run, resume, train
 from vaelab.errors import NotNormalizedWarning, RunError, TrainingError
+from vaelab.models.vae import VAE
+from vaelab.runs import CHECKPOINT, METRICS, WEIGHTS, save_checkpoint, save_weights, write_metrics, write_text_atomic
 
 
 def _cfg(tmp_path, name, **kw):
@@ -29,15 +32,15 @@ def _lines(run_dir):
 
 
 def test_preloaded_data_obeys_limit_like_a_fresh_load(tmp_path, fashion):
-    """train(config, data=...) trains on config.limit images, as a resume (which reloads) will."""
+    """train(config, data=...) trains on config.data.limit images, as a resume (which reloads) will."""
     given = train(_cfg(tmp_path, "given", epochs=1, limit=300), progress=False, data=fashion)
     loaded = train(_cfg(tmp_path, "loaded", epochs=1, limit=300), progress=False)
-    assert given.config.data_shape == loaded.config.data_shape
+    assert given.config.model.data_shape == loaded.config.model.data_shape
     _assert_same_weights(given.path, loaded.path)
 
 
 @pytest.mark.parametrize("sigma", ["0.1", "learned", "optimal"])
-def test_gaussian_metrics_are_the_true_negative_elbo(tmp_path, sigma):
+def test_gaussian_metrics_are_the_true_negative_elbo(tmp_path, fashion_dir, sigma):
     limit = 6000 if sigma == "optimal" else 2000  # enough steps for the running σ to settle
     run = train(_cfg(tmp_path, "g", sigma=sigma, limit=limit), progress=False)
     rows = _lines(run.path)
@@ -59,7 +62,7 @@ def test_gaussian_metrics_are_the_true_negative_elbo(tmp_path, sigma):
         assert rows[-2]["sigma"] ** 2 == pytest.approx(rows[-2]["mse"], rel=0.25)
 
 
-def test_run_directory_reloads_exactly(tmp_path):
+def test_run_directory_reloads_exactly(tmp_path, fashion_dir):
     run = train(_cfg(tmp_path, "r", epochs=1), progress=False)
     files = sorted(p.name for p in run.path.iterdir())
     assert files == ["checkpoint.safetensors", "config.json", "metrics.jsonl", "model.safetensors"]
@@ -111,13 +114,13 @@ def test_resume_is_bit_identical(tmp_path, fashion, lik, extra):
 
 
 @pytest.mark.filterwarnings(NO_NATIVE_BF16)
-def test_bf16_precision_trains_to_the_same_loss_and_reports_float32(tmp_path):
+def test_bf16_precision_trains_to_the_same_loss_and_reports_float32(tmp_path, fashion_dir):
     """--precision bf16 changes the arithmetic of the networks' matmuls only: weights and the reported numbers
     stay float32, and the model reaches the loss of the float32 run."""
     kw = dict(epochs=3, likelihood="bernoulli", binarize="dynamic", hidden=[128], latent_dim=8)
     fast = train(_cfg(tmp_path, "bf16", precision="bf16", **kw), progress=False)
     exact = train(_cfg(tmp_path, "fp32", **kw), progress=False)
-    assert json.loads((fast.path / "config.json").read_text())["precision"] == "bf16"
+    assert json.loads((fast.path / "config.json").read_text())["runtime"]["precision"] == "bf16"
     wf, we = _weights(fast.path), _weights(exact.path)
     assert all(t.dtype == torch.float32 for t in wf.values())
     assert any(not wf[k].equal(we[k]) for k in wf)  # bf16 really was in effect
@@ -128,7 +131,7 @@ def test_bf16_precision_trains_to_the_same_loss_and_reports_float32(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, fashion_dir):
     """A real process gets SIGINT mid-training; the resumed run equals an uninterrupted one bit for bit."""
     out = tmp_path / "interrupted"
     # 500 steps of a 256-wide MLP per epoch (~0.6 s on one thread), so the interrupt lands inside epoch 2
@@ -156,26 +159,26 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):
     _assert_same_weights(ref.path, out)
 
 
-def test_non_finite_loss_stops_with_a_cause(tmp_path):
+def test_non_finite_loss_stops_with_a_cause(tmp_path, fashion_dir):
     with pytest.raises(TrainingError, match=r"non-finite.*likely cause.*learning rate"):
         train(_cfg(tmp_path, "nan", sigma="0.0001", lr=1e4, epochs=1), progress=False)
 
 
-def test_bernoulli_on_grey_pixels_warns_and_says_so(tmp_path):
+def test_bernoulli_on_grey_pixels_warns_and_says_so(tmp_path, fashion_dir):
     with pytest.warns(NotNormalizedWarning, match="not a normalized density"):
         run = train(_cfg(tmp_path, "b", likelihood="bernoulli", epochs=1), progress=False)
     assert all(r["normalized"] is False for r in run.metrics)
     assert all(r["bits_per_dim"] == pytest.approx(r["loss"] / 784 / math.log(2)) for r in run.metrics)
 
 
-def test_objective_is_reported_when_it_differs(tmp_path):
+def test_objective_is_reported_when_it_differs(tmp_path, fashion_dir):
     run = train(_cfg(tmp_path, "beta", beta=4.0, free_bits=0.5, epochs=1), progress=False)
     for r in run.metrics:
         assert r["loss"] == pytest.approx(r["rec"] + r["kl"])
         assert r["objective"] == pytest.approx(r["rec"] + 4.0 * sum(max(k, 0.5) for k in r["kl_per_dim"]))
 
 
-def test_existing_run_is_not_overwritten(tmp_path):
+def test_existing_run_is_not_overwritten(tmp_path, fashion_dir):
     cfg = _cfg(tmp_path, "once", epochs=1)
     train(cfg, progress=False)
     before = (tmp_path / "once" / "model.safetensors").read_bytes()
@@ -186,7 +189,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 @pytest.mark.skipif(os.environ.get("VAELAB_SKIP_SLOW") == "1", reason="VAELAB_SKIP_SLOW=1")
 @pytest.mark.slow
-def test_conv_and_static_binarization_train(tmp_path):
+def test_conv_and_static_binarization_train(tmp_path, fashion_dir):
     run = train(_cfg(tmp_path, "conv", arch="conv", hidden=[8, 16], likelihood="bernoulli", binarize="static",
                      epochs=2), progress=False)
     test = [r for r in run.metrics if r["split"] == "test"]
@@ -227,7 +230,7 @@ def test_loaded_optimizer_state_lives_in_aligned_memory_of_its_own(tmp_path):
             assert torch.equal(s_new[k], s_old[k])
 
 
-def test_optimizer_step_hooks_still_run(tmp_path):
+def test_optimizer_step_hooks_still_run(tmp_path, fashion_dir):
     """The trainer's step is optimizer.step(): a registered step hook runs on every step."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -262,23 +265,33 @@ def test_frozen_parameters_and_module_hooks_train_as_in_plain_pytorch(tmp_path, 
         handle.remove()
     assert seen.count("VAE") == 5  # each training step calls model(x); evaluation calls model.terms
     torch.manual_seed(0)  # the initialisation train() made from seed 0
-    fresh = original(run.config, tuple(run.config.data_shape))
+    fresh = original(run.config, tuple(run.config.model.data_shape))
     assert torch.equal(run.model.encoder.head.weight, fresh.encoder.head.weight)
     assert not torch.equal(run.model.decoder.body[0].weight, fresh.decoder.body[0].weight)
 
 
-@pytest.mark.slow
 def test_run_files_get_the_mode_of_any_new_file(tmp_path):
     """Atomic writes go through a temporary file; the file that lands has the usual mode (umask applied), not the
-    private 0600 that safetensors gives its own files."""
-    probe = tmp_path / "probe"
-    probe.touch()
-    usual = probe.stat().st_mode & 0o777
-    out = tmp_path / "run"
-    train(TrainConfig(dataset="shapes", limit=64, arch="mlp", hidden=[8], latent_dim=2, epochs=1, out=str(out)),
-          progress=False)
-    for name in ("config.json", "metrics.jsonl", "model.safetensors", "checkpoint.safetensors"):
-        assert (out / name).stat().st_mode & 0o777 == usual, name
+    private 0600 that safetensors gives its own files. Each writer of a run directory's files is called on a tiny
+    model, with a umask under which the two modes differ."""
+    model = VAE.from_config(TrainConfig(hidden=[8], latent_dim=2), (1, 4, 4))
+    optimizer = torch.optim.Adam(model.parameters())
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()  # Adam's moments: the checkpoint holds optimizer state too
+    old = os.umask(0o022)
+    try:
+        save_file({"t": torch.zeros(1)}, tmp_path / "raw.safetensors")
+        save_weights(model, tmp_path / WEIGHTS)
+        save_checkpoint(tmp_path / CHECKPOINT, model, optimizer, {"epoch": 1}, {"torch": torch.get_rng_state()})
+        write_metrics(tmp_path / METRICS, [{"split": "test", "epoch": 1, "loss": 1.0}])
+        write_text_atomic(tmp_path / "report.html", "<html></html>")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "raw.safetensors").stat().st_mode & 0o777 == 0o600  # what the atomic writes must undo
+    for name in (WEIGHTS, CHECKPOINT, METRICS, "report.html"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 
 
 def _scale_and_target(run, x, likelihood, sigma):

@@ -1,6 +1,6 @@
-"""The commands of the CLI as library functions: evaluate, report, plot, demo, sigma_study, explore (train and
-resume live in vaelab.trainer, load_run in vaelab.runs). Each checks its arguments before any slow work and returns
-data or paths; printing is the CLI's job."""
+"""The commands of the CLI as library functions: info, evaluate, report, plot, demo, sigma_study, explore,
+cache_list and cache_clear (train and resume live in vaelab.training.trainer, load_run in vaelab.runs). Each checks
+its arguments before any slow work and returns data, text or paths; printing is the CLI's job."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from .analysis.metrics import check_eval_args, evaluate_run
 from .analysis.reporting import Material, check_figure, draw, write_report
 from .analysis.study import StudyConfig, parse_list
 from .analysis.study import sigma_study as run_study
+from .analysis.summary import run_summary
 from .config import TrainConfig, parse_hidden
 from .data import REGISTRY, locate
+from .data import cache as decoded_cache
 from .errors import ConfigError, RunError
 from .explorer import DEFAULT_PORT
 from .runs import CONFIG, Run, load_run, write_text_atomic
@@ -28,6 +30,23 @@ def _load(path: str | Path, device: str = "auto") -> Run:
 def _check_out_file(path: str | Path | None, flag: str) -> None:
     if path is not None and Path(path).is_dir():
         raise ConfigError(f"{flag} must be a file name, got the folder {path}")
+
+
+def info(path: str | Path) -> str:
+    """The text `vaelab info` prints for the run in `path`: its model, each network's parameter count, its config
+    and its last train/test metrics."""
+    return run_summary(path)
+
+
+def cache_list() -> str:
+    """The text `vaelab cache ls` prints: each entry of the decoded-dataset cache, then their count and size."""
+    return decoded_cache.listing()
+
+
+def cache_clear(entry: str | None = None) -> str:
+    """Delete the decoded-dataset cache's entries, or only `entry` (ConfigError if it does not exist); returns
+    what `vaelab cache clear` prints."""
+    return decoded_cache.clear_entries(entry)
 
 
 def evaluate(path: str | Path, split: str = "test", iw_samples: int = 1000, batch_size: int = 500,
@@ -114,7 +133,7 @@ def sigma_study(dataset: str = "fashion-mnist", sigmas: str | list[float] = "0.0
                                  **kwargs), progress=progress)
 
 
-__all__ = ["demo", "evaluate", "plot", "report", "sigma_study"]
+__all__ = ["cache_clear", "cache_list", "demo", "evaluate", "explore", "info", "plot", "report", "sigma_study"]
 
 
 def explore(run: str | Path | Run, port: int = DEFAULT_PORT, host: str = "127.0.0.1", open_browser: bool = True,

@@ -1,4 +1,14 @@
-"""Typed configuration: one dataclass, saved as config.json in every run and used to rebuild the model."""
+"""Typed configuration, one dataclass per role, saved as config.json in every run and used to rebuild the model.
+
+    DataConfig      what to train on and how it is read
+    ModelConfig     the networks, the latent space and the observation model p(x|z)
+    OptimConfig     the objective and how it is minimised
+    RuntimeConfig   where and how the run executes and where it is written
+
+Each field declares, once, its default, its help text and (through a Literal type or a registry) its allowed
+values; the CLI's flags, choices and help, and validation, are generated from these declarations. Configs are
+frozen: functions that need another setting build a new config (`TrainConfig.replace`).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +16,15 @@ import dataclasses
 import json
 import math
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from pathlib import Path
+from typing import Any, ClassVar, Literal, get_args
 
 from .errors import ConfigError
 from .models.likelihoods import LIKELIHOODS, check_likelihood
 from .models.nets import DEFAULT_BLOCKS, DEFAULT_HIDDEN
+from .models.objective import OBJECTIVES
 
 DEFAULT_LR = {"mlp": 1e-3, "conv": 5e-4}
 DEFAULT_BATCH = {"mlp": 128, "conv": 64}
@@ -23,150 +36,270 @@ Optimizer = Literal["adam", "sgd"]
 Precision = Literal["fp32", "bf16"]
 Background = Literal["white", "black"]
 
+# keys that config.json files of earlier versions hold and that no longer mean anything
+RETIRED_KEYS = ("handwritten_grads",)
 
-def option(default, help: str, group: str, flag: bool = True, metavar: str | None = None):
-    """A TrainConfig field with the help text and group of its CLI flag: the one place both are written."""
-    meta = {"help": help, "group": group, "cli": flag, "metavar": metavar}
+
+def option(default: Any, help: str, group: str = "", flag: bool = True, metavar: str | None = None,
+           choices: Callable[[], tuple[str, ...]] | None = None) -> Any:
+    """A config field with the help text, help group and allowed values of its CLI flag: the one place each is
+    written. `choices` names the values of a registry (likelihoods, objectives), read when asked."""
+    meta = {"help": help, "group": group, "cli": flag, "metavar": metavar, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved as config.json and used to rebuild the model. Each field is a CLI flag of
-    `vaelab train` (--data-dir for data_dir) with the help text and default written here."""
+class Role:
+    """What the per-role dataclasses share: validation of declared choices and plain-dict conversion."""
 
-    # data
+    title: ClassVar[str] = ""
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # the frozen dataclass normalises its own fields while it is built
+
+    def _check_choices(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            allowed = choices_of(f, type(self))
+            value = getattr(self, f.name)
+            if allowed and value not in allowed:
+                raise ConfigError(f"{flag_name(f.name)} must be one of {', '.join(allowed)}; got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class DataConfig(Role):
+    title = "data"
     dataset: str = option("fashion-mnist", "mnist, fashion-mnist, cifar10, dsprites, celeba (a local folder), shapes "
-                          "(generated), a .npz/.npy file or an image folder", "data")
+                          "(generated), a .npz/.npy file or an image folder")
     data_dir: str | None = option(None, "folder holding the files of a named dataset (looked at first; then "
-                                  "$VAELAB_DATA, the user cache ~/.cache/vaelab, system copies, then a download)",
-                                  "data")
-    limit: int | None = option(None, "train on the first N training images only", "data", metavar="N")
+                                  "$VAELAB_DATA, the user cache ~/.cache/vaelab, system copies, then a download)")
+    limit: int | None = option(None, "train on the first N training images only", metavar="N")
     binarize: Binarize = option("none", "turn grey pixels into 0/1: a fresh draw per step (dynamic) or one fixed "
-                                "draw (static); for the Bernoulli likelihood", "data")
+                                "draw (static); for the Bernoulli likelihood")
     image_size: str | None = option(None, "image folders: resize the shorter side to N (antialiased) and centre-crop "
-                                    "to N x N, or to H x W with HxW (needed when images differ in size)", "data",
+                                    "to N x N, or to H x W with HxW (needed when images differ in size)",
                                     metavar="N|HxW")
     center_crop: str | None = option(None, "image folders: crop the centre N x N (or HxW) before resizing (CelebA's "
-                                     "usual 140 with --image-size 64)", "data", metavar="N|HxW")
-    background: Background = option("white", "image folders: the colour transparent pixels are composited over",
-                                     "data")
+                                     "usual 140 with --image-size 64)", metavar="N|HxW")
+    background: Background = option("white", "image folders: the colour transparent pixels are composited over")
     skip_bad_images: bool = option(False, "image folders: leave out files that cannot be decoded (named in one "
-                                   "warning) instead of stopping at the first", "data")
-    # model
+                                   "warning) instead of stopping at the first")
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        if self.limit is not None:
+            positive_int("limit", self.limit)
+        self._set("image_size", _size("image_size", self.image_size))
+        self._set("center_crop", _size("center_crop", self.center_crop))
+
+
+@dataclass(frozen=True)
+class ModelConfig(Role):
+    title = "model"
     arch: Arch = option("mlp", "encoder/decoder type: mlp (fully connected) or conv (stride-2 convolution "
-                        "stages with residual blocks, sized from the images)", "model")
+                        "stages with residual blocks, sized from the images)")
     hidden: list[int] | None = option(None, "mlp: hidden layer widths, e.g. 400 or 512,256 (default 400); conv: "
                                       "channels of the first stride-2 stage, doubled per stage (at most 8x) until "
                                       "the image is about 4x4 (default 32), or one number per stage, e.g. "
-                                      "32,64,128", "model")
+                                      "32,64,128")
     blocks: int | None = option(None, "conv: residual blocks per stage (default 1; 0 for a plain conv net)",
-                                "model", metavar="N")
-    latent_dim: int = option(20, "dimensions of z", "model")
-    likelihood: str = option("gaussian", "observation model p(x|z): " + ", ".join(LIKELIHOODS), "model")
+                                metavar="N")
+    latent_dim: int = option(20, "dimensions of z")
+    likelihood: str = option("gaussian", "observation model p(x|z)", choices=lambda: tuple(LIKELIHOODS))
     sigma: str | None = option(None, "the scale: a number (fixed), learned (one shared value, learned), "
                                "learned-pixel (one per pixel from the decoder) or, for gaussian, optimal (σ² = batch "
-                               "MSE). Default 0.1 for gaussian and laplace, learned-pixel for the discretized ones",
-                               "model")
-    mixtures: int = option(1, "discretized-logistic: components of the per-pixel mixture", "model", metavar="K")
-    # objective
+                               "MSE). Default 0.1 for gaussian and laplace, learned-pixel for the discretized ones")
+    mixtures: int = option(1, "discretized-logistic: components of the per-pixel mixture", metavar="K")
+    # filled in when training starts, so the model can be rebuilt from config.json alone
+    data_shape: list[int] | None = option(None, "", flag=False)
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        hidden = DEFAULT_HIDDEN[self.arch] if self.hidden is None else self.hidden
+        hidden = parse_hidden(hidden) if isinstance(hidden, str) else hidden
+        if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+            raise ConfigError(f"--hidden must be positive layer sizes such as 400 or 512,256; got {hidden}")
+        self._set("hidden", list(hidden))
+        blocks = DEFAULT_BLOCKS[self.arch] if self.blocks is None else self.blocks
+        positive_int("blocks", blocks, allow_zero=True)
+        if self.arch == "mlp" and blocks:
+            raise ConfigError(f"--blocks (residual blocks per stage) applies to --arch conv only; got {blocks} "
+                              "with --arch mlp")
+        self._set("blocks", blocks)
+        positive_int("latent_dim", self.latent_dim)
+        sigma = LIKELIHOODS[self.likelihood].default_sigma if self.sigma is None else self.sigma
+        self._set("sigma", str(sigma))
+        check_likelihood(self.likelihood, self.sigma, self.mixtures)
+        if self.data_shape is not None:
+            self._set("data_shape", [int(v) for v in self.data_shape])
+
+
+@dataclass(frozen=True)
+class OptimConfig(Role):
+    title = "optimisation"
+    objective: str = option("elbo", "the training objective", "objective", choices=lambda: tuple(OBJECTIVES))
     beta: float = option(1.0, "weight of the KL term in the training objective", "objective")
     kl_warmup: float = option(0.0, "raise the KL weight linearly from 0 to beta over this many epochs", "objective",
                               metavar="EPOCHS")
     free_bits: float = option(0.0, "lower bound on each latent dimension's batch-mean KL in the objective (nats)",
                               "objective", metavar="NATS")
-    # optimisation
-    optimizer: Optimizer = option("adam", "the optimizer", "optimisation")
-    lr: float = option(None, "learning rate (default 1e-3 for mlp, 5e-4 for conv)", "optimisation")
-    batch_size: int = option(None, "images per training step (default 128 for mlp, 64 for conv)", "optimisation")
-    epochs: int = option(10, "total epochs; with --resume, the new total", "optimisation")
-    seed: int = option(0, "seeds initialisation, shuffling and sampling", "optimisation")
-    device: Device = option("auto", "auto: cuda when available", "optimisation")
+    optimizer: Optimizer = option("adam", "the optimizer")
+    lr: float | None = option(None, "learning rate (default 1e-3 for mlp, 5e-4 for conv)")
+    batch_size: int | None = option(None, "images per training step (default 128 for mlp, 64 for conv)")
+    epochs: int = option(10, "total epochs; with --resume, the new total")
+    seed: int = option(0, "seeds initialisation, shuffling and sampling")
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        if self.lr is not None:
+            positive_float("lr", self.lr)
+        if self.batch_size is not None:
+            positive_int("batch_size", self.batch_size)
+        positive_int("epochs", self.epochs)
+        positive_float("beta", self.beta, allow_zero=True)
+        positive_float("kl_warmup", self.kl_warmup, allow_zero=True)
+        positive_float("free_bits", self.free_bits, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(Role):
+    title = "runtime"
+    device: Device = option("auto", "auto: cuda when available")
     precision: Precision = option("fp32", "bf16: run the networks' matmuls in bfloat16 (torch.autocast), faster on "
                                   "GPUs and on CPUs with AVX-512-BF16 or AMX; z, the KL, the likelihood, weights and "
-                                  "optimizer state stay float32 and every reported number is computed in float32",
-                                  "optimisation")
+                                  "optimizer state stay float32 and every reported number is computed in float32")
     cuda_graph: bool = option(True, "on a GPU, record the training step once as a CUDA graph and replay it for "
                               "each full batch (same results, far fewer kernel launches); --no-cuda-graph launches "
-                              "every kernel of every step (for profiling or debugging)", "optimisation")
-    handwritten_grads: bool = option(True, "on a CPU, compute a plain MLP VAE's network gradients with vaelab's "
-                                     "hand-written backward pass (the gradients autograd computes, with less "
-                                     "per-step overhead); --no-handwritten-grads uses autograd", "optimisation")
-    # run directory
+                              "every kernel of every step (for profiling or debugging)")
     out: str | None = option(None, "run directory (default runs/<name>)", "run directory")
     name: str | None = option(None, "run name used for the default --out", "run directory")
     tensorboard: str | None = option(None, "also write each epoch's numbers and image grids (reconstructions, prior "
                                      "samples) to this folder, for `tensorboard --logdir DIR` (needs pip install "
                                      "'vaelab[tensorboard]')", "run directory", metavar="DIR")
-    # filled in when training starts, so the model can be rebuilt from config.json alone
-    data_shape: list[int] | None = option(None, "", "", flag=False)
 
     def __post_init__(self) -> None:
-        self.validate()
+        self._check_choices()
 
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            allowed = _literal_values(f.type)
-            value = getattr(self, f.name)
-            if allowed and value not in allowed:
-                raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(allowed)}; got {value!r}")
-        if self.hidden is None:
-            self.hidden = list(DEFAULT_HIDDEN[self.arch])
-        if isinstance(self.hidden, str):
-            self.hidden = parse_hidden(self.hidden)
-        self.hidden = [int(h) for h in self.hidden]
-        if not self.hidden or any(h <= 0 for h in self.hidden):
-            raise ConfigError(f"--hidden must be positive layer sizes such as 400 or 512,256; got {self.hidden}")
-        if self.blocks is None:
-            self.blocks = DEFAULT_BLOCKS[self.arch]
-        _positive_int("blocks", self.blocks, allow_zero=True)
-        if self.arch == "mlp" and self.blocks:
-            raise ConfigError(f"--blocks (residual blocks per stage) applies to --arch conv only; got {self.blocks} "
-                              "with --arch mlp")
-        self.image_size = _size("image_size", self.image_size)
-        self.center_crop = _size("center_crop", self.center_crop)
-        # conv nets train with smaller steps: at 1e-3 and batch 128 a default conv run on `shapes` can fall into
-        # a state that outputs one grey image; 5e-4 and batch 64 trained stably and reached a lower test MSE
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.arch]
-        if self.batch_size is None:
-            self.batch_size = DEFAULT_BATCH[self.arch]
-        _positive_int("latent_dim", self.latent_dim)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("epochs", self.epochs)
-        if self.limit is not None:
-            _positive_int("limit", self.limit)
-        _positive_float("lr", self.lr)
-        _positive_float("beta", self.beta, allow_zero=True)
-        _positive_float("kl_warmup", self.kl_warmup, allow_zero=True)
-        _positive_float("free_bits", self.free_bits, allow_zero=True)
-        if self.sigma is None and self.likelihood in LIKELIHOODS:
-            self.sigma = LIKELIHOODS[self.likelihood].default_sigma
-        self.sigma = str(self.sigma)
-        check_likelihood(self.likelihood, self.sigma, self.mixtures)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+ROLES: dict[str, type[Role]] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+                                "runtime": RuntimeConfig}
+
+
+def _role_of_setting() -> dict[str, str]:
+    return {f.name: role for role, cls in ROLES.items() for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, init=False)
+class TrainConfig:
+    """Everything a run needs, by role. Built from role configs, from flat settings (each goes to its role), or
+    both: `TrainConfig(dataset="shapes", latent_dim=2)`, `TrainConfig(model=ModelConfig(arch="conv"), epochs=3)`.
+    The learning rate and batch size default to the architecture's."""
+
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig
+    runtime: RuntimeConfig
+
+    def __init__(self, data: DataConfig | None = None, model: ModelConfig | None = None,
+                 optim: OptimConfig | None = None, runtime: RuntimeConfig | None = None, **settings: Any):
+        given: dict[str, Role | None] = {"data": data, "model": model, "optim": optim, "runtime": runtime}
+        by_role: dict[str, dict[str, Any]] = {role: {} for role in ROLES}
+        where = _role_of_setting()
+        unknown = sorted(set(settings) - set(where))
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; allowed keys: {sorted(where)}")
+        for key, value in settings.items():
+            by_role[where[key]][key] = value
+        for role, cls in ROLES.items():
+            base = given[role]
+            part = dataclasses.replace(typing.cast(Any, base), **by_role[role]) if base is not None \
+                else cls(**by_role[role])
+            object.__setattr__(self, role, part)
+        arch = self.model.arch
+        if self.optim.lr is None or self.optim.batch_size is None:
+            # conv nets train with smaller steps: at 1e-3 and batch 128 a default conv run on `shapes` can fall
+            # into a state that outputs one grey image; 5e-4 and batch 64 trained stably and reached a lower MSE
+            object.__setattr__(self, "optim", dataclasses.replace(
+                self.optim, lr=DEFAULT_LR[arch] if self.optim.lr is None else self.optim.lr,
+                batch_size=DEFAULT_BATCH[arch] if self.optim.batch_size is None else self.optim.batch_size))
+
+    @property
+    def lr(self) -> float:
+        assert self.optim.lr is not None, "set from the architecture when the config is built"
+        return self.optim.lr
+
+    @property
+    def batch_size(self) -> int:
+        assert self.optim.batch_size is not None, "set from the architecture when the config is built"
+        return self.optim.batch_size
+
+    def replace(self, **settings: Any) -> TrainConfig:
+        """A new config with these settings (flat names) changed; this one is left as it is."""
+        return TrainConfig(self.data, self.model, self.optim, self.runtime, **settings)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting by its flat name (the name of its flag without dashes)."""
+        return {k: v for role in ROLES for k, v in getattr(self, role).to_dict().items()}
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {role: getattr(self, role).to_dict() for role in ROLES}
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; allowed keys: {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """From to_dict()'s nested form, or from flat settings (the config.json of earlier versions)."""
+        if set(d) & set(ROLES):
+            unknown = sorted(set(d) - set(ROLES))
+            if unknown:
+                raise ConfigError(f"unknown config sections {unknown}; allowed: {sorted(ROLES)}")
+            parts: dict[str, Any] = {role: _role_from_dict(ROLES[role], d.get(role) or {}) for role in ROLES}
+            return cls(**parts)
+        return cls(**{k: v for k, v in d.items() if k not in RETIRED_KEYS})
 
-    def save(self, path) -> None:
+    def save(self, path: str | Path) -> None:
         with open(path, "w") as fh:
             json.dump(self.to_dict(), fh, indent=2)
             fh.write("\n")
 
     @classmethod
-    def load(cls, path) -> TrainConfig:
+    def load(cls, path: str | Path) -> TrainConfig:
         with open(path) as fh:
             return cls.from_dict(json.load(fh))
+
+
+def _role_from_dict(cls: type[Role], d: dict[str, Any]) -> Role:
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - known - set(RETIRED_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown {cls.title} config keys {unknown}; allowed keys: {sorted(known)}")
+    return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def flag_fields() -> Iterator[tuple[type[Role], dataclasses.Field[Any]]]:
+    """Every setting that is a flag of `vaelab train`, with its role, in declaration order."""
+    for cls in ROLES.values():
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.metadata.get("cli"):
+                yield cls, f
+
+
+def field_named(name: str) -> tuple[type[Role], dataclasses.Field[Any]]:
+    for cls, f in flag_fields():
+        if f.name == name:
+            return cls, f
+    raise KeyError(name)
+
+
+def choices_of(f: dataclasses.Field[Any], owner: type) -> tuple[str, ...]:
+    """The values a field allows: its registry's names, or its Literal type's values; () for any value."""
+    if f.metadata.get("choices") is not None:
+        return tuple(f.metadata["choices"]())
+    tp = typing.get_type_hints(owner)[f.name]
+    if typing.get_origin(tp) is Literal:
+        return tuple(get_args(tp))
+    return ()
 
 
 def parse_hidden(text: str) -> list[int]:
@@ -179,20 +312,11 @@ def parse_hidden(text: str) -> list[int]:
     return sizes
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _literal_values(tp) -> tuple:
-    if isinstance(tp, str):
-        tp = {"Arch": Arch, "Binarize": Binarize, "Device": Device, "Optimizer": Optimizer,
-              "Precision": Precision, "Background": Background}.get(tp)
-    if tp is not None and typing.get_origin(tp) is Literal:
-        return get_args(tp)
-    return ()
-
-
-def _size(name: str, value) -> str | None:
+def _size(name: str, value: object) -> str | None:
     """An image size as given (64, "64", "64x48", [64, 48]) -> "64" or "64x48" (height x width)."""
     if value is None:
         return None
@@ -202,23 +326,23 @@ def _size(name: str, value) -> str | None:
     except (TypeError, ValueError):
         sizes = []
     if len(sizes) not in (1, 2) or any(v < 1 for v in sizes):
-        raise ConfigError(f"{_flag(name)} must be a size such as 64 or 64x48 (height x width); got {value!r}")
+        raise ConfigError(f"{flag_name(name)} must be a size such as 64 or 64x48 (height x width); got {value!r}")
     return "x".join(map(str, sizes)) if len(sizes) == 2 and sizes[0] != sizes[1] else str(sizes[0])
 
 
-def _positive_int(name: str, value, allow_zero: bool = False) -> None:
+def positive_int(name: str, value: object, allow_zero: bool = False) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{_flag(name)} must be an integer {bound}; got {value!r}")
+        raise ConfigError(f"{flag_name(name)} must be an integer {bound}; got {value!r}")
 
 
-def _positive_float(name: str, value, allow_zero: bool = False) -> None:
+def positive_float(name: str, value: object, allow_zero: bool = False) -> None:
     try:
-        v = float(value)
+        v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         v = math.nan
     ok = math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{_flag(name)} must be a finite number {bound}; got {value!r}")
+        raise ConfigError(f"{flag_name(name)} must be a finite number {bound}; got {value!r}")

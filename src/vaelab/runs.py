@@ -136,7 +136,7 @@ class Run:
     def __repr__(self) -> str:
         last = self.last()
         tail = f", test loss {last['loss']:.2f} nats at epoch {last['epoch']}" if last else ""
-        return f"Run({str(self.path)!r}, {self.config.likelihood}, latent {self.config.latent_dim}{tail})"
+        return f"Run({str(self.path)!r}, {self.config.model.likelihood}, latent {self.config.model.latent_dim}{tail})"
 
 
 def _mismatch(expected: dict, saved: dict) -> str:
@@ -158,11 +158,11 @@ def load_run(path: str | os.PathLike, device: str = "cpu") -> Run:
         config = TrainConfig.load(path / CONFIG)
     except (json.JSONDecodeError, TypeError, ConfigError) as e:
         raise RunError(f"{path / CONFIG}: invalid config ({e})") from e
-    if config.data_shape is None:
+    if config.model.data_shape is None:
         raise RunError(f"{path / CONFIG}: no data_shape; the run never started training")
-    if len(config.data_shape) != 3:
-        raise RunError(f"{path / CONFIG}: data_shape must be [channels, height, width], got {config.data_shape}")
-    c, h, w = config.data_shape
+    if len(config.model.data_shape) != 3:
+        raise RunError(f"{path / CONFIG}: data_shape must be [channels, height, width], got {config.model.data_shape}")
+    c, h, w = config.model.data_shape
     model = VAE.from_config(config, (c, h, w))
     weights = path / WEIGHTS
     if not weights.is_file():

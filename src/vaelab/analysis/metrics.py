@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..data import StoredImages, prepare_data
 from ..errors import ConfigError, NotNormalizedWarning
-from ..models.likelihoods import is_gaussian
+from ..models.likelihoods import make_likelihood
 from ..models.vae import VAE
 from ..training.evaluation import bits_per_dim, elbo_metrics
 
@@ -141,7 +141,7 @@ def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samp
         "radius_share": radius_share(codes),
         "knn_agreement": knn_agreement(codes, labels) if len(codes) > KNN_K else None,
         "sharpness": dict(zip(("data", "recon", "samples"), sharpness_means, strict=True)),
-        "sigma": m.get("sigma") if is_gaussian(model.likelihood) else None,
+        "sigma": m.get("sigma") if model.likelihood.additive_gaussian_noise else None,  # the noise's sd
         "n_images": int(x.shape[0]),
     }
 
@@ -171,7 +171,8 @@ def split_data(config, split: str, device: torch.device, limit: int | None = Non
     """A run's split as the trainer evaluated it (same data, same binarization), its first `limit` images."""
     with warnings.catch_warnings():  # evaluate_run reports it as "normalized": false instead
         warnings.simplefilter("ignore", NotNormalizedWarning)
-        prep = prepare_data(config, device)
+        lik = make_likelihood(config.model.likelihood, config.model.sigma, config.model.mixtures)
+        prep = prepare_data(config, device, binary_only=lik.binary_only)
     x = prep.test if split == "test" else prep.train_eval
     labels = prep.data.test_labels if split == "test" else prep.data.train_labels
     factors = prep.data.test_factors if split == "test" else prep.data.train_factors

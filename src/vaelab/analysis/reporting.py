@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..models.likelihoods import is_gaussian
 from ..runs import Run, write_text_atomic
 from . import plots, views
 from .metrics import active_units, elbo_metrics, evaluate_run, split_data, table_rows
@@ -99,7 +98,7 @@ def _reconstructions(m: Material, path: Path) -> Path:
 def _stochastic(m: Material, path: Path) -> Path:
     z = torch.from_numpy(m.plane[0][:N_SHOW]).to(m.x.device)  # posterior means
     lik = m.model.likelihood
-    what = "f(z) + σ·ε" if is_gaussian(lik) else "draws"
+    what = "f(z) + σ·ε" if lik.additive_gaussian_noise else "draws"
     with torch.no_grad():
         sigma = lik.scale(m.model.decode(z[:1]))
     extra = f", σ = {sigma.mean().item():.3g}" if sigma is not None else ""
@@ -228,7 +227,7 @@ def write_report(run: Run, out_dir: str | Path | None = None, iw_samples: int = 
     figures = [(ALL_FIGURES[name][0], draw(material, name, out)) for name in figures_for(material)]
     write_text_atomic(out / "eval.json", json.dumps(numbers, indent=2) + "\n")
     title = (f"vaelab report: {run.path.name} ({run.model.likelihood.describe()}, "
-             f"latent {run.config.latent_dim})")
+             f"latent {run.config.model.latent_dim})")
     path = out / "report.html"
-    write_text_atomic(path, render_html(title, table_rows(numbers), run.config.to_dict(), figures))
+    write_text_atomic(path, render_html(title, table_rows(numbers), run.config.settings(), figures))
     return path

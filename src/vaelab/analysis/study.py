@@ -13,13 +13,13 @@ import io
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import DEFAULT_BATCH, DEFAULT_LR, Arch, Device, Optimizer, TrainConfig
+from ..config import TrainConfig
 from ..errors import ConfigError, TrainingError
 from ..runs import CHECKPOINT, CONFIG, WEIGHTS, Run, load_run, write_text_atomic
 from ..training.trainer import resume, train
@@ -29,63 +29,60 @@ from .reporting import figures_html, html_page
 from .views import manifold_grid, prior_samples, reconstructions
 
 SPECIAL = ("learned", "optimal")
-# settings that must match for a run to be reused by a study
-SHARED_KEYS = ("dataset", "data_dir", "limit", "binarize", "arch", "hidden", "blocks", "latent_dim", "likelihood",
-               "sigma", "mixtures", "beta", "kl_warmup", "free_bits", "optimizer", "lr", "batch_size", "seed")
+# the train settings a study takes (as flags of `vaelab sigma-study`, declared once in vaelab.config) and the
+# defaults that differ from train's; every other train setting keeps train's default
+TRAIN_SETTINGS = ("dataset", "limit", "arch", "hidden", "blocks", "latent_dim", "optimizer", "lr", "batch_size",
+                  "epochs", "seed", "device")
+TRAIN_DEFAULTS = {"latent_dim": 2}
+SGD_LR = 1e-4  # plain SGD needs a smaller step than Adam's default at the small σ of the sweep
 
 
-@dataclass
+@dataclass(frozen=True, init=False)
 class StudyConfig:
-    dataset: str = "fashion-mnist"
-    sigmas: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0])
-    also: list[str] = field(default_factory=list)  # learned, optimal
-    latent_dim: int = 2
-    hidden: list[int] | None = None  # default: the architecture's (mlp 400, conv 32)
-    arch: Arch = "mlp"
-    blocks: int | None = None  # conv: residual blocks per stage (default 1)
-    epochs: int = 10
-    batch_size: int | None = None  # default: as for train (mlp 128, conv 64)
-    optimizer: Optimizer = "adam"
-    lr: float | None = None  # default: as for train with adam (mlp 1e-3, conv 5e-4); 1e-4 with sgd
-    limit: int | None = None
-    seed: int = 0
-    device: Device = "auto"
-    out: str = "runs/sigma"
-    iw_samples: int = 100
-    mse_threshold: float | None = None  # default: the worst final test MSE of the sweep
+    """The σ study: the settings every run shares (`train`, a TrainConfig with a Gaussian likelihood) and the
+    study's own. Built from flat settings: StudyConfig(dataset="fashion-mnist", sigmas=[0.1, 1.0], epochs=3)."""
 
-    def __post_init__(self):
-        if not self.sigmas and not self.also:
+    train: TrainConfig
+    sigmas: list[float]
+    also: list[str]
+    out: str
+    iw_samples: int
+    mse_threshold: float | None  # default: the worst final test MSE of the sweep
+
+    def __init__(self, sigmas: list[float] | None = None, also: list[str] | None = None, out: str = "runs/sigma",
+                 iw_samples: int = 100, mse_threshold: float | None = None, **settings):
+        sigmas = [0.03, 0.1, 0.3, 1.0] if sigmas is None else list(sigmas)
+        also = [] if also is None else list(also)
+        if not sigmas and not also:
             raise ConfigError("--sigmas must list at least one σ > 0 (or give --also learned,optimal)")
-        for s in self.sigmas:
+        for s in sigmas:
             if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0):
                 raise ConfigError(f"--sigmas must be numbers > 0 separated by commas; got {s!r}")
-        bad = [a for a in self.also if a not in SPECIAL]
+        bad = [a for a in also if a not in SPECIAL]
         if bad:
             raise ConfigError(f"--also must be a comma-separated subset of {', '.join(SPECIAL)}; got {bad[0]!r}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"--optimizer must be one of adam, sgd; got {self.optimizer!r}")
-        if self.mse_threshold is not None and not self.mse_threshold > 0:
-            raise ConfigError(f"--mse-threshold must be > 0; got {self.mse_threshold!r}")
-        if self.lr is None:
-            self.lr = _default_lr(self.optimizer, self.arch)
-        if self.batch_size is None:
-            self.batch_size = DEFAULT_BATCH[self.arch]
+        if mse_threshold is not None and not mse_threshold > 0:
+            raise ConfigError(f"--mse-threshold must be > 0; got {mse_threshold!r}")
+        unknown = sorted(set(settings) - set(TRAIN_SETTINGS))
+        if unknown:
+            raise ConfigError(f"unknown sigma-study settings {unknown}; allowed: {sorted(TRAIN_SETTINGS)}")
+        given = {**TRAIN_DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
+        if given.get("optimizer") == "sgd" and "lr" not in given:
+            given["lr"] = SGD_LR
+        train = TrainConfig(likelihood="gaussian", **given)
+        for name, value in (("train", train), ("sigmas", sigmas), ("also", also), ("out", str(out)),
+                            ("iw_samples", iw_samples), ("mse_threshold", mse_threshold)):
+            object.__setattr__(self, name, value)
         self.settings()  # validates the TrainConfig of every setting up front
 
     def settings(self) -> list[tuple[str, TrainConfig]]:
         labels = [_fmt(s) for s in sorted(set(self.sigmas))] + list(dict.fromkeys(self.also))
-        lr = self.lr if self.lr is not None else _default_lr(self.optimizer, self.arch)
-        return [(label, TrainConfig(
-            dataset=self.dataset, likelihood="gaussian", sigma=label, latent_dim=self.latent_dim,
-            hidden=None if self.hidden is None else list(self.hidden), arch=self.arch, blocks=self.blocks,
-            epochs=self.epochs, batch_size=self.batch_size or DEFAULT_BATCH[self.arch], optimizer=self.optimizer,
-            lr=lr, limit=self.limit, seed=self.seed, device=self.device,
-            out=str(Path(self.out) / f"sigma-{label}"))) for label in labels]
+        return [(label, self.train.replace(sigma=label, out=str(Path(self.out) / f"sigma-{label}")))
+                for label in labels]
 
-
-def _default_lr(optimizer: str, arch: str) -> float:
-    return DEFAULT_LR[arch] if optimizer == "adam" else 1e-4
+    def to_dict(self) -> dict:
+        return {"train": self.train.to_dict(), "sigmas": self.sigmas, "also": self.also, "out": self.out,
+                "iw_samples": self.iw_samples, "mse_threshold": self.mse_threshold}
 
 
 def _fmt(s: float) -> str:
@@ -101,12 +98,14 @@ def parse_list(text: str, flag: str, kind=float) -> list:
 
 def ensure_run(config: TrainConfig, progress: bool) -> Run:
     """Reuse the run at config.out if it was trained with the same settings; resume it if it is shorter."""
-    assert config.out is not None, "every setting of a study has its own folder"
-    out = Path(config.out)
+    assert config.runtime.out is not None, "every setting of a study has its own folder"
+    out = Path(config.runtime.out)
     if not (out / CONFIG).exists():
         return train(config, progress=progress)
-    saved = json.loads((out / CONFIG).read_text())
-    diff = [k for k in SHARED_KEYS if saved.get(k) != config.to_dict()[k]]
+    saved, wanted = TrainConfig.load(out / CONFIG).settings(), config.settings()
+    # a run is reused when everything but where and how long it runs matches
+    free = {*config.runtime.to_dict(), "epochs", "data_shape"}
+    diff = [k for k in wanted if k not in free and saved.get(k) != wanted[k]]
     if diff:
         raise ConfigError(f"{out} holds a run with different settings ({', '.join(diff)}); use another --out "
                           "or remove it")
@@ -114,11 +113,11 @@ def ensure_run(config: TrainConfig, progress: bool) -> Run:
         (out / CONFIG).unlink()
         return train(config, progress=progress)
     if not (out / WEIGHTS).exists():  # interrupted inside epoch 1
-        return resume(out, progress=progress, epochs=config.epochs)
+        return resume(out, progress=progress, epochs=config.optim.epochs)
     run = load_run(out)
     done = run.metrics[-1]["epoch"] if run.metrics else 0
-    if done < config.epochs:
-        return resume(out, progress=progress, epochs=config.epochs)
+    if done < config.optim.epochs:
+        return resume(out, progress=progress, epochs=config.optim.epochs)
     return run
 
 
@@ -248,7 +247,7 @@ def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
     rows, runs, failed = [], [], []
     for label, tc in cfg.settings():
         if progress:
-            print(f"sigma-study: setting {label} -> {tc.out}", file=sys.stderr)
+            print(f"sigma-study: setting {label} -> {tc.runtime.out}", file=sys.stderr)
         try:
             run = ensure_run(tc, progress)
         except TrainingError as e:  # e.g. plain SGD diverging at a small σ: a finding, not a crash
@@ -292,10 +291,11 @@ def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
     md = markdown_table(table_rows_)
     write_text_atomic(out / "table.md", md)
     write_text_atomic(out / "table.csv", csv_table(table_rows_))
-    summary = summarize(rows, threshold, cfg.optimizer)
-    summary += [f"σ={label} did not finish training with {cfg.optimizer} lr {cfg.lr:g}: {msg}" for label, msg in failed]
+    summary = summarize(rows, threshold, cfg.train.optim.optimizer)
+    summary += [f"σ={label} did not finish training with {cfg.train.optim.optimizer} lr {cfg.train.lr:g}: {msg}"
+                for label, msg in failed]
     write_text_atomic(out / "summary.md", "".join(f"- {s}\n" for s in summary))
-    write_text_atomic(out / "study.json", json.dumps({"config": asdict(cfg), "threshold": threshold,
+    write_text_atomic(out / "study.json", json.dumps({"config": cfg.to_dict(), "threshold": threshold,
                                                        "rows": rows, "summary": summary}, indent=2) + "\n")
     write_text_atomic(out / "index.html", study_html(cfg, table_rows_, summary, threshold, figures))
     return out / "index.html"
@@ -309,8 +309,9 @@ def study_html(cfg: StudyConfig, rows: list[dict], summary: list[str], threshold
     body = "".join("<tr>" + "".join(f"<td>{esc(_cell(r, k, s))}</td>" for _, k, s in COLUMNS) + "</tr>\n"
                    for r in rows)
     items = "".join(f"<li>{esc(s)}</li>\n" for s in summary)
-    title = (f"What σ does: {cfg.dataset}, latent {cfg.latent_dim}, {cfg.epochs} epochs, "
-             f"{cfg.optimizer} lr {cfg.lr:g}")
+    t = cfg.train
+    title = (f"What σ does: {t.data.dataset}, latent {t.model.latent_dim}, {t.optim.epochs} epochs, "
+             f"{t.optim.optimizer} lr {t.lr:g}")
     return html_page(title, f"""<h2>What held in this run</h2>
 <ul id="summary">
 {items}</ul>

@@ -23,6 +23,8 @@ from typing import Literal
 
 import numpy as np
 
+from ..errors import ConfigError
+
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -208,6 +210,29 @@ def clear(name: str | None = None) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
             removed.append(p)
     return removed
+
+
+def listing() -> str:
+    """What `vaelab cache ls` prints: one line per entry (name, size, source, shapes), then the count, the total
+    size and the cache folder."""
+    listed = list(entries())
+    total = sum(e.bytes for e in listed)
+    return "\n".join([*(describe(e) for e in listed),
+                      f"{len(listed)} {_entries_word(len(listed))}, {human_size(total)} in {cache_root()}"])
+
+
+def clear_entries(entry: str | None = None) -> str:
+    """Remove every entry, or the one named (ConfigError if there is none of that name); returns what `vaelab
+    cache clear` prints."""
+    root = cache_root()
+    removed = clear(entry)
+    if entry is not None and not removed:
+        raise ConfigError(f"no cache entry named {entry!r} in {root}; `vaelab cache ls` lists them")
+    return f"removed {len(removed)} {_entries_word(len(removed))} from {root}"
+
+
+def _entries_word(n: int) -> str:
+    return "entry" if n == 1 else "entries"
 
 
 def human_size(n: float) -> str:

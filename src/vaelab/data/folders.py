@@ -264,17 +264,11 @@ def _build(folder: Path, listing: Listing, opts: Options, name: str, fingerprint
     bad: dict[int, str] = {}
     grey = np.zeros(n, dtype=bool)
     sizes: dict[int, tuple[int, int]] = {}
-    first = None  # (index, decoded array): fixes the size when no --image-size is given
-    for i, (p, _) in enumerate(files):
-        try:
-            first = (i, *decode(p, opts))
-            break
-        except BadImage as e:
-            bad[i] = str(e)
+    first = _first_good(files, opts, bad)  # (index, decoded array, grey): fixes the size without --image-size
     with cache.Builder(name, fingerprint, {"source": str(folder), "options": opts.describe()}) as b:
         if first is None:
             if not skip_bad:
-                _bad_files_error([(str(files[i][0]), why) for i, why in sorted(bad.items())])
+                _bad_files_error(_bad_list(files, bad))
             shape = (0, 1, 1, 3)
         else:
             shape = (n, *first[1].shape)
@@ -283,32 +277,10 @@ def _build(folder: Path, listing: Listing, opts: Options, name: str, fingerprint
             scratch[first[0]] = first[1]
             grey[first[0]] = first[2]
             _decode_all(files, first[0] + 1, opts, scratch, grey, bad, sizes, progress, workers)
-        if bad and not skip_bad:
-            _bad_files_error([(str(files[i][0]), why) for i, why in sorted(bad.items())])
-        if sizes:
-            assert first is not None, "sizes are compared with the first good image"
-            i, (h, w) = next(iter(sizes.items()))
-            raise DataError(f"images differ in size: {files[first[0]][0]} is {shape[2]}x{shape[1]} pixels but "
-                            f"{files[i][0]} is {w}x{h} ({len(sizes)} differ from the first); pass --image-size N "
-                            "(or HxW) to resize and centre-crop them all to one size")
-        good = np.array([i for i in range(n) if i not in bad], dtype=np.int64)
-        if len(good) == 0:
-            raise DataError(f"{folder}: none of its {n} image files could be decoded (first: {files[0][0]}: "
-                            f"{bad.get(0, '?')})")
+        good = _good_rows(folder, files, first, shape, bad, sizes, skip_bad)
         channels = 1 if grey[good].all() else 3
         labels = np.array([-1 if y is None else y for _, y in files], dtype=np.int64)
-        if "all" in listing.splits:
-            if len(good) < 2:
-                raise DataError(f"{folder}: need at least 2 images to hold out a test split; got {len(good)}")
-            train_rows, test_rows = split_rows(len(good))
-            parts = {"test": good[test_rows], "train": good[train_rows]}
-        else:
-            n_train = len(listing.splits["train"])
-            parts = {"train": good[good < n_train], "test": good[good >= n_train]}
-            for s in ("train", "test"):
-                if len(parts[s]) == 0:
-                    raise DataError(f"{folder / s}: no decodable images")
-        for split, rows in parts.items():
+        for split, rows in _split_rows(folder, listing, good).items():
             out = b.create(split, (len(rows), channels, shape[1], shape[2]), np.uint8)  # (N, C, H, W)
             for start in range(0, len(rows), 4096):
                 block = scratch[rows[start:start + 4096]]  # (b, H, W, 3)
@@ -316,13 +288,62 @@ def _build(folder: Path, listing: Listing, opts: Options, name: str, fingerprint
             if listing.classes:
                 b.save(f"{split}_labels", labels[rows])
         b.info.update(classes=listing.classes, hidden=listing.hidden, non_image=listing.non_image,
-                      bad=[[str(files[i][0]), why] for i, why in sorted(bad.items())])
+                      bad=[list(item) for item in _bad_list(files, bad)])
         entry = b.commit()
     if progress:
         print(f"vaelab: decoded {len(good)} images from {folder} ({opts.describe()}; {len(bad)} bad, "
               f"{listing.hidden} hidden and {listing.non_image} non-image files skipped) into {entry.path}",
               file=sys.stderr)
     return entry
+
+
+def _first_good(files, opts: Options, bad: dict[int, str]) -> tuple[int, np.ndarray, bool] | None:
+    """The first file that decodes, as (index, array, grey); the bad files before it go into `bad`."""
+    for i, (p, _) in enumerate(files):
+        try:
+            return (i, *decode(p, opts))
+        except BadImage as e:
+            bad[i] = str(e)
+    return None
+
+
+def _bad_list(files, bad: dict[int, str]) -> list[tuple[str, str]]:
+    return [(str(files[i][0]), why) for i, why in sorted(bad.items())]
+
+
+def _good_rows(folder: Path, files, first, shape: tuple[int, ...], bad: dict[int, str],
+               sizes: dict[int, tuple[int, int]], skip_bad: bool) -> np.ndarray:
+    """The listing indices of the files that decoded to the first good image's size; a DataError for bad files
+    (unless they are skipped), for images of another size, or when none decoded."""
+    if bad and not skip_bad:
+        _bad_files_error(_bad_list(files, bad))
+    if sizes:
+        assert first is not None, "sizes are compared with the first good image"
+        i, (h, w) = next(iter(sizes.items()))
+        raise DataError(f"images differ in size: {files[first[0]][0]} is {shape[2]}x{shape[1]} pixels but "
+                        f"{files[i][0]} is {w}x{h} ({len(sizes)} differ from the first); pass --image-size N "
+                        "(or HxW) to resize and centre-crop them all to one size")
+    n = len(files)
+    good = np.array([i for i in range(n) if i not in bad], dtype=np.int64)
+    if len(good) == 0:
+        raise DataError(f"{folder}: none of its {n} image files could be decoded (first: {files[0][0]}: "
+                        f"{bad.get(0, '?')})")
+    return good
+
+
+def _split_rows(folder: Path, listing: Listing, good: np.ndarray) -> dict[str, np.ndarray]:
+    """The listing indices of each split: the folder's own train/ and test/, or a held-out share of one folder."""
+    if "all" in listing.splits:
+        if len(good) < 2:
+            raise DataError(f"{folder}: need at least 2 images to hold out a test split; got {len(good)}")
+        train_rows, test_rows = split_rows(len(good))
+        return {"test": good[test_rows], "train": good[train_rows]}
+    n_train = len(listing.splits["train"])
+    parts = {"train": good[good < n_train], "test": good[good >= n_train]}
+    for s in ("train", "test"):
+        if len(parts[s]) == 0:
+            raise DataError(f"{folder / s}: no decodable images")
+    return parts
 
 
 def _decode_all(files, start: int, opts: Options, scratch: np.ndarray, grey: np.ndarray, bad: dict,

@@ -48,35 +48,38 @@ def place(array: np.ndarray, device: torch.device) -> torch.Tensor | StoredImage
     return StoredImages(array, device)
 
 
-def prepare_data(config, device: torch.device, data: ImageData | None = None, progress: bool = False) -> Prepared:
+def prepare_data(config, device: torch.device, data: ImageData | None = None, progress: bool = False,
+                 binary_only: bool = False) -> Prepared:
+    """The run's splits placed for training and evaluation. `binary_only`: the likelihood is normalized only on
+    binary pixels (Likelihood.binary_only), so non-binary data left unbinarized gets a NotNormalizedWarning."""
     if data is None:
-        data = load_dataset(config.dataset, config.data_dir, config.limit, image_size=config.image_size,
-                            center_crop=config.center_crop, background=config.background,
-                            skip_bad_images=config.skip_bad_images, progress=progress)
+        d = config.data
+        data = load_dataset(d.dataset, d.data_dir, d.limit, image_size=d.image_size, center_crop=d.center_crop,
+                            background=d.background, skip_bad_images=d.skip_bad_images, progress=progress)
     else:  # data the caller loaded once (tests, studies): --limit still applies, as it would on reload/resume
-        data = data.limited(config.limit)
+        data = data.limited(config.data.limit)
     train, test = data.train, data.test
-    if config.binarize == "static":  # one fixed draw per pixel, held in memory
-        train, test = binarize_static(train, config.seed), binarize_static(test, config.seed + 1)
+    if config.data.binarize == "static":  # one fixed draw per pixel, held in memory
+        train, test = binarize_static(train, config.optim.seed), binarize_static(test, config.optim.seed + 1)
     train_t, test_t = place(train, device), place(test, device)
     train_eval = train_t
-    if config.binarize == "dynamic":  # evaluate on one fixed binarization; train on a fresh one every step
-        test_t = place(binarize_static(test, config.seed + 1), device)
-        train_eval = place(binarize_static(train, config.seed), device)
+    if config.data.binarize == "dynamic":  # evaluate on one fixed binarization; train on a fresh one every step
+        test_t = place(binarize_static(test, config.optim.seed + 1), device)
+        train_eval = place(binarize_static(train, config.optim.seed), device)
 
     def prepare(xb: torch.Tensor | StoredImages) -> torch.Tensor:
         return to_unit(xb)
 
     def prepare_train(xb: torch.Tensor | StoredImages) -> torch.Tensor:
         x = to_unit(xb)
-        return torch.bernoulli(x) if config.binarize == "dynamic" else x
+        return torch.bernoulli(x) if config.data.binarize == "dynamic" else x
 
     normalized = True
-    if config.likelihood == "bernoulli" and config.binarize == "none" and not data.is_binary:
+    if binary_only and config.data.binarize == "none" and not data.is_binary:
         normalized = False
-        warnings.warn("the Bernoulli likelihood on non-binary pixels is not a normalized density: its "
-                      "'loss' is a cross-entropy, not a negative log-likelihood (use --binarize dynamic or "
-                      "static, or a continuous likelihood such as continuous-bernoulli)",
+        warnings.warn("a likelihood for binary pixels (Bernoulli) on non-binary pixels is not a normalized "
+                      "density: its 'loss' is a cross-entropy, not a negative log-likelihood (use --binarize "
+                      "dynamic or static, or a continuous likelihood such as continuous-bernoulli)",
                       NotNormalizedWarning, stacklevel=3)
     return Prepared(data, train_t, test_t, train_eval, prepare, prepare_train, normalized,
                     BatchSource(train_t, config.batch_size))

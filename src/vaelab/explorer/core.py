@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from ..analysis.metrics import split_data
-from ..models.likelihoods import Laplace, ScaledLikelihood
 from ..runs import Run
 
 MAX_ABS_Z = 100.0  # |z_i| bound: the prior puts no visible mass past a few units
@@ -146,13 +145,13 @@ class Explorer:
         sigma, per_pixel = self.observation_scale()
         return {
             "run": self.run.path.name,
-            "dataset": str(self.run.config.dataset),
+            "dataset": str(self.run.config.data.dataset),
             "latent_dim": self.latent_dim,
             "shape": [c, h, w],
             "likelihood": lik.name,
             "likelihood_text": lik.describe(),
             "sigma": sigma,
-            "sigma_name": getattr(lik, "scale_name", None),
+            "sigma_name": lik.scale_name,
             "sigma_per_pixel": per_pixel,
             "labels": self.classes,
             "factor_names": self.factor_names,
@@ -165,10 +164,10 @@ class Explorer:
         }
 
     def observation_scale(self) -> tuple[float | None, bool]:
-        """(σ or Laplace b of p(x|z), per_pixel); σ is None for likelihoods without one. A per-pixel σ is
-        reported as its mean at the mean code."""
+        """(the scale of p(x|z): σ, Laplace b, logistic s; per_pixel); None for likelihoods without one. A
+        per-pixel scale is reported as its mean at the mean code."""
         lik = self.model.likelihood
-        if not isinstance(lik, ScaledLikelihood):
+        if not lik.has_scale:
             return None, False
         with self.lock, torch.inference_mode():
             z = torch.from_numpy(self.centre[None].astype(np.float32)).to(self.device)
@@ -186,28 +185,20 @@ class Explorer:
             return to_uint8(self.model.decode_mean(torch.from_numpy(z).to(self.device)))
 
     def sample(self, z: np.ndarray, sigma: float | None, seed: int, n: int = 1) -> np.ndarray:
-        """n draws x ~ p(x|z) per code, (B*n, H, W, C), code-major. `sigma` replaces the run's σ (Gaussian) or
-        b (Laplace); the same seed gives the same noise, so only the scale changes between σ values."""
-        if sigma is not None and not isinstance(self.model.likelihood, ScaledLikelihood):
-            raise RequestError(f"sigma applies to gaussian and laplace observation models only; this run's is "
-                               f"{self.model.likelihood.name}")
+        """n draws x ~ p(x|z) per code, (B*n, H, W, C), code-major. `sigma` replaces the scale of the run's
+        observation model (σ, b, s: see Likelihood.sample); the same seed gives the same noise, so only the
+        scale changes between σ values."""
+        lik = self.model.likelihood
+        if sigma is not None and not lik.has_scale:
+            raise RequestError(f"sigma applies to observation models with a scale (σ, b or s); this run's "
+                               f"{lik.name} has none")
         if len(z) * n > self.max_batch:
             raise RequestError(f"at most {self.max_batch} images per request, got {len(z)} codes x {n} draws")
         zs = np.repeat(z, n, axis=0)  # (B*n, L)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with self.lock, torch.inference_mode(), torch.random.fork_rng(devices=devices):  # global RNGs untouched
             torch.manual_seed(seed)
-            params = self.model.decode(torch.from_numpy(zs).to(self.device))
-            lik = self.model.likelihood
-            if sigma is None:
-                x = lik.sample(params)
-            elif isinstance(lik, Laplace):
-                mean = lik.mean(params)
-                x = mean if sigma == 0 else torch.distributions.Laplace(mean, sigma).sample()
-            else:
-                mean = lik.mean(params)
-                x = mean + sigma * torch.randn_like(mean)  # the Gaussian's own draw, at another σ
-            return to_uint8(x)
+            return to_uint8(lik.sample(self.model.decode(torch.from_numpy(zs).to(self.device)), sigma))
 
     def encode(self, index: int) -> dict:
         out = {"index": index, "mean": _round(self.codes[index]), "std": _round(self.stds[index])}

@@ -23,7 +23,6 @@ from .server import read_asset
 N_IMAGES = 48  # test images (with their posteriors) embedded for the image strip
 GRID_BYTES = 8_000_000  # budget of raw decoded pixels for a grid export
 GRID_MIN, GRID_MAX = 9, 65
-JS_MEANS = ("gaussian", "laplace", "bernoulli", "continuous-bernoulli")  # likelihood means the page computes
 
 
 def write_export(ex: Explorer, path: Path) -> Path:
@@ -35,6 +34,7 @@ def write_export(ex: Explorer, path: Path) -> Path:
         "images": [_data_uri(png_strip(im, compress_level=9)) for im in images],
         "posteriors": [ex.encode(i) for i in range(len(images))],
         "decoder": decoder,
+        "draw": ex.model.likelihood.page_draw,  # how the page draws x ~ p(x|z) from f(z); None: it shows f(z)
     }
     write_text_atomic(path, page_html(data))
     return path
@@ -86,7 +86,7 @@ def mlp_spec(ex: Explorer) -> dict | None:
     """The decoder's weights for the page, when the page's plain forward pass reproduces model.decode."""
     model, lik = ex.model, ex.model.likelihood
     layers = linear_layers(model.decoder)
-    if layers is None or lik.name not in JS_MEANS:
+    if layers is None or lik.page_mean is None:  # a mean the page cannot compute
         return None
     z = torch.randn(32, ex.latent_dim, generator=torch.Generator().manual_seed(0)) * 2  # (32, L)
     h = z.double()
@@ -100,7 +100,7 @@ def mlp_spec(ex: Explorer) -> dict | None:
     if h.shape != want.shape or not torch.allclose(h, want, rtol=1e-4, atol=1e-4):
         return None
     n_params = want.shape[1] // math.prod(ex.shape)
-    return {"kind": "mlp", "n_params": n_params, "likelihood": lik.name,
+    return {"kind": "mlp", "n_params": n_params, "mean": lik.page_mean,
             "layers": [{"in": lin.in_features, "out": lin.out_features, "relu": relu, "weight": _b64(lin.weight),
                         "bias": _b64(lin.bias)} for lin, relu in layers]}
 

@@ -82,8 +82,10 @@ class VAE(nn.Module):
 
     @classmethod
     def from_config(cls, config, shape: tuple[int, int, int]) -> VAE:
-        lik = make_likelihood(config.likelihood, config.sigma, getattr(config, "mixtures", 1))
-        return cls(shape, config.arch, config.hidden, config.latent_dim, lik, config.blocks)
+        """The VAE a model config (or a whole run config: its model part) describes, for images of `shape`."""
+        m = getattr(config, "model", config)
+        lik = make_likelihood(m.likelihood, m.sigma, m.mixtures)
+        return cls(shape, m.arch, m.hidden, m.latent_dim, lik, m.blocks)
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
@@ -157,15 +159,3 @@ class VAE(nn.Module):
             total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
             done += n
         return total - math.log(k)
-
-
-def objective(terms: Terms, beta: float = 1.0, free_bits: float = 0.0) -> Tensor:
-    """The training objective (a scalar, nats per example): mean rec + β · KL, with optional free bits.
-
-    Free bits (Kingma et al., 2016) bound each latent dimension's batch-mean KL from below by `free_bits` nats.
-    With β = 1 and no free bits this is exactly the mean negative ELBO.
-    """
-    kl_d = terms.kl_per_dim.mean(0)  # (L,)
-    if free_bits > 0:
-        kl_d = kl_d.clamp(min=free_bits)
-    return terms.rec.mean() + beta * kl_d.sum()

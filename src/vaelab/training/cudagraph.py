@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-Step = Callable[[Tensor, float], Tensor]
+StepFn = Callable[[Tensor, float], Tensor]  # (indices of the batch, β) -> loss
 
 
 def capturable(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -44,7 +44,7 @@ def has_module_hooks(model: nn.Module) -> bool:
 class CUDAGraphStep:
     """`step` for batches of `batch_size` indices, recorded once as a CUDA graph at β = `beta` and replayed."""
 
-    def __init__(self, step: Step, batch_size: int, beta: float, device: torch.device):
+    def __init__(self, step: StepFn, batch_size: int, beta: float, device: torch.device):
         self.step, self.batch_size, self.beta = step, batch_size, beta
         self.idx = torch.zeros(batch_size, dtype=torch.long, device=device)  # the graph's input
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -3,15 +3,16 @@ their number.
 
     torchrun --nproc-per-node 2 -m vaelab train ...      # gloo on CPUs, NCCL on GPUs (cuda:LOCAL_RANK)
 
-The training loop stays the one of vaelab.trainer (make_step picks ShardStep when there are several processes);
+The training loop and step stay those of one process (vaelab.training.trainer, vaelab.training.step);
 this module supplies what changes when a process holds only part of each batch:
   World        who this process is (rank, world size), its collectives, and the rule for who reports an error.
-  ShardStep    the training step on this process's rows of the global batch: the inputs and the noise of the
-               whole batch are drawn on every process from the same generator (so rank r's rows get exactly the
-               random numbers one process would give them), the model runs under DistributedDataParallel, and
-               `shard_objective` makes the averaged gradients those of the one-process objective.
-Batch statistics (free bits' batch-mean KL per dimension, GaussianOptimal's batch MSE) are summed across the
-processes before they are used. Every process holds the same random generator states, so rank 0's checkpoint
+  shard_inputs this process's rows of the global batch: the inputs and the noise of the whole batch are drawn on
+               every process from the same generator (so rank r's rows get exactly the random numbers one
+               process would give them).
+  wrap         the model under DistributedDataParallel.
+The step is vaelab.training.step.Step, as on one process; the objective's batch statistics (free bits'
+batch-mean KL per dimension) and the likelihood's (GaussianOptimal's batch MSE) are summed across the processes
+before they are used. Every process holds the same random generator states, so rank 0's checkpoint
 resumes any number of processes.
 """
 
@@ -23,7 +24,6 @@ import inspect
 import os
 import re
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import Prepared
 from ..errors import ConfigError, TrainingError
-from ..models.vae import Terms
+from .step import Inputs
 
 # how long a process waits in one collective for the others before it gives up (a peer that vanished without
 # closing its connections, e.g. a machine that lost power); the work between two collectives is far shorter
@@ -202,27 +202,6 @@ def check_batch(batch_size: int, world: World) -> None:
                           f"be a multiple of {world.size}; got {batch_size} ({hint})")
 
 
-def shard_objective(terms: Terms, beta: float, free_bits: float, n: int, world: World) -> tuple[Tensor, Tensor]:
-    """This process's part of `objective` on a global batch of n examples of which `terms` holds its rows.
-
-    Returns (what to differentiate, this process's share of the objective's value). DistributedDataParallel
-    averages gradients over the W processes, so the first is W x (this process's rows' sum) / n: the average is
-    then the gradient of the one-process objective (mean rec + β · Σ_d max(batch-mean KL_d, free_bits)). The
-    shares sum to the objective's value over the processes. The batch-mean KL per dimension is summed across the
-    processes first: free bits clamp the whole batch's mean, as on one process.
-    """
-    rec = terms.rec.sum()
-    kl_d = terms.kl_per_dim.sum(0)  # (L,)
-    if free_bits > 0:
-        mean_d = world.all_sum(kl_d.detach().clone()) / n  # (L,) the global batch's mean KL per dimension
-        part = (rec + beta * (kl_d * (mean_d >= free_bits)).sum()) / n  # clamped dimensions get no gradient
-        share = rec.detach() / n + beta * mean_d.clamp(min=free_bits).sum() / world.size
-    else:
-        part = (rec + beta * kl_d.sum()) / n
-        share = part.detach()
-    return part * world.size, share
-
-
 def wrap(model: nn.Module, world: World, device: torch.device) -> DistributedDataParallel:
     """The model under DistributedDataParallel, its batch statistics summed across the processes.
 
@@ -243,36 +222,17 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> DistributedDat
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
-class ShardStep:
-    """trainer.TrainStep for one of several processes: on the global batch `idx`, this process's rows, the
-    objective's part for them, gradients averaged over the processes by DDP during the backward, the update.
-    Returns this process's share of the loss (the shares sum to the batch's loss)."""
+def shard_inputs(prep: Prepared, world: World, latent_dim: int, fresh_inputs: bool) -> Inputs:
+    """(x, ε) for this process's rows of the global batch `idx`: random inputs (dynamic binarization) and the noise
+    of z are drawn for the whole batch, in the order one process draws them, and this process keeps its rows, so
+    that rank r's rows get exactly the random numbers one process would give them."""
+    gather = prep.batches.gather  # rows of the training set, resident or memory-mapped
 
-    def __init__(self, model: DistributedDataParallel, optimizer: torch.optim.Optimizer, prep: Prepared,
-                 world: World, free_bits: float, fresh_inputs: bool,
-                 autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext):
-        self.model, self.optimizer, self.prep, self.world = model, optimizer, prep, world
-        self.free_bits, self.fresh_inputs, self.autocast = free_bits, fresh_inputs, autocast
-        self.latent_dim = model.module.latent_dim
-
-    def inputs(self, idx: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
-        """(x, ε) for this process's rows: random inputs (dynamic binarization) and the noise of z are drawn for
-        the whole batch, in the order one process draws them, and this process keeps its rows."""
-        gather = self.prep.batches.gather  # rows of the training set, resident or memory-mapped
-        if self.fresh_inputs:
-            x = self.prep.prepare_train(gather(idx))[rows]  # (B/W, C, H, W)
-        else:
-            x = self.prep.prepare_train(gather(idx[rows]))
-        eps = torch.randn((len(idx), self.latent_dim), dtype=x.dtype, device=x.device)[rows]  # (B/W, L)
+    def inputs(idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        rows = world.rows(len(idx))
+        # (B/W, C, H, W): random inputs are drawn for the whole batch, fixed ones gathered for these rows only
+        x = prep.prepare_train(gather(idx))[rows] if fresh_inputs else prep.prepare_train(gather(idx[rows]))
+        eps = torch.randn((len(idx), latent_dim), dtype=x.dtype, device=x.device)[rows]  # (B/W, L)
         return x, eps
 
-    def __call__(self, idx: Tensor, beta: float) -> Tensor:
-        rows = self.world.rows(len(idx))
-        x, eps = self.inputs(idx, rows)
-        with self.autocast():
-            terms = self.model(x, eps)
-        loss, share = shard_objective(terms, beta, self.free_bits, len(idx), self.world)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return share
+    return inputs

@@ -1,12 +1,11 @@
-"""The training loop. It knows nothing about likelihoods or networks: each step minimises
-`objective(model(x), beta, free_bits)` by autograd and the optimizer (`TrainStep`).
-On a CPU a plain MLP VAE takes the same step with its networks' gradients written by hand (vaelab.fused).
+"""The training loop. It knows nothing about likelihoods, networks or objectives: each step minimises the run's
+objective (vaelab.models.objective) by autograd and the optimizer (vaelab.training.step.Step).
 
 Each batch is gathered from the training set as stored (uint8 where the data is 8-bit) and scaled on the fly:
 from one resident tensor, or, for memory-mapped data, by a background thread one batch ahead (data.BatchSource).
 The loop makes no host sync except to read the loss of every PROGRESS_EVERY-th batch
 (progress bar and non-finite check). On a GPU the step is replayed as one CUDA graph where that is exact
-(vaelab.cudagraph; --no-cuda-graph turns it off).
+(vaelab.training.cudagraph; --no-cuda-graph turns it off).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,9 @@ from torch import Tensor
 from ..config import Device, TrainConfig
 from ..data import ImageData, Prepared, prepare_data
 from ..errors import ConfigError, RunError, TrainingError
-from ..models.vae import VAE, objective
+from ..models.likelihoods import make_likelihood
+from ..models.objective import Objective, ObjectiveSettings, make_objective
+from ..models.vae import VAE
 from ..runs import (
     CHECKPOINT,
     CONFIG,
@@ -42,54 +44,33 @@ from ..runs import (
     save_weights,
     write_metrics,
 )
-from .cudagraph import CUDAGraphStep, Step, capturable
-from .distributed import SINGLE, ShardStep, World, check_batch, join, wrap
+from .cudagraph import CUDAGraphStep, StepFn, capturable
+from .distributed import SINGLE, World, check_batch, join, shard_inputs, wrap
 from .evaluation import elbo_metrics
-from .fused import MLPStep
 from .monitor import TensorBoard
+from .step import Step, local_inputs
 
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
 EVAL_SEED = 12345
 
 
-class TrainStep:
-    """One optimisation step on the training images `idx`: the objective, its gradients, the update."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Callable[[Tensor], Tensor],
-                 free_bits: float = 0.0, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext):
-        self.model, self.optimizer, self.batch = model, optimizer, batch
-        self.free_bits, self.autocast = free_bits, autocast
-
-    def __call__(self, idx: Tensor, beta: float) -> Tensor:
-        x = self.batch(idx)  # (B, C, H, W)
-        with self.autocast():
-            terms = self.model(x)
-        loss = objective(terms, beta, self.free_bits)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+def make_objective_for(config: TrainConfig) -> Objective:
+    return make_objective(config.optim.objective, ObjectiveSettings(free_bits=config.optim.free_bits))
 
 
-def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, prep: Prepared,
-              device: torch.device, world: World = SINGLE) -> Step:
-    """The training step for this run, chosen once: TrainStep; on a CPU, the same step with an MLP's gradients
-    written by hand (vaelab.fused) where that is exact; on a GPU, a CUDA graph of it where replaying is exact;
-    with several processes, the step on this process's share of each batch under DistributedDataParallel."""
+def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, objective: Objective,
+              prep: Prepared, device: torch.device, world: World = SINGLE) -> StepFn:
+    """The training step for this run, chosen once: Step; on a GPU, a CUDA graph of it where replaying is exact;
+    with several processes, Step on this process's share of each batch under DistributedDataParallel."""
     if world.size > 1:
-        return ShardStep(wrap(model, world, device), optimizer, prep, world, config.free_bits,
-                         config.binarize == "dynamic", autocast(config, device))
-
-    def batch(idx: Tensor) -> Tensor:
-        return prep.prepare_train(prep.batches(idx))
-
-    bf16 = config.precision == "bf16"
-    if config.handwritten_grads and MLPStep.applies(model, device, autocast=bf16):
-        return MLPStep(model, optimizer, batch, config.free_bits)
-    graph = (config.cuda_graph and prep.batches.resident
-             and capturable(model, optimizer, device, constant_beta=config.kl_warmup <= 0))
-    step = TrainStep(model, optimizer, batch, config.free_bits, autocast(config, device, cache=not graph))
-    return CUDAGraphStep(step, config.batch_size, config.beta, device) if graph else step
+        inputs = shard_inputs(prep, world, model.latent_dim, fresh_inputs=config.data.binarize == "dynamic")
+        return Step(wrap(model, world, device), optimizer, objective, inputs, autocast(config, device),
+                    world.all_sum, world.size)
+    graph = (config.runtime.cuda_graph and prep.batches.resident
+             and capturable(model, optimizer, device, constant_beta=config.optim.kl_warmup <= 0))
+    inputs = local_inputs(lambda idx: prep.prepare_train(prep.batches(idx)))
+    step = Step(model, optimizer, objective, inputs, autocast(config, device, cache=not graph))
+    return CUDAGraphStep(step, config.batch_size, config.optim.beta, device) if graph else step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,10 +82,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def default_out(config: TrainConfig) -> Path:
-    if config.out:
-        return Path(config.out)
-    stem = Path(config.dataset).stem if config.dataset not in ("mnist", "fashion-mnist") else config.dataset
-    name = config.name or f"{stem}-{config.likelihood}-{config.sigma}-z{config.latent_dim}".replace("/", "_")
+    if config.runtime.out:
+        return Path(config.runtime.out)
+    data, model = config.data, config.model
+    stem = Path(data.dataset).stem if data.dataset not in ("mnist", "fashion-mnist") else data.dataset
+    name = config.runtime.name or f"{stem}-{model.likelihood}-{model.sigma}-z{model.latent_dim}".replace("/", "_")
     return Path("runs") / name
 
 
@@ -113,8 +95,8 @@ def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
     loop, in one pass over memory; deterministic). A resumed run keeps whatever implementation its checkpoint's
     param_groups name, so it continues exactly as it started. The model names the parameter groups (a learned σ
     has a step size of its own)."""
-    groups = model.param_groups(config.optimizer, config.lr)
-    if config.optimizer == "sgd":
+    groups = model.param_groups(config.optim.optimizer, config.lr)
+    if config.optim.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr)
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
@@ -131,13 +113,13 @@ def autocast(config: TrainConfig, device: torch.device, cache: bool = True) -> C
     state. Evaluation (metrics.jsonl, eval, report) never uses it: every reported number is float32.
     cache=False turns off autocast's cache of cast weights, which a CUDA graph capture cannot hold.
     """
-    if config.precision != "bf16":
+    if config.runtime.precision != "bf16":
         return contextlib.nullcontext
     return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def check_precision(config: TrainConfig, device: torch.device) -> None:
-    if config.precision != "bf16":
+    if config.runtime.precision != "bf16":
         return
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"--precision bf16 needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} "
@@ -191,24 +173,46 @@ def _rng_state(shuffle_state: torch.Tensor, device: torch.device) -> dict[str, t
     return rng
 
 
-def train(config: TrainConfig | dict, progress: bool = True, data: ImageData | None = None,
-          resume: bool = False) -> Run:
+def train(config: TrainConfig | dict, progress: bool = True, data: ImageData | None = None) -> Run:
     """Train a VAE as `config` says and return the finished Run (also written to its run directory).
 
-    With resume=True the run directory's checkpoint is loaded and training continues to config.epochs;
-    on CPU the result is bit-identical to an uninterrupted run. `data` (already loaded, e.g. to train many
-    models on one dataset) replaces the load of config.dataset; config.limit still applies to it.
+    `config` is a TrainConfig or its settings as a dict (flat or by role). `data` (already loaded, e.g. to train
+    many models on one dataset) replaces the load of the config's dataset; its limit still applies to it.
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
+    return _start(config, progress, data, continuing=False)
+
+
+def resume(path: str | Path, progress: bool = True, epochs: int | None = None, device: Device | None = None
+           ) -> Run:
+    """Continue the run in `path` from its checkpoint, up to `epochs` in total (default: its own setting).
+    On a CPU the result is bit-identical to an uninterrupted run."""
+    path = Path(path)
+    if not (path / CHECKPOINT).is_file():
+        raise RunError(f"{path}: no {CHECKPOINT} to resume from (give a run directory that trained at least "
+                       "part of an epoch)")
+    config = TrainConfig.load(path / CONFIG).replace(out=str(path))
+    if epochs is not None:
+        done = checkpoint_epoch(path / CHECKPOINT)
+        if epochs <= done:
+            raise ConfigError(f"--epochs is the new total and must exceed the {done} epochs already trained; "
+                              f"got {epochs}")
+        config = config.replace(epochs=epochs)
+    if device is not None:
+        config = config.replace(device=device)
+    return _start(config, progress, None, continuing=True)
+
+
+def _start(config: TrainConfig, progress: bool, data: ImageData | None, continuing: bool) -> Run:
     out = default_out(config)
     # under torchrun: this process's rank and device; a single process otherwise (World())
-    world, device = join(resolve_device(config.device))
+    world, device = join(resolve_device(config.runtime.device))
     try:
         check_batch(config.batch_size, world)
 
         def check_out():
-            if not resume and (out / CONFIG).exists():
+            if not continuing and (out / CONFIG).exists():
                 raise RunError(f"{out} already holds a run; pass --resume {out} to continue it or choose another "
                                "--out")
 
@@ -216,50 +220,68 @@ def train(config: TrainConfig | dict, progress: bool = True, data: ImageData | N
         check_precision(config, device)
         # training draws from torch's global generators (initialisation, z); the caller's streams are put back after
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            return _train(config, out, device, progress and world.main, data, resume, world)
+            torch.manual_seed(config.optim.seed)
+            shuffle = torch.Generator().manual_seed(config.optim.seed)
+            state = world.agree(lambda: _setup(config, out, device, data, continuing, shuffle,
+                                               progress and world.main, world))  # one fails: all stop
+            return _loop(state, device, shuffle, progress and world.main, world)
     finally:
         world.close()
 
 
-def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool, data: ImageData | None,
-           resume: bool, world: World = SINGLE) -> Run:
-    torch.manual_seed(config.seed)
-    shuffle = torch.Generator().manual_seed(config.seed)
-    epoch, start_step = 0, 0
-    metrics: list[dict] = []
+@dataclass
+class _State:
+    """A run in training: its config (with the data's shape and its folder), data, model and where it stands."""
 
-    def setup():
-        nonlocal epoch, start_step, metrics
-        prep = prepare_data(config, device, data, progress=progress and world.main)
-        board = None
-        if config.tensorboard and world.main:  # before anything is written: the package may be missing
-            board = TensorBoard(config.tensorboard, prep.test, prep.prepare, prep.train.shape[0])
-        config.data_shape = list(prep.data.shape)
-        config.out = str(out)
-        model = VAE.from_config(config, prep.data.shape).to(device)
-        optimizer = make_optimizer(config, model)
-        if resume:
-            meta, rng = load_checkpoint(out / CHECKPOINT, model, optimizer)
-            epoch, start_step = meta["epoch"], meta["step"]
-            torch.set_rng_state(rng["cpu"])
-            shuffle.set_state(rng["shuffle"])
-            if "cuda" in rng and device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], device)
-            metrics = [r for r in read_metrics(out / METRICS) if r["epoch"] <= epoch]
-        else:
-            model.init_from_data(prep.prepare(prep.train[:config.batch_size]))  # a learned σ starts from the data
-            if world.main:
-                out.mkdir(parents=True, exist_ok=True)
+    config: TrainConfig
+    out: Path
+    prep: Prepared
+    model: VAE
+    optimizer: torch.optim.Optimizer
+    board: TensorBoard | None
+    epoch: int = 0
+    start_step: int = 0
+    metrics: list[dict] = field(default_factory=list)
+
+
+def _setup(config: TrainConfig, out: Path, device: torch.device, data: ImageData | None, continuing: bool,
+           shuffle: torch.Generator, progress: bool, world: World) -> _State:
+    likelihood = make_likelihood(config.model.likelihood, config.model.sigma, config.model.mixtures)
+    prep = prepare_data(config, device, data, progress=progress, binary_only=likelihood.binary_only)
+    board = None
+    if config.runtime.tensorboard and world.main:  # before anything is written: the package may be missing
+        board = TensorBoard(config.runtime.tensorboard, prep.test, prep.prepare, prep.train.shape[0])
+    config = config.replace(data_shape=list(prep.data.shape), out=str(out))
+    model = VAE.from_config(config, prep.data.shape).to(device)
+    optimizer = make_optimizer(config, model)
+    state = _State(config, out, prep, model, optimizer, board)
+    if continuing:
+        meta, rng = load_checkpoint(out / CHECKPOINT, model, optimizer)
+        state.epoch, state.start_step = meta["epoch"], meta["step"]
+        torch.set_rng_state(rng["cpu"])
+        shuffle.set_state(rng["shuffle"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        state.metrics = [r for r in read_metrics(out / METRICS) if r["epoch"] <= state.epoch]
+    else:
+        model.init_from_data(prep.prepare(prep.train[:config.batch_size]))  # a learned σ starts from the data
         if world.main:
-            config.save(out / CONFIG)
-        return prep, model, optimizer, board
+            out.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        config.save(out / CONFIG)
+    return state
 
-    prep, model, optimizer, board = world.agree(setup)  # a process that cannot start stops them all
-    n = prep.train.shape[0]
+
+def _loop(s: _State, device: torch.device, shuffle: torch.Generator, progress: bool, world: World) -> Run:
+    """Epochs up to the config's total; a checkpoint, metrics and weights after each one."""
+    config, out = s.config, s.out
+    n = s.prep.train.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
-    train_step = make_step(config, model, optimizer, prep, device, world)
+    objective = make_objective_for(config)
+    train_step = make_step(config, s.model, s.optimizer, objective, s.prep, device, world)
     # where the checkpoint on disk stands, for the message if another process dies
-    saved = [f"epoch {epoch + 1}, step {start_step}" if start_step else f"end of epoch {epoch}" if epoch else None]
+    saved = [f"epoch {s.epoch + 1}, step {s.start_step}" if s.start_step else
+             f"end of epoch {s.epoch}" if s.epoch else None]
 
     def lost() -> str:
         if saved[0] is None:
@@ -267,41 +289,45 @@ def _train(config: TrainConfig, out: Path, device: torch.device, progress: bool,
         return f"the last checkpoint ({saved[0]}) is kept: continue with vaelab train --resume {out}"
 
     signals = (signal.SIGINT, signal.SIGTERM) if world.size > 1 else (signal.SIGINT,)
-    with _StopFlag(signals) as stop, world.watch(lost), contextlib.closing(board or _Nothing()):
-        while epoch < config.epochs:
+    with _StopFlag(signals) as stop, world.watch(lost), contextlib.closing(s.board or _Nothing()):
+        while s.epoch < config.optim.epochs:
             shuffle_state = shuffle.get_state()  # lets a mid-epoch checkpoint rebuild this epoch's order
             order = torch.randperm(n, generator=shuffle).to(device)
-            prep.batches.plan(order, start_step)  # mapped data: the next batch is read while a step runs
+            s.prep.batches.plan(order, s.start_step)  # mapped data: the next batch is read while a step runs
             t0 = time.perf_counter()
-            step = _run_epoch(config, model, train_step, order, epoch, start_step, steps_per_epoch, stop,
+            step = _run_epoch(config, s.model, train_step, order, s.epoch, s.start_step, steps_per_epoch, stop,
                               progress, world)
             train_seconds = time.perf_counter() - t0
             if step < steps_per_epoch:  # stopped by Ctrl-C mid-epoch
-                if world.main:
-                    save_checkpoint(out / CHECKPOINT, model, optimizer,
-                                    {"epoch": epoch, "step": step, "world_size": world.size},
-                                    _rng_state(shuffle_state, device))
-                    print(f"\ninterrupted: checkpoint saved at epoch {epoch + 1}, step {step}/{steps_per_epoch}; "
-                          f"continue with: vaelab train --resume {out}", file=sys.stderr)
-                raise KeyboardInterrupt
-            start_step = 0
-            epoch += 1
-            metrics += _epoch_metrics(config, model, prep, epoch, train_seconds, world)
-            if board is not None:
-                board.epoch(epoch, metrics[-2:], model)
+                _interrupted(s, step, steps_per_epoch, _rng_state(shuffle_state, device), world)
+            s.start_step = 0
+            s.epoch += 1
+            s.metrics += _epoch_metrics(config, s.model, objective, s.prep, s.epoch, train_seconds, world)
+            if s.board is not None:
+                s.board.epoch(s.epoch, s.metrics[-2:], s.model)
             if world.main:
-                write_metrics(out / METRICS, metrics)
-                save_weights(model, out / WEIGHTS)
-                save_checkpoint(out / CHECKPOINT, model, optimizer,
-                                {"epoch": epoch, "step": 0, "world_size": world.size},
+                write_metrics(out / METRICS, s.metrics)
+                save_weights(s.model, out / WEIGHTS)
+                save_checkpoint(out / CHECKPOINT, s.model, s.optimizer,
+                                {"epoch": s.epoch, "step": 0, "world_size": world.size},
                                 _rng_state(shuffle.get_state(), device))
-            saved[0] = f"end of epoch {epoch}"
+            saved[0] = f"end of epoch {s.epoch}"
             if progress:
-                test = metrics[-1]
-                print(f"epoch {epoch}/{config.epochs}: test loss {test['loss']:.2f} nats "
+                test = s.metrics[-1]
+                print(f"epoch {s.epoch}/{config.optim.epochs}: test loss {test['loss']:.2f} nats "
                       f"(rec {test['rec']:.2f}, kl {test['kl']:.2f}), {train_seconds:.1f}s", file=sys.stderr)
-    model.eval()
-    return Run(out, config, model, metrics)
+    s.model.eval()
+    return Run(out, config, s.model, s.metrics)
+
+
+def _interrupted(s: _State, step: int, steps_per_epoch: int, rng: dict[str, Tensor], world: World) -> None:
+    """Ctrl-C mid-epoch: a checkpoint that resumes at this step, then stop."""
+    if world.main:
+        save_checkpoint(s.out / CHECKPOINT, s.model, s.optimizer,
+                        {"epoch": s.epoch, "step": step, "world_size": world.size}, rng)
+        print(f"\ninterrupted: checkpoint saved at epoch {s.epoch + 1}, step {step}/{steps_per_epoch}; "
+              f"continue with: vaelab train --resume {s.out}", file=sys.stderr)
+    raise KeyboardInterrupt
 
 
 class _Nothing:
@@ -309,41 +335,20 @@ class _Nothing:
         pass
 
 
-def resume(path: str | Path, progress: bool = True, epochs: int | None = None, device: Device | None = None
-           ) -> Run:
-    """Continue the run in `path` from its checkpoint, up to `epochs` in total (default: its own setting)."""
-    path = Path(path)
-    if not (path / CHECKPOINT).is_file():
-        raise RunError(f"{path}: no {CHECKPOINT} to resume from (give a run directory that trained at least "
-                       "part of an epoch)")
-    config = TrainConfig.load(path / CONFIG)
-    config.out = str(path)
-    if epochs is not None:
-        done = checkpoint_epoch(path / CHECKPOINT)
-        if epochs <= done:
-            raise ConfigError(f"--epochs is the new total and must exceed the {done} epochs already trained; "
-                              f"got {epochs}")
-        config.epochs = epochs
-    if device is not None:
-        config.device = device
-    config.validate()
-    return train(config, progress=progress, resume=True)
-
-
 def beta_at(config: TrainConfig, epoch_progress: float) -> float:
-    if config.kl_warmup <= 0:
-        return config.beta
-    return config.beta * min(1.0, epoch_progress / config.kl_warmup)
+    if config.optim.kl_warmup <= 0:
+        return config.optim.beta
+    return config.optim.beta * min(1.0, epoch_progress / config.optim.kl_warmup)
 
 
-def _run_epoch(config, model, train_step: Step, order, epoch, start_step, steps_per_epoch, stop,
+def _run_epoch(config, model, train_step: StepFn, order, epoch, start_step, steps_per_epoch, stop,
                progress, world: World = SINGLE) -> int:
     model.train()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
+        bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{config.optim.epochs}",
                    unit="step", leave=False, dynamic_ncols=True)
     count = 0
     step = start_step
@@ -358,7 +363,7 @@ def _run_epoch(config, model, train_step: Step, order, epoch, start_step, steps_
             if count == PROGRESS_EVERY or step == steps_per_epoch - 1:  # reading the loss waits for the device
                 value, stop.agreed = world.report(loss, stop.requested)  # summed over the processes
                 if not math.isfinite(value):  # non-finite weights make every later loss non-finite too
-                    raise TrainingError(_nonfinite_message(config, epoch, step))
+                    raise TrainingError(_nonfinite_message(config, model, epoch, step))
                 if bar is not None:
                     bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.2f}")
                     bar.update(count)
@@ -371,35 +376,30 @@ def _run_epoch(config, model, train_step: Step, order, epoch, start_step, steps_
             bar.close()
 
 
-def _nonfinite_message(config: TrainConfig, epoch: int, step: int) -> str:
+def _nonfinite_message(config: TrainConfig, model: VAE, epoch: int, step: int) -> str:
     causes = [f"the learning rate is too high (--lr {config.lr:g}; try {config.lr / 10:g})"]
-    if config.likelihood in ("gaussian", "laplace"):
-        causes.append(f"σ is very small or learned σ collapsed (--sigma {config.sigma})")
-    if config.beta != 1.0:
-        causes.append(f"--beta {config.beta:g}")
+    causes += model.likelihood.instability_causes(str(config.model.sigma))
+    if config.optim.beta != 1.0:
+        causes.append(f"--beta {config.optim.beta:g}")
     return (f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}; likely cause: "
             + "; or ".join(causes) + "."
             + (" The last checkpoint (previous epoch) is kept." if epoch > 0 else " No checkpoint was written."))
 
 
-def _epoch_metrics(config, model, prep, epoch, train_seconds, world: World = SINGLE) -> list[dict]:
+def _epoch_metrics(config, model, objective: Objective, prep, epoch, train_seconds, world: World = SINGLE
+                   ) -> list[dict]:
     """Each split's metrics, the evaluation shared among the processes: the numbers one process reports."""
     rows = []
     for split, x in (("train", prep.train_eval), ("test", prep.test)):
         m = elbo_metrics(model, x, max(config.batch_size, 1000), prep.prepare, seed=EVAL_SEED + epoch,
                          part=(world.rank, world.size), reduce=world.all_sum if world.size > 1 else None)
         row = {"epoch": epoch, "split": split, **m, "world_size": world.size}
-        if config.beta != 1.0 or config.kl_warmup > 0 or config.free_bits > 0:
-            row["objective"] = _objective_value(config, m, epoch)
+        # `loss` is always the −ELBO; an objective that differs from it is reported beside it
+        if not objective.is_elbo(config.optim.beta) or config.optim.kl_warmup > 0:
+            row["objective"] = objective.value(m["rec"], m["kl_per_dim"], beta_at(config, float(epoch)))
         if not prep.normalized:
             row["normalized"] = False
         if split == "train":
             row["seconds"] = train_seconds
         rows.append(row)
     return rows
-
-
-def _objective_value(config: TrainConfig, m: dict, epoch: int) -> float:
-    """The training objective at the end of `epoch` on this split (free bits applied to the mean KL per dim)."""
-    kl = sum(max(k, config.free_bits) for k in m["kl_per_dim"])
-    return m["rec"] + beta_at(config, float(epoch)) * kl

@@ -69,8 +69,8 @@
       if (p > 0.499 && p < 0.501) { const x = p - 0.5; return 0.5 + (1 / 3 + 16 / 45 * x * x) * x; }
       return p / (2 * p - 1) + 1 / (Math.log1p(-p) - Math.log(p));
     };
-    const meanOf = { "gaussian": t => t, "laplace": t => t, "bernoulli": sigmoid, "continuous-bernoulli": cbMean };
-    const mean = out => Float64Array.from(out.subarray(0, P), meanOf[spec.likelihood]);
+    const meanOf = { "identity": t => t, "sigmoid": sigmoid, "cb-mean": cbMean };  // the likelihood's page_mean
+    const mean = out => Float64Array.from(out.subarray(0, P), meanOf[spec.mean]);
     return {
       note: "Exported explorer: the decoder's weights are in this file and f(z) is computed in the page.",
       decode: z => mean(forward(z)),
@@ -116,16 +116,17 @@
 
   const dec = D.decoder.kind === "mlp" ? mlpDecoder(D.decoder) : gridDecoder(D.decoder);
 
-  function draw(z, sigma, rand) {  // x ~ p(x|z); sigma (when given) replaces the run's σ or b
-    const m = dec.decode(z), lik = info.likelihood, x = new Float64Array(P);
+  // x ~ p(x|z) the way the likelihood's page_draw (D.draw) says; sigma (when given) replaces the run's σ or b
+  function draw(z, sigma, rand) {
+    const m = dec.decode(z), kind = D.draw, x = new Float64Array(P);
     const normal = () => Math.sqrt(-2 * Math.log(rand())) * Math.cos(2 * Math.PI * rand());
     for (let i = 0; i < P; i++) {
-      if (lik === "gaussian") x[i] = m[i] + sigma * normal();
-      else if (lik === "laplace") { const u = rand() - 0.5; x[i] = m[i] - sigma * Math.sign(u) * Math.log(1 - 2 * Math.abs(u)); }
-      else if (lik === "bernoulli") x[i] = +(rand() < m[i]);
+      if (kind === "normal") x[i] = m[i] + sigma * normal();
+      else if (kind === "double-exponential") { const u = rand() - 0.5; x[i] = m[i] - sigma * Math.sign(u) * Math.log(1 - 2 * Math.abs(u)); }
+      else if (kind === "coin-flip") x[i] = +(rand() < m[i]);
       else x[i] = m[i];
     }
-    if (lik === "continuous-bernoulli" && dec.params) {  // inverse CDF from the logits
+    if (kind === "cb-inverse-cdf" && dec.params) {  // inverse CDF from the logits
       const eta = dec.params(z);
       for (let i = 0; i < P; i++) {
         const u = rand(), l = 1 / (1 + Math.exp(-eta[i]));

@@ -1,0 +1,61 @@
+"""What `vaelab info` prints about a run: its model, the size of each network, its config and last metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..models.nets import conv_channels, n_parameters, stage_sizes
+from ..runs import load_run
+
+
+def _network(config) -> tuple[str, list[int] | None, int]:
+    """(arch, hidden widths or channels, residual blocks per stage) of a run's config: the one place that knows
+    where the network's settings live in the config."""
+    return config.model.arch, config.model.hidden, config.model.blocks
+
+
+def run_summary(path: str | Path) -> str:
+    """The model, each network's parameter count, the config and the last train/test metrics of the run in
+    `path`, as lines of text (what `vaelab info` prints)."""
+    run = load_run(path)
+    arch, hidden, blocks = _network(run.config)
+    lines = [f"run: {run.path}", f"model: {arch} {hidden} -> z{run.config.model.latent_dim}, "
+             f"{run.model.likelihood.describe()}"]
+    lines += [f"  {line}" for line in network_lines(run.model, arch, hidden, blocks)]
+    lines.append("config:")
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in run.config.to_dict().items()]
+    for split in ("train", "test"):
+        last = run.last(split)
+        if last:
+            parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()
+                     if k not in ("split", "kl_per_dim")]
+            lines.append(f"last {split}: " + " ".join(parts))
+            if last.get("normalized") is False:
+                lines.append("  (Bernoulli on non-binary pixels: loss is a cross-entropy, not a normalized "
+                             "negative log-likelihood)")
+    if not run.metrics:
+        lines.append("no metrics yet")
+    return "\n".join(lines)
+
+
+def network_lines(model, arch: str, hidden: Sequence[int] | None, blocks: int) -> list[str]:
+    """What each network of `model` is and how many parameters it has (and the likelihood's own, if any);
+    `arch`, `hidden` and `blocks` are the settings it was built from."""
+    shape: tuple[int, int, int] = model.shape
+    hidden = list(hidden or [])
+    if arch == "conv":
+        chans = conv_channels(shape, hidden)
+        sizes = stage_sizes(shape, len(chans))
+        what = (f"{len(chans)} stride-2 stages, channels {','.join(map(str, chans))}, {blocks} residual "
+                f"block(s) each, {shape[1]}x{shape[2]} -> {sizes[-1][0]}x{sizes[-1][1]}")
+    else:
+        what = f"hidden widths {','.join(map(str, hidden))}"
+    out = [f"encoder: {n_parameters(model.encoder):,} parameters ({what})",
+           f"decoder: {n_parameters(model.decoder):,} parameters (mirrored, {model.likelihood.n_params} output "
+           f"tensor(s) per pixel)"]
+    own = n_parameters(model.likelihood)
+    if own:
+        out.append(f"likelihood: {own:,} parameter(s)")
+    return out
