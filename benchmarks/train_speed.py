@@ -3,10 +3,10 @@
 One process, one machine, one model: a 784-400-20 MLP VAE with a Bernoulli likelihood, batch 128, Adam 1e-3,
 on Fashion-MNIST's 60,000 training images.
 
-1. vaelab: `vaelab.train`, the function `vaelab train` calls (on a CPU its hand-written MLP step,
-   vaelab.training.fused),
-   one epoch at a time (epoch 1 on a fresh run
-   directory, then `vaelab.resume` to 2, 3, ...; resuming is bit-identical to one uninterrupted run).
+1. vaelab: `vaelab.train`, the function `vaelab train` calls (every step is vaelab.training.step.Step: the
+   objective of vaelab.models.objective, its gradients by autograd, the optimizer's update; on a GPU replayed
+   as one CUDA graph), one epoch at a time (epoch 1 on a fresh run directory, then `vaelab.resume` to 2, 3,
+   ...; resuming is bit-identical to one uninterrupted run).
    Seconds per epoch are the `seconds` field of each epoch's train row in metrics.jsonl: the training loop's
    wall time, excluding the per-epoch train/test evaluation and the checkpoint. Median over the epochs.
 2. baseline: the well-known PyTorch example (examples/vae) written the usual way: a Dataset that turns each
@@ -19,10 +19,11 @@ on Fashion-MNIST's 60,000 training images.
    median over the blocks.
 4. vaelab --precision bf16 (skip with --skip-bf16): the same run with the networks' matmuls under bfloat16
    autocast. It is reported on its own lines and never in the goal's ratios: it changes the arithmetic.
-5. with --with-autograd, vaelab fp32 twice more: with --no-handwritten-grads (the networks' gradients from
-   autograd: what the hand-written MLP step is worth), and with that and the Bernoulli log-density as the
-   plain expression (Σ x·l − softplus(l), differentiated by autograd) instead of its closed-form gradient
-   (vaelab.models.likelihoods.BernoulliLogProb): what the closed form is worth.
+5. with --with-autograd, vaelab fp32 once more with the Bernoulli log-density as the plain expression
+   (Σ x·l − softplus(l), differentiated by autograd) instead of its closed-form gradient
+   (vaelab.models.likelihoods.BernoulliLogProb): what the closed form is worth. (Before the step was one
+   autograd step everywhere, this option also timed the CPU's hand-written MLP step against autograd; that
+   step is gone, and so is its series.)
 6. with --device cuda, vaelab fp32 once more with --no-cuda-graph: every step launched kernel by kernel
    instead of replayed as one CUDA graph, to show what the graph is worth.
 7. with --reference SRC, another vaelab source tree (the `src` folder of an older commit, e.g. from
@@ -31,8 +32,8 @@ on Fashion-MNIST's 60,000 training images.
 
 The trainers take turns: each round runs one epoch of every trainer, then a floor block, so that all
 series see the same mix of machine states on a shared machine.
-Both trained models are scored with the same function (vaelab.evaluate.elbo_metrics, same seed, one z per
-image, logits = the decoder's last affine layer) on the 10,000 test images after 3 epochs.
+Every trained model is scored with the same function (vaelab.training.evaluation.elbo_metrics, same seed, one z
+per image, logits = the decoder's last affine layer) on the 10,000 test images after 3 epochs.
 The last line is machine-readable.
 
     python benchmarks/train_speed.py              # the real measurement: 5 epochs each (a few minutes)
@@ -68,11 +69,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vaelab import TrainConfig, load_run, resume, train
-from vaelab.analysis.metrics import elbo_metrics
 from vaelab.data import load_dataset, to_unit
 from vaelab.models.likelihoods import Bernoulli
 from vaelab.models.vae import VAE
 from vaelab.runs import read_metrics
+from vaelab.training.evaluation import elbo_metrics
 
 BATCH, HIDDEN, LATENT, LR, SEED = 128, 400, 20, 1e-3, 0
 COMPARE_EPOCH = 3  # test -ELBO compared after this many epochs
@@ -253,8 +254,8 @@ def main(argv=None) -> None:
                    help="where every trainer and the floor run (default cpu); test scores are computed on the CPU")
     p.add_argument("--skip-bf16", action="store_true", help="do not also time vaelab with --precision bf16")
     p.add_argument("--with-autograd", action="store_true",
-                   help="also time vaelab fp32 with --no-handwritten-grads, and with that and the Bernoulli "
-                   "log-density differentiated by autograd instead of its closed-form gradient")
+                   help="also time vaelab fp32 with the Bernoulli log-density as the plain expression, "
+                   "differentiated by autograd instead of by its closed-form gradient")
     p.add_argument("--reference", metavar="SRC", default=None,
                    help="also time the vaelab package in this source folder (e.g. an older commit's src/) through "
                    "its CLI in a child process")
@@ -292,11 +293,10 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = [VaelabRun(Path(tmp), args, "fp32")]
         bf16 = None if args.skip_bf16 else VaelabRun(Path(tmp), args, "bf16")
-        auto = VaelabRun(Path(tmp), args, "fp32", autograd=True) if args.with_autograd else None
-        plain = VaelabRun(Path(tmp), args, "fp32", autograd=True, plain=True) if args.with_autograd else None
+        plain = VaelabRun(Path(tmp), args, "fp32", plain=True) if args.with_autograd else None
         eager = VaelabRun(Path(tmp), args, "fp32", graphs=False) if device.type == "cuda" else None
         ref = ReferenceRun(Path(tmp), args) if args.reference else None
-        runs += [r for r in (bf16, auto, plain, eager, ref) if r is not None]
+        runs += [r for r in (bf16, plain, eager, ref) if r is not None]
         baseline = train_baseline(data, args.epochs, args.lean_baseline, device)
         for epoch in range(1, args.epochs + 1):
             for run in runs:
@@ -316,19 +316,17 @@ def main(argv=None) -> None:
     if bf16:
         print(f"bf16    : {_fmt(bf16.seconds)}  (vaelab --precision bf16: matmuls in bfloat16; not the same "
               "maths, so not the goal's number)")
-    if auto and plain:
-        a, pl = statistics.median(auto.seconds), statistics.median(plain.seconds)
-        print(f"autograd: {_fmt(auto.seconds)}  (vaelab fp32 --no-handwritten-grads: TrainStep, autograd through "
-              f"the networks; test -ELBO {auto.test:.2f} nats)")
-        print(f"plain   : {_fmt(plain.seconds)}  (as autograd, and the Bernoulli log-density differentiated by "
+    if plain:
+        pl = statistics.median(plain.seconds)
+        print(f"plain   : {_fmt(plain.seconds)}  (vaelab fp32 with the Bernoulli log-density differentiated by "
               f"autograd, not its closed form; test -ELBO {plain.test:.2f} nats)")
-        print(f"vaelab / autograd = {vaelab_s / a:.3f} (the hand-written MLP step); autograd / plain = {a / pl:.3f} "
-              f"(the closed-form likelihood gradient)")
+        print(f"vaelab / plain = {vaelab_s / pl:.3f} (the closed-form likelihood gradient)")
     if ref:
         r = statistics.median(ref.seconds)
         print(f"before  : {_fmt(ref.seconds)}  (vaelab from {args.reference}, through its CLI; test -ELBO "
               f"{ref.test:.2f} nats)")
-        print(f"vaelab / before = {vaelab_s / r:.3f} (vaelab before / floor = {r / floor_s:.3f})")
+        print(f"vaelab / before = {vaelab_s / r:.3f} (before / floor = {r / floor_s:.3f}, before / baseline = "
+              f"{r / baseline_s:.3f})")
     if eager:
         print(f"eager   : {_fmt(eager.seconds)}  (vaelab fp32 without the CUDA graph: each step launched kernel by "
               f"kernel; test -ELBO {eager.test:.2f} nats)")
@@ -361,14 +359,12 @@ class VaelabRun:
     --epochs N` (bit-identical to one uninterrupted run). Seconds are each epoch's train-loop time from
     metrics.jsonl, without the per-epoch evaluation and checkpoint."""
 
-    def __init__(self, tmp: Path, args, precision: str, autograd: bool = False, graphs: bool = True,
-                 plain: bool = False):
-        self.label = "plain" if plain else "autograd" if autograd else precision if graphs else "eager"
+    def __init__(self, tmp: Path, args, precision: str, graphs: bool = True, plain: bool = False):
+        self.label = "plain" if plain else precision if graphs else "eager"
         self.plain, self.path = plain, tmp / self.label
         self.cfg = dict(dataset="fashion-mnist", data_dir=args.data_dir, likelihood="bernoulli", hidden=[HIDDEN],
                         latent_dim=LATENT, batch_size=BATCH, lr=LR, optimizer="adam", seed=SEED, device=args.device,
-                        precision=precision, cuda_graph=graphs,
-                        handwritten_grads=not autograd)
+                        precision=precision, cuda_graph=graphs)
         self.seconds: list[float] = []
         self.test = math.nan
 

@@ -107,7 +107,8 @@ def test_argparse_errors_are_one_line_with_the_allowed_values(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err  # no usage block, no traceback
     assert "--arch: invalid choice: 'rnn'" in err
-    assert "mlp" in err and "conv" in err
+    assert "mlp" in err
+    assert "conv" in err
     assert "vaelab train --help" in err
 
 

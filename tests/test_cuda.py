@@ -7,14 +7,15 @@ import warnings
 import pytest
 import torch
 
+import toy_objective
 from test_gradients import REFERENCE, SPECS, _inputs, _likelihood, check_against_reference
 from vaelab import resume, train
 from vaelab.config import TrainConfig
 from vaelab.models.objective import ELBO, ObjectiveSettings
 from vaelab.models.vae import VAE
 from vaelab.training import cudagraph
+from vaelab.training.build import autocast, make_optimizer
 from vaelab.training.step import Step, local_inputs
-from vaelab.training.trainer import autocast, make_optimizer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")]
@@ -120,6 +121,8 @@ def _spy_on_graph(monkeypatch) -> list[bool]:
     ("laplace", "learned", {}), ("laplace", "0.1", {}),
     ("bernoulli", "0.1", {"precision": "bf16"}),  # autograd under autocast, captured
     ("bernoulli", "0.1", {"arch": "conv", "hidden": [8, 16]}),  # autograd through convolutions, captured
+    ("bernoulli", "0.1", {"free_bits": 0.1}),  # the objective's batch statistic, captured
+    ("bernoulli", "0.1", {"objective": toy_objective.ReconstructionOnly.name}),  # registered through the public API
 ])
 def test_cuda_graph_replays_equal_eager_steps(tmp_path, fashion, monkeypatch, lik, sigma, extra):
     """The trainer replays full-size steps as a CUDA graph (one eager step, then replays; the short last batch

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
+import toy_objective
 from vaelab import TrainConfig, load_run, resume, train
 from vaelab.analysis.metrics import elbo_metrics
 from vaelab.data import load_dataset, to_unit
@@ -52,11 +53,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_cmd(nproc: int, *train_args, nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:
+TOY_ENTRY = Path(__file__).with_name("toy_objective.py")  # vaelab with a toy objective registered
+
+
+def torchrun_cmd(nproc: int, *train_args, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
+                 entry: tuple[str, ...] = ("-m", "vaelab")) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
             "--nproc-per-node", str(nproc),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port or free_port()}", "--rdzv-id", "vaelab-test",
-            "--max-restarts", "0", "-m", "vaelab", "train", *map(str, train_args)]
+            "--max-restarts", "0", *entry, "train", *map(str, train_args)]
 
 
 def env() -> dict[str, str]:
@@ -102,6 +107,20 @@ def check_matches_one_process(two: Path, one: Path) -> float:
     assert rows(two)[-1]["loss"] == pytest.approx(rows(one)[-1]["loss"], abs=0.01)
     assert [(r["epoch"], r["split"]) for r in rows(two)] == [(r["epoch"], r["split"]) for r in rows(one)]
     return diff
+
+
+@pytest.mark.slow
+def test_a_registered_objective_trains_two_processes_as_it_trains_one(tmp_path, subset):
+    """An objective added through the public registration alone (tests/toy_objective.py, the entry point of each
+    process) runs on the data-parallel step unchanged: two processes train the model one process trains."""
+    kw = dict(objective=toy_objective.ReconstructionOnly.name)
+    r = subprocess.run(torchrun_cmd(2, *args(subset, tmp_path / "two", **kw), entry=(str(TOY_ENTRY),)),
+                       capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = train(config(subset, tmp_path / "one", **kw), progress=False)
+    check_matches_one_process(tmp_path / "two", one.path)
+    assert all(row["objective"] == pytest.approx(row["rec"], rel=1e-9) for row in rows(tmp_path / "two"))
+    assert_one_world_size(tmp_path / "two", 2)
 
 
 @pytest.mark.slow

@@ -198,7 +198,7 @@ def test_conv_and_static_binarization_train(tmp_path, fashion_dir):
 
 
 def test_bf16_on_a_cpu_without_native_support_warns(monkeypatch):
-    T = sys.modules["vaelab.training.trainer"]
+    T = sys.modules["vaelab.training.build"]
     monkeypatch.setattr(T, "_cpu_has_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="emulated and slower"):
         T.check_precision(TrainConfig(precision="bf16"), torch.device("cpu"))

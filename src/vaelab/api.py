@@ -20,7 +20,8 @@ from .data import cache as decoded_cache
 from .errors import ConfigError, RunError
 from .explorer import DEFAULT_PORT
 from .runs import CONFIG, Run, load_run, write_text_atomic
-from .training.trainer import resolve_device, resume, train
+from .training.build import resolve_device
+from .training.trainer import resume, train
 
 
 def _load(path: str | Path, device: str = "auto") -> Run:

@@ -66,7 +66,7 @@ class Role:
                 raise ConfigError(f"{flag_name(f.name)} must be one of {', '.join(allowed)}; got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
 
 
 @dataclass(frozen=True)

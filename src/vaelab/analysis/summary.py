@@ -25,7 +25,7 @@ def run_summary(path: str | Path) -> str:
              f"{run.model.likelihood.describe()}"]
     lines += [f"  {line}" for line in network_lines(run.model, arch, hidden, blocks)]
     lines.append("config:")
-    lines += [f"  {k}: {json.dumps(v)}" for k, v in run.config.to_dict().items()]
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in run.config.settings().items()]  # one line per setting
     for split in ("train", "test"):
         last = run.last(split)
         if last:

@@ -88,6 +88,9 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     """Make `cls` available as `--objective cls.name` (usable as a class decorator)."""
     if not (isinstance(cls, type) and issubclass(cls, Objective)) or not cls.name:
         raise TypeError(f"register_objective needs an Objective subclass with a name; got {cls!r}")
+    known = OBJECTIVES.get(cls.name)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise ValueError(f"an objective named {cls.name!r} is already registered ({known.__qualname__})")
     OBJECTIVES[cls.name] = cls
     return cls
 
