@@ -4,7 +4,7 @@ The model of benchmarks/train_speed.py (784-400-20 MLP VAE, Bernoulli likelihood
 Fashion-MNIST's training images), trained by steps that compute the same update:
 
     vaelab    vaelab.training.step.Step with the ELBO (vaelab.models.objective), built by
-              vaelab.training.trainer.make_step: exactly what `vaelab train` runs on a CPU
+              vaelab.training.build.make_step: exactly what `vaelab train` runs on a CPU
     plain     the same, with the Bernoulli log-density as the plain expression Σ x·l − softplus(l), so that
               autograd differentiates it, not its closed form (vaelab.models.likelihoods.BernoulliLogProb)
     compiled  the model's forward and the objective as one torch.compile'd function, then backward and the
@@ -15,7 +15,7 @@ CPU time of the timing thread (time.thread_time), which counts the work done and
 a core, so other jobs on the machine move it far less than wall time. Torch runs on that one thread. Medians over
 the blocks, and each step's ratio to `vaelab`.
 
-    python benchmarks/step_speed.py              # 60 blocks per step (a few minutes on an idle machine)
+    python benchmarks/step_speed.py              # 60 blocks per step (about a minute, after the compile)
     python benchmarks/step_speed.py --blocks 20  # a quick look
 """
 
@@ -37,7 +37,7 @@ from vaelab import TrainConfig
 from vaelab.data import load_dataset, prepare_data
 from vaelab.models.objective import Batch, Objective
 from vaelab.models.vae import VAE
-from vaelab.training.trainer import make_objective_for, make_optimizer, make_step
+from vaelab.training.build import make_objective_for, make_optimizer, make_step
 
 BATCH, HIDDEN, LATENT, BLOCK = 128, 400, 20, 25
 CPU = torch.device("cpu")

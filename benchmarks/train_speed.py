@@ -21,9 +21,8 @@ on Fashion-MNIST's 60,000 training images.
    autocast. It is reported on its own lines and never in the goal's ratios: it changes the arithmetic.
 5. with --with-autograd, vaelab fp32 once more with the Bernoulli log-density as the plain expression
    (Σ x·l − softplus(l), differentiated by autograd) instead of its closed-form gradient
-   (vaelab.models.likelihoods.BernoulliLogProb): what the closed form is worth. (Before the step was one
-   autograd step everywhere, this option also timed the CPU's hand-written MLP step against autograd; that
-   step is gone, and so is its series.)
+   (vaelab.models.likelihoods.BernoulliLogProb): what the closed form is worth. (The option once also timed a
+   hand-written MLP backward pass against autograd; vaelab no longer has one, so that series is gone.)
 6. with --device cuda, vaelab fp32 once more with --no-cuda-graph: every step launched kernel by kernel
    instead of replayed as one CUDA graph, to show what the graph is worth.
 7. with --reference SRC, another vaelab source tree (the `src` folder of an older commit, e.g. from

@@ -254,7 +254,7 @@ def test_cli_corrupt_file_one_line_then_skip_trains(emoji_dir, tmp_path, capsys)
     assert code == 0, err
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["data_shape"] == [3, 64, 64]
-    assert config["skip_bad_images"] is True
+    assert config["data"]["skip_bad_images"] is True
 
 
 # ------------------------------------------------------------------------------------------- the real path
