@@ -22,7 +22,7 @@ def test_train_then_info_end_to_end(tmp_path, fashion_dir):
                "--epochs", "2", "--sigma", "learned", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "epoch 2/2" in r.stderr
-    assert "test loss" in r.stdout
+    assert "test −ELBO" in r.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     info = vaelab("info", str(out))
@@ -77,6 +77,15 @@ BAD = [  # (arguments, words the one error line must contain)
     (["train", "--threads", "0", "--limit", "10"], "--threads must be an integer >= 1; got 0"),
     (["eval", "{tmp}", "--threads", "-2"], "--threads must be an integer >= 1; got -2"),
     (["train", "--resume", "{tmp}", "--precision", "bf16"], "only --epochs and --device may be given"),
+    (["train", "--latent_dim", "2"], "unrecognized arguments: --latent_dim 2; did you mean --latent-dim? "
+     "(see vaelab train --help)"),
+    (["train", "--latent_dim=2"], "did you mean --latent-dim?"),
+    (["train", "--ephocs", "3"], "did you mean --epochs?"),
+    (["trian", "--epochs", "1"], "invalid choice: 'trian'"),
+    (["trian", "--epochs", "1"], "did you mean train?"),
+    (["sigma_study"], "did you mean sigma-study?"),
+    (["explore", "{tmp}", "--no-brwser"], "did you mean --no-browser? (see vaelab explore --help)"),
+    (["train", "--likelihood", "continuous_bernoulli"], "did you mean continuous-bernoulli?"),
 ]
 
 
@@ -112,6 +121,25 @@ def test_argparse_errors_are_one_line_with_the_allowed_values(capsys):
     assert "vaelab train --help" in err
 
 
+@pytest.mark.parametrize("args", [["train", "--foo", "1"], ["train", "--wandb"], ["explore", "run", "--open"],
+                                  ["info", "run", "--no-brwser"], ["train", "--arch", "rnn"], ["--verbose"]])
+def test_a_flag_with_no_near_name_gets_no_made_up_suggestion(capsys, args):
+    """Suggestions come from the command's own flags and only when one is near: `info` has no --no-browser."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "did you mean" not in err, err
+
+
+def test_several_misspelt_flags_each_get_their_suggestion(capsys):
+    assert main(["train", "--latent_dim", "2", "--batch_size", "8", "--nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "--latent_dim: did you mean --latent-dim?" in err
+    assert "--batch_size: did you mean --batch-size?" in err
+    assert "--nope:" not in err
+
+
 def test_every_command_has_help_for_every_flag(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -145,3 +173,63 @@ def test_out_that_is_a_file_and_resume_that_goes_backwards(tmp_path):
     r = vaelab("train", "--resume", str(run), "--epochs", "1")
     assert r.returncode == 2
     assert "must exceed the 2 epochs already trained; got 1" in r.stderr
+
+
+def _flat_images(path, seed=0):
+    """Near-constant grey 8x8 images: once a Gaussian decoder fits them to within a few levels, its density exceeds
+    1 per pixel and the −log p are below 0."""
+    rng = np.random.default_rng(seed)
+    x = np.clip(128 + rng.normal(0, 3, size=(200, 1, 8, 8)), 0, 255).astype(np.uint8)
+    np.savez(path, x=x)
+    return path
+
+
+def test_negative_log_likelihoods_are_printed_one_way_and_explained_once(tmp_path, capsys):
+    from vaelab.training.evaluation import NEGATIVE_NOTE
+
+    data, run = _flat_images(tmp_path / "flat.npz"), tmp_path / "run"
+    assert main(["train", "--dataset", str(data), "--latent-dim", "2", "--hidden", "8", "--sigma", "optimal",
+                 "--lr", "0.01", "--batch-size", "20", "--epochs", "4", "--out", str(run)]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["split"] == "test"]
+    first = next((i for i, v in enumerate(losses) if v < 0), None)
+    assert first is not None, f"the data must end with a density above 1 per pixel: test −ELBO {losses}"
+    assert losses[0] > 0, "and start below it, so that the note's place is tested"
+    lines = [line.split("\r")[-1] for line in captured.err.splitlines()]  # the progress bar shares the lines
+    epoch_lines = [i for i, line in enumerate(lines) if "test −ELBO" in line]
+    assert [lines[i].split(":")[0] for i in epoch_lines] == [f"epoch {e}/4" for e in range(1, 5)]
+    t = rows[1]
+    assert lines[epoch_lines[0]].startswith(f"epoch 1/4: test −ELBO {t['loss']:.2f} nats/image = "
+                                            f"{t['bits_per_dim']:.3f} bits/dim (rec {t['rec']:.2f}, KL {t['kl']:.2f}),")
+    assert captured.err.count(NEGATIVE_NOTE) == 1
+    assert lines[epoch_lines[first] + 1] == f"  ({NEGATIVE_NOTE})"  # right after the first epoch below 0
+    assert "test loss" not in captured.err + captured.out
+    assert captured.out.startswith(f"{run}: test −ELBO {losses[-1]:.2f} nats/image")
+    assert NEGATIVE_NOTE not in captured.out  # the epoch lines said it
+
+    assert main(["train", "--resume", str(run), "--epochs", "5", "--quiet"]) == 0
+    assert capsys.readouterr().out.count(NEGATIVE_NOTE) == 1  # no epoch lines: the final line says it
+
+    assert main(["eval", str(run), "--iw-samples", "3", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert table.count(NEGATIVE_NOTE) == 1
+    assert "−log p(x) ≤ (IWAE, K = 3)" in table
+    assert "\nELBO" not in table
+    assert "\nlog p(x)" not in table
+    assert main(["info", str(run)]) == 0
+    assert capsys.readouterr().out.count(NEGATIVE_NOTE) == 1
+
+
+def test_positive_log_likelihoods_get_no_explanation(tmp_path, capsys):
+    from vaelab.training.evaluation import NEGATIVE_NOTE
+
+    run = tmp_path / "run"  # binarized noise under a Bernoulli: a probability mass, −log p > 0
+    assert main(["train", "--dataset", str(_flat_images(tmp_path / "flat.npz")), "--latent-dim", "2", "--hidden",
+                 "8", "--likelihood", "bernoulli", "--binarize", "static", "--epochs", "1", "--out", str(run)]) == 0
+    assert main(["eval", str(run), "--iw-samples", "2", "--quiet"]) == 0
+    assert main(["info", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert "test −ELBO" in captured.err
+    assert "−ELBO (loss, lower is better)" in captured.out
+    assert NEGATIVE_NOTE not in captured.err + captured.out

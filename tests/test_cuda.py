@@ -123,6 +123,7 @@ def _spy_on_graph(monkeypatch) -> list[bool]:
     ("bernoulli", "0.1", {"arch": "conv", "hidden": [8, 16]}),  # autograd through convolutions, captured
     ("bernoulli", "0.1", {"free_bits": 0.1}),  # the objective's batch statistic, captured
     ("bernoulli", "0.1", {"objective": toy_objective.ReconstructionOnly.name}),  # registered through the public API
+    ("bernoulli", "0.1", {"objective": "iwae", "iw_train": 4}),  # K draws of z per image
 ])
 def test_cuda_graph_replays_equal_eager_steps(tmp_path, fashion, monkeypatch, lik, sigma, extra):
     """The trainer replays full-size steps as a CUDA graph (one eager step, then replays; the short last batch

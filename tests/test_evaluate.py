@@ -16,10 +16,14 @@ from vaelab.analysis.metrics import (
     evaluate_run,
     iwae_log_px,
     knn_agreement,
+    prior_radii,
+    prior_radius,
     radius_share,
     sharpness,
+    table_rows,
 )
 from vaelab.cli import format_table
+from vaelab.training.evaluation import NEGATIVE_NOTE
 
 N_EVAL = 1000  # test images the run is evaluated on
 
@@ -34,13 +38,46 @@ def test_active_units_counts_dimensions_whose_mean_varies_more_than_001():
     assert var == pytest.approx([1.0, 0.04, 0.0025, 0.0], rel=0.05, abs=1e-9)
 
 
+@pytest.mark.parametrize(("p", "dim", "expected"), [
+    # one dimension: the two-sided normal quantiles; the 1σ / 2σ / 3σ masses give exactly 1, 2, 3
+    (0.68, 1, 0.9944578832097530), (0.95, 1, 1.959963984540054), (0.997, 1, 2.967737925341777),
+    (math.erf(1 / math.sqrt(2)), 1, 1.0), (math.erf(2 / math.sqrt(2)), 1, 2.0), (math.erf(3 / math.sqrt(2)), 1, 3.0),
+    # two dimensions: the Rayleigh quantile sqrt(-2 ln(1 - p)); 99.7 % -> 3.41
+    (0.68, 2, math.sqrt(-2 * math.log(0.32))), (0.997, 2, math.sqrt(-2 * math.log(0.003))),
+    # 20 dimensions: sqrt of chi2.ppf(0.95, 20) = 31.410432844230918 (scipy), far from 1, 2, 3
+    (0.95, 20, math.sqrt(31.410432844230918)),
+])
+def test_prior_radius_is_the_chi_quantile(p, dim, expected):
+    assert prior_radius(p, dim) == pytest.approx(expected, rel=1e-9)
+
+
+def test_prior_radius_rejects_what_is_not_a_probability_or_a_dimension():
+    for p, dim, needle in ((0.0, 2, "p must be in \\(0, 1\\), got 0.0"), (1.5, 2, "got 1.5"),
+                           (0.5, 0, "dim must be an integer >= 1, got 0"), (0.5, 2.0, "got 2.0")):
+        with pytest.raises(ValueError, match=needle):
+            prior_radius(p, dim)
+
+
+@pytest.mark.parametrize("dim", [2, 20])
+def test_radius_shares_of_prior_draws_are_the_prior_mass_in_any_dimension(dim):
+    # fixed radii 1, 2, 3 would give 0 % in 20 dimensions; the prior's own radii give 68 / 95 / 99.7 %
+    codes = torch.randn(40000, dim, generator=torch.Generator().manual_seed(dim), dtype=torch.float64)
+    share = radius_share(codes)
+    se = {k: math.sqrt(p * (1 - p) / len(codes)) for k, p in (("68", 0.68), ("95", 0.95), ("99.7", 0.997))}
+    assert share == {k: pytest.approx(float(k) / 100, abs=4 * se[k]) for k in ("68", "95", "99.7")}
+
+
 def test_radius_share_counts_codes_within_each_radius_inclusive():
     g = torch.Generator().manual_seed(1)
     directions = torch.eye(5, dtype=torch.float64)[[0, 1, 2, 3, 4, 0]]  # unit vectors: norms are exact
     directions[5] = torch.nn.functional.normalize(torch.randn(5, generator=g, dtype=torch.float64), dim=0)
     norms = torch.tensor([0.5, 1.0, 1.5, 2.5, 3.0, 3.5], dtype=torch.float64)
-    share = radius_share(directions * norms[:, None])
-    assert share == {"1": pytest.approx(2 / 6), "2": pytest.approx(3 / 6), "3": pytest.approx(5 / 6)}
+    share = radius_share(directions * norms[:, None], {"a": 1.0, "b": 2.0, "c": 3.0})
+    assert share == {"a": pytest.approx(2 / 6), "b": pytest.approx(3 / 6), "c": pytest.approx(5 / 6)}
+    radii = prior_radii(5)  # 68 %: 2.42, 95 %: 3.33, 99.7 %: 4.24 in 5 dimensions
+    assert radius_share(directions * norms[:, None]) == {"68": pytest.approx(3 / 6), "95": pytest.approx(5 / 6),
+                                                         "99.7": pytest.approx(1.0)}
+    assert radii["68"] == pytest.approx(2.42, abs=0.01)
 
 
 def test_knn_agreement_on_clusters_with_known_label_mix():
@@ -57,6 +94,17 @@ def test_knn_agreement_on_clusters_with_known_label_mix():
     assert knn_agreement(codes, mixed) == pytest.approx(expected)
     assert knn_agreement(codes, mixed, block=5) == pytest.approx(expected)  # blocking changes nothing
     assert knn_agreement(codes, None) is None
+
+
+def test_knn_agreement_over_a_single_class_is_none():
+    # one class would agree 100 % whatever the codes: no score, as without labels
+    codes = torch.randn(30, 2, generator=torch.Generator().manual_seed(4))
+    assert knn_agreement(codes, torch.full((30,), 3)) is None
+    assert knn_agreement(codes, np.zeros(30, dtype=np.int64)) is None
+    # a second class, even of one code, makes it a score again: far from the others, that code is no one's
+    # neighbour, so each of the 29 agrees with all its 10 and the lone code with none of its 10
+    codes[29] = 100.0
+    assert knn_agreement(codes, np.array([0] * 29 + [1])) == pytest.approx(290 / 300)
 
 
 def test_knn_agreement_with_random_labels_is_chance():
@@ -138,8 +186,11 @@ def test_numbers_agree_with_a_by_hand_computation_from_the_saved_weights(run_dir
     # latent geometry of the posterior means
     assert numbers["active_units"] == int((mean.var(0, unbiased=False) > 0.01).sum())
     norms = mean.norm(dim=1)
-    assert numbers["radius_share"] == {r: pytest.approx((norms <= int(r)).double().mean().item(), abs=1.5e-3)
-                                       for r in ("1", "2", "3")}
+    radii = {"68": math.sqrt(-2 * math.log(0.32)), "95": math.sqrt(-2 * math.log(0.05)),
+             "99.7": math.sqrt(-2 * math.log(0.003))}  # the 2-D prior's: 1.51, 2.45, 3.41
+    assert numbers["radius_quantiles"] == pytest.approx(radii, rel=1e-9)
+    assert numbers["radius_share"] == {p: pytest.approx((norms <= r).double().mean().item(), abs=1.5e-3)
+                                       for p, r in radii.items()}
     labels = _test_labels(fashion_dir, N_EVAL)
     dist = np.linalg.norm(mean.numpy()[:, None] - mean.numpy()[None], axis=-1)
     np.fill_diagonal(dist, np.inf)
@@ -210,6 +261,40 @@ def test_iwae_memory_is_bounded_in_k_and_batching_does_not_matter(run_dir, fashi
 
 def test_table_shows_every_number(numbers):
     table = format_table(numbers)
-    for needle in ("ELBO", "log p(x), IWAE K=200", "bits/dim", "MSE", "σ in use", "active units",
-                   "radius 1 / 2 / 3", "10-NN", "sharpness", f"{numbers['elbo']:.2f}", f"{numbers['log_px']:.2f}"):
+    for needle in ("−ELBO", "−log p(x) ≤ (IWAE, K = 200)", "bits/dim", "MSE", "σ in use", "active units",
+                   "r68 / r95 / r99.7", "1.51 / 2.45 / 3.41 hold 68 / 95 / 99.7 % of the prior N(0, I) in 2 dim",
+                   "10-NN", "sharpness", f"{-numbers['elbo']:.2f}", f"{-numbers['log_px']:.2f}",
+                   f"{numbers['bits_per_dim']:.4f}", f"{numbers['bits_per_dim_log_px']:.4f}"):
         assert needle in table
+
+
+def _numbers(elbo: float, log_px: float, rec: float, k: int = 100) -> dict:
+    """evaluate()'s output, made up: only the signs and K matter to the tests below."""
+    return {"n_images": 10, "split": "test", "elbo": elbo, "log_px": log_px, "log_px_stderr": 0.5, "iw_samples": k,
+            "bits_per_dim": 3.25, "bits_per_dim_log_px": 3.2, "rec": rec, "kl": 20.0, "mse": 0.01, "sigma": 0.1,
+            "kl_per_dim": [10.0, 10.0], "active_units": 2, "radius_share": {"68": 0.7, "95": 0.96, "99.7": 0.998},
+            "radius_quantiles": prior_radii(2), "knn_agreement": None,
+            "sharpness": {"data": 0.1, "recon": 0.05, "samples": 0.04}}
+
+
+@pytest.mark.parametrize(("elbo", "log_px", "rec", "negative_row"), [
+    (-150.0, -140.0, 130.0, None),  # every −log p above 0: no explanation
+    (1946.18, 1960.5, -2019.05, "−ELBO (loss, lower is better)"),  # all three below 0: explained once, first
+    (-5.0, 3.0, -25.0, "  reconstruction −log p(x|z)"),  # the −ELBO above 0, rec below: explained after rec
+])
+def test_table_prints_negative_log_likelihoods_and_explains_the_first_one_below_0(elbo, log_px, rec, negative_row):
+    rows = table_rows(_numbers(elbo, log_px, rec, k=37))
+    names = [name for name, _ in rows]
+    values = dict(rows)
+    # one convention: −ELBO, −log p(x|z), −log p(x) (lower is better), with bits/dim beside the two totals
+    assert values["−ELBO (loss, lower is better)"] == f"{-elbo:.2f} nats/image  = 3.2500 bits/dim"
+    assert values["  reconstruction −log p(x|z)"] == f"{rec:.2f} nats/image"
+    assert values["−log p(x) ≤ (IWAE, K = 37)"].startswith(f"{-log_px:.2f} nats/image ± 0.50 s.e.")
+    assert values["−log p(x) ≤ (IWAE, K = 37)"].endswith("= 3.2000 bits/dim")
+    assert values["  tighter than −ELBO by (K = 37)"] == f"{log_px - elbo:.2f} nats/image"
+    assert not any(name.startswith(("ELBO", "log p(x)")) for name in names)  # no log-likelihood rows
+    if negative_row is None:
+        assert NEGATIVE_NOTE not in format_table(_numbers(elbo, log_px, rec))
+    else:
+        assert [v for _, v in rows].count(NEGATIVE_NOTE) == 1
+        assert names[names.index(negative_row) + 1] == "  below 0?"

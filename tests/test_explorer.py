@@ -6,7 +6,12 @@ test_explorer_browser.py."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
+import subprocess
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -19,7 +24,7 @@ from trained_runs import trained_run
 from vaelab import load_run
 from vaelab.cli import main
 from vaelab.errors import ConfigError
-from vaelab.explorer import ExposedWarning, start
+from vaelab.explorer import ExposedWarning, serve, start
 from vaelab.explorer.core import Explorer, RequestError, parse_number
 from vaelab.explorer.standalone import linear_layers, mlp_spec, write_export
 
@@ -51,6 +56,11 @@ def test_info_describes_the_run(server, mlp_run):
     assert len(info["labels"]) == 10
     assert info["n_codes"] == 1000
     assert np.allclose(np.array(info["basis"]) @ np.array(info["basis"]).T, np.eye(2))
+    # the plane's circles: N(0, I) in any plane through 0 is N(0, I_2), whose radius r holds 1 − exp(−r²/2)
+    radii = info["prior_radii"]
+    assert list(radii) == ["68", "95", "99.7"]
+    for label, r in radii.items():
+        assert 1 - math.exp(-r * r / 2) == pytest.approx(float(label) / 100, abs=1e-4), label
 
 
 def test_decode_is_the_decoder_mean(server):
@@ -125,8 +135,9 @@ def test_page_and_assets_are_served(server):
 # ------------------------------------------------------------------------------------- malformed requests
 
 BAD_REQUESTS = [  # (path, status, a word of the reason)
-    ("/api/decode?z=1", 400, "2 values"),
-    ("/api/decode?z=1,2,3", 400, "2 values"),
+    ("/api/decode?z=1", 400, "z has 1 value, but this run's latent dimension is 2: give 2 comma-separated values"),
+    ("/api/decode?z=1,2,3", 400, "z has 3 values, but this run's latent dimension is 2"),
+    ("/api/decode?z=0,0;1,2,3", 400, "code 2 of z has 3 values, but this run's latent dimension is 2"),
     ("/api/decode?z=", 400, "empty"),
     ("/api/decode", 400, "missing"),
     ("/api/decode?z=nan,1", 400, "number"),
@@ -210,6 +221,27 @@ def test_malformed_http_gets_a_4xx_and_the_server_keeps_serving(server, data):
     assert 400 <= status < 500, answer[:200]
     assert b"Traceback" not in answer
     assert get(server.port, "/api/info")[0] == 200
+
+
+def test_a_z_of_the_wrong_length_names_the_latent_dimension(tmp_path_factory):
+    """On a run whose latent dimension is not 2, the docs' plane-style z=0.5,-1.2 is refused in one line that says
+    how many values came and how many the run needs; a full z of the run's dimension decodes."""
+    srv = start(load_run(conv_run(tmp_path_factory)), port=0, n_codes=50)  # latent dimension 4
+    try:
+        for path, reason in [("/api/decode?z=0.5,-1.2", "z has 2 values, but this run's latent dimension is 4"),
+                             ("/api/sample?z=0.5,-1.2&n=2", "z has 2 values, but this run's latent dimension is 4"),
+                             ("/api/decode?z=0,0,0,0;0.5,-1.2", "code 2 of z has 2 values")]:
+            status, ctype, body = get(srv.port, path)
+            text = body.decode()
+            assert (status, ctype) == (400, "text/plain; charset=utf-8"), text
+            assert text.count("\n") == 1, text
+            assert reason in text
+            assert "give 4 comma-separated values per code (a full z, not the 2 coordinates" in text
+        status, ctype, body = get(srv.port, "/api/decode?z=0.5,-1.2,0,0.3")
+        assert (status, ctype) == (200, "image/png")
+        assert png_pixels(body).shape == (64, 64, 3)
+    finally:
+        srv.stop()
 
 
 def test_requests_for_another_host_name_are_refused(server):
@@ -348,6 +380,53 @@ def test_cli_names_a_missing_run(tmp_path, capsys):
 def test_cli_reports_a_port_in_use(mlp_run, server, capsys):
     assert main(["explore", str(mlp_run), "--no-browser", "--port", str(server.port), "--codes", "10"]) == 2
     assert f"--port {server.port} is in use" in capsys.readouterr().err
+
+
+def test_cli_stops_on_sigterm_as_on_ctrl_c(mlp_run):
+    """`kill` (SIGTERM) ends a served explorer like Ctrl-C: the "stopped" line, exit status 0, the port closed."""
+    proc = subprocess.Popen([sys.executable, "-m", "vaelab.cli", "explore", str(mlp_run), "--no-browser", "--port",
+                             "0", "--codes", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=90)
+        assert lines, "the explorer printed no address"
+        assert lines[0].startswith(f"vaelab explore: serving {mlp_run} at http://127.0.0.1:"), lines
+        port = int(lines[0].split(" at ")[1].split()[0].rsplit(":", 1)[1].strip("/"))
+        assert get(port, "/api/info")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, err
+    assert out.strip().splitlines() == ["vaelab explore: stopped"], out
+    assert "Traceback" not in err
+    with pytest.raises(ConnectionRefusedError):
+        get(port, "/api/info")
+
+
+def test_serve_puts_back_the_sigterm_handler_it_found(mlp_run):
+    """The library stops on SIGTERM only while it serves: the handler that was there before is there after."""
+    def outer(signum, frame):  # would make serve() fail, not hang, if serve() had installed nothing
+        raise RuntimeError("the previous SIGTERM handler ran while the explorer was serving")
+
+    before = signal.signal(signal.SIGTERM, outer)
+    urls: list[str] = []
+    try:
+        def announce(url: str) -> None:
+            urls.append(url)
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+        serve(load_run(mlp_run), port=0, open_browser=False, n_codes=50, announce=announce)
+        assert signal.getsignal(signal.SIGTERM) is outer
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    port = int(urls[0].rsplit(":", 1)[1].strip("/"))
+    with pytest.raises(ConnectionRefusedError):  # serve() returned because it stopped
+        get(port, "/api/info")
 
 
 def test_cli_export_writes_one_file(mlp_run, tmp_path, capsys):

@@ -46,9 +46,11 @@ def open_page(browser):
     request that leaves the page's own origin (the explorer works offline: no CDN, no fonts, nothing else)."""
     pages, errors, foreign = [], [], []
 
-    def open_(url: str):
+    def open_(url: str, init_script: str | None = None):
         origin = "file:" if url.startswith("file:") else url  # a server's URL is its root, http://host:port/
         page = browser.new_page(viewport={"width": 1300, "height": 1000})
+        if init_script:  # runs in the page before any of its own scripts
+            page.add_init_script(init_script)
         page.set_default_timeout(TIMEOUT_MS)
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -152,6 +154,45 @@ def sweep_latency(page, plane: Plane, n: int = 60, pause: float = 0.016) -> floa
 
 
 # ------------------------------------------------------------------------------------------- the live page
+
+
+COUNT_POINTER_EVENTS = """window.pointerEvents = 0;
+    for (const kind of ["pointermove", "pointerdown", "pointerover", "mousemove"])
+        window.addEventListener(kind, () => { window.pointerEvents += 1; }, true);"""
+
+
+def assert_opens_on_the_origin(open_page, url: str, model, info: dict) -> None:
+    """Right after load, before any pointer event, the decode panel shows f at the plane's origin (u = v = 0, the
+    other directions at the mean code) and its draws: no black panels waiting for the pointer."""
+    channels = info["shape"][0]
+    page = open_page(url, COUNT_POINTER_EVENTS)
+    page.wait_for_function("document.getElementById('fz').dataset.z && document.getElementById('draws').dataset.z",
+                           timeout=10_000)
+    assert page.evaluate("window.pointerEvents") == 0
+    basis, centre = np.array(info["basis"]), np.array(info["centre"])
+    origin = (centre @ basis[2:].T) @ basis[2:]  # u = v = 0; the zero vector for L <= 2
+    shown = np.array([float(v) for v in page.locator("#fz").get_attribute("data-z").split(",")])
+    assert np.allclose(shown, origin, atol=2e-5), (shown, origin)
+    fz = assert_shows_decode(page, model, shown, channels)
+    assert fz.max() > 40, "the decode panel is black"
+    for k in (1, 2, 3):  # filled in the same task that sets the draws' data-z
+        draw = canvas_pixels(page, f"#draws canvas:nth-child({k})", channels)
+        assert draw.max() > 40, f"draw {k} is black"
+    assert "the plane's origin" in page.text_content("#z-readout")
+    assert page.evaluate("window.vaelabExplorer.latencies.length") == 0  # nothing was timed: no pointer moved
+
+
+def test_the_page_opens_on_f_at_the_origin_served_and_exported(open_page, mlp_server, mlp_run, tmp_path):
+    assert_opens_on_the_origin(open_page, mlp_server.url, mlp_server.app.ex.model, mlp_server.app.ex.info())
+    run = load_run(mlp_run)
+    path = export(run, tmp_path / "explorer.html", n_codes=300)
+    assert_opens_on_the_origin(open_page, path.as_uri(), run.model, load_json_blob(path)["info"])
+
+
+def test_the_page_opens_on_f_at_the_origin_of_a_pca_plane(open_page, conv_server):
+    info = conv_server.app.ex.info()
+    assert info["latent_dim"] == 4  # the origin of the plane is not z = 0: the mean code along the other axes
+    assert_opens_on_the_origin(open_page, conv_server.url, conv_server.app.ex.model, info)
 
 
 def test_pointer_moves_show_the_decoder_mean_under_the_pointer(open_page, mlp_server):

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,9 @@ import pytest
 from PIL import Image
 
 import vaelab
+from conftest import vaelab_cmd
 from vaelab.cli import main
-from vaelab.data import cache, load_dataset
+from vaelab.data import cache, folders, load_dataset
 from vaelab.data.folders import Options, decode
 from vaelab.errors import ConfigError, DataError
 
@@ -275,6 +277,55 @@ def test_real_emoji_folder_trains_with_conv(emoji_dir, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["model"]["data_shape"] == [3, 64, 64]
 
 
+# ------------------------------------------------------------------------------------------- labels
+def _loaded_with_warnings(d: Path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning given, none folded into an earlier one
+        data = load_dataset(str(d))
+    return data, [str(w.message) for w in caught]
+
+
+def test_one_subfolder_is_unlabelled_with_one_warning(emoji_dir, tmp_path, own_cache):
+    files = sorted(emoji_dir.glob("*.png"))[:60]
+    parent = tmp_path / "parent"
+    _copy(files, parent / "only-subfolder")
+    for _ in range(2):  # the load that decodes, then the one that maps the cached entry
+        data, said = _loaded_with_warnings(parent)
+        assert data.train_labels is None
+        assert data.test_labels is None
+        assert data.classes is None
+        assert said == [f"all images in {parent} are in one subfolder (only-subfolder): treated as unlabelled"]
+    # two subfolders are two classes: labelled, and nothing to say
+    _copy(files[:30], tmp_path / "two" / "a")
+    _copy(files[30:], tmp_path / "two" / "b")
+    data, said = _loaded_with_warnings(tmp_path / "two")
+    assert said == []
+    assert data.classes == ["a", "b"]
+    assert data.train_labels is not None
+    assert set(data.train_labels) == {0, 1}
+
+
+def test_one_subfolder_trains_and_eval_reports_no_label_agreement(emoji_dir, tmp_path, own_cache, capsys):
+    parent = tmp_path / "parent"
+    _copy(sorted(emoji_dir.glob("*.png"))[:60], parent / "only-subfolder")
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="one subfolder") as said:  # printed as "vaelab: warning: ..."
+        code, _, err = _run(capsys, "train", "--dataset", str(parent), "--image-size", "16", "--epochs", "1",
+                            "--hidden", "8", "--latent-dim", "2", "--out", str(run), "--quiet")
+    assert code == 0, err
+    assert [str(w.message) for w in said] == [
+        f"all images in {parent} are in one subfolder (only-subfolder): treated as unlabelled"]
+    # the train split's 54 images: enough for a 10-NN agreement, which one class would put at 100 %
+    with pytest.warns(UserWarning, match="treated as unlabelled"):  # eval loads the folder again
+        code, out, err = _run(capsys, "eval", str(run), "--split", "train", "--iw-samples", "2", "--json",
+                              str(tmp_path / "e.json"), "--quiet")
+    assert code == 0, err
+    numbers = json.loads((tmp_path / "e.json").read_text())
+    assert numbers["n_images"] == 54
+    assert numbers["knn_agreement"] is None
+    assert "n/a (needs labels" in out
+
+
 # ------------------------------------------------------------------------------------------- the decoded cache
 def test_cache_is_reused_and_rebuilt_on_change(tmp_path, own_cache):
     d = tmp_path / "f"
@@ -305,6 +356,78 @@ def test_cache_is_reused_and_rebuilt_on_change(tmp_path, own_cache):
     assert len(list(cache.entries())) == 1  # rebuilt in place
     load_dataset(str(d), background="black")  # other options: an entry of their own
     assert len(list(cache.entries())) == 2
+
+
+def _entry_files(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file of the decoded cache as (inode, mtime in ns, bytes): a rebuilt entry is a new folder renamed
+    into place, so any rewrite changes these."""
+    return {str(f.relative_to(root)): (f.stat().st_ino, f.stat().st_mtime_ns, f.stat().st_size)
+            for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[str]:
+    """The files the real decoder is called on, in this process (the decoder itself runs unchanged)."""
+    calls: list[str] = []
+    real = folders.decode
+
+    def counted(path, opts):
+        calls.append(str(path))  # list.append is atomic: the decoding pool's threads may call it at once
+        return real(path, opts)
+
+    monkeypatch.setattr(folders, "decode", counted)
+    return calls
+
+
+@pytest.mark.parametrize("opts", [{}, {"image_size": 16}, {"image_size": "16x12", "center_crop": 48}],
+                         ids=["as-is", "image-size", "crop-and-size"])
+def test_second_load_decodes_nothing_and_leaves_the_entry_as_it_was(emoji_dir, tmp_path, own_cache, decodes,
+                                                                    capsys, opts):
+    d = _copy(sorted(emoji_dir.glob("*.png"))[:40], tmp_path / "emoji")
+    first = load_dataset(str(d), progress=True, **opts)
+    assert len(decodes) == 40
+    assert "vaelab: decoded 40 images" in capsys.readouterr().err
+    built = _entry_files(own_cache)
+    decodes.clear()
+    for _ in range(2):  # a (limited) load, as `vaelab train --limit` makes, then a plain one
+        again = load_dataset(str(d), limit=20, progress=True, **opts)
+        assert decodes == []
+        assert "decoded" not in capsys.readouterr().err
+        assert _entry_files(own_cache) == built
+        assert np.array_equal(again.test, first.test)
+    # a file rewritten in place (same name and size, a new mtime) and an added file each decode the folder again
+    os.utime(sorted(d.iterdir())[0], ns=(time.time_ns(), time.time_ns() + 10**9))
+    load_dataset(str(d), **opts)
+    assert len(decodes) == 40
+    shutil.copy(sorted(emoji_dir.glob("*.png"))[40], d)
+    decodes.clear()
+    assert len(load_dataset(str(d), **opts).train) + len(load_dataset(str(d), **opts).test) == 41
+    assert len(decodes) == 41  # once: the second of those two loads reused the rebuilt entry
+    assert len(list(cache.entries())) == 1
+
+
+def _train(*args: str) -> str:
+    """`vaelab train` in a process of its own, as a user starts it; its stderr."""
+    res = subprocess.run([*vaelab_cmd(), "train", *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res.stderr
+
+
+@pytest.mark.slow
+def test_cli_trains_and_resumes_on_a_folder_decoded_once(emoji_dir, tmp_path, own_cache):
+    d = _copy(sorted(emoji_dir.glob("*.png"))[:60], tmp_path / "emoji")
+    tiny = ["--dataset", str(d), "--image-size", "16", "--epochs", "1", "--hidden", "8", "--latent-dim", "2"]
+    err = _train(*tiny, "--out", str(tmp_path / "a"))
+    assert err.count("vaelab: decoded 60 images") == 1, err
+    built = _entry_files(own_cache)
+    err = _train(*tiny, "--limit", "30", "--seed", "3", "--out", str(tmp_path / "b"))
+    assert "decoded" not in err, err
+    assert _entry_files(own_cache) == built
+    err = _train("--resume", str(tmp_path / "a"), "--epochs", "2")
+    assert "decoded" not in err, err
+    assert _entry_files(own_cache) == built
+    rows = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert {json.loads(r)["epoch"] for r in rows} >= {1, 2}  # the resumed run did train on the mapped entry
 
 
 @pytest.mark.slow

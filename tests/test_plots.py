@@ -56,7 +56,9 @@ def test_latent_scatter_colours_labels_and_draws_radius_circles(tmp_path, labell
     rng = np.random.default_rng(0)
     coords = rng.normal(size=(300, 2))
     labels = rng.integers(0, 3, 300) if labelled else None
-    img = _png(plots.latent_scatter(coords, labels, tmp_path / "s.png", ["a", "b", "c"] if labelled else None))
+    circles = [(1.5, "68 %: r=1.51"), (3.4, "99.7 %: r=3.41")]
+    img = _png(plots.latent_scatter(coords, labels, tmp_path / "s.png", ["a", "b", "c"] if labelled else None,
+                                    circles))
     saturated = (img.max(-1) - img.min(-1)) > 0.3
     assert saturated.any() == labelled  # coloured points only when there are labels
 
@@ -113,6 +115,20 @@ def test_traversals_interpolations_and_prior_samples(gaussian_model):
     assert samples.shape == (9, 1, 6, 5)
     assert samples.min() >= 0
     assert samples.max() <= 1
+
+
+def test_decode_images_are_the_decoder_means_clipped_to_0_1(gaussian_model):
+    """decode_mean(z) of a Gaussian decoder is unbounded; decode_images(z) is what the figures show."""
+    gaussian_model.decoder.body[-1].bias.data.fill_(0.9)  # means around 0.9: many above 1, none clipped yet
+    z = 3 * torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    means = gaussian_model.decode_mean(z).detach()
+    assert means.max() > 1, "the setting must produce means outside [0, 1] for the test to mean anything"
+    images = views.decode_images(gaussian_model, z)
+    assert images.shape == (64, 1, 6, 5)  # (N, C, H, W) of the model's images
+    assert images.min() >= 0
+    assert images.max() <= 1
+    torch.testing.assert_close(images, means.clamp(0, 1), rtol=0, atol=0)
+    assert not images.requires_grad
 
 
 def test_plane_coords_keep_the_origin():

@@ -2,6 +2,7 @@
 browser (Chromium), which must load every embedded figure and render a non-blank page; plus eval --json,
 plot --only and the one-line errors for bad input."""
 
+import inspect
 import json
 import re
 import subprocess
@@ -10,15 +11,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vaelab
 from conftest import vaelab_cmd
 from trained_runs import trained_run
 from vaelab import load_run
+from vaelab.analysis.metrics import DEFAULT_IW_SAMPLES, headline
 from vaelab.analysis.reporting import FIGURES
-from vaelab.cli import main
+from vaelab.analysis.study import StudyConfig
+from vaelab.api import DEMO_IW_SAMPLES
+from vaelab.cli import build_parser, main
 from vaelab.models.nets import n_parameters
 
 JSON_KEYS = {"elbo", "log_px", "iw_samples", "bits_per_dim", "mse", "kl", "kl_per_dim", "active_units",
-             "radius_share", "knn_agreement", "sharpness", "sigma"}
+             "radius_share", "radius_quantiles", "knn_agreement", "sharpness", "sigma"}
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -46,6 +51,7 @@ def test_report_writes_every_figure_and_a_self_contained_html(report, run_dir):
     out, res = report
     path = out / "report.html"
     assert res.stdout.strip().splitlines()[-1] == str(path)
+    assert "(IWAE, K = 20)" in res.stdout.strip().splitlines()[-2]  # the bound, with its K
     for name in FIGURES:
         assert (out / f"{name}.png").is_file(), name
     text = path.read_text()
@@ -54,8 +60,8 @@ def test_report_writes_every_figure_and_a_self_contained_html(report, run_dir):
     assert "file://" not in text  # nothing outside the file
     numbers = json.loads((out / "eval.json").read_text())
     assert numbers.keys() >= JSON_KEYS
-    assert f"{numbers['elbo']:.2f}" in text
-    assert f"{numbers['log_px']:.2f}" in text
+    assert f"{-numbers['elbo']:.2f}" in text
+    assert f"−log p(x) ≤ (IWAE, K = 20)</th><td>{-numbers['log_px']:.2f} nats/image" in text
     config = json.loads((run_dir / "config.json").read_text())["model"]
     assert f"<th>likelihood</th><td>&quot;{config['likelihood']}&quot;</td>" in text
     assert not list(out.glob(".*.tmp"))
@@ -108,14 +114,37 @@ def test_eval_prints_a_table_and_writes_the_json(run_dir, tmp_path):
     assert numbers["iw_samples"] == 5
     assert numbers["n_images"] == 300
     assert numbers["split"] == "test"
-    assert set(numbers["radius_share"]) == {"1", "2", "3"}
+    assert set(numbers["radius_share"]) == set(numbers["radius_quantiles"]) == {"68", "95", "99.7"}
+    assert numbers["radius_quantiles"]["99.7"] == pytest.approx(3.4086, abs=1e-4)  # 2-D: sqrt(-2 ln 0.003)
     assert set(numbers["sharpness"]) == {"data", "recon",
                                                                                                "samples"}
     assert len(numbers["kl_per_dim"]) == 2
     assert numbers["sigma"] == pytest.approx(0.1)
     assert 0 <= numbers["knn_agreement"] <= 1
-    assert f"{numbers['log_px']:.2f}" in res.stdout
+    assert f"{-numbers['log_px']:.2f}" in res.stdout
+    assert "−log p(x) ≤ (IWAE, K = 5)" in res.stdout
     assert "active units" in res.stdout
+
+
+def test_eval_report_demo_and_study_share_one_default_k(run_dir, tmp_path, capsys):
+    """The same run gives the same log p(x) from `eval` and `report` unless the user asks otherwise."""
+    parser = build_parser()
+    defaults = {cmd: parser.parse_args([cmd, str(run_dir)]).iw_samples for cmd in ("eval", "report")}
+    assert defaults == {"eval": DEFAULT_IW_SAMPLES, "report": DEFAULT_IW_SAMPLES}
+    assert parser.parse_args(["sigma-study"]).iw_samples == DEFAULT_IW_SAMPLES
+    assert StudyConfig().iw_samples == DEMO_IW_SAMPLES == DEFAULT_IW_SAMPLES
+    for fn in (vaelab.evaluate, vaelab.report):
+        assert inspect.signature(fn).parameters["iw_samples"].default == DEFAULT_IW_SAMPLES, fn.__name__
+    assert main(["eval", str(run_dir), "--limit", "40", "--json", str(tmp_path / "e.json"), "--quiet"]) == 0
+    assert f"−log p(x) ≤ (IWAE, K = {DEFAULT_IW_SAMPLES})" in capsys.readouterr().out
+    assert main(["report", str(run_dir), "--limit", "40", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    said = capsys.readouterr().out
+    evaluated, reported = (json.loads(p.read_text()) for p in (tmp_path / "e.json", tmp_path / "r" / "eval.json"))
+    assert evaluated["iw_samples"] == reported["iw_samples"] == DEFAULT_IW_SAMPLES
+    assert evaluated["log_px"] == pytest.approx(reported["log_px"], rel=1e-12)  # same seed, same K: same number
+    assert said.splitlines()[0] == headline(reported).splitlines()[0]
+    assert f"(IWAE, K = {DEFAULT_IW_SAMPLES})" in said
+    assert f"K = {DEFAULT_IW_SAMPLES}" in (tmp_path / "r" / "report.html").read_text()
 
 
 def test_unlabelled_non_gaussian_run_reports_nulls(tmp_path, tmp_path_factory, capsys):

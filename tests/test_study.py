@@ -75,11 +75,11 @@ def test_epoch_to_reach_interpolates():
     assert epoch_to_reach([0.5, 0.4], 0.2) is None
 
 
-def _row(setting, sigma, kl, sharp, speed, r3=0.99, elbo=100.0, mse=0.01):
+def _row(setting, sigma, kl, sharp, speed, within=0.998, elbo=100.0, mse=0.01):
     return {"setting": setting, "fixed": setting not in ("learned", "optimal"), "sigma": sigma, "neg_elbo": elbo,
             "rec": elbo - kl, "kl": kl, "mse": mse, "active_units": 2, "sharpness_recon": sharp,
-            "sharpness_samples": sharp, "sharpness_data": 0.2, "within_r3": r3, "mse_epoch1": 0.05,
-            "epoch_to_threshold": speed}
+            "sharpness_samples": sharp, "sharpness_data": 0.2, "within_997": within, "radius_997": 3.4086,
+            "n_images": 10000, "mse_epoch1": 0.05, "epoch_to_threshold": speed}
 
 
 def test_summary_reports_what_the_numbers_say():
@@ -88,11 +88,26 @@ def test_summary_reports_what_the_numbers_say():
     assert text[0].startswith("Larger σ gives blurrier outputs: held")
     assert text[1].startswith("Larger σ puts fewer nats in the code (the posterior moves toward the prior): held")
     assert "Smaller σ learns more slowly (adam): did not hold" in text[2]  # smaller σ reached it sooner
+    assert text[-1].startswith("Codes lie where the prior puts its mass: held (share of test posterior means "
+                               "within r = 3.41, the radius that holds 99.7 % of N(0, I): 99.8% (0.1), ")
     rows[2]["sharpness_recon"] = 0.04  # not monotone any more
-    rows[0]["within_r3"] = 0.5
+    rows[0]["within_997"] = 0.5
     text = summarize(rows, 0.02, "sgd")
     assert "partly held for reconstructions" in text[0]
     assert "did not hold everywhere" in text[-1]
+
+
+@pytest.mark.parametrize(("within", "n", "held"), [
+    (0.997, 10000, True),  # the prior's own share
+    (0.9962, 10000, True),  # within two standard errors (0.00055 each) of it
+    (0.995, 10000, False),  # outside them: codes leave the prior's mass more often than prior draws do
+    (0.995, 500, True),  # on 500 codes, 0.5 % outside is still within sampling error (2 s.e. = 0.0049)
+    (0.98, 500, False),
+])
+def test_where_codes_lie_compares_with_the_prior_up_to_sampling_error(within, n, held):
+    row = _row("0.1", 0.1, 10.0, 0.05, 1.5, within=within)
+    row["n_images"] = n
+    assert ("held (" if held else "did not hold everywhere (") in summarize([row], 0.02, "adam")[-1]
 
 
 def test_markdown_table_has_every_column():
@@ -100,7 +115,8 @@ def test_markdown_table_has_every_column():
     header, _, line = md.splitlines()
     assert header.count("|") == line.count("|")
     assert "never" in line
-    assert "99.0%" in line
+    assert "99.8%" in line
+    assert "codes within r99.7" in header
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [({"sigmas": [0.1, -1]}, "--sigmas must be numbers > 0"),
@@ -142,11 +158,11 @@ def test_sigma_study_end_to_end_reuses_runs_and_agrees_with_eval(tmp_path, fashi
     assert float(row["kl"]) == pytest.approx(e["kl"], rel=1e-9)
     assert float(row["mse"]) == pytest.approx(e["mse"], rel=1e-9)
     assert float(row["sharpness_samples"]) == pytest.approx(e["sharpness"]["samples"], rel=1e-9)
-    assert float(row["within_r3"]) == pytest.approx(e["radius_share"]["3"])
+    assert float(row["within_997"]) == pytest.approx(e["radius_share"]["99.7"])
     assert float(row["sigma"]) == pytest.approx(1.0)
     summary = (out / "summary.md").read_text()
     assert "Larger σ puts fewer nats in the code" in summary
-    assert "radius 3" in summary
+    assert "within r = 3.41, the radius that holds 99.7 % of N(0, I)" in summary  # a 2-D latent
     html = (out / "index.html").read_text()
     assert html.count("data:image/png;base64,") == 4
     # a different network in the same folder is refused, not silently mixed in

@@ -81,6 +81,9 @@ def test_summary_names_the_networks_the_config_and_the_last_metrics(tmp_path, ti
     for split in ("train", "test"):
         row = [r for r in rows if r["split"] == split][-1]
         assert last[split] == {k: _shown(v) for k, v in row.items() if k not in ("split", "kl_per_dim")}
+    # then the test loss in the words of training's epoch lines and `vaelab eval`: −ELBO, nats/image, bits/dim
+    assert (f"loss is the −ELBO in nats per image, lower is better: test −ELBO {row['loss']:.2f} nats/image = "
+            f"{row['bits_per_dim']:.3f} bits/dim (rec {row['rec']:.2f}, KL {row['kl']:.2f})") in text.splitlines()
     assert "no metrics yet" not in text
     assert "cross-entropy" not in text
 

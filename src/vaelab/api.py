@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import explorer
-from .analysis.metrics import check_eval_args, evaluate_run
+from .analysis.metrics import DEFAULT_IW_SAMPLES, check_eval_args, evaluate_run, headline
 from .analysis.reporting import Material, check_figure, draw, write_report
 from .analysis.study import StudyConfig, parse_list
 from .analysis.study import sigma_study as run_study
@@ -50,9 +50,9 @@ def cache_clear(entry: str | None = None) -> str:
     return decoded_cache.clear_entries(entry)
 
 
-def evaluate(path: str | Path, split: str = "test", iw_samples: int = 1000, batch_size: int = 500,
-             limit: int | None = None, json_path: str | Path | None = None, device: str = "auto",
-             progress: bool = True) -> dict:
+def evaluate(path: str | Path, split: str = "test", iw_samples: int = DEFAULT_IW_SAMPLES,
+             batch_size: int = 500, limit: int | None = None, json_path: str | Path | None = None,
+             device: str = "auto", progress: bool = True) -> dict:
     """The numbers of `vaelab eval` for the run in `path`; also written to `json_path` (atomically) if given."""
     check_eval_args(split, iw_samples, batch_size, limit)  # before the (slow) work, so errors come at once
     _check_out_file(json_path, "--json")
@@ -62,8 +62,8 @@ def evaluate(path: str | Path, split: str = "test", iw_samples: int = 1000, batc
     return numbers
 
 
-def report(path: str | Path, out: str | Path | None = None, iw_samples: int = 100, batch_size: int = 500,
-           limit: int | None = None, device: str = "auto", progress: bool = True) -> Path:
+def report(path: str | Path, out: str | Path | None = None, iw_samples: int = DEFAULT_IW_SAMPLES,
+           batch_size: int = 500, limit: int | None = None, device: str = "auto", progress: bool = True) -> Path:
     """Write every figure, eval.json and a self-contained report.html into `out` (default: the run folder)."""
     check_eval_args("test", iw_samples, batch_size, limit)
     _check_dir(out)
@@ -107,11 +107,12 @@ def demo(out: str = "runs/demo", epochs: int = 5, limit: int | None = None, prog
           f"MSE {last['mse']:.4f}, σ {last.get('sigma', float('nan')):.3g}")
     print(f"vaelab demo: evaluating (IWAE K={DEMO_IW_SAMPLES}) and drawing the report ...", file=sys.stderr)
     path = write_report(run, iw_samples=DEMO_IW_SAMPLES, progress=progress)
+    print(headline(json.loads((path.parent / "eval.json").read_text())))
     print(f"report: {path}")
     return run
 
 
-DEMO_IW_SAMPLES = 100
+DEMO_IW_SAMPLES = DEFAULT_IW_SAMPLES  # the K of `vaelab eval` and `report`, so the demo's numbers match theirs
 
 
 def _unfinished(path: Path, epochs: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import typing
@@ -10,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .analysis.metrics import table_rows
+from .analysis.metrics import DEFAULT_IW_SAMPLES, headline, table_rows
 from .analysis.reporting import ALL_FIGURES
 from .analysis.study import TRAIN_DEFAULTS as STUDY_DEFAULTS
 from .analysis.study import TRAIN_SETTINGS as STUDY_SETTINGS
@@ -19,6 +20,7 @@ from .config import Device, TrainConfig
 from .errors import ConfigError, VaelabError
 from .flags import add_setting_flags, given_settings
 from .training.distributed import env_rank, reports
+from .training.evaluation import NEGATIVE_NOTE, loss_text
 from .training.trainer import resume, train
 
 DEVICES = typing.get_args(Device)
@@ -42,8 +44,9 @@ def cmd_train(args) -> int:
         run = train(TrainConfig(**given), progress=not args.quiet)
     last = run.last("test")
     if last and env_rank() == 0:
-        print(f"{run.path}: test loss {last['loss']:.2f} nats (rec {last['rec']:.2f}, kl {last['kl']:.2f}, "
-              f"{last['bits_per_dim']:.3f} bits/dim) after {last['epoch']} epochs")
+        print(f"{run.path}: test {loss_text(last)} after {last['epoch']} epochs")
+        if last["loss"] < 0 and (args.quiet or args.resume):  # else the epoch lines have explained it
+            print(f"  ({NEGATIVE_NOTE})")
     return 0
 
 
@@ -73,8 +76,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    print(report(args.run, args.out, args.iw_samples, args.batch_size, args.limit, args.device,
-                 progress=not args.quiet))
+    path = report(args.run, args.out, args.iw_samples, args.batch_size, args.limit, args.device,
+                  progress=not args.quiet)
+    print(headline(json.loads((path.parent / "eval.json").read_text())))
+    print(path)
     return 0
 
 
@@ -93,11 +98,14 @@ def cmd_explore(args) -> int:
     return 0
 
 
-def _add_eval_flags(p: argparse.ArgumentParser, iw_default: int) -> None:
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
-    p.add_argument("--iw-samples", type=int, default=iw_default, metavar="K",
-                   help="samples from q(z|x) per image for the importance-weighted log p(x) "
-                   f"(default {iw_default}; papers use 5000; K=1 gives the ELBO's estimate)")
+    p.add_argument("--iw-samples", type=int, default=DEFAULT_IW_SAMPLES, metavar="K",
+                   help="samples from q(z|x) per image for the importance-weighted bound on log p(x) (default "
+                   f"{DEFAULT_IW_SAMPLES}, the same for eval, report, demo and sigma-study, so their numbers "
+                   "agree). The bound rises toward log p(x) as K grows, so compare runs at the same K (printed "
+                   "beside the number); the time of the IWAE part grows in proportion to K (papers use 5000). K=1 "
+                   "gives the ELBO's estimate")
     p.add_argument("--batch-size", type=int, default=500, help="images per batch (default 500)")
     p.add_argument("--limit", type=int, help="evaluate the first N images of the split only")
     p.add_argument("--device", choices=DEVICES, default="auto", help="default auto")
@@ -119,10 +127,50 @@ def cmd_cache(args) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as vaelab reports every mistake: one line, exit status 2."""
+    """argparse that reports a bad flag as vaelab reports every mistake: one line, exit status 2; a misspelt flag,
+    command or choice also names the nearest ones that exist ("did you mean --latent-dim?")."""
 
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(f"{message} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the command's own parser, which knows the flags the user meant
+            parser = self._command_parser(parsed) or self
+            flags = [a for a in extras if a.startswith("-")]
+            hints = [_did_you_mean(f.split("=", 1)[0], parser._option_string_actions, len(flags) > 1)
+                     for f in flags]
+            parser.error("; ".join([f"unrecognized arguments: {' '.join(extras)}", *filter(None, hints)]))
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser | None:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                name = getattr(parsed, action.dest, None)
+                return action.choices.get(name) if isinstance(name, str) else None
+        return None
+
+    def _check_value(self, action: argparse.Action, value: typing.Any) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            hint = _did_you_mean(value, action.choices or ()) if isinstance(value, str) else ""
+            if not hint:
+                raise
+            raise argparse.ArgumentError(action, f"{e.message}; {hint}") from e
+
+
+def _did_you_mean(given: str, known: typing.Iterable, name_it: bool = False) -> str:
+    """'did you mean X?' (or 'X or Y') for the names in `known` nearest to `given`, '' when none is near. Dashes
+    and underscores count alike, and leading dashes not at all (so --foo is not near --out for their '--')."""
+    def norm(name: str) -> str:
+        return name.lstrip("-").replace("_", "-").lower()
+
+    names = {norm(k): k for k in known if isinstance(k, str) and norm(k)}
+    near = difflib.get_close_matches(norm(given), list(names), n=3, cutoff=0.75)
+    if not near:
+        return ""
+    return f"{given + ': ' if name_it else ''}did you mean {' or '.join(names[n] for n in near)}?"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,10 +220,12 @@ def _demo_parser(sub) -> None:
 
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run: ELBO, IWAE log p(x), latent geometry, sharpness",
-                       description="Print the −ELBO, its parts, bits/dim, MSE, the importance-weighted "
-                       "log p(x), KL per latent dimension, active units, the share of codes within radius 1/2/3, k-NN "
-                       "label agreement and sharpness for one split. Log-likelihoods are nats per image.")
-    _add_eval_flags(p, 1000)
+                       description="Print the −ELBO, its parts, bits/dim, MSE, the importance-weighted bound "
+                       "on −log p(x), KL per latent dimension, active units, the share of codes within the radii "
+                       "that hold 68 / 95 / 99.7 % of the prior N(0, I) in the latent dimension, k-NN label "
+                       "agreement and sharpness for one split. Negative log-likelihoods in nats per image, lower is "
+                       "better.")
+    _add_eval_flags(p)
     p.add_argument("--split", default="test", help="train or test (default test)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_eval)
@@ -184,8 +234,9 @@ def _eval_parser(sub) -> None:
 def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="write every figure and a self-contained HTML report of a run",
                        description="Evaluate the test split and write the figures (PNG), eval.json and "
-                       "report.html (figures embedded, with the numbers and the config); prints its path.")
-    _add_eval_flags(p, 100)
+                       "report.html (figures embedded, with the numbers and the config); prints the −ELBO and the "
+                       "IWAE bound with its K, then the path of report.html.")
+    _add_eval_flags(p)
     p.add_argument("--out", help="folder for the PNGs and report.html (default: the run directory)")
     p.set_defaults(func=cmd_report)
 
@@ -206,13 +257,15 @@ def _study_parser(sub) -> None:
     p = sub.add_parser("sigma-study", help="train one Gaussian VAE per σ and measure what σ does",
                        description="Train one run per σ setting (same data, seed, network and budget) under "
                        "OUT/sigma-<σ>, reusing runs that exist, then write table.md/csv, figures, summary.md and "
-                       "index.html: −ELBO, KL, MSE, sharpness, radius-3 share and learning speed against σ. The "
+                       "index.html: −ELBO, KL, MSE, sharpness, the share of codes within the prior's 99.7 % radius "
+                       "and learning speed against σ. The "
                        "training settings are those of `vaelab train` (a learning rate of 1e-4 with sgd).")
     s = p.add_argument_group("study")
     s.add_argument("--sigmas", default="0.03,0.1,0.3,1.0", help="fixed σ values, comma-separated "
                    "(default 0.03,0.1,0.3,1.0)")
     s.add_argument("--also", default="", help="extra settings: learned and/or optimal, comma-separated")
-    s.add_argument("--iw-samples", type=int, default=100, help="IWAE samples for each run's eval (default 100)")
+    s.add_argument("--iw-samples", type=int, default=DEFAULT_IW_SAMPLES,
+                   help=f"IWAE samples for each run's eval (default {DEFAULT_IW_SAMPLES}, as for eval and report)")
     s.add_argument("--mse-threshold", type=float, help="test MSE that defines learning speed (default: the "
                    "worst final test MSE of the sweep, so every run reaches it)")
     s.add_argument("--out", default="runs/sigma", help="study folder (default runs/sigma)")

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal, get_args
 from .errors import ConfigError
 from .models.likelihoods import LIKELIHOODS, check_likelihood
 from .models.nets import DEFAULT_BLOCKS, DEFAULT_HIDDEN
-from .models.objective import OBJECTIVES
+from .models.objective import OBJECTIVES, ObjectiveSettings, make_objective
 
 DEFAULT_LR = {"mlp": 1e-3, "conv": 5e-4}
 DEFAULT_BATCH = {"mlp": 128, "conv": 64}
@@ -140,12 +140,15 @@ class ModelConfig(Role):
 @dataclass(frozen=True)
 class OptimConfig(Role):
     title = "optimisation"
-    objective: str = option("elbo", "the training objective", "objective", choices=lambda: tuple(OBJECTIVES))
+    objective: str = option("elbo", "the training objective: elbo (the negative ELBO, with --beta, --kl-warmup and "
+                            "--free-bits) or iwae (the importance-weighted bound with --iw-train K draws per image)",
+                            "objective", choices=lambda: tuple(OBJECTIVES))
     beta: float = option(1.0, "weight of the KL term in the training objective", "objective")
     kl_warmup: float = option(0.0, "raise the KL weight linearly from 0 to beta over this many epochs", "objective",
                               metavar="EPOCHS")
     free_bits: float = option(0.0, "lower bound on each latent dimension's batch-mean KL in the objective (nats)",
                               "objective", metavar="NATS")
+    iw_train: int = option(1, "iwae: draws of z per image in the training objective", "objective", metavar="K")
     optimizer: Optimizer = option("adam", "the optimizer")
     lr: float | None = option(None, "learning rate (default 1e-3 for mlp, 5e-4 for conv)")
     batch_size: int | None = option(None, "images per training step (default 128 for mlp, 64 for conv)")
@@ -162,6 +165,12 @@ class OptimConfig(Role):
         positive_float("beta", self.beta, allow_zero=True)
         positive_float("kl_warmup", self.kl_warmup, allow_zero=True)
         positive_float("free_bits", self.free_bits, allow_zero=True)
+        positive_int("iw_train", self.iw_train)
+        make_objective(self.objective, self.objective_settings())  # each objective checks the settings it reads
+
+    def objective_settings(self) -> ObjectiveSettings:
+        return ObjectiveSettings(beta=self.beta, kl_warmup=self.kl_warmup, free_bits=self.free_bits,
+                                 iw_train=self.iw_train)
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,8 @@ class Run:
 
     def __repr__(self) -> str:
         last = self.last()
-        tail = f", test loss {last['loss']:.2f} nats at epoch {last['epoch']}" if last else ""
+        tail = (f", test −ELBO {last['loss']:.2f} nats/image = {last['bits_per_dim']:.3f} bits/dim at epoch "
+                f"{last['epoch']}") if last else ""
         return f"Run({str(self.path)!r}, {self.config.model.likelihood}, latent {self.config.model.latent_dim}{tail})"
 
 

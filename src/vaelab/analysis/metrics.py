@@ -15,14 +15,15 @@ from ..data import StoredImages, prepare_data
 from ..errors import ConfigError, NotNormalizedWarning
 from ..models.likelihoods import make_likelihood
 from ..models.vae import VAE
-from ..training.evaluation import bits_per_dim, elbo_metrics
+from ..training.evaluation import NEGATIVE_NOTE, bits_per_dim, elbo_metrics
 
 # ------------------------------------------------------------------------------ evaluating a saved run
 # The numbers below are functions of arrays (codes, labels, images) so each can be checked on inputs whose
 # answer is known; evaluate_run() gathers them for a run.
 
 ACTIVE_THRESHOLD = 0.01  # a latent dimension is active when Var_x[E_q(z|x)[z_d]] exceeds this (Burda et al.)
-RADII = (1, 2, 3)
+PRIOR_MASS = {"68": 0.68, "95": 0.95, "99.7": 0.997}  # radius_share's keys: the share of N(0, I) within each radius
+DEFAULT_IW_SAMPLES = 100  # K of `vaelab eval`, `report`, `demo` and `sigma-study` alike (see _add_eval_flags)
 KNN_K = 10
 IW_ROWS = 1024  # decoder rows (samples x images) per IWAE step and CPU thread: bounds memory whatever K is,
 # and keeps each step's decoder output in cache, where the elementwise log-density costs little next to the matmuls
@@ -34,15 +35,53 @@ def active_units(codes: Tensor, threshold: float = ACTIVE_THRESHOLD) -> tuple[in
     return int((var > threshold).sum()), var.tolist()
 
 
-def radius_share(codes: Tensor, radii=RADII) -> dict[str, float]:
-    """Share of codes (N, L) whose Euclidean norm is at most r, for each r: {"1": ..., "2": ..., "3": ...}."""
-    norms = codes.double().norm(dim=1)
-    return {str(r): float((norms <= r).double().mean()) for r in radii}
+def prior_radius(p: float, dim: int) -> float:
+    """The radius r with P(‖z‖ ≤ r) = p for z ~ N(0, I_dim): the chi quantile, sqrt(chi2.ppf(p, dim)).
+
+    ‖z‖² is chi-square with `dim` degrees of freedom, whose CDF is the regularized gamma P(dim/2, r²/2);
+    bisection finds r² to float64 precision. In high dimensions the prior's mass sits near radius √dim, so a
+    fixed radius such as 3 holds almost none of it (about 0.03 % in 20 dimensions).
+    """
+    if not 0 < p < 1:
+        raise ValueError(f"p must be in (0, 1), got {p!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+    a = torch.tensor(dim / 2, dtype=torch.float64)
+
+    def cdf(r2: float) -> float:
+        return float(torch.special.gammainc(a, torch.tensor(r2 / 2, dtype=torch.float64)))
+
+    lo, hi = 0.0, float(dim) + 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return math.sqrt((lo + hi) / 2)
+
+
+def prior_radii(dim: int) -> dict[str, float]:
+    """{"68": r, "95": r, "99.7": r}: the radii that hold 68 / 95 / 99.7 % of N(0, I_dim)."""
+    return {k: prior_radius(p, dim) for k, p in PRIOR_MASS.items()}
+
+
+def radius_share(codes: Tensor, radii: dict[str, float] | None = None) -> dict[str, float]:
+    """Share of codes (N, L) whose Euclidean norm is at most each radius (inclusive), keyed like `radii`.
+
+    By default the radii are prior_radii(L), so a sample of the prior N(0, I_L) gives about
+    {"68": 0.68, "95": 0.95, "99.7": 0.997} in any dimension L.
+    """
+    radii = prior_radii(codes.shape[1]) if radii is None else radii
+    norms = codes.double().norm(dim=1)  # (N,)
+    return {k: float((norms <= r).double().mean()) for k, r in radii.items()}
 
 
 def knn_agreement(codes: Tensor, labels, k: int = KNN_K, block: int = 1024) -> float | None:
-    """Mean share of each code's k nearest other codes (Euclidean) that share its label; None if no labels."""
-    if labels is None:
+    """Mean share of each code's k nearest other codes (Euclidean) that share its label; None without labels of
+    two classes or more (one class would agree 100 %)."""
+    if labels is None or torch.as_tensor(labels).unique().numel() < 2:
         return None
     labels = torch.as_tensor(labels).to(codes.device)
     n = codes.shape[0]
@@ -103,8 +142,8 @@ def posterior_means(model: VAE, x: Tensor | StoredImages, batch_size: int, prepa
 
 
 @torch.no_grad()
-def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samples: int = 1000, batch_size: int = 500,
-             seed: int = 0, progress: bool = False) -> dict:
+def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samples: int = DEFAULT_IW_SAMPLES,
+             batch_size: int = 500, seed: int = 0, progress: bool = False) -> dict:
     """Every number of `vaelab eval` for the images `x` (stored form; `prepare` maps them to [0, 1]).
 
     elbo and log_px are log-likelihoods (nats per image, higher is better); bits_per_dim is that of the
@@ -128,6 +167,7 @@ def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samp
         log_px = iwae_log_px(model, x, iw_samples, batch_size, prepare, progress)
     sharpness_means = (sharp / len(x)).tolist()
     count, var = active_units(codes)
+    radii = prior_radii(model.latent_dim)
     d = model.n_pixels
     lp = log_px.mean().item()
     return {
@@ -138,7 +178,7 @@ def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samp
         "bits_per_dim_log_px": bits_per_dim(-lp, d, model.likelihood.continuous),
         "rec": m["rec"], "kl": m["kl"], "mse": m["mse"], "kl_per_dim": m["kl_per_dim"],
         "active_units": count, "posterior_mean_variance": var,
-        "radius_share": radius_share(codes),
+        "radius_share": radius_share(codes, radii), "radius_quantiles": radii,
         "knn_agreement": knn_agreement(codes, labels) if len(codes) > KNN_K else None,
         "sharpness": dict(zip(("data", "recon", "samples"), sharpness_means, strict=True)),
         "sigma": m.get("sigma") if model.likelihood.additive_gaussian_noise else None,  # the noise's sd
@@ -180,11 +220,14 @@ def split_data(config, split: str, device: torch.device, limit: int | None = Non
         x = x[:limit]
         labels = None if labels is None else labels[:limit]
         factors = None if factors is None else factors[:limit]
+    if labels is not None and len(np.unique(labels)) < 2:  # one class is no labels: no score, no label colours
+        labels = None
     label_tensor = None if labels is None else torch.as_tensor(labels)
-    return Split(x, prep.prepare, label_tensor, prep.data.classes, prep.normalized, factors, prep.data.factor_names)
+    classes = None if labels is None else prep.data.classes
+    return Split(x, prep.prepare, label_tensor, classes, prep.normalized, factors, prep.data.factor_names)
 
 
-def evaluate_run(run, split: str = "test", iw_samples: int = 1000, batch_size: int = 500,
+def evaluate_run(run, split: str = "test", iw_samples: int = DEFAULT_IW_SAMPLES, batch_size: int = 500,
                  limit: int | None = None, seed: int = 0, progress: bool = False) -> dict:
     """evaluate() on a run's `split` (its first `limit` images), loaded as the trainer loaded it."""
     check_eval_args(split, iw_samples, batch_size, limit)
@@ -197,31 +240,56 @@ def evaluate_run(run, split: str = "test", iw_samples: int = 1000, batch_size: i
 
 
 def table_rows(r: dict) -> list[tuple[str, str]]:
-    """The numbers of evaluate() as (name, formatted value) rows, for the terminal and the HTML report."""
+    """The numbers of evaluate() as (name, formatted value) rows, for the terminal and the HTML report.
+
+    One convention: negative log-likelihoods (the −ELBO, −log p(x|z), the IWAE bound on −log p(x)), in nats per
+    image, lower is better, as training reports them, each with its bits/dim. The first one below 0 is followed
+    by a row that says why that is fine.
+    """
     def f(v, spec=".2f"):
         return "n/a" if v is None else format(v, spec)
 
-    rows = [
-        ("images", f"{r['n_images']} ({r.get('split', '?')} split)"),
-        ("ELBO", f"{f(r['elbo'])} nats/image  (−ELBO {f(-r['elbo'])})"),
-        ("  reconstruction −log p(x|z)", f"{f(r['rec'])} nats"),
-        ("  KL(q(z|x) ‖ p(z))", f"{f(r['kl'])} nats"),
-        (f"log p(x), IWAE K={r['iw_samples']}",
-         f"{f(r['log_px'])} nats/image (± {f(r['log_px_stderr'])} s.e. over images)"),
-        ("  gap log p(x) − ELBO", f"{f(r['log_px'] - r['elbo'])} nats"),
-        ("bits/dim (−ELBO, 8-bit)", f(r["bits_per_dim"], ".4f")),
-        ("bits/dim (−log p(x), 8-bit)", f(r["bits_per_dim_log_px"], ".4f")),
+    def bpd(v):
+        return "" if v is None else f"  = {v:.4f} bits/dim"
+
+    k, dim = r["iw_samples"], len(r["kl_per_dim"])
+    nll = [  # (row, value): the rows that are negative log-likelihoods
+        (("−ELBO (loss, lower is better)", f"{f(-r['elbo'])} nats/image{bpd(r['bits_per_dim'])}"), -r["elbo"]),
+        (("  reconstruction −log p(x|z)", f"{f(r['rec'])} nats/image"), r["rec"]),
+        (("  KL(q(z|x) ‖ p(z))", f"{f(r['kl'])} nats/image"), None),
+        ((f"−log p(x) ≤ (IWAE, K = {k})", f"{f(-r['log_px'])} nats/image ± {f(r['log_px_stderr'])} s.e. over "
+          f"images{bpd(r['bits_per_dim_log_px'])}"), -r["log_px"]),
+        ((f"  tighter than −ELBO by (K = {k})", f"{f(r['log_px'] - r['elbo'])} nats/image"), None),
+    ]
+    rows = [("images", f"{r['n_images']} ({r.get('split', '?')} split)")]
+    explained = False
+    for row, value in nll:
+        rows.append(row)
+        if value is not None and value < 0 and not explained:
+            rows.append(("  below 0?", NEGATIVE_NOTE))
+            explained = True
+    shares, radii = r["radius_share"], r["radius_quantiles"]
+    rows += [
         ("MSE per pixel of f(z)", f(r["mse"], ".5f")),
         ("σ in use", f(r["sigma"], ".4g")),
         ("KL per latent dim", " ".join(f"{v:.2f}" for v in r["kl_per_dim"])),
-        ("active units (Var > 0.01)", f"{r['active_units']} of {len(r['kl_per_dim'])}"),
-        ("codes within radius 1 / 2 / 3", " / ".join(f"{r['radius_share'][k]:.1%}" for k in ("1", "2", "3"))),
+        ("active units (Var > 0.01)", f"{r['active_units']} of {dim}"),
+        ("codes within r68 / r95 / r99.7", " / ".join(f"{shares[p]:.1%}" for p in PRIOR_MASS)),
+        ("  (the radii)", f"{' / '.join(f'{radii[p]:.2f}' for p in PRIOR_MASS)} hold 68 / 95 / 99.7 % of the "
+         f"prior N(0, I) in {dim} dimensions, so codes spread like the prior give about those shares"),
         (f"{KNN_K}-NN label agreement", "n/a (needs labels and > 10 images)" if r["knn_agreement"] is None
          else f"{r['knn_agreement']:.1%}"),
-        ("sharpness data / recon / samples", " / ".join(f"{r['sharpness'][k]:.4f}"
-                                                         for k in ("data", "recon", "samples"))),
+        ("sharpness data / recon / samples", " / ".join(f"{r['sharpness'][name]:.4f}"
+                                                         for name in ("data", "recon", "samples"))),
     ]
     if r.get("normalized") is False:
-        rows.append(("note", "Bernoulli on non-binary pixels is not a normalized density; ELBO and "
-                     "log p(x) are cross-entropy bounds, not log-likelihoods"))
+        rows.append(("note", "Bernoulli on non-binary pixels is not a normalized density; −ELBO and "
+                     "−log p(x) are cross-entropy bounds, not negative log-likelihoods"))
     return rows
+
+
+def headline(r: dict) -> str:
+    """The main numbers of evaluate() on one line, K beside the bound (what `vaelab report` prints)."""
+    line = (f"{r.get('split', 'test')} −ELBO {-r['elbo']:.2f} nats/image = {r['bits_per_dim']:.4f} bits/dim; "
+            f"−log p(x) ≤ {-r['log_px']:.2f} (IWAE, K = {r['iw_samples']})")
+    return line + (f"\n  ({NEGATIVE_NOTE})" if min(-r["elbo"], -r["log_px"]) < 0 else "")

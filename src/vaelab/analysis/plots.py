@@ -5,6 +5,7 @@ Images are float arrays in [0, 1] shaped (N, C, H, W); grids are tiled with a on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,9 +95,10 @@ def image_grid(images: np.ndarray, path: Path, ncol: int = 8, title: str = "") -
 
 
 def latent_scatter(coords: np.ndarray, labels: np.ndarray | None, path: Path,
-                   classes: list[str] | None = None, radii=(1, 2, 3),
+                   classes: list[str] | None = None, circles: Sequence[tuple[float, str]] = (),
                    axis_names: tuple[str, str] = ("z₁", "z₂"), title: str = "") -> Path:
-    """Codes (N, 2) as points coloured by label (grey without labels), with circles at `radii` around 0."""
+    """Codes (N, 2) as points coloured by label (grey without labels), with dashed circles around 0 at each
+    (radius, label) of `circles` (the report draws the radii that hold 68 / 95 / 99.7 % of the prior)."""
     fig = _figure(7.5, 6.5)
     ax = fig.add_subplot(111)
     if labels is None:
@@ -113,13 +115,13 @@ def latent_scatter(coords: np.ndarray, labels: np.ndarray | None, path: Path,
                        linewidths=0, label=name)
         ax.legend(markerscale=4, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     t = np.linspace(0, 2 * np.pi, 200)
-    for r in radii:
+    for r, name in circles:
         ax.plot(r * np.cos(t), r * np.sin(t), color="k", lw=0.8, ls="--")
-        ax.annotate(f"r={r}", (r * 0.71, r * 0.71), fontsize=7)
+        ax.annotate(name, (r * 0.71, r * 0.71), fontsize=7)
     ax.set_aspect("equal")
     ax.set_xlabel(axis_names[0])
     ax.set_ylabel(axis_names[1])
-    ax.set_title(title or "posterior means of the test images, circles at radius 1, 2, 3")
+    ax.set_title(title or "posterior means of the test images", **({"fontsize": 9} if "\n" in title else {}))
     return _save(fig, path)
 
 

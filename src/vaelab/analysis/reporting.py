@@ -18,7 +18,15 @@ import torch
 from ..errors import ConfigError
 from ..runs import Run, write_text_atomic
 from . import plots, views
-from .metrics import active_units, elbo_metrics, evaluate_run, split_data, table_rows
+from .metrics import (
+    DEFAULT_IW_SAMPLES,
+    active_units,
+    elbo_metrics,
+    evaluate_run,
+    prior_radii,
+    split_data,
+    table_rows,
+)
 
 N_SHOW = 10  # images per row of the image figures
 N_CODES = 2000  # test images encoded for the scatter and the principal plane
@@ -76,8 +84,15 @@ def _manifold(m: Material, path: Path) -> Path:
 
 def _scatter(m: Material, path: Path) -> Path:
     codes, _, axes = m.plane
-    return plots.latent_scatter(views.plane_coords(codes, axes), m.labels, path, m.classes,
-                                axis_names=m.axis_names)
+    dim = m.model.latent_dim
+    radii = prior_radii(dim)  # {"68": r, ...}: the radii of `vaelab eval`'s radius shares
+    circles = [(r, f"{p} %: r={r:.2f}") for p, r in radii.items()]
+    title = (f"posterior means of the test images; circles hold 68 / 95 / 99.7 % of N(0, I) in {dim}-D"
+             if dim == 2 else
+             f"posterior means of the test images, projected; circles: the radii that hold\n68 / 95 / 99.7 % of "
+             f"N(0, I) in {dim}-D (outside a circle here is outside it in {dim}-D; inside may not be)")
+    return plots.latent_scatter(views.plane_coords(codes, axes), m.labels, path, m.classes, circles,
+                                axis_names=m.axis_names, title=title)
 
 
 def _factors(m: Material, path: Path) -> Path:
@@ -216,7 +231,8 @@ def render_html(title: str, numbers: list[tuple[str, str]], config: dict,
 </table>""")
 
 
-def write_report(run: Run, out_dir: str | Path | None = None, iw_samples: int = 100, batch_size: int = 500,
+def write_report(run: Run, out_dir: str | Path | None = None, iw_samples: int = DEFAULT_IW_SAMPLES,
+                 batch_size: int = 500,
                  limit: int | None = None, progress: bool = False) -> Path:
     """Evaluate the run's test split, draw every figure into `out_dir` (default: the run folder), write
     eval.json and report.html there; return the path of report.html."""

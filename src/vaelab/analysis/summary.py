@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..models.nets import conv_channels, n_parameters, stage_sizes
 from ..runs import load_run
+from ..training.evaluation import NEGATIVE_NOTE, loss_text
 
 
 def _network(config) -> tuple[str, list[int] | None, int]:
@@ -35,6 +36,11 @@ def run_summary(path: str | Path) -> str:
             if last.get("normalized") is False:
                 lines.append("  (Bernoulli on non-binary pixels: loss is a cross-entropy, not a normalized "
                              "negative log-likelihood)")
+    test = run.last("test")
+    if test:  # the same words as training's epoch lines and `vaelab eval`
+        lines.append(f"loss is the −ELBO in nats per image, lower is better: test {loss_text(test)}")
+        if test["loss"] < 0:
+            lines.append(f"  ({NEGATIVE_NOTE})")
     if not run.metrics:
         lines.append("no metrics yet")
     return "\n".join(lines)

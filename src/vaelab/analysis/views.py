@@ -20,6 +20,18 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
+def decode_images(model: VAE, z: torch.Tensor) -> torch.Tensor:
+    """Codes z (N, L) as displayable images: the decoder mean f(z) clipped to [0, 1], (N, C, H, W), on the
+    model's device, as every figure shows them.
+
+    model.decode_mean(z) is f(z) itself, in pixel units: a Gaussian or Laplace mean is not clipped and can leave
+    [0, 1] (a Bernoulli's or a continuous Bernoulli's stays inside).
+    """
+    device = next(model.parameters()).device
+    return model.decode_mean(z.to(device)).clamp(0, 1)
+
+
+@torch.no_grad()
 def latent_plane(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray,
                                                                                  np.ndarray]:
     """Posterior means of x, and the plane to draw them in: (codes (N, L), centre (L,), axes (2, L)).
@@ -53,9 +65,7 @@ def manifold_grid(model: VAE, n: int = 20, centre: np.ndarray | None = None,
     q = gaussian_quantiles(n)
     c1, c2 = q * spread[0], q[::-1] * spread[1]
     zs = np.array([centre + a * axes[0] + b * axes[1] for b in c2 for a in c1], dtype=np.float32)
-    device = next(model.parameters()).device
-    images = model.decode_mean(torch.from_numpy(zs).to(device))
-    return _as_numpy(images.clamp(0, 1)), c1, c2
+    return _as_numpy(decode_images(model, torch.from_numpy(zs))), c1, c2
 
 
 @torch.no_grad()
@@ -63,9 +73,9 @@ def reconstructions(model: VAE, x: torch.Tensor, n_samples: int = 3) -> list[tup
     """Rows: input | decoder mean at the posterior mean | decoder means at `n_samples` sampled z."""
     model.eval()
     q = model.encode(x)
-    rows = [("input", _as_numpy(x)), ("f(mean z)", _as_numpy(model.decode_mean(q.mode()).clamp(0, 1)))]
+    rows = [("input", _as_numpy(x)), ("f(mean z)", _as_numpy(decode_images(model, q.mode())))]
     for i in range(n_samples):
-        rows.append((f"f(z), z~q #{i + 1}", _as_numpy(model.decode_mean(q.sample()).clamp(0, 1))))
+        rows.append((f"f(z), z~q #{i + 1}", _as_numpy(decode_images(model, q.sample()))))
     return rows
 
 
@@ -92,9 +102,8 @@ def stochastic_rows(model: VAE, z: torch.Tensor, n_draws: int = 3) -> list[tuple
 def prior_samples(model: VAE, n: int = 64, seed: int = 0) -> np.ndarray:
     """Decoder means f(z) for n draws z ~ N(0, I), (n, C, H, W) in [0, 1]."""
     model.eval()
-    device = next(model.parameters()).device
-    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    return _as_numpy(model.decode_mean(z).clamp(0, 1))
+    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))  # (n, L), on the CPU
+    return _as_numpy(decode_images(model, z))
 
 
 @torch.no_grad()
@@ -105,7 +114,7 @@ def interpolations(model: VAE, xa: torch.Tensor, xb: torch.Tensor, steps: int = 
     za, zb = model.encode(xa).mean, model.encode(xb).mean  # (P, L)
     t = torch.linspace(0, 1, steps, device=za.device)[:, None, None]  # (T, 1, 1)
     z = (1 - t) * za + t * zb  # (T, P, L)
-    imgs = model.decode_mean(z.reshape(-1, model.latent_dim)).clamp(0, 1)
+    imgs = decode_images(model, z.reshape(-1, model.latent_dim))
     imgs = imgs.view(steps, xa.shape[0], *imgs.shape[1:]).transpose(0, 1)  # (P, T, C, H, W)
     return [(f"pair {p + 1}", np.concatenate([_as_numpy(xa[p:p + 1]), _as_numpy(imgs[p]),
                                               _as_numpy(xb[p:p + 1])])) for p in range(xa.shape[0])]
@@ -116,12 +125,11 @@ def traversals(model: VAE, dims: list[int], steps: int = 9, base: np.ndarray | N
                ) -> list[tuple[str, np.ndarray]]:
     """One row per latent dimension d: f(z) with z_d at Gaussian quantiles, the other dims at `base` (0)."""
     model.eval()
-    device = next(model.parameters()).device
     base = np.zeros(model.latent_dim) if base is None else base
     q = gaussian_quantiles(steps)
     rows = []
     for d in dims:
         z = np.tile(base, (steps, 1)).astype(np.float32)
         z[:, d] = q
-        rows.append((f"z{d + 1}", _as_numpy(model.decode_mean(torch.from_numpy(z).to(device)).clamp(0, 1))))
+        rows.append((f"z{d + 1}", _as_numpy(decode_images(model, torch.from_numpy(z)))))
     return rows

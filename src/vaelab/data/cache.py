@@ -60,6 +60,12 @@ class Entry:
         return self.array(name, mmap) if (self.path / f"{name}.npy").is_file() else None
 
 
+def as_stored(fingerprint: dict) -> dict:
+    """`fingerprint` as manifest.json gives it back (tuples become lists, keys strings), so a fingerprint
+    compares equal to the one stored from the same inputs: a (64, 64) image size is never != [64, 64]."""
+    return json.loads(json.dumps(fingerprint, sort_keys=True))
+
+
 def lookup(name: str, fingerprint: dict) -> Entry | None:
     """The entry `name` if it is complete and was built from exactly `fingerprint`, else None."""
     path = cache_root() / name
@@ -67,7 +73,7 @@ def lookup(name: str, fingerprint: dict) -> Entry | None:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if manifest.get("version") != CACHE_VERSION or manifest.get("fingerprint") != fingerprint:
+    if manifest.get("version") != CACHE_VERSION or manifest.get("fingerprint") != as_stored(fingerprint):
         return None
     for array, spec in manifest.get("arrays", {}).items():
         f = path / f"{array}.npy"
@@ -82,7 +88,7 @@ class Builder:
     (an error, Ctrl-C) removes the temporary folder."""
 
     def __init__(self, name: str, fingerprint: dict, info: dict | None = None):
-        self.name, self.fingerprint, self.info = name, fingerprint, dict(info or {})
+        self.name, self.fingerprint, self.info = name, as_stored(fingerprint), dict(info or {})
         self.root = cache_root()
         self.tmp: Path | None = None
         self.arrays: dict[str, np.memmap] = {}

@@ -2,7 +2,8 @@
 
 Every image becomes one channel layout: grey when every image is grey, else RGB. Transparency is composited
 over a background colour, EXIF orientation is applied, and `image_size` / `center_crop` bring all images to
-one size. The first folder level below the root (or below train/ and test/) names the labels.
+one size. The first folder level below the root (or below train/ and test/) names the labels; a single
+subfolder names no classes, so its images load unlabelled (with a warning).
 """
 
 from __future__ import annotations
@@ -240,9 +241,13 @@ def load_image_folder(folder: Path, opts: Options | None = None, skip_bad: bool 
                       + (" ..." if len(bad) > BAD_SHOWN else ""), UserWarning, stacklevel=3)
     m = entry.manifest
     classes = m["classes"] or None
-    return ImageData(folder.name, entry.array("train"), entry.array("test"), entry.optional("train_labels", mmap=False),
-                     entry.optional("test_labels", mmap=False), classes, str(folder),
-                     skipped={"hidden": m["hidden"], "non_image": m["non_image"], "bad": len(bad)})
+    train_labels, test_labels = entry.optional("train_labels", mmap=False), entry.optional("test_labels", mmap=False)
+    if classes is not None and len(classes) == 1:  # one class tells no images apart: a label score would be 100 %
+        warnings.warn(f"all images in {folder} are in one subfolder ({classes[0]}): treated as unlabelled",
+                      UserWarning, stacklevel=3)
+        classes = train_labels = test_labels = None
+    return ImageData(folder.name, entry.array("train"), entry.array("test"), train_labels, test_labels, classes,
+                     str(folder), skipped={"hidden": m["hidden"], "non_image": m["non_image"], "bad": len(bad)})
 
 
 def _bad_files_error(bad: list[tuple[str, str]]) -> NoReturn:

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import signal
 import socket
 import threading
 import warnings
@@ -67,18 +69,42 @@ def start(run: Run, host: str = "127.0.0.1", port: int = DEFAULT_PORT, n_codes: 
 
 def serve(run: Run, host: str = "127.0.0.1", port: int = DEFAULT_PORT, open_browser: bool = True,
           n_codes: int = N_CODES, verbose: bool = False, announce: Callable[[str], None] | None = None) -> None:
-    """Serve the explorer until Ctrl-C. `announce(url)` is called once it listens (default: print the URL);
-    then the browser opens unless open_browser=False."""
+    """Serve the explorer until Ctrl-C or SIGTERM (`kill`), then return. `announce(url)` is called once it
+    listens (default: print the URL); then the browser opens unless open_browser=False."""
     server = start(run, host, port, n_codes, verbose)
-    (announce or (lambda url: print(f"vaelab explore: {url}  (Ctrl-C stops it)", flush=True)))(server.url)
-    if open_browser:  # in a thread: some browsers' launchers block until their window closes
-        threading.Thread(target=webbrowser.open, args=(server.url,), daemon=True).start()
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
+        with _stopped_by_sigterm():
+            (announce or (lambda url: print(f"vaelab explore: {url}  (Ctrl-C stops it)", flush=True)))(server.url)
+            if open_browser:  # in a thread: some browsers' launchers block until their window closes
+                threading.Thread(target=webbrowser.open, args=(server.url,), daemon=True).start()
+            threading.Event().wait()
+    except (KeyboardInterrupt, _Terminated):
         pass
     finally:
         server.stop()
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived while serving."""
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm():
+    """While inside, SIGTERM raises _Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt; the previous
+    handler is put back on the way out. Elsewhere than the main thread (where Python runs no signal handler)
+    nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def export(run: Run, path: str | Path, n_codes: int = N_CODES_EXPORT) -> Path:

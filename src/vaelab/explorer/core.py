@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..analysis.metrics import split_data
+from ..analysis.metrics import prior_radii, split_data
 from ..runs import Run
 
 MAX_ABS_Z = 100.0  # |z_i| bound: the prior puts no visible mass past a few units
@@ -127,13 +127,20 @@ class Explorer:
         if len(parts) > self.max_batch:
             raise RequestError(f"at most {self.max_batch} codes per request, got {len(parts)}")
         rows = []
-        for part in parts:
+        for k, part in enumerate(parts):
             values = part.split(",")
             if len(values) != self.latent_dim:
-                raise RequestError(f"each z must have {self.latent_dim} values (the latent dimension), "
-                                   f"got {len(values)}")
+                raise RequestError(self._wrong_length(len(values), k if len(parts) > 1 else None))
             rows.append([parse_number(v.strip(), "each z value", -MAX_ABS_Z, MAX_ABS_Z) for v in values])
         return np.asarray(rows, dtype=np.float32)
+
+    def _wrong_length(self, got: int, code: int | None) -> str:
+        dim = self.latent_dim
+        which = "z" if code is None else f"code {code + 1} of z"
+        plane = "" if dim == 2 else (" (a full z, not the 2 coordinates of a point in the plane: "
+                                     "/api/info's basis maps one to the other, see docs/explore.md)")
+        return (f"{which} has {got} value{'s' * (got != 1)}, but this run's latent dimension is {dim}: give {dim} "
+                f"comma-separated value{'s' * (dim != 1)} per code{plane}")
 
     def parse_index(self, text: str) -> int:
         return parse_int(text, "index", 0, self.n - 1)
@@ -159,6 +166,8 @@ class Explorer:
             "centre": _round(self.centre),
             "basis": _round(self.basis),
             "basis_kind": "axes" if self.latent_dim == 2 else "pca",
+            # N(0, I) seen in any plane through z = 0 is N(0, I_2): the circles that hold these shares of its mass
+            "prior_radii": {label: round(r, 4) for label, r in prior_radii(2).items()},
             "limits": {"max_abs_z": MAX_ABS_Z, "max_batch": self.max_batch, "max_sigma": MAX_SIGMA,
                        "max_seed": MAX_SEED},
         }

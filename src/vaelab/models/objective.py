@@ -16,6 +16,7 @@ Adding an objective is one class with a unique `name`, registered with `register
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -52,9 +53,12 @@ class Loss:
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    """The objective's own settings, as the run's config gives them."""
+    """The settings an objective reads, as the run's config gives them (each objective checks those it needs)."""
 
+    beta: float = 1.0  # the KL weight (after warm-up); each step passes its own β in Batch
+    kl_warmup: float = 0.0
     free_bits: float = 0.0
+    iw_train: int = 1  # draws of z per example
 
 
 class Objective:
@@ -66,19 +70,17 @@ class Objective:
     def __init__(self, settings: ObjectiveSettings = ObjectiveSettings()):
         self.settings = settings
 
+    @property
+    def samples(self) -> int:
+        """Draws of z per example the model makes for this objective (its outputs then hold log weights)."""
+        return 1
+
     def __call__(self, out: Terms, batch: Batch) -> Loss:
         raise NotImplementedError
 
     def is_elbo(self, beta: float) -> bool:
         """Whether this objective at KL weight `beta` is exactly the negative ELBO (then it is not reported twice)."""
         return False
-
-    def value(self, rec: float, kl_per_dim: list[float], beta: float) -> float:
-        """The objective on a whole split from its mean reconstruction term and mean KL per dimension, computed by
-        the same code as in training: the split is one batch of its means."""
-        out = Terms(torch.tensor([rec], dtype=torch.float64), torch.tensor([kl_per_dim], dtype=torch.float64),
-                    None, None)
-        return float(self(out, Batch(1, beta)).total)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}
@@ -123,6 +125,46 @@ class ELBO(Objective):
         kl = kl_d.sum()
         return Loss(rec + batch.beta * kl, {"rec": rec.detach(), "kl": kl.detach()})
 
+    def __init__(self, settings: ObjectiveSettings = ObjectiveSettings()):
+        if settings.iw_train != 1:
+            raise ConfigError(f"--iw-train K applies to --objective iwae; got --iw-train {settings.iw_train} with "
+                              "--objective elbo")
+        super().__init__(settings)
+
     def is_elbo(self, beta: float) -> bool:
         return beta == 1.0 and self.settings.free_bits <= 0
+
+
+@register_objective
+class IWAE(Objective):
+    """The importance-weighted bound (Burda et al., 2016) with K = --iw-train draws per example:
+    −log (1/K) Σ_k w_k, w_k = p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x). K = 1 is the negative ELBO; a larger K
+    is a tighter bound on −log p(x). The gradients are the bound's own (reparameterized through every z_k)."""
+
+    name = "iwae"
+    help = "the importance-weighted bound with --iw-train K draws per image"
+
+    def __init__(self, settings: ObjectiveSettings = ObjectiveSettings()):
+        if settings.iw_train < 1:
+            raise ConfigError(f"--iw-train must be an integer >= 1; got {settings.iw_train}")
+        if settings.beta != 1.0 or settings.kl_warmup > 0 or settings.free_bits > 0:
+            raise ConfigError("--objective iwae trains the bound itself: --beta, --kl-warmup and --free-bits apply "
+                              "to --objective elbo only")
+        super().__init__(settings)
+
+    @property
+    def samples(self) -> int:
+        return self.settings.iw_train
+
+    def __call__(self, out: Terms, batch: Batch) -> Loss:
+        if out.log_weights is None:  # one draw: the bound is the ELBO's estimate
+            bound = -(out.rec + out.kl)  # (B,)
+        else:
+            k = out.log_weights.shape[0]
+            bound = torch.logsumexp(out.log_weights, dim=0) - math.log(k)  # (B,)
+        total = -bound.sum() / batch.n
+        return Loss(total, {"bound": -total.detach()})
+
+    def is_elbo(self, beta: float) -> bool:
+        return self.settings.iw_train == 1
 

@@ -55,12 +55,15 @@ def log_standard_normal(z: Tensor) -> Tensor:
 
 @dataclass
 class Terms:
-    """Per-example parts of the negative ELBO at one sampled z per example, all (B,) in nats."""
+    """Per-example parts of the negative ELBO, all in nats: rec (B,) at the sampled z (averaged over the z's when
+    several are drawn per example) and the KL per latent dimension (B, L) in closed form."""
 
     rec: Tensor  # -log p(x|z)
     kl_per_dim: Tensor  # (B, L)
     sq_err: Tensor | None  # ||x - f(z)||², summed over pixels, f(z) the decoder mean at the same z as rec
     sigma: Tensor | None  # σ in use (Gaussian) or b (Laplace), averaged over pixels
+    # with K > 1 draws per example: log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x), (K, B)
+    log_weights: Tensor | None = None
 
     @property
     def kl(self) -> Tensor:
@@ -135,10 +138,23 @@ class VAE(nn.Module):
                 sigma = self.likelihood.scale(params)
         return Terms(rec, q.kl_per_dim(), sq_err, sigma)
 
-    def forward(self, x: Tensor, eps: Tensor | None = None) -> Terms:
+    def forward(self, x: Tensor, eps: Tensor | None = None, samples: int = 1) -> Terms:
         """The terms training differentiates, without diagnostics: `model(x)`, as a wrapper such as
-        DistributedDataParallel calls it; `eps` (B, L) is the noise of z, drawn here when not given."""
-        return self.terms(x, extras=False, eps=eps)
+        DistributedDataParallel calls it. `eps` is the noise of z, (B, L), or (K, B, L) for samples=K > 1 draws
+        per example (then with the log importance weights), drawn here when not given."""
+        if samples == 1:
+            return self.terms(x, extras=False, eps=eps)
+        q = self.encode(x)
+        z = q.reparameterize(q.noise(samples) if eps is None else eps)  # (K, B, L)
+        log_px_z, log_w = self.importance_terms(x, q, z)
+        return Terms(-log_px_z.mean(0), q.kl_per_dim(), None, None, log_w)
+
+    def importance_terms(self, x: Tensor, q: DiagonalGaussian, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(log p(x|z_k), log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x)), each (K, B), for z (K, B, L)."""
+        k = z.shape[0]
+        params = [p.view(k, *x.shape) for p in self.decode(z.reshape(-1, self.latent_dim))]  # (K, B, C, H, W)
+        log_px_z = self.likelihood.log_prob(params, x)  # (K, B): x broadcasts, it is never copied K times
+        return log_px_z, log_px_z + log_standard_normal(z) - q.log_prob(z)
 
     @torch.no_grad()
     def iwae_bound(self, x: Tensor, k: int, chunk: int = 100) -> Tensor:
@@ -152,10 +168,7 @@ class VAE(nn.Module):
         done = 0
         while done < k:
             n = min(chunk, k - done)
-            z = q.sample(n)  # (n, B, L)
-            params = [p.view(n, *x.shape) for p in self.decode(z.reshape(-1, self.latent_dim))]  # (n, B, C, H, W)
-            log_px_z = self.likelihood.log_prob(params, x)  # (n, B): x broadcasts, it is never copied n times
-            log_w = log_px_z + log_standard_normal(z) - q.log_prob(z)  # (n, B)
+            _, log_w = self.importance_terms(x, q, q.sample(n))  # (n, B)
             total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
             done += n
         return total - math.log(k)

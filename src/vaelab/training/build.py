@@ -15,7 +15,7 @@ import torch
 from ..config import TrainConfig
 from ..data import Prepared
 from ..errors import ConfigError
-from ..models.objective import Objective, ObjectiveSettings, make_objective
+from ..models.objective import Objective, make_objective
 from ..models.vae import VAE
 from .cudagraph import CUDAGraphStep, StepFn, capturable
 from .distributed import SINGLE, World, shard_inputs, wrap
@@ -23,7 +23,7 @@ from .step import Step, local_inputs
 
 
 def make_objective_for(config: TrainConfig) -> Objective:
-    return make_objective(config.optim.objective, ObjectiveSettings(free_bits=config.optim.free_bits))
+    return make_objective(config.optim.objective, config.optim.objective_settings())
 
 
 def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, objective: Objective,
@@ -31,7 +31,8 @@ def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer,
     """The training step for this run, chosen once: Step; on a GPU, a CUDA graph of it where replaying is exact;
     with several processes, Step on this process's share of each batch under DistributedDataParallel."""
     if world.size > 1:
-        inputs = shard_inputs(prep, world, model.latent_dim, fresh_inputs=config.data.binarize == "dynamic")
+        inputs = shard_inputs(prep, world, model.latent_dim, fresh_inputs=config.data.binarize == "dynamic",
+                              samples=objective.samples)
         return Step(wrap(model, world, device), optimizer, objective, inputs, autocast(config, device),
                     world.all_sum, world.size)
     graph = (config.runtime.cuda_graph and prep.batches.resident

@@ -222,7 +222,7 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> DistributedDat
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
-def shard_inputs(prep: Prepared, world: World, latent_dim: int, fresh_inputs: bool) -> Inputs:
+def shard_inputs(prep: Prepared, world: World, latent_dim: int, fresh_inputs: bool, samples: int = 1) -> Inputs:
     """(x, ε) for this process's rows of the global batch `idx`: random inputs (dynamic binarization) and the noise
     of z are drawn for the whole batch, in the order one process draws them, and this process keeps its rows, so
     that rank r's rows get exactly the random numbers one process would give them."""
@@ -232,7 +232,8 @@ def shard_inputs(prep: Prepared, world: World, latent_dim: int, fresh_inputs: bo
         rows = world.rows(len(idx))
         # (B/W, C, H, W): random inputs are drawn for the whole batch, fixed ones gathered for these rows only
         x = prep.prepare_train(gather(idx))[rows] if fresh_inputs else prep.prepare_train(gather(idx[rows]))
-        eps = torch.randn((len(idx), latent_dim), dtype=x.dtype, device=x.device)[rows]  # (B/W, L)
-        return x, eps
+        if samples == 1:
+            return x, torch.randn((len(idx), latent_dim), dtype=x.dtype, device=x.device)[rows]  # (B/W, L)
+        return x, torch.randn((samples, len(idx), latent_dim), dtype=x.dtype, device=x.device)[:, rows]  # (K, B/W, L)
 
     return inputs

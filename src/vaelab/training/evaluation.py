@@ -1,16 +1,18 @@
 """What the trainer reports after each epoch: the negative ELBO and its parts on a split, in nats per image and
-bits per dimension (the same numbers `vaelab eval` starts from)."""
+bits per dimension (the same numbers `vaelab eval` starts from), and the training objective where it differs."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..data import StoredImages
-from ..models.vae import VAE
+from ..models.objective import Batch, Objective
+from ..models.vae import VAE, Terms
 
 
 def bits_per_dim(nats_per_image: float, n_pixels: int, continuous: bool) -> float:
@@ -23,10 +25,21 @@ def bits_per_dim(nats_per_image: float, n_pixels: int, continuous: bool) -> floa
     return nats / (n_pixels * math.log(2.0))
 
 
+@dataclass(frozen=True)
+class Scored:
+    """The training objective to report beside the −ELBO, at KL weight `beta`."""
+
+    objective: Objective
+    beta: float = 1.0
+
+
 @torch.no_grad()
 def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare, seed: int = 0,
-                 part: tuple[int, int] = (0, 1), reduce: Callable[[Tensor], Tensor] | None = None) -> dict:
-    """−ELBO (= rec + kl), rec, kl, bits/dim, per-pixel MSE and σ, averaged over the images of `x`.
+                 part: tuple[int, int] = (0, 1), reduce: Callable[[Tensor], Tensor] | None = None,
+                 scored: Scored | None = None) -> dict:
+    """−ELBO (= rec + kl), rec, kl, bits/dim, per-pixel MSE and σ, averaged over the images of `x`; with
+    `scored`, also the training objective (`objective`): each evaluation batch is one batch of the objective, at
+    the same z as the ELBO's when it draws one per image, and the value is the mean over the images.
 
     `x` is the split as stored (uint8 or float, on the model's device); `prepare` maps a stored batch to
     model inputs in [0, 1]. One z is drawn per image (seeded, without touching the training RNG stream);
@@ -40,8 +53,11 @@ def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare,
     n = x.shape[0]
     rank, size = part
     dtype = next(model.parameters()).dtype
-    totals = torch.zeros(5 + model.latent_dim, dtype=torch.float64, device=x.device)  # rec, kl, sq, σ, #σ, kl_d
+    # rec, kl, sq, σ, #σ, objective, kl_d
+    totals = torch.zeros(6 + model.latent_dim, dtype=torch.float64, device=x.device)
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    # the objective's own draws (K per image) come from a generator of their own: the ELBO's z stay as they are
+    draws = torch.Generator(device=x.device).manual_seed(seed + 1)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for i, start in enumerate(range(0, n, batch_size)):
@@ -49,21 +65,48 @@ def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare,
             eps = torch.randn((xb.shape[0], model.latent_dim), dtype=dtype, device=x.device)  # (B, L)
             if i % size != rank:
                 continue
-            t = model.terms(prepare(xb), eps=eps)
+            xin = prepare(xb)
+            t = model.terms(xin, eps=eps)
             assert t.sq_err is not None, "terms() with extras computes it"
             totals[:3] += torch.stack([t.rec.sum(), t.kl.sum(), t.sq_err.sum()]).double()
-            totals[5:] += t.kl_per_dim.sum(0).double()
+            totals[6:] += t.kl_per_dim.sum(0).double()
             if t.sigma is not None:
                 totals[3] += t.sigma.double().sum()
                 totals[4] += t.sigma.shape[0]
+            if scored is not None:
+                totals[5] += _objective_sum(model, scored, xin, t, draws)
     model.train(was_training)
     if reduce is not None:
         reduce(totals)
-    rec, kl, sq, sigma_sum, sigma_count = (v / n for v in totals[:5].tolist())
+    rec, kl, sq, sigma_sum, sigma_count, objective = (v / n for v in totals[:6].tolist())
     d = model.n_pixels
     out = {"loss": rec + kl, "rec": rec, "kl": kl,
            "bits_per_dim": bits_per_dim(rec + kl, d, model.likelihood.continuous),
-           "mse": sq / d, "kl_per_dim": (totals[5:] / n).tolist()}
+           "mse": sq / d, "kl_per_dim": (totals[6:] / n).tolist()}
     if sigma_count > 0:
         out["sigma"] = sigma_sum
+    if scored is not None:
+        out["objective"] = objective
     return out
+
+
+def _objective_sum(model: VAE, scored: Scored, x: Tensor, t: Terms, draws: torch.Generator) -> Tensor:
+    """The objective summed over the batch x: on the ELBO's terms t, or on K fresh draws per image."""
+    k = scored.objective.samples
+    if k > 1:
+        eps = torch.randn((k, x.shape[0], model.latent_dim), dtype=t.rec.dtype, device=x.device,
+                          generator=draws)  # (K, B, L)
+        t = model(x, eps, samples=k)
+    return scored.objective(t, Batch(x.shape[0], scored.beta)).total.double() * x.shape[0]
+
+
+# How a loss is printed, in training and evaluation alike: the −ELBO (and its parts) in nats per image, lower is
+# better, with its bits/dim; NEGATIVE_NOTE once where such a number is below 0.
+NEGATIVE_NOTE = ("−log p below 0 means a density above 1 per pixel on average, which a continuous density on "
+                 "[0, 1] may have; bits/dim (8-bit scale, log 256 per pixel added) compare across models")
+
+
+def loss_text(m: dict) -> str:
+    """'−ELBO L nats/image = B bits/dim (rec R, KL K)' for a row of metrics (`loss` is the −ELBO)."""
+    return (f"−ELBO {m['loss']:.2f} nats/image = {m['bits_per_dim']:.3f} bits/dim "
+            f"(rec {m['rec']:.2f}, KL {m['kl']:.2f})")

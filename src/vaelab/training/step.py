@@ -1,7 +1,7 @@
 """The training step: one batch's objective, its gradients by autograd, the optimizer's update.
 
     x, eps = inputs(idx)                    # the batch (and, when split over processes, the noise of z)
-    out = model(x, eps)                     # per-example terms
+    out = model(x, eps, samples=K)          # per-example terms (K draws of z per example)
     loss = objective(out, batch)            # vaelab.models.objective
     loss.total.backward(); optimizer.step()
 
@@ -54,9 +54,9 @@ class Step:
         self.autocast, self.all_sum, self.processes = autocast, all_sum, processes
 
     def __call__(self, idx: Tensor, beta: float) -> Tensor:
-        x, eps = self.inputs(idx)  # (B, C, H, W), (B, L) or None
+        x, eps = self.inputs(idx)  # (B, C, H, W); (B, L), (K, B, L) or None
         with self.autocast():
-            out = self.model(x, eps)
+            out = self.model(x, eps, samples=self.objective.samples)
         loss = self.objective(out, Batch(len(idx), beta, self.all_sum, self.processes))
         self.optimizer.zero_grad(set_to_none=True)
         (loss.total * self.processes if self.processes > 1 else loss.total).backward()

@@ -43,7 +43,7 @@ from ..runs import (
 from .build import check_precision, make_objective_for, make_optimizer, make_step, resolve_device
 from .cudagraph import StepFn
 from .distributed import SINGLE, World, check_batch, join
-from .evaluation import elbo_metrics
+from .evaluation import NEGATIVE_NOTE, Scored, elbo_metrics, loss_text
 from .monitor import TensorBoard
 
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
@@ -237,8 +237,10 @@ def _loop(s: _State, device: torch.device, shuffle: torch.Generator, progress: b
             saved[0] = f"end of epoch {s.epoch}"
             if progress:
                 test = s.metrics[-1]
-                print(f"epoch {s.epoch}/{config.optim.epochs}: test loss {test['loss']:.2f} nats "
-                      f"(rec {test['rec']:.2f}, kl {test['kl']:.2f}), {train_seconds:.1f}s", file=sys.stderr)
+                print(f"epoch {s.epoch}/{config.optim.epochs}: test {loss_text(test)}, {train_seconds:.1f}s",
+                      file=sys.stderr)
+                if test["loss"] < 0 and all(r["loss"] >= 0 for r in s.metrics[:-1] if r["split"] == "test"):
+                    print(f"  ({NEGATIVE_NOTE})", file=sys.stderr)  # once: the first epoch below 0
     s.model.eval()
     return Run(out, config, s.model, s.metrics)
 
@@ -313,13 +315,14 @@ def _epoch_metrics(config, model, objective: Objective, prep, epoch, train_secon
                    ) -> list[dict]:
     """Each split's metrics, the evaluation shared among the processes: the numbers one process reports."""
     rows = []
+    # `loss` is always the −ELBO; an objective that differs from it is reported beside it
+    differs = not objective.is_elbo(config.optim.beta) or config.optim.kl_warmup > 0
+    scored = Scored(objective, beta_at(config, float(epoch))) if differs else None
     for split, x in (("train", prep.train_eval), ("test", prep.test)):
         m = elbo_metrics(model, x, max(config.batch_size, 1000), prep.prepare, seed=EVAL_SEED + epoch,
-                         part=(world.rank, world.size), reduce=world.all_sum if world.size > 1 else None)
+                         part=(world.rank, world.size), reduce=world.all_sum if world.size > 1 else None,
+                         scored=scored)
         row = {"epoch": epoch, "split": split, **m, "world_size": world.size}
-        # `loss` is always the −ELBO; an objective that differs from it is reported beside it
-        if not objective.is_elbo(config.optim.beta) or config.optim.kl_warmup > 0:
-            row["objective"] = objective.value(m["rec"], m["kl_per_dim"], beta_at(config, float(epoch)))
         if not prep.normalized:
             row["normalized"] = False
         if split == "train":

@@ -116,7 +116,8 @@ async function main() {
     const name = k => S.kind === "pca" ? `principal axis ${k + 1}` : `z${k + 1}`;
     const vertical = L > 1 ? name(j) : "unused (one latent dimension)";
     $("plane-caption").textContent = `horizontal: ${name(i)}, vertical: ${vertical}; plane coordinates ` +
-      `measured from z = 0; circles at radius 1, 2, 3; grid lines at the 5%, 15%, …, 95% quantiles of N(0, 1); ` +
+      `measured from z = 0; circles hold 68%, 95%, 99.7% of the prior's mass in the plane; grid lines at the 5%, ` +
+      "15%, …, 95% quantiles of N(0, 1); " +
       "the mouse wheel zooms" +
       (L > 2 ? "; the other dimensions are set by the sliders (default: the mean code)" : "");
   }
@@ -160,9 +161,9 @@ async function main() {
     g.strokeStyle = "#444";
     g.fillStyle = "#444";
     g.font = "11px system-ui";
-    for (const r of [1, 2, 3]) {
+    for (const [mass, r] of Object.entries(info.prior_radii)) {  // of the prior's mass in any plane through 0
       g.beginPath(); g.arc(ox, oy, r * px, 0, 2 * Math.PI); g.stroke();
-      g.fillText(`r=${r}`, ox + r * px * Math.SQRT1_2 + 3, oy - r * px * Math.SQRT1_2 - 3);
+      g.fillText(`${mass}%`, ox + r * px * Math.SQRT1_2 + 3, oy - r * px * Math.SQRT1_2 - 3);
     }
     g.setLineDash([]);
   }
@@ -221,6 +222,7 @@ async function main() {
     tile($("fz"), strip, 0);
     $("fz").dataset.z = zText(z);
     showDraws({ z });                 // after f(z): the draws never hold up the decoder mean
+    if (t0 === null) return;          // not a pointer's: nothing to time
     requestAnimationFrame(() => {     // the new image is on screen at the next frame
       const lat = window.vaelabExplorer.latencies;  // every measurement, for scripts and tests
       lat.push(performance.now() - t0);
@@ -240,7 +242,7 @@ async function main() {
     $("draws").dataset.z = zText(z);
     $("draws").dataset.sigma = sigma === null ? "" : sigma;
   });
-  function pointAt(z, t0) {
+  function pointAt(z, t0) {           // t0: the pointer event's time, or null when no pointer moved
     S.pointer = z.map(v => +v.toFixed(5));
     $("z-readout").textContent = "z = (" + S.pointer.map(v => v.toFixed(3)).join(", ") + ")";
     drawOverlay();
@@ -437,6 +439,8 @@ async function main() {
 
   setPlane();
   fillStrip();
+  pointAt(zAt(0, 0), null);           // f at the plane's origin and its draws, before the pointer moves
+  $("z-readout").textContent += " (the plane's origin: move the pointer over the plane)";
   document.body.dataset.ready = "1";
 }
 
