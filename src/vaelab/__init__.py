@@ -8,6 +8,7 @@ Objective subclass made available with register_objective (then `--objective NAM
 
 __version__ = "0.1.0"
 
+from .analysis.factors import factor_scores
 from .api import cache_clear, cache_list, demo, evaluate, explore, info, plot, report, sigma_study
 from .config import DataConfig, ModelConfig, OptimConfig, RuntimeConfig, TrainConfig
 from .models.objective import Batch, Loss, Objective, ObjectiveSettings, register_objective
@@ -31,6 +32,7 @@ __all__ = [
            "demo",
            "evaluate",
            "explore",
+           "factor_scores",
            "info",
            "load_run",
            "plot",

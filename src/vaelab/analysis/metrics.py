@@ -16,6 +16,8 @@ from ..errors import ConfigError, NotNormalizedWarning
 from ..models.likelihoods import make_likelihood
 from ..models.vae import VAE
 from ..training.evaluation import NEGATIVE_NOTE, bits_per_dim, elbo_metrics
+from .anatomy import anatomy_rows, elbo_anatomy
+from .factors import factor_rows, split_scores
 
 # ------------------------------------------------------------------------------ evaluating a saved run
 # The numbers below are functions of arrays (codes, labels, images) so each can be checked on inputs whose
@@ -25,8 +27,10 @@ ACTIVE_THRESHOLD = 0.01  # a latent dimension is active when Var_x[E_q(z|x)[z_d]
 PRIOR_MASS = {"68": 0.68, "95": 0.95, "99.7": 0.997}  # radius_share's keys: the share of N(0, I) within each radius
 DEFAULT_IW_SAMPLES = 100  # K of `vaelab eval`, `report`, `demo` and `sigma-study` alike (see _add_eval_flags)
 KNN_K = 10
-IW_ROWS = 1024  # decoder rows (samples x images) per IWAE step and CPU thread: bounds memory whatever K is,
-# and keeps each step's decoder output in cache, where the elementwise log-density costs little next to the matmuls
+IW_BYTES = 1024 * 784 * 4  # the widest decoder activation of one IWAE step, per CPU thread (64x that on a GPU):
+# bounds memory whatever K is, and keeps each step's activations in cache, where the elementwise work (a conv
+# decoder's GroupNorm and SiLU, the log-density) costs little next to the matmuls. 1024 rows of the 784-400-20 MLP;
+# ~100 of the 32x32x3 conv decoder, whose 32x16x16 maps are 10x wider (benchmarks/eval_speed.py --arch conv)
 
 
 def active_units(codes: Tensor, threshold: float = ACTIVE_THRESHOLD) -> tuple[int, list[float]]:
@@ -112,26 +116,59 @@ def sharpness(images: Tensor) -> float:
     return float(per_channel.mean(1).mean())
 
 
-@torch.no_grad()
+def widest_activation_bytes(decoder: torch.nn.Module, z: Tensor) -> int:
+    """Bytes per row of the decoder's widest output among all its modules, from one pass on the row z (1, L)."""
+    widest = 0
+
+    def hook(_module, _inputs, out) -> None:
+        nonlocal widest
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(t, Tensor):
+                widest = max(widest, t.numel() * t.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in decoder.modules()]
+    try:
+        with torch.no_grad():
+            decoder(z)
+    finally:
+        for h in handles:
+            h.remove()
+    return widest
+
+
+def iwae_sizes(model: VAE, n: int, k: int, batch_size: int, device: torch.device) -> tuple[int, int]:
+    """(images, samples per image) of each IWAE step: about IW_BYTES of the decoder's widest activation per
+    thread, so the step stays in cache for a conv decoder as for an MLP. K = 1 takes whole batches, as
+    elbo_metrics does: the same noise stream, so it draws the very z of the ELBO's estimate."""
+    if k == 1:
+        return max(1, min(batch_size, n)), 1
+    dtype = next(model.parameters()).dtype
+    row = widest_activation_bytes(model.decoder, torch.zeros(1, model.latent_dim, dtype=dtype, device=device))
+    rows = max(16, IW_BYTES * (torch.get_num_threads() if device.type == "cpu" else 64) // row)
+    group = max(1, min(batch_size, n, rows // min(k, 16)))
+    return group, max(1, min(k, rows // group))
+
+
 def iwae_log_px(model: VAE, x: Tensor | StoredImages, k: int, batch_size: int, prepare,
-                progress: bool = False) -> Tensor:
+                progress: bool = False, eps: Tensor | None = None) -> Tensor:
     """Importance-weighted log p(x) with K samples per image, (N,) nats, over a whole split.
 
     model.iwae_bound draws the K samples `chunk` at a time for a group of images and combines them with a
-    running log-sum-exp. Groups and chunks are sized so each step decodes about IW_ROWS rows per thread:
-    large enough for efficient matmuls, small enough that memory stays bounded whatever K is.
+    running log-sum-exp; iwae_sizes sizes groups and chunks by the memory of the decoder's activations.
+    `eps` (K, N, L) is the noise of every draw, drawn here when not given (the numbers then depend on the seed
+    and on the sizes; given, they do not).
     """
     from tqdm.auto import tqdm
 
-    rows = IW_ROWS * (torch.get_num_threads() if x.device.type == "cpu" else 64)
-    group = min(batch_size, max(1, rows // min(k, 16)))  # images per step
-    chunk = max(1, min(k, rows // group))  # samples per image per step
     n = x.shape[0]
+    group, chunk = iwae_sizes(model, n, k, batch_size, x.device)
     out = torch.empty(n, dtype=torch.float64)
-    with tqdm(total=n, desc=f"log p(x), K={k}", unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=n, desc=f"log p(x), K={k}", unit="img", disable=not progress, leave=False) as bar, \
+            torch.inference_mode():
         for start in range(0, n, group):
             xb = prepare(x[start:start + group])
-            out[start:start + xb.shape[0]] = model.iwae_bound(xb, k, chunk).double().cpu()
+            e = None if eps is None else eps[:, start:start + xb.shape[0]]
+            out[start:start + xb.shape[0]] = model.iwae_bound(xb, k, chunk, e).double().cpu()
             bar.update(xb.shape[0])
     return out
 
@@ -143,11 +180,13 @@ def posterior_means(model: VAE, x: Tensor | StoredImages, batch_size: int, prepa
 
 @torch.no_grad()
 def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samples: int = DEFAULT_IW_SAMPLES,
-             batch_size: int = 500, seed: int = 0, progress: bool = False) -> dict:
+             batch_size: int = 500, seed: int = 0, progress: bool = False, factors=None,
+             factor_names=None) -> dict:
     """Every number of `vaelab eval` for the images `x` (stored form; `prepare` maps them to [0, 1]).
 
     elbo and log_px are log-likelihoods (nats per image, higher is better); bits_per_dim is that of the
     −ELBO, as in metrics.jsonl. One seed fixes every sample drawn, without touching the global RNG stream.
+    factors (N, K) with factor_names: the images' known factors of variation, scored as `factor_scores`.
     """
     model.eval()
     m = elbo_metrics(model, x, batch_size, prepare, seed=seed)
@@ -182,7 +221,9 @@ def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samp
         "knn_agreement": knn_agreement(codes, labels) if len(codes) > KNN_K else None,
         "sharpness": dict(zip(("data", "recon", "samples"), sharpness_means, strict=True)),
         "sigma": m.get("sigma") if model.likelihood.additive_gaussian_noise else None,  # the noise's sd
+        **elbo_anatomy(model, x, prepare, batch_size, seed),  # the KL = I(x; z) + KL(q(z) ‖ p(z))
         "n_images": int(x.shape[0]),
+        "factor_scores": split_scores(codes.double().cpu().numpy(), factors, factor_names, seed),
     }
 
 
@@ -233,7 +274,8 @@ def evaluate_run(run, split: str = "test", iw_samples: int = DEFAULT_IW_SAMPLES,
     check_eval_args(split, iw_samples, batch_size, limit)
     device = next(run.model.parameters()).device
     s = split_data(run.config, split, device, limit)
-    numbers = evaluate(run.model, s.x, s.prepare, s.labels, iw_samples, batch_size, seed, progress)
+    numbers = evaluate(run.model, s.x, s.prepare, s.labels, iw_samples, batch_size, seed, progress, s.factors,
+                       s.factor_names)
     out = {"split": split, **numbers}
     out["normalized"] = s.normalized
     return out
@@ -257,6 +299,7 @@ def table_rows(r: dict) -> list[tuple[str, str]]:
         (("−ELBO (loss, lower is better)", f"{f(-r['elbo'])} nats/image{bpd(r['bits_per_dim'])}"), -r["elbo"]),
         (("  reconstruction −log p(x|z)", f"{f(r['rec'])} nats/image"), r["rec"]),
         (("  KL(q(z|x) ‖ p(z))", f"{f(r['kl'])} nats/image"), None),
+        *((row, None) for row in anatomy_rows(r)),
         ((f"−log p(x) ≤ (IWAE, K = {k})", f"{f(-r['log_px'])} nats/image ± {f(r['log_px_stderr'])} s.e. over "
           f"images{bpd(r['bits_per_dim_log_px'])}"), -r["log_px"]),
         ((f"  tighter than −ELBO by (K = {k})", f"{f(r['log_px'] - r['elbo'])} nats/image"), None),
@@ -282,6 +325,7 @@ def table_rows(r: dict) -> list[tuple[str, str]]:
         ("sharpness data / recon / samples", " / ".join(f"{r['sharpness'][name]:.4f}"
                                                          for name in ("data", "recon", "samples"))),
     ]
+    rows += factor_rows(r.get("factor_scores"))
     if r.get("normalized") is False:
         rows.append(("note", "Bernoulli on non-binary pixels is not a normalized density; −ELBO and "
                      "−log p(x) are cross-entropy bounds, not negative log-likelihoods"))

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from ..runs import Run, write_text_atomic
-from . import plots, views
+from . import factors, plots, views
 from .metrics import (
     DEFAULT_IW_SAMPLES,
     active_units,
@@ -105,6 +105,16 @@ def _factors(m: Material, path: Path) -> Path:
                                 axis_names=m.axis_names, level_names=named)
 
 
+def _factor_scores(m: Material, path: Path) -> Path:
+    scores = (m.numbers or {}).get("factor_scores")
+    if scores is None:  # `vaelab plot`: no evaluation at hand, so score the material's codes
+        if m.factors is None or len(m.factors) < factors.EVAL_MIN_ROWS:
+            raise ConfigError(f"the factor scores of {m.run.path} need data with named factors of variation "
+                              f"(shapes, dsprites) and at least {factors.EVAL_MIN_ROWS} test images")
+        scores = factors.factor_scores(m.plane[0], m.factors, names=m.factor_names)
+    return factors.heatmap(scores, path)
+
+
 def _reconstructions(m: Material, path: Path) -> Path:
     return plots.image_rows(views.reconstructions(m.model, m.x[:N_SHOW]), path,
                             "reconstructions: input | f(z) at the posterior mean | f(z) at z ~ q(z|x)")
@@ -162,13 +172,17 @@ FIGURES = {  # name -> (caption, drawing function); the PNG is written as <name>
 
 FACTOR_FIGURES = {  # drawn for data with named factors of variation (shapes, dsprites)
     "factors": ("Latent scatter coloured by each factor of variation", _factors),
+    "factor_scores": ("Codes x factors: mutual information (MIG) and probe weights (DCI)", _factor_scores),
 }
 ALL_FIGURES = {**FIGURES, **FACTOR_FIGURES}
 
 
 def figures_for(material: Material) -> list[str]:
     """The figures of this material's report: FIGURES, and FACTOR_FIGURES where the data has factors."""
-    return [*FIGURES, *(FACTOR_FIGURES if material.factors is not None else ())]
+    if material.factors is None:
+        return [*FIGURES]
+    few = len(material.factors) < factors.EVAL_MIN_ROWS  # too few images to score: no scores, no heat map
+    return [*FIGURES, *(name for name in FACTOR_FIGURES if not (few and name == "factor_scores"))]
 
 
 def check_figure(name: str) -> None:

@@ -157,18 +157,18 @@ class VAE(nn.Module):
         return log_px_z, log_px_z + log_standard_normal(z) - q.log_prob(z)
 
     @torch.no_grad()
-    def iwae_bound(self, x: Tensor, k: int, chunk: int = 100) -> Tensor:
+    def iwae_bound(self, x: Tensor, k: int, chunk: int = 100, eps: Tensor | None = None) -> Tensor:
         """log p(x) ≥ log (1/K) Σ_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x); (B,) nats. K=1 is the ELBO's estimate.
 
-        The K samples are drawn `chunk` at a time and combined with a running log-sum-exp, so memory is
-        bounded by chunk x B decoder outputs whatever K is.
+        The K samples are drawn `chunk` at a time, each chunk decoded as one batch of chunk x B rows, and
+        combined with a running log-sum-exp, so memory is bounded by chunk x B decoder outputs whatever K is.
+        `eps` (K, B, L) is the standard normal noise of the K draws, drawn here (a chunk at a time) when not given.
         """
         q = self.encode(x)
-        total = torch.full((x.shape[0],), -math.inf, device=x.device)
-        done = 0
-        while done < k:
+        total = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+        for done in range(0, k, chunk):
             n = min(chunk, k - done)
-            _, log_w = self.importance_terms(x, q, q.sample(n))  # (n, B)
+            noise = q.noise(n) if eps is None else eps[done:done + n]  # (n, B, L)
+            _, log_w = self.importance_terms(x, q, q.reparameterize(noise))  # (n, B)
             total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
-            done += n
         return total - math.log(k)
