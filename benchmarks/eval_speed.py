@@ -228,11 +228,16 @@ def conv_report(args, model, x, prepare, sizes, wall, cpu) -> dict:
                                         "max_abs": round(d.abs().max().item(), 4)}
         print(f"  bf16 autocast: {med['vaelab'] / med['bf16']:.2f}x vaelab's speed; log p(x) changes by "
               f"{d.mean().item():+.3f} nats/image on average, {d.abs().mean().item():.3f} per image (same noise)")
+    _finish(result)
+    return result
+
+
+def _finish(result: dict, why: str = "") -> None:
+    """A note when other processes shared the machine, then the machine-readable line."""
     if result["load_average"] > result["cpus"]:
         print(f"  note: load average {result['load_average']} on {result['cpus']} CPUs: other processes shared "
-              "the machine")
+              f"the machine{why}")
     print(json.dumps(result))
-    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -321,10 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cpu":
         print(f"  per CPU second (robust to other processes on a shared machine): {achieved_cpu:.1f} vs "
               f"{peak_cpu:.1f} GFLOP/s, ratio {achieved_cpu / peak_cpu:.1%}")
-    if result["load_average"] > result["cpus"]:
-        print(f"  note: load average {result['load_average']} on {result['cpus']} CPUs: other processes shared "
-              "the machine, so the wall-clock ratio understates the code's efficiency")
-    print(json.dumps(result))
+    _finish(result, ", so the wall-clock ratio understates the code's efficiency")
     return result
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import http.client
 import io
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +111,21 @@ def listening_addresses(port: int) -> list[str]:
             if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
                 found.append(host)
     return found
+
+
+def start_explore(*args: str, env: dict[str, str] | None = None, wait: float = 90
+                  ) -> tuple[subprocess.Popen, str, int]:
+    """`vaelab explore ARGS` in its own process: (the process, the URL it serves, its port), once it has printed
+    its address. The caller stops the process."""
+    proc = subprocess.Popen([sys.executable, "-m", "vaelab.cli", "explore", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout=wait)
+    if not lines or " at http://127.0.0.1:" not in lines[0]:
+        proc.kill()
+        proc.wait(timeout=10)
+        raise AssertionError(f"the explorer printed no address: {lines}")
+    url = lines[0].split(" at ")[1].split()[0]
+    return proc, url, int(url.rsplit(":", 1)[1].strip("/"))

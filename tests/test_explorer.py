@@ -9,8 +9,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from explorer_helpers import conv_run, expected_pixels, get, listening_addresses, png_pixels, raw
+from explorer_helpers import conv_run, expected_pixels, get, listening_addresses, png_pixels, raw, start_explore
 from trained_runs import trained_run
 from vaelab import load_run
 from vaelab.cli import main
@@ -384,16 +382,8 @@ def test_cli_reports_a_port_in_use(mlp_run, server, capsys):
 
 def test_cli_stops_on_sigterm_as_on_ctrl_c(mlp_run):
     """`kill` (SIGTERM) ends a served explorer like Ctrl-C: the "stopped" line, exit status 0, the port closed."""
-    proc = subprocess.Popen([sys.executable, "-m", "vaelab.cli", "explore", str(mlp_run), "--no-browser", "--port",
-                             "0", "--codes", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, _, port = start_explore(str(mlp_run), "--no-browser", "--port", "0", "--codes", "200")
     try:
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout=90)
-        assert lines, "the explorer printed no address"
-        assert lines[0].startswith(f"vaelab explore: serving {mlp_run} at http://127.0.0.1:"), lines
-        port = int(lines[0].split(" at ")[1].split()[0].rsplit(":", 1)[1].strip("/"))
         assert get(port, "/api/info")[0] == 200
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)

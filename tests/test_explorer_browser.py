@@ -8,16 +8,14 @@ from __future__ import annotations
 import os
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from explorer_helpers import conv_run, expected_pixels, get, listening_addresses
+from explorer_helpers import conv_run, expected_pixels, get, listening_addresses, start_explore
 from trained_runs import trained_run
 from vaelab import load_run
 from vaelab.explorer import export, start
@@ -393,17 +391,8 @@ def test_cli_serves_the_page_opens_the_browser_and_stops_on_ctrl_c(open_page, ml
     recorder = tmp_path / "browser.py"
     recorder.write_text(f"import sys; open({str(opened)!r}, 'w').write(sys.argv[1])\n")
     env = {**os.environ, "BROWSER": f"{sys.executable} {recorder} %s"}
-    proc = subprocess.Popen([sys.executable, "-m", "vaelab.cli", "explore", str(mlp_run), "--port", "0",
-                             "--codes", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc, url, port = start_explore(str(mlp_run), "--port", "0", "--codes", "500", env=env, wait=60)
     try:
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout=60)
-        assert lines, "the explorer printed no address"
-        assert "http://127.0.0.1:" in lines[0], lines
-        url = lines[0].split(" at ")[1].split()[0]
-        port = int(url.rsplit(":", 1)[1].strip("/"))
         assert get(port, "/api/info")[0] == 200
         assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1 only
         for _ in range(100):

@@ -459,13 +459,19 @@ def test_failed_build_leaves_no_temporary_folder(tmp_path, own_cache):
     assert not own_cache.exists() or not list(own_cache.iterdir())
 
 
-def test_cli_cache_ls_and_clear(tmp_path, own_cache, capsys):
+def _two_cache_entries(tmp_path) -> Path:
+    """A folder of three 4x4 images decoded twice (as stored, and resized to 2x2): two cache entries."""
     d = tmp_path / "myimages"
     d.mkdir()
     for i in range(3):
         Image.new("RGB", (4, 4), (i, 0, 0)).save(d / f"{i}.png")
     load_dataset(str(d))
     load_dataset(str(d), image_size=2)
+    return d
+
+
+def test_cli_cache_ls_and_clear(tmp_path, own_cache, capsys):
+    d = _two_cache_entries(tmp_path)
     code, out, _ = _run(capsys, "cache", "ls")
     assert code == 0
     assert out.count("myimages-") == 2
@@ -489,12 +495,7 @@ def test_cli_cache_ls_and_clear(tmp_path, own_cache, capsys):
 
 def test_cache_listing_and_clear_entries_are_what_the_cli_prints(tmp_path, own_cache, capsys):
     assert cache.listing() == f"0 entries, 0 B in {own_cache}"  # no cache folder yet
-    d = tmp_path / "myimages"
-    d.mkdir()
-    for i in range(3):
-        Image.new("RGB", (4, 4), (i, 0, 0)).save(d / f"{i}.png")
-    load_dataset(str(d))
-    load_dataset(str(d), image_size=2)
+    _two_cache_entries(tmp_path)
     (own_cache / ".tmp-999999999-abandoned").mkdir()  # a build whose process is gone
     listed = list(cache.entries())
     lines = cache.listing().splitlines()

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..data import StoredImages, prepare_data
 from ..errors import ConfigError, NotNormalizedWarning
-from ..models.likelihoods import make_likelihood
+from ..models.likelihoods import LIKELIHOODS
 from ..models.vae import VAE
 from ..training.evaluation import NEGATIVE_NOTE, bits_per_dim, elbo_metrics
 from .anatomy import anatomy_rows, elbo_anatomy
@@ -252,8 +252,7 @@ def split_data(config, split: str, device: torch.device, limit: int | None = Non
     """A run's split as the trainer evaluated it (same data, same binarization), its first `limit` images."""
     with warnings.catch_warnings():  # evaluate_run reports it as "normalized": false instead
         warnings.simplefilter("ignore", NotNormalizedWarning)
-        lik = make_likelihood(config.model.likelihood, config.model.sigma, config.model.mixtures)
-        prep = prepare_data(config, device, binary_only=lik.binary_only)
+        prep = prepare_data(config, device, binary_only=LIKELIHOODS[config.model.likelihood].binary_only)
     x = prep.test if split == "test" else prep.train_eval
     labels = prep.data.test_labels if split == "test" else prep.data.train_labels
     factors = prep.data.test_factors if split == "test" else prep.data.train_factors

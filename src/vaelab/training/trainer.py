@@ -24,7 +24,7 @@ from torch import Tensor
 from ..config import Device, TrainConfig
 from ..data import ImageData, Prepared, prepare_data
 from ..errors import ConfigError, RunError, TrainingError
-from ..models.likelihoods import make_likelihood
+from ..models.likelihoods import LIKELIHOODS
 from ..models.objective import Objective
 from ..models.vae import VAE
 from ..runs import (
@@ -169,8 +169,8 @@ class _State:
 
 def _setup(config: TrainConfig, out: Path, device: torch.device, data: ImageData | None, continuing: bool,
            shuffle: torch.Generator, progress: bool, world: World) -> _State:
-    likelihood = make_likelihood(config.model.likelihood, config.model.sigma, config.model.mixtures)
-    prep = prepare_data(config, device, data, progress=progress, binary_only=likelihood.binary_only)
+    binary_only = LIKELIHOODS[config.model.likelihood].binary_only
+    prep = prepare_data(config, device, data, progress=progress, binary_only=binary_only)
     board = None
     if config.runtime.tensorboard and world.main:  # before anything is written: the package may be missing
         board = TensorBoard(config.runtime.tensorboard, prep.test, prep.prepare, prep.train.shape[0])
