@@ -200,7 +200,7 @@ def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samp
         for i in range(0, len(x), batch_size):
             z = codes[i:i + batch_size]
             images = (prepare(x[i:i + batch_size]), model.decode_mean(z).clamp(0, 1),
-                      model.decode_mean(torch.randn_like(z)).clamp(0, 1))
+                      model.decode_mean(model.sample_prior(len(z))).clamp(0, 1))
             sharp += torch.tensor([sharpness(im) for im in images], dtype=torch.float64) * len(z)
         torch.manual_seed(seed)  # K = 1 then draws the very z that elbo_metrics drew: it is the ELBO estimate
         log_px = iwae_log_px(model, x, iw_samples, batch_size, prepare, progress)

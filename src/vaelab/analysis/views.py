@@ -100,9 +100,9 @@ def stochastic_rows(model: VAE, z: torch.Tensor, n_draws: int = 3) -> list[tuple
 
 @torch.no_grad()
 def prior_samples(model: VAE, n: int = 64, seed: int = 0) -> np.ndarray:
-    """Decoder means f(z) for n draws z ~ N(0, I), (n, C, H, W) in [0, 1]."""
+    """Decoder means f(z) for n draws z ~ p(z), (n, C, H, W) in [0, 1]."""
     model.eval()
-    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))  # (n, L), on the CPU
+    z = model.sample_prior(n, torch.Generator().manual_seed(seed))  # (n, L)
     return _as_numpy(decode_images(model, z))
 
 

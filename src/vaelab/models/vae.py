@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .likelihoods import Likelihood, make_likelihood
 from .nets import make_nets
+from .priors import LOG_2PI, Prior, StandardPrior, log_standard_normal
 
 
 class DiagonalGaussian:
@@ -39,18 +40,14 @@ class DiagonalGaussian:
 
     def kl_per_dim(self) -> Tensor:
         """KL(q || N(0, I)) per latent dimension, (B, L), in nats."""
-        return 0.5 * (self.mean.square() + torch.exp(self.logvar) - 1.0 - self.logvar)
+        return StandardPrior(self.mean.shape[-1]).kl_per_dim(self.mean, self.logvar)
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log q(z|x) summed over L; z is (..., B, L)."""
         return -0.5 * (((z - self.mean).square() * torch.exp(-self.logvar)) + self.logvar + LOG_2PI).sum(-1)
 
 
-LOG_2PI = math.log(2 * math.pi)
-
-
-def log_standard_normal(z: Tensor) -> Tensor:
-    return -0.5 * (z.square() + LOG_2PI).sum(-1)
+__all__ = ["LOG_2PI", "VAE", "DiagonalGaussian", "Terms", "log_standard_normal"]
 
 
 @dataclass
@@ -64,6 +61,9 @@ class Terms:
     sigma: Tensor | None  # σ in use (Gaussian) or b (Laplace), averaged over pixels
     # with K > 1 draws per example: log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x), (K, B)
     log_weights: Tensor | None = None
+    # the posterior and the z it drew, (B, L) (K > 1 draws: (K, B, L)), for objectives that read them
+    q: DiagonalGaussian | None = None
+    z: Tensor | None = None
 
     @property
     def kl(self) -> Tensor:
@@ -81,6 +81,7 @@ class VAE(nn.Module):
         self.shape: tuple[int, int, int] = (int(shape[0]), int(shape[1]), int(shape[2]))
         self.latent_dim = latent_dim
         self.likelihood = likelihood
+        self.prior: Prior = StandardPrior(latent_dim)
         self.encoder, self.decoder = make_nets(arch, self.shape, hidden, latent_dim, likelihood.n_params, blocks)
 
     @classmethod
@@ -136,7 +137,7 @@ class VAE(nn.Module):
             with torch.no_grad():
                 sq_err = (x - self.likelihood.mean(params)).square().flatten(1).sum(1)
                 sigma = self.likelihood.scale(params)
-        return Terms(rec, q.kl_per_dim(), sq_err, sigma)
+        return Terms(rec, q.kl_per_dim(), sq_err, sigma, q=q, z=z)
 
     def forward(self, x: Tensor, eps: Tensor | None = None, samples: int = 1) -> Terms:
         """The terms training differentiates, without diagnostics: `model(x)`, as a wrapper such as
@@ -147,14 +148,19 @@ class VAE(nn.Module):
         q = self.encode(x)
         z = q.reparameterize(q.noise(samples) if eps is None else eps)  # (K, B, L)
         log_px_z, log_w = self.importance_terms(x, q, z)
-        return Terms(-log_px_z.mean(0), q.kl_per_dim(), None, None, log_w)
+        return Terms(-log_px_z.mean(0), q.kl_per_dim(), None, None, log_w, q=q, z=z)
 
     def importance_terms(self, x: Tensor, q: DiagonalGaussian, z: Tensor) -> tuple[Tensor, Tensor]:
         """(log p(x|z_k), log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x)), each (K, B), for z (K, B, L)."""
         k = z.shape[0]
         params = [p.view(k, *x.shape) for p in self.decode(z.reshape(-1, self.latent_dim))]  # (K, B, C, H, W)
         log_px_z = self.likelihood.log_prob(params, x)  # (K, B): x broadcasts, it is never copied K times
-        return log_px_z, log_px_z + log_standard_normal(z) - q.log_prob(z)
+        return log_px_z, log_px_z + self.prior.log_prob(z) - q.log_prob(z)
+
+    @torch.no_grad()
+    def sample_prior(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
+        """n draws z ~ p(z) (scaled by `temperature`), (n, L), on the model's device."""
+        return self.prior.sample(n, generator, temperature).to(next(self.parameters()).device)
 
     @torch.no_grad()
     def iwae_bound(self, x: Tensor, k: int, chunk: int = 100, eps: Tensor | None = None) -> Tensor:

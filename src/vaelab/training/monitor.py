@@ -69,8 +69,8 @@ class TensorBoard:
         model.eval()
         x = self.inputs.to(next(model.parameters()).device)
         recon = model.decode_mean(model.encode(x).mode()).clamp(0, 1)  # (8, C, H, W)
-        z = torch.randn(N_PRIOR, model.latent_dim, generator=torch.Generator().manual_seed(PRIOR_SEED))
-        prior = model.decode_mean(z.to(x.device)).clamp(0, 1)  # (64, C, H, W)
+        z = model.sample_prior(N_PRIOR, torch.Generator().manual_seed(PRIOR_SEED))
+        prior = model.decode_mean(z).clamp(0, 1)  # (64, C, H, W)
         model.train(was_training)
         return grid(torch.cat([x, recon]).cpu(), N_RECON), grid(prior.cpu(), 8)
 
