@@ -12,6 +12,7 @@ from vaelab import load_run
 from vaelab.analysis.anatomy import Mixture, anatomy, anatomy_rows
 from vaelab.analysis.metrics import evaluate_run, table_rows
 from vaelab.cli import main
+from vaelab.models.priors import MixturePrior, StandardPrior
 from vaelab.models.vae import DiagonalGaussian
 
 KEYS = {"mutual_info", "mutual_info_se", "mutual_info_max", "marginal_kl", "marginal_kl_se", "anatomy_kl",
@@ -146,6 +147,35 @@ def test_rows_show_both_parts_and_are_absent_for_numbers_without_them():
     assert anatomy_rows({"kl": 3.0}) == []
 
 
+def test_a_learned_prior_equal_to_every_posterior_gives_no_information_and_no_marginal_kl():
+    """q(z|x_n) = N(μ, σ²) for every image and a one-component mixture prior at the same μ, σ: both parts are 0
+    and the estimated average KL too (log q(z|x) − log p(z) is 0 at every z); a shifted prior is not."""
+    n, dim = 300, 3
+    mu, logvar = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.tensor([-1.0, 0.2, -3.0],
+                                                                                  dtype=torch.float64)
+    prior = MixturePrior(dim, 1).double()
+    with torch.no_grad():
+        prior.means.copy_(mu)
+        prior.logvars.copy_(logvar)
+    r = anatomy(mu.expand(n, dim), logvar.expand(n, dim), draws=2, prior=prior)
+    assert r["mutual_info"] == pytest.approx(0.0, abs=1e-9)
+    assert r["marginal_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert r["anatomy_kl"] == pytest.approx(0.0, abs=1e-9)
+    with torch.no_grad():
+        prior.means.add_(1.0)  # KL(N(μ, σ²) ‖ N(μ + 1, σ²)) = Σ_l 1 / (2σ_l²)
+    shifted = anatomy(mu.expand(n, dim), logvar.expand(n, dim), draws=2, prior=prior)
+    exact = (0.5 * torch.exp(-logvar)).sum().item()
+    assert shifted["marginal_kl"] == pytest.approx(exact, rel=0.05)
+    assert shifted["anatomy_kl"] == pytest.approx(exact, rel=0.05)
+    _assert_identity(shifted)
+
+
+def test_the_standard_prior_given_or_not_gives_the_same_numbers():
+    g = _gen(5)
+    mean, logvar = torch.randn(200, 2, generator=g, dtype=torch.float64), torch.randn(200, 2, generator=g) - 2
+    assert anatomy(mean, logvar.double(), prior=StandardPrior(2)) == anatomy(mean, logvar.double())
+
+
 # ------------------------------------------------------------------------------ a trained run
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, fashion_dir):
@@ -181,3 +211,15 @@ def test_eval_json_and_table_carry_the_parts(run_dir, tmp_path, capsys):
     assert f"{numbers['mutual_info']:.2f} ± {numbers['mutual_info_se']:.2f} s.e. nats/image" in out
     assert f"{numbers['marginal_kl']:.2f} ± {numbers['marginal_kl_se']:.2f} s.e. nats/image" in out
     assert "(≤ log N = 5.70)" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prior", ["mog", "vamp"])
+def test_the_parts_add_up_to_the_estimated_kl_of_a_model_with_a_learned_prior(tmp_path_factory, fashion_dir, prior):
+    run = load_run(trained_run(tmp_path_factory, prior=prior, prior_components=8))
+    r = evaluate_run(run, "test", iw_samples=2, limit=1000)
+    assert r["kl_per_dim"] is None
+    assert r["anatomy_kl"] == pytest.approx(r["kl"], rel=0.05)  # two independent estimates of the same KL
+    _assert_identity(r)
+    assert 0 < r["mutual_info"] <= math.log(1000)
+    assert r["marginal_kl"] > 3 * r["marginal_kl_se"]

@@ -71,12 +71,12 @@ BAD = [  # (arguments, words the one error line must contain)
     (["train", "--dataset", "{tmp}/notes.txt"], "unsupported file type '.txt'"),
     (["train", "--dataset", "{tmp}/nan.npy"], "NaN"),
     (["train", "--resume", "{tmp}/nothing-here"], "no checkpoint.safetensors to resume from"),
-    (["train", "--resume", "{tmp}", "--sigma", "0.5"], "only --epochs and --device may be given"),
+    (["train", "--resume", "{tmp}", "--sigma", "0.5"], "only --epochs, --device and --time-limit may be given"),
     (["info", "{tmp}/nothing-here"], "not a vaelab run directory"),
     (["train", "--device", "cuda", "--limit", "10"], "--device cuda was requested but"),
     (["train", "--threads", "0", "--limit", "10"], "--threads must be an integer >= 1; got 0"),
     (["eval", "{tmp}", "--threads", "-2"], "--threads must be an integer >= 1; got -2"),
-    (["train", "--resume", "{tmp}", "--precision", "bf16"], "only --epochs and --device may be given"),
+    (["train", "--resume", "{tmp}", "--precision", "bf16"], "only --epochs, --device and --time-limit may be given"),
     (["train", "--latent_dim", "2"], "unrecognized arguments: --latent_dim 2; did you mean --latent-dim? "
      "(see vaelab train --help)"),
     (["train", "--latent_dim=2"], "did you mean --latent-dim?"),
@@ -156,7 +156,7 @@ def test_every_command_has_help_for_every_flag(capsys):
     assert "learned-pixel" in out
     text = " ".join(out.split())
     assert "total epochs; with --resume, the new total (default 10)" in text  # defaults come from TrainConfig
-    assert "(default 128 for mlp, 64 for conv)" in text  # per-family defaults are spelled out
+    assert "(default 128 for mlp, 64 for conv, 32 for hierarchical)" in text  # per-family defaults are spelled out
 
 
 @pytest.mark.slow

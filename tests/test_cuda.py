@@ -124,6 +124,7 @@ def _spy_on_graph(monkeypatch) -> list[bool]:
     ("bernoulli", "0.1", {"free_bits": 0.1}),  # the objective's batch statistic, captured
     ("bernoulli", "0.1", {"objective": toy_objective.ReconstructionOnly.name}),  # registered through the public API
     ("bernoulli", "0.1", {"objective": "iwae", "iw_train": 4}),  # K draws of z per image
+    ("bernoulli", "0.1", {"ema": 0.99, "grad_clip": 30.0, "skip_threshold": 2.0}),  # the guards and EMA, captured
 ])
 def test_cuda_graph_replays_equal_eager_steps(tmp_path, fashion, monkeypatch, lik, sigma, extra):
     """The trainer replays full-size steps as a CUDA graph (one eager step, then replays; the short last batch
@@ -157,3 +158,43 @@ def test_a_module_hook_keeps_the_step_out_of_the_graph(tmp_path, fashion, monkey
         handle.remove()
     assert calls == []
     assert len(seen) > 5 * 2  # no graph; the hook ran on every step's forward
+
+
+def test_a_poisoned_replay_of_the_graph_changes_nothing_and_is_counted():
+    """The guard decides on the GPU inside the recorded step: a replay whose loss is non-finite, or whose gradient
+    norm passes the threshold, leaves weights, moments and step count alone and is counted; the next replay
+    trains again. Nothing reads the decision on the host."""
+    from vaelab.training.ema import EMA
+    from vaelab.training.step import Guards
+
+    cfg = TrainConfig(likelihood="gaussian", sigma="0.1", hidden=[64], latent_dim=4)
+    model = VAE.from_config(cfg, (1, 28, 28)).to(CUDA)
+    optimizer = make_optimizer(cfg, model)
+    data = torch.rand(512, 1, 28, 28, device=CUDA)
+    scale = torch.ones((), device=CUDA)  # read by every replay: the poison goes in here
+    ema = EMA(model, 0.9)
+    step = Step(model, optimizer, ELBO(ObjectiveSettings()), local_inputs(lambda idx: data[idx] * scale),
+                guards=Guards(skip_threshold=100.0), ema=ema)  # the threshold is recorded with the graph
+    graphed = cudagraph.CUDAGraphStep(step, 128, 1.0, CUDA)
+    idx = torch.arange(128, device=CUDA)
+    for _ in range(12):  # the usual gradient norm settles over the first updates
+        graphed(idx, 1.0)
+    assert graphed.graph is not None
+    counts = step.guard.take()
+    assert counts["skipped_updates"] == 0
+    assert counts["grad_norm_max"] < 3 * counts["grad_norm_usual"]  # 1e4 x the pixels: a norm far above 100x
+    for poison, counted in ((float("nan"), "nonfinite_steps"), (1e4, "skipped_updates")):
+        before = [p.detach().clone() for p in model.parameters()]
+        moments = [s["exp_avg"].clone() for s in optimizer.state.values()]
+        steps = [s["step"].clone() for s in optimizer.state.values()]
+        scale.fill_(poison)
+        graphed(idx, 1.0)
+        scale.fill_(1.0)
+        torch.cuda.synchronize()
+        assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)), counted
+        assert all(torch.equal(m, s["exp_avg"]) for m, s in zip(moments, optimizer.state.values(), strict=True))
+        assert all(torch.equal(t, s["step"]) for t, s in zip(steps, optimizer.state.values(), strict=True))
+        assert step.guard.take()[counted] == 1
+        assert ema.updates.item() > 0
+        graphed(idx, 1.0)
+        assert not all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))

@@ -115,7 +115,10 @@ def check_matches_one_process(two: Path, one: Path) -> float:
     ({"objective": toy_objective.ReconstructionOnly.name}, (str(TOY_ENTRY),)),
     # K draws of z per image: every process draws the whole batch's noise and keeps its rows
     ({"objective": "iwae", "iw_train": 3}, ("-m", "vaelab")),
-], ids=["registered", "iwae"])
+    # a learned prior that reads the encoder, and DReG's hook on z
+    ({"objective": "iwae", "iw_train": 3, "iw_grad": "dreg", "prior": "vamp", "prior_components": 10},
+     ("-m", "vaelab")),
+], ids=["registered", "iwae", "vamp-dreg"])
 def test_an_objective_trains_two_processes_as_it_trains_one(tmp_path, subset, kw, entry):
     """Objectives run on the data-parallel step unchanged: two processes train the model one process trains."""
     r = subprocess.run(torchrun_cmd(2, *args(subset, tmp_path / "two", **kw), entry=entry),

@@ -61,6 +61,23 @@ def test_info_describes_the_run(server, mlp_run):
         assert 1 - math.exp(-r * r / 2) == pytest.approx(float(label) / 100, abs=1e-4), label
 
 
+@pytest.mark.slow
+def test_a_learned_prior_in_two_dimensions_sends_its_density_instead_of_circles(tmp_path_factory, fashion_dir):
+    run = load_run(trained_run(tmp_path_factory, prior="mog", prior_components=8))  # the run test_anatomy uses
+    info = Explorer(run, n_codes=300).info()
+    assert (info["prior"], info["prior_radii"]) == ("mog", {})
+    assert info["prior_text"] == "a mixture of 8 learned Gaussians"
+    density = info["prior_density"]
+    extent, log_p = density["extent"], np.array(density["log_p"])
+    assert log_p.shape == (96, 96)
+    assert extent >= 4.0
+    cell = 2 * extent / 96
+    for i, j in [(0, 0), (10, 70), (48, 47), (95, 3)]:  # row i at z2 = E − (i + ½)·cell, column j at z1
+        z = torch.tensor([[-extent + (j + 0.5) * cell, extent - (i + 0.5) * cell]])
+        assert log_p[i, j] == pytest.approx(run.model.prior.log_prob(z).item(), abs=1e-3)
+    assert np.exp(log_p).sum() * cell**2 == pytest.approx(1.0, abs=0.05)  # the grid holds the prior's mass
+
+
 def test_decode_is_the_decoder_mean(server):
     model = server.app.ex.model
     z = [[0.3, -1.2], [-2.0, 0.5], [1.5, 1.5]]

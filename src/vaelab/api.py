@@ -1,4 +1,4 @@
-"""The commands of the CLI as library functions: info, evaluate, report, plot, demo, sigma_study, explore,
+"""The commands of the CLI as library functions: info, evaluate, report, plot, sample, demo, sigma_study, explore,
 cache_list and cache_clear (train and resume live in vaelab.training.trainer, load_run in vaelab.runs). Each checks
 its arguments before any slow work and returns data, text or paths; printing is the CLI's job."""
 
@@ -8,12 +8,17 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from . import explorer
+from .analysis.aggregate import check_sample_args, sample_images, write_images
 from .analysis.metrics import DEFAULT_IW_SAMPLES, check_eval_args, evaluate_run, headline
 from .analysis.reporting import Material, check_figure, draw, write_report
 from .analysis.study import StudyConfig, parse_list
 from .analysis.study import sigma_study as run_study
 from .analysis.summary import run_summary
+from .analysis.sweep import SweepConfig
+from .analysis.sweep import sweep as run_sweep
 from .config import TrainConfig, parse_hidden
 from .data import REGISTRY, locate
 from .data import cache as decoded_cache
@@ -52,22 +57,27 @@ def cache_clear(entry: str | None = None) -> str:
 
 def evaluate(path: str | Path, split: str = "test", iw_samples: int = DEFAULT_IW_SAMPLES,
              batch_size: int = 500, limit: int | None = None, json_path: str | Path | None = None,
-             device: str = "auto", progress: bool = True) -> dict:
-    """The numbers of `vaelab eval` for the run in `path`; also written to `json_path` (atomically) if given."""
+             device: str = "auto", progress: bool = True, sample_quality: bool = True) -> dict:
+    """The numbers of `vaelab eval` for the run in `path`; also written to `json_path` (atomically) if given.
+    `sample_quality`: also score prior, aggregate-posterior and reconstructed images against test images
+    (key "sample_quality"; docs/samples.md)."""
     check_eval_args(split, iw_samples, batch_size, limit)  # before the (slow) work, so errors come at once
     _check_out_file(json_path, "--json")
-    numbers = evaluate_run(_load(path, device), split, iw_samples, batch_size, limit, progress=progress)
+    numbers = evaluate_run(_load(path, device), split, iw_samples, batch_size, limit, progress=progress,
+                           sample_quality=sample_quality)
     if json_path is not None:
         write_text_atomic(Path(json_path), json.dumps(numbers, indent=2) + "\n")
     return numbers
 
 
 def report(path: str | Path, out: str | Path | None = None, iw_samples: int = DEFAULT_IW_SAMPLES,
-           batch_size: int = 500, limit: int | None = None, device: str = "auto", progress: bool = True) -> Path:
-    """Write every figure, eval.json and a self-contained report.html into `out` (default: the run folder)."""
+           batch_size: int = 500, limit: int | None = None, device: str = "auto", progress: bool = True,
+           sample_quality: bool = True) -> Path:
+    """Write every figure, eval.json and a self-contained report.html into `out` (default: the run folder);
+    `sample_quality` as for evaluate()."""
     check_eval_args("test", iw_samples, batch_size, limit)
     _check_dir(out)
-    return write_report(_load(path, device), out, iw_samples, batch_size, limit, progress)
+    return write_report(_load(path, device), out, iw_samples, batch_size, limit, progress, sample_quality)
 
 
 def plot(path: str | Path, only: str, out: str | Path | None = None, device: str = "auto") -> Path:
@@ -81,6 +91,22 @@ def plot(path: str | Path, only: str, out: str | Path | None = None, device: str
 def _check_dir(out: str | Path | None) -> None:
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out must be a folder, got the file {out}")
+
+
+def sample(run: str | Path | Run, n: int, source: str = "prior", temperature: float = 1.0, seed: int = 0,
+           out: str | Path | None = None, device: str = "auto") -> np.ndarray:
+    """Decoder means f(z) of n codes z drawn from the prior p(z) (source="prior") or from the aggregate posterior
+    (source="aggregate": a Gaussian mixture fitted to the training codes, cached in the run folder), each draw's
+    spread scaled by `temperature`: (n, C, H, W) float32 in [0, 1], clamped for display. Seeded by `seed` alone.
+    `out`: also write them, as a PNG grid (.png) or the array itself (.npy). See docs/samples.md."""
+    check_sample_args(n, source, temperature, seed)
+    if out is not None and Path(out).suffix.lower() not in (".png", ".npy"):
+        raise ConfigError(f"--out must end in .png (a grid) or .npy (the array); got {out}")
+    _check_out_file(out, "--out")
+    images = sample_images(run if isinstance(run, Run) else _load(run, device), n, source, temperature, seed)
+    if out is not None:
+        write_images(images, Path(out))
+    return images
 
 
 def demo_dataset() -> str:
@@ -135,7 +161,18 @@ def sigma_study(dataset: str = "fashion-mnist", sigmas: str | list[float] = "0.0
                                  **kwargs), progress=progress)
 
 
-__all__ = ["cache_clear", "cache_list", "demo", "evaluate", "explore", "info", "plot", "report", "sigma_study"]
+def sweep(sets, zip: bool = False, out: str = "runs/sweep", iw_samples: int = DEFAULT_IW_SAMPLES,
+          batched: bool = False, sample_quality: bool = False, progress: bool = True, **settings) -> Path:
+    """Train (or reuse) one run per combination of settings and compare them; return the path of index.html.
+    `sets`: {"sigma": ["0.1", "0.3"], "beta": [1, 4]} or ["sigma=0.1,0.3", "beta=1,4"] (as `--set`); `zip`
+    pairs the i-th values instead of taking every combination; `batched` trains runs whose networks have the
+    same shapes together (vaelab.training.ensemble); `sample_quality` also scores each run's samples as `vaelab
+    eval` does; other settings are `vaelab train`'s and apply to every run. See docs/sweep.md."""
+    return run_sweep(SweepConfig(sets, zip, out, iw_samples, batched, sample_quality, **settings), progress=progress)
+
+
+__all__ = ["cache_clear", "cache_list", "demo", "evaluate", "explore", "info", "plot", "report", "sample",
+           "sigma_study", "sweep"]
 
 
 def explore(run: str | Path | Run, port: int = DEFAULT_PORT, host: str = "127.0.0.1", open_browser: bool = True,

@@ -15,7 +15,8 @@ from .analysis.metrics import DEFAULT_IW_SAMPLES, headline, table_rows
 from .analysis.reporting import ALL_FIGURES
 from .analysis.study import TRAIN_DEFAULTS as STUDY_DEFAULTS
 from .analysis.study import TRAIN_SETTINGS as STUDY_SETTINGS
-from .api import cache_clear, cache_list, demo, evaluate, explore, info, plot, report, sigma_study
+from .analysis.sweep import sweepable
+from .api import cache_clear, cache_list, demo, evaluate, explore, info, plot, report, sample, sigma_study, sweep
 from .config import Device, TrainConfig
 from .errors import ConfigError, VaelabError
 from .flags import add_setting_flags, given_settings
@@ -35,10 +36,11 @@ def _add_threads_flag(p) -> None:
 def cmd_train(args) -> int:
     given = given_settings(args)
     if args.resume:
-        extra = sorted(set(given) - {"epochs", "device"})
+        extra = sorted(set(given) - {"epochs", "device", "time_limit"})
         if extra:
-            raise ConfigError(f"--resume continues a run with its saved settings; only --epochs and --device may "
-                              f"be given with it, got {', '.join('--' + k.replace('_', '-') for k in extra)}")
+            given_flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+            raise ConfigError(f"--resume continues a run with its saved settings; only --epochs, --device and "
+                              f"--time-limit may be given with it, got {given_flags}")
         run = resume(args.resume, progress=not args.quiet, **given)
     else:
         run = train(TrainConfig(**given), progress=not args.quiet)
@@ -68,7 +70,7 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     numbers = evaluate(args.run, args.split, args.iw_samples, args.batch_size, args.limit, args.json,
-                       args.device, progress=not args.quiet)
+                       args.device, progress=not args.quiet, sample_quality=not args.no_sample_quality)
     print(format_table(numbers))
     if args.json:
         print(f"wrote {args.json}")
@@ -77,7 +79,7 @@ def cmd_eval(args) -> int:
 
 def cmd_report(args) -> int:
     path = report(args.run, args.out, args.iw_samples, args.batch_size, args.limit, args.device,
-                  progress=not args.quiet)
+                  progress=not args.quiet, sample_quality=not args.no_sample_quality)
     print(headline(json.loads((path.parent / "eval.json").read_text())))
     print(path)
     return 0
@@ -111,12 +113,30 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto", help="default auto")
     _add_threads_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-sample-quality", action="store_true", help="skip the sample-quality score (Fréchet "
+                   "distance, precision, recall of prior, aggregate-posterior and reconstructed images against "
+                   "test images, in the features of a judge network trained once per dataset: the first time "
+                   "about half a minute on a CPU, then a few seconds; docs/samples.md)")
+
+
+def cmd_sample(args) -> int:
+    sample(args.run, args.n, args.source, args.temperature, args.seed, args.out, args.device)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def cmd_sigma_study(args) -> int:
     path = sigma_study(sigmas=args.sigmas, also=args.also, out=args.out, iw_samples=args.iw_samples,
                        mse_threshold=args.mse_threshold, progress=not args.quiet,
                        **given_settings(args, STUDY_SETTINGS))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    names = tuple(sweepable())
+    path = sweep(args.set or [], zip=args.zip, out=args.out, iw_samples=args.iw_samples, batched=args.batched,
+                 sample_quality=args.sample_quality, progress=not args.quiet, **given_settings(args, names))
     print(f"wrote {path}")
     return 0
 
@@ -181,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_train_parser, _info_parser, _demo_parser, _eval_parser, _report_parser, _plot_parser,
-                _study_parser, _cache_parser, _explore_parser):
+                _sample_parser, _study_parser, _sweep_parser, _cache_parser, _explore_parser):
         add(sub)
     return parser
 
@@ -224,7 +244,8 @@ def _eval_parser(sub) -> None:
                        "on −log p(x), KL per latent dimension, active units, the share of codes within the radii "
                        "that hold 68 / 95 / 99.7 % of the prior N(0, I) in the latent dimension, k-NN label "
                        "agreement and sharpness for one split. Negative log-likelihoods in nats per image, lower is "
-                       "better.")
+                       "better. Then the sample quality of prior and aggregate-posterior samples against the test "
+                       "images (docs/samples.md).")
     _add_eval_flags(p)
     p.add_argument("--split", default="test", help="train or test (default test)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to this JSON file")
@@ -239,6 +260,27 @@ def _report_parser(sub) -> None:
     _add_eval_flags(p)
     p.add_argument("--out", help="folder for the PNGs and report.html (default: the run directory)")
     p.set_defaults(func=cmd_report)
+
+
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="draw images from a trained run (prior or aggregate posterior)",
+                       description="Draw n codes z from the prior p(z) or from the aggregate posterior (a Gaussian "
+                       "mixture fitted to the posterior means of the training images, its size chosen from 1, 2, "
+                       "5, 10, 20 by held-out log-likelihood and cached in the run folder as aggregate.safetensors) "
+                       "and write the decoder means f(z), clamped to [0, 1]: a PNG grid (FILE ends in .png) or the "
+                       "float32 array (n, C, H, W) (FILE ends in .npy). See docs/samples.md.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("-n", type=int, default=64, help="images to draw (default 64)")
+    p.add_argument("--from", dest="source", default="prior", metavar="SOURCE",
+                   help="prior (z ~ p(z)) or aggregate (z ~ the mixture fitted to the training codes); default prior")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="scale each draw's spread around its mean (the prior's or the mixture component's) by T "
+                   "(default 1)")
+    p.add_argument("--seed", type=int, default=0, help="the draws depend on this alone (default 0)")
+    p.add_argument("--out", required=True, metavar="FILE", help="a .png (grid) or .npy (array) file to write")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="default auto")
+    _add_threads_flag(p)
+    p.set_defaults(func=cmd_sample)
 
 
 def _plot_parser(sub) -> None:
@@ -273,6 +315,33 @@ def _study_parser(sub) -> None:
     groups = add_setting_flags(p, STUDY_SETTINGS, STUDY_DEFAULTS)
     _add_threads_flag(groups["runtime"])
     p.set_defaults(func=cmd_sigma_study)
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="train one run per combination of settings and compare them",
+                       description="Train one run per combination of the --set values (every other setting as "
+                       "`vaelab train` takes it, shared by every run) under OUT/<settings>, reusing complete runs "
+                       "and resuming shorter ones, then write table.md/csv, figures and index.html: each run's "
+                       "−ELBO, rate (KL) and distortion (rec) on the rate–distortion plane, IWAE log p(x), active "
+                       "units, MSE and sharpness. See docs/sweep.md.")
+    s = p.add_argument_group("sweep")
+    s.add_argument("--set", action="append", metavar="FIELD=V1,V2,...", help="a setting of `vaelab train` (its "
+                   "flag without dashes) and its values, e.g. sigma=0.1,0.3 or latent-dim=2,20 (lists such as "
+                   "--hidden: hidden=400/512,256); repeat for a grid")
+    s.add_argument("--zip", action="store_true", help="pair the i-th values of every --set instead of taking "
+                   "every combination")
+    s.add_argument("--batched", action="store_true", help="train the runs whose networks have the same shapes "
+                   "(σ, β, seed, learning rate, free bits differ) together, one batched step for all; each run "
+                   "is still its own (numbers, checkpoint, RNG streams)")
+    s.add_argument("--iw-samples", type=int, default=DEFAULT_IW_SAMPLES,
+                   help=f"IWAE samples for each run's eval (default {DEFAULT_IW_SAMPLES}, as for eval and report)")
+    s.add_argument("--sample-quality", action="store_true", help="also score each run's samples against test "
+                   "images as `vaelab eval` does (Fréchet distance, precision, recall; docs/samples.md)")
+    s.add_argument("--out", default="runs/sweep", help="sweep folder (default runs/sweep)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    groups = add_setting_flags(p, tuple(sweepable()))
+    _add_threads_flag(groups["runtime"])
+    p.set_defaults(func=cmd_sweep)
 
 
 def _cache_parser(sub) -> None:

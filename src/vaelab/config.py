@@ -22,19 +22,23 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 from .errors import ConfigError
+from .models.factor_objectives import check_model_for, check_own_settings
 from .models.likelihoods import LIKELIHOODS, check_likelihood
 from .models.nets import DEFAULT_BLOCKS, DEFAULT_HIDDEN
 from .models.objective import OBJECTIVES, ObjectiveSettings, make_objective
+from .models.priors import DEFAULT_COMPONENTS, check_prior
 
-DEFAULT_LR = {"mlp": 1e-3, "conv": 5e-4}
-DEFAULT_BATCH = {"mlp": 128, "conv": 64}
+DEFAULT_LR = {"mlp": 1e-3, "conv": 5e-4, "hierarchical": 1e-3}
+DEFAULT_BATCH = {"mlp": 128, "conv": 64, "hierarchical": 32}
 
-Arch = Literal["mlp", "conv"]
+Arch = Literal["mlp", "conv", "hierarchical"]
 Binarize = Literal["none", "dynamic", "static"]
 Device = Literal["auto", "cpu", "cuda"]
 Optimizer = Literal["adam", "sgd"]
 Precision = Literal["fp32", "bf16"]
 Background = Literal["white", "black"]
+PriorName = Literal["standard", "mog", "vamp"]
+IWGrad = Literal["standard", "dreg"]
 
 # keys that config.json files of earlier versions hold and that no longer mean anything
 RETIRED_KEYS = ("handwritten_grads",)
@@ -99,20 +103,31 @@ class DataConfig(Role):
 @dataclass(frozen=True)
 class ModelConfig(Role):
     title = "model"
-    arch: Arch = option("mlp", "encoder/decoder type: mlp (fully connected) or conv (stride-2 convolution "
-                        "stages with residual blocks, sized from the images)")
+    arch: Arch = option("mlp", "encoder/decoder type: mlp (fully connected), conv (stride-2 convolution "
+                        "stages with residual blocks, sized from the images) or hierarchical (a top-down "
+                        "hierarchy of latent groups from 1x1 up to 16x16, VDVAE-style)")
     hidden: list[int] | None = option(None, "mlp: hidden layer widths, e.g. 400 or 512,256 (default 400); conv: "
                                       "channels of the first stride-2 stage, doubled per stage (at most 8x) until "
                                       "the image is about 4x4 (default 32), or one number per stage, e.g. "
                                       "32,64,128")
-    blocks: int | None = option(None, "conv: residual blocks per stage (default 1; 0 for a plain conv net)",
+    blocks: int | None = option(None, "conv: residual blocks per stage (default 1; 0 for a plain conv net); "
+                                "hierarchical: bottleneck blocks per encoder stage and per decoder size above the "
+                                "latents (default 1)",
                                 metavar="N")
-    latent_dim: int = option(20, "dimensions of z")
+    groups: int | None = option(None, "hierarchical: latent groups per resolution (default 1)", metavar="N")
+    latent_dim: int = option(20, "dimensions of z (hierarchical: channels of each latent group, so the 1x1 top "
+                             "group has this many)")
     likelihood: str = option("gaussian", "observation model p(x|z)", choices=lambda: tuple(LIKELIHOODS))
     sigma: str | None = option(None, "the scale: a number (fixed), learned (one shared value, learned), "
                                "learned-pixel (one per pixel from the decoder) or, for gaussian, optimal (σ² = batch "
                                "MSE). Default 0.1 for gaussian and laplace, learned-pixel for the discretized ones")
     mixtures: int = option(1, "discretized-logistic: components of the per-pixel mixture", metavar="K")
+    prior: PriorName = option("standard", "p(z): standard (N(0, I)), mog (a mixture of K learned Gaussians) or vamp "
+                              "(the VampPrior: the encoder's posteriors at K learned pseudo-inputs); the KL of a "
+                              "learned prior is estimated at the sampled z")
+    prior_components: int | None = option(None, "mog and vamp: K, the prior's components (default "
+                                           f"{DEFAULT_COMPONENTS['mog']} for mog, {DEFAULT_COMPONENTS['vamp']} for "
+                                           "vamp)", metavar="K")
     # filled in when training starts, so the model can be rebuilt from config.json alone
     data_shape: list[int] | None = option(None, "", flag=False)
 
@@ -133,15 +148,37 @@ class ModelConfig(Role):
         sigma = LIKELIHOODS[self.likelihood].default_sigma if self.sigma is None else self.sigma
         self._set("sigma", str(sigma))
         check_likelihood(self.likelihood, self.sigma, self.mixtures)
+        self._set("prior_components", check_prior(self.prior, self.prior_components))
+        self._check_hierarchical()
         if self.data_shape is not None:
             self._set("data_shape", [int(v) for v in self.data_shape])
+
+    def _check_hierarchical(self) -> None:
+        """--groups and the meaning of --hidden for --arch hierarchical."""
+        if self.arch != "hierarchical":
+            if self.groups is not None:
+                raise ConfigError(f"--groups applies to --arch hierarchical only; got {self.groups} with --arch "
+                                  f"{self.arch}")
+            return
+        assert self.hidden is not None, "set above"
+        if len(self.hidden) != 1:
+            raise ConfigError("--hidden for --arch hierarchical is one width (the channels of both passes), such as "
+                              f"64; got {','.join(map(str, self.hidden))}")
+        if self.prior != "standard":
+            raise ConfigError(f"--prior {self.prior} applies to --arch mlp and conv; --arch hierarchical has its own "
+                              "prior p(z_i | z_<i) per group")
+        groups = 1 if self.groups is None else self.groups
+        positive_int("groups", groups)
+        self._set("groups", groups)
 
 
 @dataclass(frozen=True)
 class OptimConfig(Role):
     title = "optimisation"
     objective: str = option("elbo", "the training objective: elbo (the negative ELBO, with --beta, --kl-warmup and "
-                            "--free-bits) or iwae (the importance-weighted bound with --iw-train K draws per image)",
+                            "--free-bits), iwae (the importance-weighted bound with --iw-train K draws per image), "
+                            "betatcvae (β-TCVAE, with --tc-weight) or dipvae-i, dipvae-ii (DIP-VAE, with --lambda-od "
+                            "and --lambda-d)",
                             "objective", choices=lambda: tuple(OBJECTIVES))
     beta: float = option(1.0, "weight of the KL term in the training objective", "objective")
     kl_warmup: float = option(0.0, "raise the KL weight linearly from 0 to beta over this many epochs", "objective",
@@ -149,11 +186,30 @@ class OptimConfig(Role):
     free_bits: float = option(0.0, "lower bound on each latent dimension's batch-mean KL in the objective (nats)",
                               "objective", metavar="NATS")
     iw_train: int = option(1, "iwae: draws of z per image in the training objective", "objective", metavar="K")
+    iw_grad: IWGrad = option("standard", "iwae: the gradient estimator: standard (the bound's own gradient) or dreg "
+                             "(doubly reparameterized, Tucker et al. 2019: the same expected gradient, lower variance "
+                             "for the encoder at large K)", "objective")
+    tc_weight: float | None = option(None, "betatcvae: weight of the total correlation between the code dimensions "
+                                     "(default 6; 1 gives the ELBO)", "objective", metavar="BETA")
+    lambda_od: float | None = option(None, "dipvae-i and dipvae-ii: weight of the off-diagonal covariance penalty "
+                                     "(default 10)", "objective", metavar="LAMBDA")
+    lambda_d: float | None = option(None, "dipvae-i and dipvae-ii: weight of the diagonal penalty, (C_ii - 1)² "
+                                    "(default 10 x --lambda-od for dipvae-i, --lambda-od for dipvae-ii)", "objective",
+                                    metavar="LAMBDA")
     optimizer: Optimizer = option("adam", "the optimizer")
-    lr: float | None = option(None, "learning rate (default 1e-3 for mlp, 5e-4 for conv)")
-    batch_size: int | None = option(None, "images per training step (default 128 for mlp, 64 for conv)")
+    lr: float | None = option(None, "learning rate (default 1e-3 for mlp and hierarchical, 5e-4 for conv)")
+    batch_size: int | None = option(None, "images per training step (default 128 for mlp, 64 for conv, 32 for "
+                                           "hierarchical)")
     epochs: int = option(10, "total epochs; with --resume, the new total")
     seed: int = option(0, "seeds initialisation, shuffling and sampling")
+    skip_threshold: float = option(0.0, "skip (and count) every update whose gradient norm is more than this many "
+                                   "times the usual one (the running geometric mean of the last ~50 updates' "
+                                   "norms), as VDVAE skips its rare huge gradients; 0: never. Steps with a "
+                                   "non-finite loss or gradient are always skipped", "guards", metavar="K")
+    grad_clip: float = option(0.0, "rescale each step's gradient to at most this total norm; 0: never", "guards",
+                              metavar="NORM")
+    ema: float = option(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999) and "
+                        "evaluate, sample and save it; 0: off", "guards", metavar="DECAY")
 
     def __post_init__(self) -> None:
         self._check_choices()
@@ -166,11 +222,23 @@ class OptimConfig(Role):
         positive_float("kl_warmup", self.kl_warmup, allow_zero=True)
         positive_float("free_bits", self.free_bits, allow_zero=True)
         positive_int("iw_train", self.iw_train)
+        positive_float("skip_threshold", self.skip_threshold, allow_zero=True)
+        positive_float("grad_clip", self.grad_clip, allow_zero=True)
+        if not (isinstance(self.ema, int | float) and 0 <= self.ema < 1):
+            raise ConfigError(f"--ema is the decay of the weights' moving average, in [0, 1) (0: off); got "
+                              f"{self.ema!r}")
+        if self.iw_grad != "standard" and self.objective != "iwae":
+            raise ConfigError(f"--iw-grad {self.iw_grad} applies to --objective iwae; got --objective {self.objective}")
+        for name in ("tc_weight", "lambda_od", "lambda_d"):
+            if getattr(self, name) is not None:
+                positive_float(name, getattr(self, name), allow_zero=True)
+        check_own_settings(self.objective, self.objective_settings())
         make_objective(self.objective, self.objective_settings())  # each objective checks the settings it reads
 
     def objective_settings(self) -> ObjectiveSettings:
         return ObjectiveSettings(beta=self.beta, kl_warmup=self.kl_warmup, free_bits=self.free_bits,
-                                 iw_train=self.iw_train)
+                                 iw_train=self.iw_train, iw_grad=self.iw_grad, tc_weight=self.tc_weight,
+                                 lambda_od=self.lambda_od, lambda_d=self.lambda_d)
 
 
 @dataclass(frozen=True)
@@ -188,9 +256,14 @@ class RuntimeConfig(Role):
     tensorboard: str | None = option(None, "also write each epoch's numbers and image grids (reconstructions, prior "
                                      "samples) to this folder, for `tensorboard --logdir DIR` (needs pip install "
                                      "'vaelab[tensorboard]')", "run directory", metavar="DIR")
+    time_limit: float | None = option(None, "stop training after this many minutes (at a step boundary, leaving "
+                                      "time for the last evaluation), then checkpoint and evaluate as after an epoch; "
+                                      "with --resume, the limit of the continued run", metavar="MINUTES")
 
     def __post_init__(self) -> None:
         self._check_choices()
+        if self.time_limit is not None:
+            positive_float("time_limit", self.time_limit)
 
 
 ROLES: dict[str, type[Role]] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
@@ -227,6 +300,13 @@ class TrainConfig:
             part = dataclasses.replace(typing.cast(Any, base), **by_role[role]) if base is not None \
                 else cls(**by_role[role])
             object.__setattr__(self, role, part)
+        if self.model.prior != "standard" and self.optim.free_bits > 0:
+            raise ConfigError(f"--free-bits bounds a per-dimension KL, which --prior {self.model.prior} does not have "
+                              "(its KL is estimated per image); use --prior standard or leave out --free-bits")
+        if self.optim.iw_grad == "dreg" and self.model.arch == "hierarchical":
+            raise ConfigError("--iw-grad dreg applies to --arch mlp and conv: a hierarchical posterior's groups depend "
+                              "on the draws above them; use --iw-grad standard")
+        check_model_for(self.optim.objective, self.model.arch, self.model.prior)
         arch = self.model.arch
         if self.optim.lr is None or self.optim.batch_size is None:
             # conv nets train with smaller steps: at 1e-3 and batch 128 a default conv run on `shapes` can fall

@@ -59,9 +59,13 @@ def save_weights(model: VAE, path: Path) -> None:
 
 
 def save_checkpoint(path: Path, model: VAE, optimizer: torch.optim.Optimizer, meta: dict,
-                    rng: dict[str, torch.Tensor]) -> None:
-    """Weights, optimizer state, RNG states and progress (epoch, step) in one safetensors file."""
+                    rng: dict[str, torch.Tensor], extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Weights (as trained: not the moving average), optimizer state, RNG states and progress (epoch, step) in one
+    safetensors file; `extra` adds named groups of tensors (the weights' moving average, the guard's counts), each
+    stored under its name as a prefix and returned by load_checkpoint."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for group, part in (extra or {}).items():
+        tensors.update({f"{group}.{k}": v for k, v in part.items()})
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
@@ -71,8 +75,10 @@ def save_checkpoint(path: Path, model: VAE, optimizer: torch.optim.Optimizer, me
     atomic_write(path, lambda tmp: save_file(_contiguous(tensors), tmp, metadata=metadata))
 
 
-def load_checkpoint(path: Path, model: VAE, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Restore model and optimizer in place; return (meta, rng tensors)."""
+def load_checkpoint(path: Path, model: VAE, optimizer: torch.optim.Optimizer,
+                    extra: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Restore model and optimizer in place; return (meta, rng tensors). The groups named in `extra` come back in
+    meta["extra"] (group -> {name: tensor}; a group the checkpoint lacks is absent)."""
     try:
         tensors = load_file(path)
         with safe_open(path, "pt") as fh:
@@ -98,7 +104,10 @@ def load_checkpoint(path: Path, model: VAE, optimizer: torch.optim.Optimizer) ->
                 state.setdefault(int(idx), {})[key] = v.to(device, copy=True)
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
     rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
-    return json.loads(metadata["meta"]), rng
+    meta = json.loads(metadata["meta"])
+    meta["extra"] = {g: {k[len(g) + 1:]: v.to(device, copy=True) for k, v in tensors.items() if k.startswith(g + ".")}
+                     for g in extra if any(k.startswith(g + ".") for k in tensors)}
+    return meta, rng
 
 
 def checkpoint_epoch(path: Path) -> int:

@@ -2,13 +2,16 @@
 images is I(x; z) + KL(q(z) ‖ p(z)).
 
 I(x; z) is the information the code carries about which image it came from (at most log N); the marginal KL
-is the gap between the aggregate posterior q(z) = (1/N) Σ_n q(z|x_n) and the prior N(0, I).
+is the gap between the aggregate posterior q(z) = (1/N) Σ_n q(z|x_n) and the prior p(z) (the model's: N(0, I)
+or a learned one, whose log-density it reads).
 
 Estimator: M draws z ~ q(z|x_i) for each image i; log q(z) = logsumexp_n log q(z|x_n) − log N, exact against
 all N posteriors (a matrix product in float64, in blocks of bounded size, with the entries its rounding could
 spoil recomputed term by term); then
     marginal KL = mean[log q(z) − log p(z)],    I = mean[log q(z|x_i) − log q(z)].
-Their sum is a Monte-Carlo estimate of the average KL, whose closed form is known: the identity check.
+Their sum is a Monte-Carlo estimate of the average KL, whose closed form is known for N(0, I): the identity
+check. A learned prior has no closed form: the average KL it is checked against is then itself estimated, with
+KL_DRAWS draws per image independent of the M above.
 q(z) is the empirical aggregate posterior of these N images, not that of the data distribution: I ≤ log N
 holds for every draw, and a small split caps I well below what the encoder could carry. Standard errors are
 over images, as for log p(x). The work is M·N²·L: for the 10,000 test images of Fashion-MNIST at L = 20, M = 1,
@@ -23,9 +26,11 @@ import torch
 from torch import Tensor
 
 from ..data import StoredImages
-from ..models.vae import LOG_2PI, VAE, DiagonalGaussian, log_standard_normal
+from ..models.priors import Prior, StandardPrior
+from ..models.vae import LOG_2PI, VAE, DiagonalGaussian
 
 ANATOMY_DRAWS = 1  # M: z's drawn from q(z|x_i) per image
+KL_DRAWS = 10  # a learned prior: z's per image of the independent estimate of the average KL
 ANATOMY_MAX_IMAGES = 10_000  # a larger split's mixture is a random subset of this many images (N² work)
 BLOCK_ELEMENTS = 1 << 21  # entries of one (queries x components) block of log q(z|x_n): 16 MiB in float64
 FLOOR = -200.0  # log q(z|x_n) − max_n log q(z|x_n) below this counts as this
@@ -102,19 +107,43 @@ def _mean_and_se(terms: Tensor) -> tuple[float, float | None]:
     return per_image.mean().item(), (per_image.std().item() / math.sqrt(n) if n > 1 else None)
 
 
+def _prior_log_prob(prior: Prior, z: Tensor, block_elements: int) -> Tensor:
+    """log p(z) for z (Q, L), in z's precision, a block of rows at a time (a mixture prior makes (rows, K, L))."""
+    size = sum(p.numel() for p in prior.parameters()) // max(1, z.shape[1]) + 1  # about K for a mixture
+    block = max(1, block_elements // (size * z.shape[1]))
+    return torch.cat([prior.log_prob(z[i:i + block]) for i in range(0, len(z), block)])
+
+
+def _average_kl(mean: Tensor, logvar: Tensor, prior: Prior, g: torch.Generator, block_elements: int) -> Tensor:
+    """KL(q(z|x_i) ‖ p(z)) per image, (N,): the closed form where the prior has one, else the mean over KL_DRAWS
+    fresh draws z ~ q(z|x_i) of log q(z|x_i) − log p(z)."""
+    if prior.closed_form_kl:
+        kl_per_dim = prior.kl_per_dim(mean, logvar)
+        assert kl_per_dim is not None
+        return kl_per_dim.sum(1)
+    eps = torch.randn(KL_DRAWS, *mean.shape, generator=g, dtype=torch.float64).to(mean.device)  # (D, N, L)
+    z = mean + torch.exp(0.5 * logvar) * eps
+    log_p = _prior_log_prob(prior, z.view(-1, mean.shape[1]), block_elements).view(KL_DRAWS, -1)
+    return (DiagonalGaussian(mean, logvar).log_prob(z) - log_p).mean(0)
+
+
 @torch.no_grad()
 def anatomy(mean: Tensor, logvar: Tensor, draws: int = ANATOMY_DRAWS, seed: int = 0,
-            max_images: int = ANATOMY_MAX_IMAGES, block_elements: int = BLOCK_ELEMENTS) -> dict:
-    """I(x; z), KL(q(z) ‖ p(z)) and the identity check for posteriors N(mean, exp(logvar)), each (N, L).
+            max_images: int = ANATOMY_MAX_IMAGES, block_elements: int = BLOCK_ELEMENTS,
+            prior: Prior | None = None) -> dict:
+    """I(x; z), KL(q(z) ‖ p(z)) and the identity check for posteriors N(mean, exp(logvar)), each (N, L), and the
+    prior p(z) (N(0, I) when None).
 
     The draws come from a generator of their own (`seed`, on the CPU, so every device draws the same z): the
     caller's random stream is untouched. Above `max_images` the images are a random subset of that size.
     Returns nats per image: mutual_info, marginal_kl, each with its standard error (`_se`), mutual_info_max
-    (log N), anatomy_kl (the closed-form average KL of the images used), kl_identity_gap (I + marginal KL −
-    anatomy_kl, which is 0 up to Monte-Carlo noise) with its standard error, anatomy_images and anatomy_draws.
+    (log N), anatomy_kl (the average KL of the images used: closed form, or estimated), kl_identity_gap (I +
+    marginal KL − anatomy_kl, which is 0 up to Monte-Carlo noise) with its standard error, anatomy_images and
+    anatomy_draws.
     """
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws!r}")
+    prior = StandardPrior(mean.shape[1]) if prior is None else prior
     g = torch.Generator().manual_seed(seed)
     if len(mean) > max_images:
         keep = torch.randperm(len(mean), generator=g)[:max_images].sort().values.to(mean.device)
@@ -125,12 +154,12 @@ def anatomy(mean: Tensor, logvar: Tensor, draws: int = ANATOMY_DRAWS, seed: int 
     z = (mean + torch.exp(0.5 * logvar) * eps).reshape(-1, dim)  # (M·N, L): draw j of image i at row j·N + i
     own = DiagonalGaussian(mean, logvar).log_prob(z.view(draws, n, dim)).view(-1)  # (M·N,) log q(z|x_i)
     aggregate = Mixture(mean, logvar).log_prob(z, block_elements)  # (M·N,) log q(z)
-    prior = log_standard_normal(z)  # (M·N,)
+    log_prior = _prior_log_prob(prior, z, block_elements)  # (M·N,)
     shape = (draws, n)
     mi, mi_se = _mean_and_se((own - aggregate).view(shape))
-    mkl, mkl_se = _mean_and_se((aggregate - prior).view(shape))
-    kl = (0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)).sum(1)  # (N,) closed form
-    gap, gap_se = _mean_and_se((own - prior).view(shape) - kl)
+    mkl, mkl_se = _mean_and_se((aggregate - log_prior).view(shape))
+    kl = _average_kl(mean, logvar, prior, g, block_elements)  # (N,)
+    gap, gap_se = _mean_and_se((own - log_prior).view(shape) - kl)
     return {"mutual_info": mi, "mutual_info_se": mi_se, "mutual_info_max": math.log(n),
             "marginal_kl": mkl, "marginal_kl_se": mkl_se, "anatomy_kl": kl.mean().item(),
             "kl_identity_gap": gap, "kl_identity_gap_se": gap_se, "anatomy_images": n, "anatomy_draws": draws}
@@ -142,7 +171,7 @@ def elbo_anatomy(model: VAE, x: Tensor | StoredImages, prepare, batch_size: int 
     """anatomy() of the model's posteriors on the images `x` (stored form; `prepare` maps them to [0, 1])."""
     model.eval()
     mean, logvar = posteriors(model, x, batch_size, prepare)
-    return anatomy(mean, logvar, draws, seed, max_images)
+    return anatomy(mean, logvar, draws, seed, max_images, prior=model.prior)
 
 
 def anatomy_rows(r: dict) -> list[tuple[str, str]]:

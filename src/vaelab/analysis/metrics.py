@@ -18,6 +18,8 @@ from ..models.vae import VAE
 from ..training.evaluation import NEGATIVE_NOTE, bits_per_dim, elbo_metrics
 from .anatomy import anatomy_rows, elbo_anatomy
 from .factors import factor_rows, split_scores
+from .quality import N_SCORE, quality_rows
+from .quality import sample_quality as run_sample_quality
 
 # ------------------------------------------------------------------------------ evaluating a saved run
 # The numbers below are functions of arrays (codes, labels, images) so each can be checked on inputs whose
@@ -179,6 +181,20 @@ def posterior_means(model: VAE, x: Tensor | StoredImages, batch_size: int, prepa
 
 
 @torch.no_grad()
+def unit_means(model, x: Tensor | StoredImages, batch_size: int, prepare) -> Tensor:
+    """A hierarchical model's posterior means of every latent unit, (N, L) (model.unit_means)."""
+    return torch.cat([model.unit_means(prepare(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+
+
+def group_numbers(model, m: dict, variance: list[float]) -> dict:
+    """A hierarchical model's KL and active units per latent group, top first, with the groups' names."""
+    var = torch.tensor(variance, dtype=torch.float64)
+    active = [int((v > ACTIVE_THRESHOLD).sum()) for v in var.split(model.group_sizes)]
+    return {"group_names": model.group_names(), "group_sizes": model.group_sizes, "code_dim": model.code_dim,
+            "kl_per_group": m.get("kl_per_group"), "active_units_per_group": active}
+
+
+@torch.no_grad()
 def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samples: int = DEFAULT_IW_SAMPLES,
              batch_size: int = 500, seed: int = 0, progress: bool = False, factors=None,
              factor_names=None) -> dict:
@@ -205,8 +221,9 @@ def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samp
         torch.manual_seed(seed)  # K = 1 then draws the very z that elbo_metrics drew: it is the ELBO estimate
         log_px = iwae_log_px(model, x, iw_samples, batch_size, prepare, progress)
     sharpness_means = (sharp / len(x)).tolist()
-    count, var = active_units(codes)
-    radii = prior_radii(model.latent_dim)
+    hierarchical = hasattr(model, "unit_means")  # codes: the top group; active units: every unit, as kl_per_dim
+    count, var = active_units(unit_means(model, x, batch_size, prepare) if hierarchical else codes)
+    radii = prior_radii(codes.shape[1])
     d = model.n_pixels
     lp = log_px.mean().item()
     return {
@@ -221,7 +238,9 @@ def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samp
         "knn_agreement": knn_agreement(codes, labels) if len(codes) > KNN_K else None,
         "sharpness": dict(zip(("data", "recon", "samples"), sharpness_means, strict=True)),
         "sigma": m.get("sigma") if model.likelihood.additive_gaussian_noise else None,  # the noise's sd
-        **elbo_anatomy(model, x, prepare, batch_size, seed),  # the KL = I(x; z) + KL(q(z) ‖ p(z))
+        # the KL = I(x; z) + KL(q(z) ‖ p(z)); for one latent group (a hierarchy's KL has a term per group)
+        **(elbo_anatomy(model, x, prepare, batch_size, seed) if not hierarchical else {}),
+        **(group_numbers(model, m, var) if hierarchical else {}),
         "n_images": int(x.shape[0]),
         "factor_scores": split_scores(codes.double().cpu().numpy(), factors, factor_names, seed),
     }
@@ -268,8 +287,11 @@ def split_data(config, split: str, device: torch.device, limit: int | None = Non
 
 
 def evaluate_run(run, split: str = "test", iw_samples: int = DEFAULT_IW_SAMPLES, batch_size: int = 500,
-                 limit: int | None = None, seed: int = 0, progress: bool = False) -> dict:
-    """evaluate() on a run's `split` (its first `limit` images), loaded as the trainer loaded it."""
+                 limit: int | None = None, seed: int = 0, progress: bool = False,
+                 sample_quality: bool = False) -> dict:
+    """evaluate() on a run's `split` (its first `limit` images), loaded as the trainer loaded it; with
+    `sample_quality`, also the sample-quality scores (vaelab.analysis.quality) against the first `limit` (at
+    most 2000) test images, whatever the split."""
     check_eval_args(split, iw_samples, batch_size, limit)
     device = next(run.model.parameters()).device
     s = split_data(run.config, split, device, limit)
@@ -277,6 +299,8 @@ def evaluate_run(run, split: str = "test", iw_samples: int = DEFAULT_IW_SAMPLES,
                        s.factor_names)
     out = {"split": split, **numbers}
     out["normalized"] = s.normalized
+    if sample_quality:
+        out["sample_quality"] = run_sample_quality(run, min(N_SCORE, limit or N_SCORE), seed, progress=progress)
     return out
 
 
@@ -293,7 +317,7 @@ def table_rows(r: dict) -> list[tuple[str, str]]:
     def bpd(v):
         return "" if v is None else f"  = {v:.4f} bits/dim"
 
-    k, dim = r["iw_samples"], len(r["kl_per_dim"])
+    k, dim = r["iw_samples"], len(r["kl_per_dim"] if r["kl_per_dim"] is not None else r["posterior_mean_variance"])
     nll = [  # (row, value): the rows that are negative log-likelihoods
         (("−ELBO (loss, lower is better)", f"{f(-r['elbo'])} nats/image{bpd(r['bits_per_dim'])}"), -r["elbo"]),
         (("  reconstruction −log p(x|z)", f"{f(r['rec'])} nats/image"), r["rec"]),
@@ -314,21 +338,36 @@ def table_rows(r: dict) -> list[tuple[str, str]]:
     rows += [
         ("MSE per pixel of f(z)", f(r["mse"], ".5f")),
         ("σ in use", f(r["sigma"], ".4g")),
-        ("KL per latent dim", " ".join(f"{v:.2f}" for v in r["kl_per_dim"])),
-        ("active units (Var > 0.01)", f"{r['active_units']} of {dim}"),
+        *_kl_rows(r, dim),
         ("codes within r68 / r95 / r99.7", " / ".join(f"{shares[p]:.1%}" for p in PRIOR_MASS)),
         ("  (the radii)", f"{' / '.join(f'{radii[p]:.2f}' for p in PRIOR_MASS)} hold 68 / 95 / 99.7 % of the "
-         f"prior N(0, I) in {dim} dimensions, so codes spread like the prior give about those shares"),
+         f"prior N(0, I) in {r.get('code_dim', dim)} dimensions, so codes spread like the prior give about those "
+         "shares"),
         (f"{KNN_K}-NN label agreement", "n/a (needs labels and > 10 images)" if r["knn_agreement"] is None
          else f"{r['knn_agreement']:.1%}"),
         ("sharpness data / recon / samples", " / ".join(f"{r['sharpness'][name]:.4f}"
                                                          for name in ("data", "recon", "samples"))),
     ]
     rows += factor_rows(r.get("factor_scores"))
+    rows += quality_rows(r)
     if r.get("normalized") is False:
         rows.append(("note", "Bernoulli on non-binary pixels is not a normalized density; −ELBO and "
                      "−log p(x) are cross-entropy bounds, not negative log-likelihoods"))
     return rows
+
+
+def _kl_rows(r: dict, dim: int) -> list[tuple[str, str]]:
+    """The KL per latent dimension and the active units (per group, top first, for a hierarchical model)."""
+    if r.get("kl_per_group") is not None:
+        names = r["group_names"]
+        return [("KL per latent group (top first)",
+                 " | ".join(f"{n}: {v:.2f}" for n, v in zip(names, r["kl_per_group"], strict=True))),
+                ("active units (Var > 0.01)", f"{r['active_units']} of {dim}: " + " | ".join(
+                    f"{n}: {a} of {size}" for n, a, size in zip(names, r["active_units_per_group"],
+                                                                r["group_sizes"], strict=True)))]
+    return [("KL per latent dim", "n/a (the prior has no per-dimension KL; the KL above is estimated at z ~ q(z|x))"
+             if r["kl_per_dim"] is None else " ".join(f"{v:.2f}" for v in r["kl_per_dim"])),
+            ("active units (Var > 0.01)", f"{r['active_units']} of {dim}")]
 
 
 def headline(r: dict) -> str:

@@ -192,7 +192,7 @@ def training_curves(metrics: list[dict], path: Path, title: str = "") -> Path:
 
 
 def kl_per_dim(kl: list[float], path: Path, variance: list[float] | None = None, threshold: float = 0.01,
-               title: str = "") -> Path:
+               title: str = "", xlabel: str = "latent dimension") -> Path:
     """A bar per latent dimension: its KL in nats; inactive dimensions (variance ≤ threshold) in grey."""
     values = np.asarray(kl, dtype=float)
     colors = ["C0"] * len(values)
@@ -202,7 +202,7 @@ def kl_per_dim(kl: list[float], path: Path, variance: list[float] | None = None,
     ax = fig.add_subplot(111)
     ax.bar(np.arange(1, len(values) + 1), values, color=colors)
     ax.set_xticks(np.arange(1, len(values) + 1))
-    ax.set_xlabel("latent dimension")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("KL (nats/image)")
     ax.set_title(title or f"KL per latent dimension (total {values.sum():.2f} nats)"
                  + ("; grey: inactive" if variance is not None else ""))

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from ..runs import Run, write_text_atomic
-from . import factors, plots, views
+from . import aggregate, factors, plots, views
 from .metrics import (
     DEFAULT_IW_SAMPLES,
     active_units,
@@ -65,7 +65,7 @@ class Material:
             return ("z₁", "z₂")
         return ("principal axis 1 of the posterior means", "principal axis 2")
 
-    def kl_and_variance(self) -> tuple[list[float], list[float]]:
+    def kl_and_variance(self) -> tuple[list[float] | None, list[float]]:
         if self.numbers is not None:
             return self.numbers["kl_per_dim"], self.numbers["posterior_mean_variance"]
         m = elbo_metrics(self.model, self.x, 500, lambda t: t)
@@ -84,7 +84,7 @@ def _manifold(m: Material, path: Path) -> Path:
 
 def _scatter(m: Material, path: Path) -> Path:
     codes, _, axes = m.plane
-    dim = m.model.latent_dim
+    dim = codes.shape[1]  # a hierarchical model's codes are its top group's
     radii = prior_radii(dim)  # {"68": r, ...}: the radii of `vaelab eval`'s radius shares
     circles = [(r, f"{p} %: r={r:.2f}") for p, r in radii.items()]
     title = (f"posterior means of the test images; circles hold 68 / 95 / 99.7 % of N(0, I) in {dim}-D"
@@ -105,14 +105,29 @@ def _factors(m: Material, path: Path) -> Path:
                                 axis_names=m.axis_names, level_names=named)
 
 
-def _factor_scores(m: Material, path: Path) -> Path:
+def _scores_of(m: Material) -> dict:
     scores = (m.numbers or {}).get("factor_scores")
     if scores is None:  # `vaelab plot`: no evaluation at hand, so score the material's codes
         if m.factors is None or len(m.factors) < factors.EVAL_MIN_ROWS:
             raise ConfigError(f"the factor scores of {m.run.path} need data with named factors of variation "
                               f"(shapes, dsprites) and at least {factors.EVAL_MIN_ROWS} test images")
         scores = factors.factor_scores(m.plane[0], m.factors, names=m.factor_names)
-    return factors.heatmap(scores, path)
+    return scores
+
+
+def _factor_scores(m: Material, path: Path) -> Path:
+    return factors.heatmap(_scores_of(m), path)
+
+
+def _factor_traversals(m: Material, path: Path) -> Path:
+    """One row per factor: the code dimension with the most mutual information with it (MIG's matrix, the
+    factor's `best_dim`) traversed, labelled "shape (z3)"."""
+    per_factor = _scores_of(m)["per_factor"]
+    dims = [p["best_dim"] for p in per_factor.values()]
+    rows = [(f"{name} (z{d + 1})", images)
+            for name, d, (_, images) in zip(per_factor, dims, views.traversals(m.model, dims), strict=True)]
+    return plots.image_rows(rows, path, "per factor: the code dimension that shares most information with it "
+                            "(MI / H), at Gaussian quantiles, the others at 0")
 
 
 def _reconstructions(m: Material, path: Path) -> Path:
@@ -132,7 +147,15 @@ def _stochastic(m: Material, path: Path) -> Path:
 
 
 def _samples(m: Material, path: Path) -> Path:
-    return plots.image_grid(views.prior_samples(m.model, 64), path, 8, "prior samples: f(z), z ~ N(0, I)")
+    return plots.image_grid(views.prior_samples(m.model, 64), path, 8,
+                            f"prior samples: f(z), z ~ p(z) = {m.model.prior.describe()}")
+
+
+def _prior_vs_aggregate(m: Material, path: Path) -> Path:
+    grid = np.arange(8)
+    panels = [(title, aggregate.sample_images(m.run, 64, source), grid, grid) for source, title in
+              (("prior", "f(z), z ~ p(z)"), ("aggregate", "f(z), z ~ mixture fitted to the training codes"))]
+    return plots.manifold_panels(panels, path)
 
 
 def _interpolations(m: Material, path: Path) -> Path:
@@ -142,8 +165,9 @@ def _interpolations(m: Material, path: Path) -> Path:
 
 
 def _traversals(m: Material, path: Path) -> Path:
-    kl, _ = m.kl_and_variance()
-    dims = sorted(np.argsort(kl)[::-1][:10].tolist())  # the (up to) ten dimensions that carry the most KL
+    kl, var = m.kl_and_variance()
+    # the (up to) ten dimensions that carry the most KL (a learned prior: whose posterior means vary the most)
+    dims = sorted(np.argsort(var if kl is None else kl)[::-1][:10].tolist())
     return plots.image_rows(views.traversals(m.model, dims), path,
                             "traversals: one z_d at Gaussian quantiles, the others at 0")
 
@@ -153,7 +177,12 @@ def _curves(m: Material, path: Path) -> Path:
 
 
 def _kl(m: Material, path: Path) -> Path:
+    if hasattr(m.model, "per_group"):  # a hierarchical model: thousands of units, so a bar per group
+        return _kl_groups(m, path)
     kl, var = m.kl_and_variance()
+    if kl is None:
+        raise ConfigError(f"the prior of {m.run.path} ({m.model.prior.describe()}) has no KL per latent dimension: "
+                          "its KL is estimated per image")
     return plots.kl_per_dim(kl, path, var)
 
 
@@ -163,6 +192,7 @@ FIGURES = {  # name -> (caption, drawing function); the PNG is written as <name>
     "reconstructions": ("Reconstructions", _reconstructions),
     "stochastic": ("Where the stochastic bit is", _stochastic),
     "samples": ("Prior samples", _samples),
+    "aggregate": ("Prior samples | aggregate-posterior samples (docs/samples.md)", _prior_vs_aggregate),
     "interpolations": ("Interpolations", _interpolations),
     "traversals": ("Per-dimension traversals", _traversals),
     "curves": ("Training curves", _curves),
@@ -170,19 +200,49 @@ FIGURES = {  # name -> (caption, drawing function); the PNG is written as <name>
 }
 
 
+# ------------------------------------------------------------------------------ a hierarchical model's figures
+def _kl_groups(m: Material, path: Path) -> Path:
+    kl = (m.numbers or {}).get("kl_per_group") or elbo_metrics(m.model, m.x, 500, lambda t: t)["kl_per_group"]
+    names = m.model.group_names()
+    return plots.kl_per_dim(kl, path, title=f"KL per latent group, top first: {', '.join(names)} (total "
+                            f"{sum(kl):.2f} nats)", xlabel="latent group (1 = top)")
+
+
+def _levels(m: Material, path: Path) -> Path:
+    rows = views.temperature_rows(m.model, N_SHOW) + views.level_rows(m.model, m.x[:N_SHOW])
+    return plots.image_rows(rows, path, "prior samples at temperature T (every group's noise x T);\nthen the top "
+                            "groups at their posterior means given the input, the rest drawn from the prior")
+
+
+HIERARCHY_FIGURES = {  # drawn for --arch hierarchical
+    "levels": ("What each level holds: samples at temperatures, and the top groups kept from q(z|x)", _levels),
+}
+
+
 FACTOR_FIGURES = {  # drawn for data with named factors of variation (shapes, dsprites)
     "factors": ("Latent scatter coloured by each factor of variation", _factors),
     "factor_scores": ("Codes x factors: mutual information (MIG) and probe weights (DCI)", _factor_scores),
+    "factor_traversals": ("Traversals by factor: the code dimension most informative about each factor",
+                          _factor_traversals),
 }
-ALL_FIGURES = {**FIGURES, **FACTOR_FIGURES}
+ALL_FIGURES = {**FIGURES, **FACTOR_FIGURES, **HIERARCHY_FIGURES}
 
 
 def figures_for(material: Material) -> list[str]:
-    """The figures of this material's report: FIGURES, and FACTOR_FIGURES where the data has factors."""
+    """FIGURES and FACTOR_FIGURES as _figures_for chooses them, and HIERARCHY_FIGURES for a hierarchical model."""
+    names = _figures_for(material)
+    return [*names, *HIERARCHY_FIGURES] if hasattr(material.model, "decode_keeping") else names
+
+
+def _figures_for(material: Material) -> list[str]:
+    """The figures of this material's report: FIGURES (the KL per dimension where the prior has one), and
+    FACTOR_FIGURES where the data has factors."""
+    base = [name for name in FIGURES if name != "kl" or material.model.prior.closed_form_kl]
     if material.factors is None:
-        return [*FIGURES]
+        return base
     few = len(material.factors) < factors.EVAL_MIN_ROWS  # too few images to score: no scores, no heat map
-    return [*FIGURES, *(name for name in FACTOR_FIGURES if not (few and name == "factor_scores"))]
+    scored = ("factor_scores", "factor_traversals")
+    return [*base, *(name for name in FACTOR_FIGURES if not (few and name in scored))]
 
 
 def check_figure(name: str) -> None:
@@ -247,10 +307,12 @@ def render_html(title: str, numbers: list[tuple[str, str]], config: dict,
 
 def write_report(run: Run, out_dir: str | Path | None = None, iw_samples: int = DEFAULT_IW_SAMPLES,
                  batch_size: int = 500,
-                 limit: int | None = None, progress: bool = False) -> Path:
+                 limit: int | None = None, progress: bool = False, sample_quality: bool = False) -> Path:
     """Evaluate the run's test split, draw every figure into `out_dir` (default: the run folder), write
-    eval.json and report.html there; return the path of report.html."""
-    numbers = evaluate_run(run, "test", iw_samples, batch_size, limit, progress=progress)
+    eval.json and report.html there; return the path of report.html. `sample_quality` adds the sample-quality
+    scores (vaelab.analysis.quality) to the numbers."""
+    numbers = evaluate_run(run, "test", iw_samples, batch_size, limit, progress=progress,
+                           sample_quality=sample_quality)
     out = Path(out_dir) if out_dir is not None else Path(run.path)
     out.mkdir(parents=True, exist_ok=True)
     material = Material.of(run, min(N_CODES, limit or N_CODES), numbers)

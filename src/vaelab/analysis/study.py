@@ -1,15 +1,14 @@
-"""The σ study: one run per σ (same data, seed, network and budget), measured and compared.
+"""The σ study: a sweep over σ (same data, seed, network and budget), measured and compared.
 
 Each setting is a normal run directory under the study folder (`sigma-0.1`, `sigma-learned`, ...), so
-`vaelab eval`, `report` and `info` accept them; runs that already exist are reused (or resumed when they
-have fewer epochs), so a study can be extended without retraining.
+`vaelab eval`, `report` and `info` accept them. The runs are trained, reused or resumed and evaluated as
+`vaelab sweep` does it (vaelab.analysis.sweep), so a study can be extended without retraining; the study adds
+its own table, figures and claims about σ.
 """
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 import json
 import math
 import sys
@@ -21,11 +20,14 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import ConfigError, TrainingError
-from ..runs import CHECKPOINT, CONFIG, WEIGHTS, Run, load_run, write_text_atomic
-from ..training.trainer import resume, train
+from ..runs import Run, write_text_atomic
 from . import plots
-from .metrics import DEFAULT_IW_SAMPLES, PRIOR_MASS, evaluate_run, split_data
+from .metrics import DEFAULT_IW_SAMPLES, PRIOR_MASS, split_data
 from .reporting import figures_html, html_page
+from .sweep import Point, evaluate_once, train_points
+from .sweep_page import csv_table as _csv_table
+from .sweep_page import html_table
+from .sweep_page import markdown_table as _markdown_table
 from .views import manifold_grid, prior_samples, reconstructions
 
 SPECIAL = ("learned", "optimal")
@@ -96,31 +98,6 @@ def parse_list(text: str, flag: str, kind=float) -> list:
         raise ConfigError(f"{flag} must be a comma-separated list such as 0.03,0.1,0.3,1.0; got {text!r}") from e
 
 
-def ensure_run(config: TrainConfig, progress: bool) -> Run:
-    """Reuse the run at config.out if it was trained with the same settings; resume it if it is shorter."""
-    assert config.runtime.out is not None, "every setting of a study has its own folder"
-    out = Path(config.runtime.out)
-    if not (out / CONFIG).exists():
-        return train(config, progress=progress)
-    saved, wanted = TrainConfig.load(out / CONFIG).settings(), config.settings()
-    # a run is reused when everything but where and how long it runs matches
-    free = {*config.runtime.to_dict(), "epochs", "data_shape"}
-    diff = [k for k in wanted if k not in free and saved.get(k) != wanted[k]]
-    if diff:
-        raise ConfigError(f"{out} holds a run with different settings ({', '.join(diff)}); use another --out "
-                          "or remove it")
-    if not (out / CHECKPOINT).exists():  # interrupted before its first checkpoint: start over
-        (out / CONFIG).unlink()
-        return train(config, progress=progress)
-    if not (out / WEIGHTS).exists():  # interrupted inside epoch 1
-        return resume(out, progress=progress, epochs=config.optim.epochs)
-    run = load_run(out)
-    done = run.metrics[-1]["epoch"] if run.metrics else 0
-    if done < config.optim.epochs:
-        return resume(out, progress=progress, epochs=config.optim.epochs)
-    return run
-
-
 def epoch_to_reach(mse_by_epoch: list[float], threshold: float) -> float | None:
     """The (linearly interpolated) epoch at which test MSE first reaches `threshold`; None if never.
 
@@ -166,17 +143,11 @@ def _cell(row: dict, key: str, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(c for c, _, _ in COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    return head + "".join("| " + " | ".join(_cell(r, k, s) for _, k, s in COLUMNS) + " |\n" for r in rows)
+    return _markdown_table(rows, COLUMNS, _cell)
 
 
 def csv_table(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([k for _, k, _ in COLUMNS])
-    for r in rows:
-        w.writerow(["" if r.get(k) is None else r[k] for _, k, _ in COLUMNS])
-    return buf.getvalue()
+    return _csv_table(rows, COLUMNS)
 
 
 def _trend(xs: list[float], ys: list[float]) -> float:
@@ -255,27 +226,22 @@ def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, runs, failed = [], [], []
-    for label, tc in cfg.settings():
+
+    def tell(msg: str) -> None:
         if progress:
-            print(f"sigma-study: setting {label} -> {tc.runtime.out}", file=sys.stderr)
-        try:
-            run = ensure_run(tc, progress)
-        except TrainingError as e:  # e.g. plain SGD diverging at a small σ: a finding, not a crash
-            print(f"sigma-study: setting {label} failed: {e}", file=sys.stderr)
-            failed.append((label, str(e)))
-            continue
-        run.model.eval()
-        numbers = evaluate_run(run, "test", cfg.iw_samples)
-        write_text_atomic(run.path / "eval.json", json.dumps(numbers, indent=2) + "\n")
-        rows.append(study_row(label, run, numbers))
-        runs.append(run)
+            print(f"sigma-study: {msg}", file=sys.stderr)
+
+    # a setting whose loss becomes non-finite (plain SGD at a small σ) is a finding, not a crash
+    outcomes = train_points([Point(label, {"sigma": label}, tc) for label, tc in cfg.settings()], progress, tell)
+    failed = [(o.point.label, o.error or "") for o in outcomes if o.run is None]
+    done = [(o.point.label, o.run) for o in outcomes if o.run is not None]
+    runs: list[Run] = [run for _, run in done]
+    rows = [study_row(label, run, evaluate_once(run, cfg.iw_samples, None, tell)) for label, run in done]
     if not rows:
         raise TrainingError("every setting of the σ study failed: " + "; ".join(f"{k}: {m}" for k, m in failed))
     threshold = cfg.mse_threshold or max(r["mse_curve"][-1] for r in rows)
     for r in rows:
         r["epoch_to_threshold"] = epoch_to_reach(r["mse_curve"], threshold)
-
 
     device = next(runs[0].model.parameters()).device
     split = split_data(runs[0].config, "test", device, limit=10)
@@ -316,9 +282,6 @@ def study_html(cfg: StudyConfig, rows: list[dict], summary: list[str], threshold
 
 
     esc = html.escape
-    head = "".join(f"<th>{esc(c)}</th>" for c, _, _ in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{esc(_cell(r, k, s))}</td>" for _, k, s in COLUMNS) + "</tr>\n"
-                   for r in rows)
     items = "".join(f"<li>{esc(s)}</li>\n" for s in summary)
     t = cfg.train
     title = (f"What σ does: {t.data.dataset}, latent {t.model.latent_dim}, {t.optim.epochs} epochs, "
@@ -329,7 +292,6 @@ def study_html(cfg: StudyConfig, rows: list[dict], summary: list[str], threshold
 <h2>Table</h2>
 <p>Test split; MSE threshold for learning speed: {threshold:.5f}; each run's eval.json holds log p(x) with
 IWAE K = {cfg.iw_samples}.</p>
-<table id="table"><tr>{head}</tr>
-{body}</table>
+{html_table(rows, COLUMNS, _cell)}
 <h2>Figures</h2>
 {figures_html(figures)}""")

@@ -51,6 +51,8 @@ def network_lines(model, arch: str, hidden: Sequence[int] | None, blocks: int) -
     `arch`, `hidden` and `blocks` are the settings it was built from."""
     shape: tuple[int, int, int] = model.shape
     hidden = list(hidden or [])
+    if arch == "hierarchical":
+        return _hierarchy_lines(model, hidden, blocks)
     if arch == "conv":
         chans = conv_channels(shape, hidden)
         sizes = stage_sizes(shape, len(chans))
@@ -64,4 +66,19 @@ def network_lines(model, arch: str, hidden: Sequence[int] | None, blocks: int) -
     own = n_parameters(model.likelihood)
     if own:
         out.append(f"likelihood: {own:,} parameter(s)")
+    prior = n_parameters(model.prior)
+    if prior:  # a learned prior (the VampPrior's encoder is the one above)
+        out.append(f"prior: {model.prior.describe()}, {prior:,} parameters")
     return out
+
+
+def _hierarchy_lines(model, hidden: list[int], blocks: int) -> list[str]:
+    """network_lines for --arch hierarchical: both passes and the latent groups."""
+    names = model.group_names()
+    own = n_parameters(model.likelihood)
+    lik = [f"likelihood: {own:,} parameter(s)"] if own else []
+    return [*lik, f"encoder (bottom-up): {n_parameters(model.encoder):,} parameters (width {hidden[0]}, {blocks} "
+            "bottleneck block(s) per stride-2 stage)",
+            f"decoder (top-down): {n_parameters(model.decoder):,} parameters ({len(names)} latent groups, "
+            f"{', '.join(names)}, {model.code_dim} channels each: {model.latent_dim:,} latent units; "
+            f"{model.likelihood.n_params} output tensor(s) per pixel)"]

@@ -42,7 +42,7 @@ def latent_plane(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> tuple[n
     model.eval()
     codes = torch.cat([model.encode(x[i:i + batch_size]).mean for i in range(0, len(x), batch_size)])
     codes_np = _as_numpy(codes)
-    if model.latent_dim == 2:
+    if codes_np.shape[1] == 2:
         return codes_np, np.zeros(2), np.eye(2)
     centre = codes_np.mean(0)
     _, _, vt = np.linalg.svd(codes_np - centre, full_matrices=False)
@@ -114,7 +114,7 @@ def interpolations(model: VAE, xa: torch.Tensor, xb: torch.Tensor, steps: int = 
     za, zb = model.encode(xa).mean, model.encode(xb).mean  # (P, L)
     t = torch.linspace(0, 1, steps, device=za.device)[:, None, None]  # (T, 1, 1)
     z = (1 - t) * za + t * zb  # (T, P, L)
-    imgs = decode_images(model, z.reshape(-1, model.latent_dim))
+    imgs = decode_images(model, z.reshape(-1, za.shape[-1]))
     imgs = imgs.view(steps, xa.shape[0], *imgs.shape[1:]).transpose(0, 1)  # (P, T, C, H, W)
     return [(f"pair {p + 1}", np.concatenate([_as_numpy(xa[p:p + 1]), _as_numpy(imgs[p]),
                                               _as_numpy(xb[p:p + 1])])) for p in range(xa.shape[0])]
@@ -132,4 +132,35 @@ def traversals(model: VAE, dims: list[int], steps: int = 9, base: np.ndarray | N
         z = np.tile(base, (steps, 1)).astype(np.float32)
         z[:, d] = q
         rows.append((f"z{d + 1}", _as_numpy(decode_images(model, torch.from_numpy(z)))))
+    return rows
+
+
+# ------------------------------------------------------------------------------- a hierarchical model's levels
+@torch.no_grad()
+def temperature_rows(model: VAE, n: int = 10, temperatures: tuple[float, ...] = (1.0, 0.8, 0.6), seed: int = 0
+                     ) -> list[tuple[str, np.ndarray]]:
+    """One row per temperature T: f(z) for n prior draws with every latent's noise scaled by T (the same draws,
+    rescaled, in every row)."""
+    model.eval()
+    u = model.sample_prior(n, torch.Generator().manual_seed(seed))  # (n, L)
+    return [(f"T = {t:g}", _as_numpy(decode_images(model, u * t))) for t in temperatures]
+
+
+@torch.no_grad()
+def level_rows(model, x: torch.Tensor, temperature: float = 1.0, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    """What each level of a hierarchical model holds: the input, then one row per k = 0 .. G: f(z) with the top
+    k latent groups at their posterior means given x and the other groups drawn from the prior at `temperature`
+    (the same prior noise in every row; k = G: every group at its posterior mean)."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = x.to(device)
+    u = model.sample_prior(x.shape[0], torch.Generator().manual_seed(seed), temperature)  # (N, L)
+    names = model.group_names()
+    sizes = torch.tensor([0, *model.group_sizes]).cumsum(0).tolist()  # group k starts at column sizes[k]
+    rows = [("input", _as_numpy(x))]
+    for k in range(len(names) + 1):
+        noise = u.clone()
+        noise[:, :sizes[k]] = 0  # the kept groups at their posterior means
+        label = "prior only" if k == 0 else f"q(z|x) down to {names[k - 1]}"
+        rows.append((label, _as_numpy(model.likelihood.mean(model.decode_keeping(x, k, noise)).clamp(0, 1))))
     return rows

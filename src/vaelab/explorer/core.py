@@ -23,6 +23,7 @@ MAX_RESPONSE_PIXELS = 1 << 22  # pixels per PNG answer (batch x H x W), whatever
 MAX_SIGMA = 10.0
 MAX_SEED = 2**31 - 1
 N_CODES = 5000  # test images encoded for the scatter
+PRIOR_GRID = 96  # a learned prior in two dimensions: log p(z) on this many x this many points of the plane
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII digits only
 
 
@@ -112,7 +113,8 @@ class Explorer:
 
     @property
     def latent_dim(self) -> int:
-        return self.model.latent_dim
+        """The length of z the page sends: a hierarchical model's top group (the rest decode at their prior means)."""
+        return getattr(self.model, "code_dim", self.model.latent_dim)
 
     @property
     def n(self) -> int:
@@ -166,11 +168,30 @@ class Explorer:
             "centre": _round(self.centre),
             "basis": _round(self.basis),
             "basis_kind": "axes" if self.latent_dim == 2 else "pca",
+            "prior": self.model.prior.name,
+            "prior_text": self.model.prior.describe(),
             # N(0, I) seen in any plane through z = 0 is N(0, I_2): the circles that hold these shares of its mass
-            "prior_radii": {label: round(r, 4) for label, r in prior_radii(2).items()},
+            # (a learned prior has none: in two dimensions its log-density comes on a grid instead)
+            "prior_radii": ({label: round(r, 4) for label, r in prior_radii(2).items()}
+                            if self.model.prior.name == "standard" else {}),
+            "prior_density": self.prior_density(),
             "limits": {"max_abs_z": MAX_ABS_Z, "max_batch": self.max_batch, "max_sigma": MAX_SIGMA,
                        "max_seed": MAX_SEED},
         }
+
+    def prior_density(self, n: int = PRIOR_GRID) -> dict | None:
+        """A learned prior in two dimensions: {"extent": E, "log_p": n rows of n values}, log p(z) at the centres
+        of an n x n grid over [-E, E]²; row i at z₂ = E − (i + ½)·2E/n, column j at z₁ = −E + (j + ½)·2E/n (row 0
+        at the top, as drawn). E covers the codes as the page's default view does. None otherwise."""
+        if self.latent_dim != 2 or self.model.prior.name == "standard":
+            return None
+        extent = float(min(MAX_ABS_Z, max(4.0, 1.15 * np.percentile(np.abs(self.codes).max(1), 99))))
+        t = -extent + (np.arange(n) + 0.5) * (2 * extent / n)  # (n,) cell centres, ascending
+        z1, z2 = np.meshgrid(t, t[::-1])  # (n, n): row i at z₂ = t[n - 1 - i]
+        z = torch.from_numpy(np.stack([z1.ravel(), z2.ravel()], 1).astype(np.float32)).to(self.device)
+        with self.lock, torch.inference_mode():
+            log_p = self.model.prior.log_prob(z).float().cpu().numpy().reshape(n, n)
+        return {"extent": round(extent, 5), "log_p": _round(log_p, 3)}
 
     def observation_scale(self) -> tuple[float | None, bool]:
         """(the scale of p(x|z): σ, Laplace b, logistic s; per_pixel); None for likelihoods without one. A

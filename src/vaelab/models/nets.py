@@ -16,10 +16,21 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 MAX_FINAL_SIDE = 5  # conv stages halve the image until its larger side is at most this
 MAX_GROWTH = 8  # one-number --hidden: channels double per stage up to this multiple of the first stage's
+LOGVAR_MIN, LOGVAR_MAX = -12.0, 4.0  # the soft bounds of log σ² of q(z|x) (bounded_logvar)
+
+
+def bounded_logvar(raw: Tensor) -> Tensor:
+    """The encoder's log σ² of q(z|x), softly bounded to [LOGVAR_MIN, LOGVAR_MAX]: smooth, monotone, within 0.02 of
+    the identity from -8 to 0. Unbounded, one step of Adam after a gradient spike moved the whole linear head at
+    once and sent log σ² to +12 and -25 within a few steps (a conv VAE on `shapes`, σ = 0.1): z then lay hundreds
+    of prior widths from 0 and the next gradients were larger still. σ_q above e² ≈ 7.4 prior widths is never
+    useful (the KL grows as σ_q²), and below e⁻⁶ ≈ 0.0025 it already costs ≥ 5 nats per dimension."""
+    return LOGVAR_MAX - F.softplus(LOGVAR_MAX - (LOGVAR_MIN + F.softplus(raw - LOGVAR_MIN)))
 
 
 class MLPEncoder(nn.Module):
@@ -35,7 +46,7 @@ class MLPEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = self.head(self.body(x)).chunk(2, dim=1)  # (B, L) each
-        return mu, logvar
+        return mu, bounded_logvar(logvar)
 
 
 class MLPDecoder(nn.Module):
@@ -139,7 +150,7 @@ class ConvEncoder(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.contiguous(memory_format=torch.channels_last)  # see to_channels_last
         mu, logvar = self.head(self.body(x)).chunk(2, dim=1)
-        return mu, logvar
+        return mu, bounded_logvar(logvar)
 
 
 class ConvDecoder(nn.Module):
@@ -175,8 +186,8 @@ class ConvDecoder(nn.Module):
 
 
 ARCHS = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
-DEFAULT_HIDDEN = {"mlp": [400], "conv": [32]}
-DEFAULT_BLOCKS = {"mlp": 0, "conv": 1}
+DEFAULT_HIDDEN = {"mlp": [400], "conv": [32], "hierarchical": [64]}  # hierarchical: its width (models.hierarchical)
+DEFAULT_BLOCKS = {"mlp": 0, "conv": 1, "hierarchical": 1}
 
 
 def make_nets(arch: str, shape: tuple[int, int, int], hidden: list[int], latent_dim: int, n_params: int,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .vae import Terms
+from .vae import DiagonalGaussian, Terms
 
 
 def _same(t: Tensor) -> Tensor:
@@ -59,6 +59,12 @@ class ObjectiveSettings:
     kl_warmup: float = 0.0
     free_bits: float = 0.0
     iw_train: int = 1  # draws of z per example
+    iw_grad: str = "standard"  # iwae's gradient estimator: standard or dreg
+    # β-TCVAE and DIP-VAE (vaelab.models.factor_objectives); None: not given
+    tc_weight: float | None = None
+    lambda_od: float | None = None
+    lambda_d: float | None = None
+    dataset_size: int = 0  # N, the training images (the trainer sets it; 0: not known)
 
 
 class Objective:
@@ -116,6 +122,11 @@ class ELBO(Objective):
 
     def __call__(self, out: Terms, batch: Batch) -> Loss:
         rec = out.rec.sum() / batch.n  # this process's share of the batch-mean reconstruction term
+        if out.kl_per_dim is None:  # a learned prior: the KL estimated at the sampled z, (B,)
+            if self.settings.free_bits > 0:
+                raise ConfigError("--free-bits needs a per-dimension KL: use --prior standard")
+            kl = out.kl.sum() / batch.n
+            return Loss(rec + batch.beta * kl, {"rec": rec.detach(), "kl": kl.detach()})
         kl_d = out.kl_per_dim.sum(0) / batch.n  # (L,) its share of the batch-mean KL per dimension
         free_bits = self.settings.free_bits
         if free_bits > 0:
@@ -139,7 +150,12 @@ class ELBO(Objective):
 class IWAE(Objective):
     """The importance-weighted bound (Burda et al., 2016) with K = --iw-train draws per example:
     −log (1/K) Σ_k w_k, w_k = p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x). K = 1 is the negative ELBO; a larger K
-    is a tighter bound on −log p(x). The gradients are the bound's own (reparameterized through every z_k)."""
+    is a tighter bound on −log p(x). The gradients are the bound's own (reparameterized through every z_k), or
+    with --iw-grad dreg the doubly reparameterized ones (Tucker et al., 2019): the same in expectation, with a
+    lower-variance encoder gradient. DReG differentiates log w_k = log p(x, z_k) − log q(z_k|x) with q's
+    parameters detached (so the encoder is reached through z_k only) and scales the gradient reaching each z_k by
+    its normalised weight: the encoder's gradient is Σ_k ŵ_k² ∂log w_k/∂z_k ∂z_k/∂φ, ŵ = softmax_k log w_k; the
+    decoder's and the prior's are the bound's own, Σ_k ŵ_k ∂log w_k. The value is the bound's."""
 
     name = "iwae"
     help = "the importance-weighted bound with --iw-train K draws per image"
@@ -147,6 +163,11 @@ class IWAE(Objective):
     def __init__(self, settings: ObjectiveSettings = ObjectiveSettings()):
         if settings.iw_train < 1:
             raise ConfigError(f"--iw-train must be an integer >= 1; got {settings.iw_train}")
+        if settings.iw_grad not in ("standard", "dreg"):
+            raise ConfigError(f"--iw-grad must be one of standard, dreg; got {settings.iw_grad!r}")
+        if settings.iw_grad == "dreg" and settings.iw_train < 2:
+            raise ConfigError("--iw-grad dreg reweights K >= 2 draws per image; got --iw-train "
+                              f"{settings.iw_train}")
         if settings.beta != 1.0 or settings.kl_warmup > 0 or settings.free_bits > 0:
             raise ConfigError("--objective iwae trains the bound itself: --beta, --kl-warmup and --free-bits apply "
                               "to --objective elbo only")
@@ -160,10 +181,24 @@ class IWAE(Objective):
         if out.log_weights is None:  # one draw: the bound is the ELBO's estimate
             bound = -(out.rec + out.kl)  # (B,)
         else:
-            k = out.log_weights.shape[0]
-            bound = torch.logsumexp(out.log_weights, dim=0) - math.log(k)  # (B,)
+            log_w = self._dreg_weights(out) if self.settings.iw_grad == "dreg" else out.log_weights  # (K, B)
+            bound = torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])  # (B,)
         total = -bound.sum() / batch.n
         return Loss(total, {"bound": -total.detach()})
+
+    @staticmethod
+    def _dreg_weights(out: Terms) -> Tensor:
+        """log w_k with q's parameters detached, (K, B); the gradient reaching z_k is scaled by ŵ_k on its way
+        back to the encoder (a hook on z), so the logsumexp's ŵ_k becomes ŵ_k² there."""
+        assert out.q is not None, "the terms carry q(z|x)"
+        assert out.z is not None, "and the z drawn"
+        assert out.log_joint is not None, "and log p(x, z): the forward pass of K > 1 draws"
+        q_stop = DiagonalGaussian(out.q.mean.detach(), out.q.logvar.detach())
+        log_w = out.log_joint - q_stop.log_prob(out.z)  # (K, B), the same value as out.log_weights
+        if out.z.requires_grad:
+            w = torch.softmax(log_w.detach(), dim=0).unsqueeze(-1)  # (K, B, 1)
+            out.z.register_hook(lambda g: g * w)  # type: ignore[no-untyped-call]
+        return log_w
 
     def is_elbo(self, beta: float) -> bool:
         return self.settings.iw_train == 1

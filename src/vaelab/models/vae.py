@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .likelihoods import Likelihood, make_likelihood
 from .nets import make_nets
-from .priors import LOG_2PI, Prior, StandardPrior, log_standard_normal
+from .priors import LOG_2PI, Prior, StandardPrior, log_standard_normal, make_prior
 
 
 class DiagonalGaussian:
@@ -49,14 +49,19 @@ class DiagonalGaussian:
 
 __all__ = ["LOG_2PI", "VAE", "DiagonalGaussian", "Terms", "log_standard_normal"]
 
+# --arch values whose model is a VAE subclass of its own (it registers itself: models.hierarchical)
+ARCH_MODELS: dict[str, type[VAE]] = {}
+
 
 @dataclass
 class Terms:
     """Per-example parts of the negative ELBO, all in nats: rec (B,) at the sampled z (averaged over the z's when
-    several are drawn per example) and the KL per latent dimension (B, L) in closed form."""
+    several are drawn per example) and the KL: per latent dimension (B, L) in closed form where the prior has one
+    (N(0, I)), else (a learned prior) `kl_estimate` (B,), log q(z|x) − log p(z) at the sampled z (averaged over
+    the z's), an unbiased estimate of KL(q(z|x) ‖ p(z)). `kl` is the per-example KL either way."""
 
     rec: Tensor  # -log p(x|z)
-    kl_per_dim: Tensor  # (B, L)
+    kl_per_dim: Tensor | None  # (B, L); None where the prior has no closed-form KL
     sq_err: Tensor | None  # ||x - f(z)||², summed over pixels, f(z) the decoder mean at the same z as rec
     sigma: Tensor | None  # σ in use (Gaussian) or b (Laplace), averaged over pixels
     # with K > 1 draws per example: log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x), (K, B)
@@ -64,10 +69,17 @@ class Terms:
     # the posterior and the z it drew, (B, L) (K > 1 draws: (K, B, L)), for objectives that read them
     q: DiagonalGaussian | None = None
     z: Tensor | None = None
+    kl_estimate: Tensor | None = None  # (B,) log q(z|x) − log p(z) at the z drawn, where kl_per_dim is None
+    # with K > 1 draws: log p(x|z_k) + log p(z_k), (K, B): the log weights' numerator (DReG re-divides it by a q
+    # whose parameters are detached)
+    log_joint: Tensor | None = None
 
     @property
     def kl(self) -> Tensor:
-        return self.kl_per_dim.sum(1)
+        if self.kl_per_dim is not None:
+            return self.kl_per_dim.sum(1)
+        assert self.kl_estimate is not None, "a learned prior's terms carry the KL estimate"
+        return self.kl_estimate
 
     @property
     def loss(self) -> Tensor:
@@ -76,20 +88,24 @@ class Terms:
 
 class VAE(nn.Module):
     def __init__(self, shape: tuple[int, int, int], arch: str, hidden: list[int], latent_dim: int,
-                 likelihood: Likelihood, blocks: int | None = None):
+                 likelihood: Likelihood, blocks: int | None = None, prior: str = "standard",
+                 prior_components: int | None = None):
         super().__init__()
         self.shape: tuple[int, int, int] = (int(shape[0]), int(shape[1]), int(shape[2]))
         self.latent_dim = latent_dim
         self.likelihood = likelihood
-        self.prior: Prior = StandardPrior(latent_dim)
         self.encoder, self.decoder = make_nets(arch, self.shape, hidden, latent_dim, likelihood.n_params, blocks)
+        # built after the networks: a VampPrior reads the encoder (a learned prior's initial draws come last)
+        self.prior: Prior = make_prior(prior, latent_dim, prior_components, self.shape, self.encoder)
 
     @classmethod
     def from_config(cls, config, shape: tuple[int, int, int]) -> VAE:
         """The VAE a model config (or a whole run config: its model part) describes, for images of `shape`."""
         m = getattr(config, "model", config)
+        if cls is VAE and m.arch in ARCH_MODELS:  # an architecture with a model class of its own
+            return ARCH_MODELS[m.arch].from_config(config, shape)
         lik = make_likelihood(m.likelihood, m.sigma, m.mixtures)
-        return cls(shape, m.arch, m.hidden, m.latent_dim, lik, m.blocks)
+        return cls(shape, m.arch, m.hidden, m.latent_dim, lik, m.blocks, m.prior, m.prior_components)
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
@@ -98,6 +114,7 @@ class VAE(nn.Module):
         was_training = self.training
         self.eval()
         self.likelihood.init_from_data(self.decode(self.encode(x).mean), x)
+        self.prior.init_from_data(x)
         self.train(was_training)
 
     def param_groups(self, optimizer: str, lr: float) -> list[dict]:
@@ -137,7 +154,9 @@ class VAE(nn.Module):
             with torch.no_grad():
                 sq_err = (x - self.likelihood.mean(params)).square().flatten(1).sum(1)
                 sigma = self.likelihood.scale(params)
-        return Terms(rec, q.kl_per_dim(), sq_err, sigma, q=q, z=z)
+        kl_per_dim = self.prior.kl_per_dim(q.mean, q.logvar)  # (B, L), or None: then estimated at z
+        kl_estimate = q.log_prob(z) - self.prior.log_prob(z) if kl_per_dim is None else None  # (B,)
+        return Terms(rec, kl_per_dim, sq_err, sigma, q=q, z=z, kl_estimate=kl_estimate)
 
     def forward(self, x: Tensor, eps: Tensor | None = None, samples: int = 1) -> Terms:
         """The terms training differentiates, without diagnostics: `model(x)`, as a wrapper such as
@@ -147,15 +166,20 @@ class VAE(nn.Module):
             return self.terms(x, extras=False, eps=eps)
         q = self.encode(x)
         z = q.reparameterize(q.noise(samples) if eps is None else eps)  # (K, B, L)
-        log_px_z, log_w = self.importance_terms(x, q, z)
-        return Terms(-log_px_z.mean(0), q.kl_per_dim(), None, None, log_w, q=q, z=z)
+        log_px_z, log_joint, log_w = self.importance_terms(x, q, z)
+        kl_per_dim = self.prior.kl_per_dim(q.mean, q.logvar)  # (B, L), or None: then estimated at the z's
+        kl_estimate = (log_px_z - log_w).mean(0) if kl_per_dim is None else None  # (B,)
+        return Terms(-log_px_z.mean(0), kl_per_dim, None, None, log_w, q=q, z=z, kl_estimate=kl_estimate,
+                     log_joint=log_joint)
 
-    def importance_terms(self, x: Tensor, q: DiagonalGaussian, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(log p(x|z_k), log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x)), each (K, B), for z (K, B, L)."""
+    def importance_terms(self, x: Tensor, q: DiagonalGaussian, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(log p(x|z_k), log p(x|z_k) + log p(z_k), log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x)), each
+        (K, B), for z (K, B, L)."""
         k = z.shape[0]
         params = [p.view(k, *x.shape) for p in self.decode(z.reshape(-1, self.latent_dim))]  # (K, B, C, H, W)
         log_px_z = self.likelihood.log_prob(params, x)  # (K, B): x broadcasts, it is never copied K times
-        return log_px_z, log_px_z + self.prior.log_prob(z) - q.log_prob(z)
+        log_joint = log_px_z + self.prior.log_prob(z)
+        return log_px_z, log_joint, log_joint - q.log_prob(z)
 
     @torch.no_grad()
     def sample_prior(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
@@ -175,6 +199,6 @@ class VAE(nn.Module):
         for done in range(0, k, chunk):
             n = min(chunk, k - done)
             noise = q.noise(n) if eps is None else eps[done:done + n]  # (n, B, L)
-            _, log_w = self.importance_terms(x, q, q.reparameterize(noise))  # (n, B)
+            log_w = self.importance_terms(x, q, q.reparameterize(noise))[2]  # (n, B)
             total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
         return total - math.log(k)

@@ -5,6 +5,7 @@ batch under DistributedDataParallel when several processes train one model)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -17,28 +18,33 @@ from ..data import Prepared
 from ..errors import ConfigError
 from ..models.objective import Objective, make_objective
 from ..models.vae import VAE
-from .cudagraph import CUDAGraphStep, StepFn, capturable
+from .cudagraph import CUDAGraphStep, GuardedStep, capturable
 from .distributed import SINGLE, World, shard_inputs, wrap
-from .step import Step, local_inputs
+from .ema import EMA
+from .step import Guards, Step, local_inputs
 
 
-def make_objective_for(config: TrainConfig) -> Objective:
-    return make_objective(config.optim.objective, config.optim.objective_settings())
+def make_objective_for(config: TrainConfig, dataset_size: int = 0) -> Objective:
+    """The run's objective; `dataset_size`: the training images, for objectives that estimate q(z) over them."""
+    settings = dataclasses.replace(config.optim.objective_settings(), dataset_size=dataset_size)
+    return make_objective(config.optim.objective, settings)
 
 
 def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, objective: Objective,
-              prep: Prepared, device: torch.device, world: World = SINGLE) -> StepFn:
+              prep: Prepared, device: torch.device, world: World = SINGLE, ema: EMA | None = None) -> GuardedStep:
     """The training step for this run, chosen once: Step; on a GPU, a CUDA graph of it where replaying is exact;
-    with several processes, Step on this process's share of each batch under DistributedDataParallel."""
+    with several processes, Step on this process's share of each batch under DistributedDataParallel. Its guard
+    follows the config (--skip-threshold, --grad-clip); `ema` is updated after each step."""
+    guards = Guards(config.optim.skip_threshold, config.optim.grad_clip)
     if world.size > 1:
         inputs = shard_inputs(prep, world, model.latent_dim, fresh_inputs=config.data.binarize == "dynamic",
                               samples=objective.samples)
         return Step(wrap(model, world, device), optimizer, objective, inputs, autocast(config, device),
-                    world.all_sum, world.size)
+                    world.all_sum, world.size, guards, ema)
     graph = (config.runtime.cuda_graph and prep.batches.resident
              and capturable(model, optimizer, device, constant_beta=config.optim.kl_warmup <= 0))
     inputs = local_inputs(lambda idx: prep.prepare_train(prep.batches(idx)))
-    step = Step(model, optimizer, objective, inputs, autocast(config, device, cache=not graph))
+    step = Step(model, optimizer, objective, inputs, autocast(config, device, cache=not graph), guards=guards, ema=ema)
     return CUDAGraphStep(step, config.batch_size, config.optim.beta, device) if graph else step
 
 

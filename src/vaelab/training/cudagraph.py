@@ -8,18 +8,32 @@ the CUDA generator as eager ones do. A batch of another size (an epoch's short l
 
 A graph replays what was recorded and nothing else, so the trainer chooses it only where nothing in the step
 changes from one batch to the next or needs the host (`capturable`): a constant β, Adam with its step count on
-the GPU, and no module hooks (a hook's Python would run once, at capture, and never on replay).
+the GPU, and no module hooks (a hook's Python would run once, at capture, and never on replay). The step's
+guard is recorded with it: the gradient norm, the skip decision (fed to fused Adam's `found_inf`, which leaves
+the update undone on the GPU), the clipping scale and the counts are device tensors that every replay rewrites,
+and so is the moving average of the weights (--ema). The guard's thresholds are constants of the recording.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
+from .step import Guard
+
 StepFn = Callable[[Tensor, float], Tensor]  # (indices of the batch, β) -> loss
+
+
+class GuardedStep(Protocol):
+    """A step (indices of the batch, β) -> loss whose guard keeps the counts of skipped updates."""
+
+    guard: Guard
+
+    def __call__(self, idx: Tensor, beta: float) -> Tensor: ...
 
 
 def capturable(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -44,8 +58,9 @@ def has_module_hooks(model: nn.Module) -> bool:
 class CUDAGraphStep:
     """`step` for batches of `batch_size` indices, recorded once as a CUDA graph at β = `beta` and replayed."""
 
-    def __init__(self, step: StepFn, batch_size: int, beta: float, device: torch.device):
+    def __init__(self, step: GuardedStep, batch_size: int, beta: float, device: torch.device):
         self.step, self.batch_size, self.beta = step, batch_size, beta
+        self.guard = step.guard  # its counts live on the GPU and are updated by every replay
         self.idx = torch.zeros(batch_size, dtype=torch.long, device=device)  # the graph's input
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: Tensor | None = None  # the graph's output

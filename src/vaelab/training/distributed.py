@@ -71,15 +71,17 @@ class World:
             dist.all_reduce(t)
         return t
 
-    def report(self, loss: Tensor, stop_requested: bool) -> tuple[float, bool]:
-        """(the global loss from every process's share, whether any process was asked to stop): one collective,
-        at the same steps on every process, so all of them stop, or see a non-finite loss, at the same step."""
+    def report(self, loss: Tensor, stop_requested: bool, planned: float = 0.0) -> tuple[float, bool, float]:
+        """(the global loss from every process's share, whether any process was asked to stop, the sum of `planned`
+        (rank 0's planned stop for the time limit; 0 from the others)): one collective, at the same steps on every
+        process, so all of them stop at the same step."""
         if self.size == 1:
-            return loss.item(), stop_requested
-        t = torch.stack([loss.detach().float(), loss.new_tensor(float(stop_requested), dtype=torch.float32)])
+            return loss.item(), stop_requested, planned
+        t = torch.tensor([0.0, float(stop_requested), planned], dtype=torch.float64, device=loss.device)
+        t[0] = loss.detach()
         self.all_sum(t)
-        value, stops = t.tolist()
-        return value, stops > 0
+        value, stops, planned = t.tolist()
+        return value, stops > 0, planned
 
     def agree(self, fn: Callable[[], object]):
         """fn() on every process; if it fails on any, all stop: the lowest failing rank raises its own error

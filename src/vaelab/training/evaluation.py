@@ -37,7 +37,8 @@ class Scored:
 def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare, seed: int = 0,
                  part: tuple[int, int] = (0, 1), reduce: Callable[[Tensor], Tensor] | None = None,
                  scored: Scored | None = None) -> dict:
-    """−ELBO (= rec + kl), rec, kl, bits/dim, per-pixel MSE and σ, averaged over the images of `x`; with
+    """−ELBO (= rec + kl), rec, kl, bits/dim, per-pixel MSE and σ, averaged over the images of `x`, and the KL
+    per latent dimension (None for a prior without a closed-form KL, whose KL is estimated at the z drawn); with
     `scored`, also the training objective (`objective`): each evaluation batch is one batch of the objective, at
     the same z as the ELBO's when it draws one per image, and the value is the mean over the images.
 
@@ -69,7 +70,8 @@ def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare,
             t = model.terms(xin, eps=eps)
             assert t.sq_err is not None, "terms() with extras computes it"
             totals[:3] += torch.stack([t.rec.sum(), t.kl.sum(), t.sq_err.sum()]).double()
-            totals[6:] += t.kl_per_dim.sum(0).double()
+            if t.kl_per_dim is not None:  # a learned prior has no KL per dimension; its KL is estimated at z
+                totals[6:] += t.kl_per_dim.sum(0).double()
             if t.sigma is not None:
                 totals[3] += t.sigma.double().sum()
                 totals[4] += t.sigma.shape[0]
@@ -82,11 +84,14 @@ def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare,
     d = model.n_pixels
     out = {"loss": rec + kl, "rec": rec, "kl": kl,
            "bits_per_dim": bits_per_dim(rec + kl, d, model.likelihood.continuous),
-           "mse": sq / d, "kl_per_dim": (totals[6:] / n).tolist()}
+           "mse": sq / d, "kl_per_dim": (totals[6:] / n).tolist() if model.prior.closed_form_kl else None}
     if sigma_count > 0:
         out["sigma"] = sigma_sum
     if scored is not None:
         out["objective"] = objective
+    per_group = getattr(model, "per_group", None)  # a hierarchical model: the KL of each latent group, top first
+    if per_group is not None and out["kl_per_dim"] is not None:
+        out["kl_per_group"] = per_group(totals[6:] / n).tolist()
     return out
 
 

@@ -3,23 +3,38 @@
     x, eps = inputs(idx)                    # the batch (and, when split over processes, the noise of z)
     out = model(x, eps, samples=K)          # per-example terms (K draws of z per example)
     loss = objective(out, batch)            # vaelab.models.objective
-    loss.total.backward(); optimizer.step()
+    loss.total.backward()
+    guard(optimizer, loss.total)            # the update, unless the gradient is non-finite or too large
+    ema.update()                            # the moving average of the weights (--ema), if any
+
+The guard decides on the device, from the gradient's total norm and the loss, with no host read: a step whose
+loss or gradient is non-finite, or whose gradient norm passes --skip-threshold, changes nothing (weights,
+optimizer moments and step count stay as they were) and is counted; --grad-clip rescales the gradient to at most
+that norm. The fused optimizers (Adam, and SGD where fused) apply the decision themselves, through the
+`found_inf` and `grad_scale` inputs their kernels have for mixed-precision loss scaling, so the step is the same
+sequence of kernels whatever the decision, and a CUDA graph can record it. Other optimizers read the decision on
+the host.
 
 What differs between devices and process counts wraps this step and does not repeat it: on a GPU a CUDA graph
 records and replays it (vaelab.training.cudagraph); with several processes the model is wrapped in
-DistributedDataParallel and the inputs are this process's rows (vaelab.training.distributed).
+DistributedDataParallel and the inputs are this process's rows (vaelab.training.distributed). There the
+gradient is already averaged over the processes when the guard reads it, and the loss is summed over them first,
+so every process takes the same decision.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..models.objective import Batch, Objective
+from .ema import EMA
 
 # (x, eps) for the training images `idx`: eps None lets the model draw the noise of z itself
 Inputs = Callable[[Tensor], tuple[Tensor, Tensor | None]]
@@ -38,6 +53,102 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class Guards:
+    """What the step does with an unusual gradient; 0 turns a rule off. Non-finite steps are always skipped."""
+
+    skip_threshold: float = 0.0  # skip the update when the gradient norm is above this multiple of its usual value
+    grad_clip: float = 0.0  # rescale the gradient to at most this total norm
+
+
+# the guard's running numbers, one vector on the device (indices into Guard.stats)
+SKIPPED, NONFINITE, STREAK, STEPS, NORM_SUM, NORM_MAX, LOG_USUAL, SEEN = range(8)
+USUAL_STEPS = 50  # the usual gradient norm: the geometric mean over about this many recent updates
+SKIP_AFTER = 10  # updates seen before the guard skips for size (the usual norm needs a few to settle)
+
+
+class Guard:
+    """Applies the optimizer's update unless the step's loss or gradient is non-finite or its gradient norm is more
+    than `skip_threshold` times the usual one, and keeps count on the device: `stats` holds the updates skipped for
+    a large gradient, the non-finite steps, the current run of consecutive non-finite steps, the steps, the sum and
+    maximum of the finite gradient norms (read and reset by `take`, once per epoch), and the log of the usual norm
+    with the number of updates it has seen.
+
+    The usual norm is the running geometric mean of the updates' norms (a mean of logs, equal weights over the
+    first USUAL_STEPS updates, then an exponential average over about as many): a threshold relative to it means the
+    same for any data, likelihood or σ, whose gradient norms differ by orders of magnitude."""
+
+    def __init__(self, params: Iterable[nn.Parameter], guards: Guards = Guards(),
+                 all_sum: Callable[[Tensor], Tensor] | None = None):
+        self.params = [p for p in params if p.requires_grad]
+        self.guards, self.all_sum = guards, all_sum
+        self.stats = torch.zeros(8, dtype=torch.float64, device=self.params[0].device)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads).float()  # 0-dim, on the device; inf/nan pass through
+        total = loss.detach().float()
+        if self.all_sum is not None:  # the whole batch's loss: every process decides alike
+            total = self.all_sum(total.clone())
+        finite = torch.isfinite(norm) & torch.isfinite(total)
+        large = self._count(norm, finite)
+        skip = ~finite | large
+        scale = torch.where(finite, norm / self.guards.grad_clip, 1.0).clamp_min(1.0) if self.guards.grad_clip > 0 \
+            else None
+        if takes_decision(optimizer):
+            # the fused kernel leaves parameters, moments and step count alone where found_inf is 1, and divides
+            # the gradient by grad_scale: no host read, the same kernels whatever the decision
+            optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+            optimizer.grad_scale = scale  # type: ignore[attr-defined]
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
+            return
+        if scale is not None:
+            torch._foreach_div_(grads, scale)
+        if not bool(skip):  # reads the decision on the host (never inside a CUDA graph: it needs a fused optimizer)
+            optimizer.step()
+
+    def _count(self, norm: Tensor, finite: Tensor) -> Tensor:
+        """Updates the counts and the usual norm; returns whether this finite step is too large to apply."""
+        s = self.stats
+        n = torch.where(finite, norm, 0.0).double()
+        log_n = torch.log(n.clamp_min(1e-30))
+        large = torch.zeros_like(finite)
+        if self.guards.skip_threshold > 0:
+            large = finite & (s[SEEN] >= SKIP_AFTER) & (log_n > s[LOG_USUAL] + math.log(self.guards.skip_threshold))
+        accepted = finite & ~large
+        weight = torch.where(accepted, (1 / (s[SEEN] + 1)).clamp_min(1 / USUAL_STEPS), 0.0)
+        s.add_(torch.stack([large.double(), (~finite).double(), (~finite).double(), torch.ones_like(n), n,
+                            torch.zeros_like(n), weight * (log_n - s[LOG_USUAL]), accepted.double()]))
+        s[STREAK] = torch.where(finite, 0.0, s[STREAK])
+        s[NORM_MAX] = torch.maximum(s[NORM_MAX], n)
+        return large
+
+    def take(self) -> dict[str, float]:
+        """The counts since the last call (reading them waits for the device), then zeroes them; the run of
+        non-finite steps carries on."""
+        skipped, nonfinite, _, steps, norm_sum, norm_max, log_usual, _ = self.stats.tolist()
+        self.stats[[SKIPPED, NONFINITE, STEPS, NORM_SUM, NORM_MAX]] = 0.0
+        finite = steps - nonfinite
+        return {"skipped_updates": int(skipped), "nonfinite_steps": int(nonfinite),
+                "grad_norm_mean": norm_sum / finite if finite else float("nan"), "grad_norm_max": norm_max,
+                "grad_norm_usual": math.exp(log_usual)}
+
+    def peek(self) -> tuple[int, int]:
+        """(updates skipped in this epoch, for either reason; consecutive non-finite steps up to the last one): a
+        host read."""
+        skipped, nonfinite, streak = self.stats[:STEPS].tolist()
+        return int(skipped + nonfinite), int(streak)
+
+
+def takes_decision(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's own kernel applies a skip decision and a gradient scale (fused Adam and SGD)."""
+    return (getattr(optimizer, "_step_supports_amp_scaling", False)
+            and all(g.get("fused") for g in optimizer.param_groups))
+
+
 class Step:
     """One optimisation step on the training images `idx` at KL weight `beta`; returns this process's share of
     the objective (a 0-dim tensor on the device: reading it waits for the step).
@@ -45,13 +156,17 @@ class Step:
     `all_sum` and `processes` describe the processes sharing each batch (one by default). Under
     DistributedDataParallel, which averages the processes' gradients, each process differentiates `processes`
     times its share, so that the average is the gradient of the whole batch's objective.
+    `guards` sets the guard's rules (Guards(): skip non-finite steps only); `ema` is updated after every step.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, inputs: Inputs,
                  autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-                 all_sum: Callable[[Tensor], Tensor] = _identity, processes: int = 1):
+                 all_sum: Callable[[Tensor], Tensor] = _identity, processes: int = 1,
+                 guards: Guards = Guards(), ema: EMA | None = None):
         self.model, self.optimizer, self.objective, self.inputs = model, optimizer, objective, inputs
         self.autocast, self.all_sum, self.processes = autocast, all_sum, processes
+        self.guard = Guard(model.parameters(), guards, all_sum if processes > 1 else None)
+        self.ema = ema
 
     def __call__(self, idx: Tensor, beta: float) -> Tensor:
         x, eps = self.inputs(idx)  # (B, C, H, W); (B, L), (K, B, L) or None
@@ -60,5 +175,7 @@ class Step:
         loss = self.objective(out, Batch(len(idx), beta, self.all_sum, self.processes))
         self.optimizer.zero_grad(set_to_none=True)
         (loss.total * self.processes if self.processes > 1 else loss.total).backward()
-        self.optimizer.step()
+        self.guard(self.optimizer, loss.total)
+        if self.ema is not None:
+            self.ema.update()
         return loss.total.detach()

@@ -40,13 +40,16 @@ from ..runs import (
     save_weights,
     write_metrics,
 )
+from .budget import Budget
 from .build import check_precision, make_objective_for, make_optimizer, make_step, resolve_device
-from .cudagraph import StepFn
+from .cudagraph import GuardedStep
 from .distributed import SINGLE, World, check_batch, join
+from .ema import EMA
 from .evaluation import NEGATIVE_NOTE, Scored, elbo_metrics, loss_text
 from .monitor import TensorBoard
 
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
+NONFINITE_STOP = 10  # consecutive non-finite steps (all skipped, so on unchanged weights) that stop a run
 EVAL_SEED = 12345
 
 
@@ -107,15 +110,16 @@ def train(config: TrainConfig | dict, progress: bool = True, data: ImageData | N
     return _start(config, progress, data, continuing=False)
 
 
-def resume(path: str | Path, progress: bool = True, epochs: int | None = None, device: Device | None = None
-           ) -> Run:
-    """Continue the run in `path` from its checkpoint, up to `epochs` in total (default: its own setting).
-    On a CPU the result is bit-identical to an uninterrupted run."""
+def resume(path: str | Path, progress: bool = True, epochs: int | None = None, device: Device | None = None,
+           time_limit: float | None = None) -> Run:
+    """Continue the run in `path` from its checkpoint, up to `epochs` in total (default: its own setting), within
+    `time_limit` minutes (default: none, whatever limit the run had before). On a CPU the result is bit-identical
+    to an uninterrupted run."""
     path = Path(path)
     if not (path / CHECKPOINT).is_file():
         raise RunError(f"{path}: no {CHECKPOINT} to resume from (give a run directory that trained at least "
                        "part of an epoch)")
-    config = TrainConfig.load(path / CONFIG).replace(out=str(path))
+    config = TrainConfig.load(path / CONFIG).replace(out=str(path), time_limit=time_limit)
     if epochs is not None:
         done = checkpoint_epoch(path / CHECKPOINT)
         if epochs <= done:
@@ -128,6 +132,7 @@ def resume(path: str | Path, progress: bool = True, epochs: int | None = None, d
 
 
 def _start(config: TrainConfig, progress: bool, data: ImageData | None, continuing: bool) -> Run:
+    budget = Budget(config.runtime.time_limit, PROGRESS_EVERY)  # the clock starts now
     out = default_out(config)
     # under torchrun: this process's rank and device; a single process otherwise (World())
     world, device = join(resolve_device(config.runtime.device))
@@ -147,7 +152,7 @@ def _start(config: TrainConfig, progress: bool, data: ImageData | None, continui
             shuffle = torch.Generator().manual_seed(config.optim.seed)
             state = world.agree(lambda: _setup(config, out, device, data, continuing, shuffle,
                                                progress and world.main, world))  # one fails: all stop
-            return _loop(state, device, shuffle, progress and world.main, world)
+            return _loop(state, device, shuffle, progress and world.main, world, budget)
     finally:
         world.close()
 
@@ -165,6 +170,7 @@ class _State:
     epoch: int = 0
     start_step: int = 0
     metrics: list[dict] = field(default_factory=list)
+    saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # the checkpoint's EMA and guard counts
 
 
 def _setup(config: TrainConfig, out: Path, device: torch.device, data: ImageData | None, continuing: bool,
@@ -179,8 +185,8 @@ def _setup(config: TrainConfig, out: Path, device: torch.device, data: ImageData
     optimizer = make_optimizer(config, model)
     state = _State(config, out, prep, model, optimizer, board)
     if continuing:
-        meta, rng = load_checkpoint(out / CHECKPOINT, model, optimizer)
-        state.epoch, state.start_step = meta["epoch"], meta["step"]
+        meta, rng = load_checkpoint(out / CHECKPOINT, model, optimizer, extra=("ema", "guard"))
+        state.epoch, state.start_step, state.saved = meta["epoch"], meta["step"], meta["extra"]
         torch.set_rng_state(rng["cpu"])
         shuffle.set_state(rng["shuffle"])
         if "cuda" in rng and device.type == "cuda":
@@ -195,13 +201,20 @@ def _setup(config: TrainConfig, out: Path, device: torch.device, data: ImageData
     return state
 
 
-def _loop(s: _State, device: torch.device, shuffle: torch.Generator, progress: bool, world: World) -> Run:
-    """Epochs up to the config's total; a checkpoint, metrics and weights after each one."""
+def _loop(s: _State, device: torch.device, shuffle: torch.Generator, progress: bool, world: World,
+          budget: Budget) -> Run:
+    """Epochs up to the config's total or the time limit; a checkpoint, metrics and weights after each one."""
     config, out = s.config, s.out
     n = s.prep.train.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
-    objective = make_objective_for(config)
-    train_step = make_step(config, s.model, s.optimizer, objective, s.prep, device, world)
+    objective = make_objective_for(config, dataset_size=n)
+    ema = EMA(s.model, config.optim.ema) if config.optim.ema > 0 else None
+    if ema is not None and "ema" in s.saved:
+        ema.load_state_dict(s.saved["ema"])
+    train_step = make_step(config, s.model, s.optimizer, objective, s.prep, device, world, ema)
+    guard = train_step.guard
+    if "guard" in s.saved:  # the counts of an epoch interrupted part-way
+        guard.stats.copy_(s.saved["guard"]["stats"])
     # where the checkpoint on disk stands, for the message if another process dies
     saved = [f"epoch {s.epoch + 1}, step {s.start_step}" if s.start_step else
              f"end of epoch {s.epoch}" if s.epoch else None]
@@ -213,43 +226,98 @@ def _loop(s: _State, device: torch.device, shuffle: torch.Generator, progress: b
 
     signals = (signal.SIGINT, signal.SIGTERM) if world.size > 1 else (signal.SIGINT,)
     with _StopFlag(signals) as stop, world.watch(lost), contextlib.closing(s.board or _Nothing()):
-        while s.epoch < config.optim.epochs:
+        while s.epoch < config.optim.epochs and not budget.expired(world.size):
             shuffle_state = shuffle.get_state()  # lets a mid-epoch checkpoint rebuild this epoch's order
             order = torch.randperm(n, generator=shuffle).to(device)
             s.prep.batches.plan(order, s.start_step)  # mapped data: the next batch is read while a step runs
             t0 = time.perf_counter()
             step = _run_epoch(config, s.model, train_step, order, s.epoch, s.start_step, steps_per_epoch, stop,
-                              progress, world)
+                              progress, world, budget)
             train_seconds = time.perf_counter() - t0
-            if step < steps_per_epoch:  # stopped by Ctrl-C mid-epoch
-                _interrupted(s, step, steps_per_epoch, _rng_state(shuffle_state, device), world)
-            s.start_step = 0
-            s.epoch += 1
-            s.metrics += _epoch_metrics(config, s.model, objective, s.prep, s.epoch, train_seconds, world)
-            if s.board is not None:
-                s.board.epoch(s.epoch, s.metrics[-2:], s.model)
-            if world.main:
-                write_metrics(out / METRICS, s.metrics)
-                save_weights(s.model, out / WEIGHTS)
-                save_checkpoint(out / CHECKPOINT, s.model, s.optimizer,
-                                {"epoch": s.epoch, "step": 0, "world_size": world.size},
-                                _rng_state(shuffle.get_state(), device))
+            extra = {"guard": {"stats": guard.stats.clone()}, **({"ema": ema.state_dict()} if ema else {})}
+            if step < steps_per_epoch and not budget.hit:  # stopped by Ctrl-C mid-epoch
+                _interrupted(s, step, steps_per_epoch, _rng_state(shuffle_state, device), world, extra)
+            counts = guard.take()
+            if step < steps_per_epoch:  # the time limit, mid-epoch: the checkpoint resumes at this step
+                meta, rng = {"epoch": s.epoch, "step": step}, _rng_state(shuffle_state, device)
+                done = round(s.epoch + step / steps_per_epoch, 4)
+            else:
+                s.start_step, s.epoch = 0, s.epoch + 1
+                meta, rng, done = {"epoch": s.epoch, "step": 0}, _rng_state(shuffle.get_state(), device), s.epoch
+                extra["guard"] = {"stats": guard.stats.clone()}
+            _save_epoch(s, objective, ema, done, step < steps_per_epoch, {**counts, "seconds": train_seconds}, world,
+                        budget, progress, (meta | {"world_size": world.size}, rng, extra))
+            if step < steps_per_epoch:
+                saved[0] = f"epoch {s.epoch + 1}, step {step}"
+                break
             saved[0] = f"end of epoch {s.epoch}"
-            if progress:
-                test = s.metrics[-1]
-                print(f"epoch {s.epoch}/{config.optim.epochs}: test {loss_text(test)}, {train_seconds:.1f}s",
-                      file=sys.stderr)
-                if test["loss"] < 0 and all(r["loss"] >= 0 for r in s.metrics[:-1] if r["split"] == "test"):
-                    print(f"  ({NEGATIVE_NOTE})", file=sys.stderr)  # once: the first epoch below 0
+        if budget.hit and s.metrics and "stopped" not in s.metrics[-1]:  # stopped between two epochs
+            _stopped_on_time(s, world, progress)
+    if ema is not None:
+        ema.copy_to_model()  # the run's model is the one it evaluated and saved
     s.model.eval()
     return Run(out, config, s.model, s.metrics)
 
 
-def _interrupted(s: _State, step: int, steps_per_epoch: int, rng: dict[str, Tensor], world: World) -> None:
+def _save_epoch(s: _State, objective: Objective, ema: EMA | None, done: float, partial: bool, train: dict,
+                world: World, budget: Budget, progress: bool, checkpoint: tuple[dict, dict, dict]) -> None:
+    """After the training of an epoch (or of part of one, stopped by the time limit: `done` epochs in all): the
+    metrics of the model it evaluates (the weights' moving average, if kept), its weights, then the checkpoint to
+    resume from."""
+    with budget.evaluating(), ema.applied() if ema is not None else contextlib.nullcontext():
+        rows = _epoch_metrics(s.config, s.model, objective, s.prep, s.epoch + partial, train["seconds"], world,
+                              done=done)
+        if s.board is not None:
+            s.board.epoch(s.epoch + partial, rows, s.model)
+        if world.main:
+            save_weights(s.model, s.out / WEIGHTS)
+    rows[0].update(train)
+    if partial:
+        for row in rows:
+            row["stopped"] = "time-limit"
+    s.metrics += rows
+    if world.main:
+        write_metrics(s.out / METRICS, s.metrics)
+        meta, rng, extra = checkpoint
+        save_checkpoint(s.out / CHECKPOINT, s.model, s.optimizer, meta, rng, extra)
+    if progress:
+        _print_epoch(s, done, train)
+
+
+def _print_epoch(s: _State, done: float, train: dict) -> None:
+    test, optim = s.metrics[-1], s.config.optim
+    notes = []
+    if train["skipped_updates"]:
+        notes.append(f"{train['skipped_updates']} updates skipped (gradient norm over {optim.skip_threshold:g}x "
+                     "the usual)")
+    if train["nonfinite_steps"]:
+        notes.append(f"{train['nonfinite_steps']} non-finite steps skipped")
+    if "stopped" in test:
+        notes.append(f"stopped at the {s.config.runtime.time_limit:g}-minute time limit; continue with vaelab "
+                     f"train --resume {s.out}")
+    print(f"epoch {done:g}/{optim.epochs}: test {loss_text(test)}, {train['seconds']:.1f}s"
+          + "".join(f"; {n}" for n in notes), file=sys.stderr)
+    if test["loss"] < 0 and all(r["loss"] >= 0 for r in s.metrics[:-1] if r["split"] == "test"):
+        print(f"  ({NEGATIVE_NOTE})", file=sys.stderr)  # once: the first epoch below 0
+
+
+def _stopped_on_time(s: _State, world: World, progress: bool) -> None:
+    """The time limit fell at the end of an epoch: its rows say so."""
+    for row in s.metrics[-2:]:
+        row["stopped"] = "time-limit"
+    if world.main:
+        write_metrics(s.out / METRICS, s.metrics)
+    if progress:
+        print(f"stopped at the {s.config.runtime.time_limit:g}-minute time limit after epoch {s.epoch}; continue "
+              f"with vaelab train --resume {s.out}", file=sys.stderr)
+
+
+def _interrupted(s: _State, step: int, steps_per_epoch: int, rng: dict[str, Tensor], world: World,
+                 extra: dict[str, dict[str, Tensor]]) -> None:
     """Ctrl-C mid-epoch: a checkpoint that resumes at this step, then stop."""
     if world.main:
         save_checkpoint(s.out / CHECKPOINT, s.model, s.optimizer,
-                        {"epoch": s.epoch, "step": step, "world_size": world.size}, rng)
+                        {"epoch": s.epoch, "step": step, "world_size": world.size}, rng, extra)
         print(f"\ninterrupted: checkpoint saved at epoch {s.epoch + 1}, step {step}/{steps_per_epoch}; "
               f"continue with: vaelab train --resume {s.out}", file=sys.stderr)
     raise KeyboardInterrupt
@@ -266,8 +334,9 @@ def beta_at(config: TrainConfig, epoch_progress: float) -> float:
     return config.optim.beta * min(1.0, epoch_progress / config.optim.kl_warmup)
 
 
-def _run_epoch(config, model, train_step: StepFn, order, epoch, start_step, steps_per_epoch, stop,
-               progress, world: World = SINGLE) -> int:
+def _run_epoch(config, model, train_step: GuardedStep, order, epoch, start_step, steps_per_epoch, stop,
+               progress, world: World = SINGLE, budget: Budget | None = None) -> int:
+    """The steps of one epoch from `start_step`; returns the step it stopped before (steps_per_epoch: all done)."""
     model.train()
     bar = None
     if progress:
@@ -275,22 +344,29 @@ def _run_epoch(config, model, train_step: StepFn, order, epoch, start_step, step
 
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{config.optim.epochs}",
                    unit="step", leave=False, dynamic_ncols=True)
+    budget = budget or Budget(None, PROGRESS_EVERY)
+    budget.start_epoch(start_step)
     count = 0
     step = start_step
     try:
         for step in range(start_step, steps_per_epoch):
-            if stop.agreed or (stop.requested and world.size == 1):
+            if stop.agreed or (stop.requested and world.size == 1) or budget.due(step, world.size):
                 return step
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
             beta = beta_at(config, epoch + step / steps_per_epoch)
             loss = train_step(idx, beta)  # with several processes: this process's share of the loss
             count += 1
             if count == PROGRESS_EVERY or step == steps_per_epoch - 1:  # reading the loss waits for the device
-                value, stop.agreed = world.report(loss, stop.requested)  # summed over the processes
-                if not math.isfinite(value):  # non-finite weights make every later loss non-finite too
-                    raise TrainingError(_nonfinite_message(config, model, epoch, step))
+                planned = budget.plan(step) if world.main else 0.0  # the time limit: where all processes stop
+                # summed over the processes
+                value, stop.agreed, planned = world.report(loss, stop.requested, planned)
+                budget.agree(planned)
+                skipped, streak = train_step.guard.peek()  # the same on every process
+                if streak >= min(NONFINITE_STOP, step + 1):  # every step in a while: the weights themselves are bad
+                    raise TrainingError(_nonfinite_message(config, model, epoch, step, streak))
                 if bar is not None:
-                    bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.2f}")
+                    shown = {"loss": f"{value:.2f}", "beta": f"{beta:.2f}", **({"skipped": skipped} if skipped else {})}
+                    bar.set_postfix(ordered_dict=shown)
                     bar.update(count)
                 count = 0
                 if stop.agreed and world.size > 1:
@@ -301,28 +377,31 @@ def _run_epoch(config, model, train_step: StepFn, order, epoch, start_step, step
             bar.close()
 
 
-def _nonfinite_message(config: TrainConfig, model: VAE, epoch: int, step: int) -> str:
+def _nonfinite_message(config: TrainConfig, model: VAE, epoch: int, step: int, streak: int) -> str:
     causes = [f"the learning rate is too high (--lr {config.lr:g}; try {config.lr / 10:g})"]
     causes += model.likelihood.instability_causes(str(config.model.sigma))
     if config.optim.beta != 1.0:
         causes.append(f"--beta {config.optim.beta:g}")
-    return (f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}; likely cause: "
-            + "; or ".join(causes) + "."
+    return (f"the loss was non-finite in the last {streak} steps up to epoch {epoch + 1}, step {step + 1} (their "
+            "updates were skipped, so the weights themselves give it); likely cause: " + "; or ".join(causes) + "."
             + (" The last checkpoint (previous epoch) is kept." if epoch > 0 else " No checkpoint was written."))
 
 
-def _epoch_metrics(config, model, objective: Objective, prep, epoch, train_seconds, world: World = SINGLE
-                   ) -> list[dict]:
-    """Each split's metrics, the evaluation shared among the processes: the numbers one process reports."""
+def _epoch_metrics(config, model, objective: Objective, prep, epoch, train_seconds, world: World = SINGLE,
+                   done: float | None = None) -> list[dict]:
+    """Each split's metrics, the evaluation shared among the processes: the numbers one process reports.
+    `epoch` seeds the evaluation's draws; `done` (default `epoch`) is the epochs trained, a fraction for an epoch
+    stopped part-way."""
     rows = []
+    done = epoch if done is None else done
     # `loss` is always the −ELBO; an objective that differs from it is reported beside it
     differs = not objective.is_elbo(config.optim.beta) or config.optim.kl_warmup > 0
-    scored = Scored(objective, beta_at(config, float(epoch))) if differs else None
+    scored = Scored(objective, beta_at(config, float(done))) if differs else None
     for split, x in (("train", prep.train_eval), ("test", prep.test)):
         m = elbo_metrics(model, x, max(config.batch_size, 1000), prep.prepare, seed=EVAL_SEED + epoch,
                          part=(world.rank, world.size), reduce=world.all_sum if world.size > 1 else None,
                          scored=scored)
-        row = {"epoch": epoch, "split": split, **m, "world_size": world.size}
+        row = {"epoch": done, "split": split, **m, "world_size": world.size}
         if not prep.normalized:
             row["normalized"] = False
         if split == "train":

@@ -116,7 +116,7 @@ async function main() {
     const name = k => S.kind === "pca" ? `principal axis ${k + 1}` : `z${k + 1}`;
     const vertical = L > 1 ? name(j) : "unused (one latent dimension)";
     $("plane-caption").textContent = `horizontal: ${name(i)}, vertical: ${vertical}; plane coordinates ` +
-      `measured from z = 0; circles hold 68%, 95%, 99.7% of the prior's mass in the plane; grid lines at the 5%, ` +
+      `measured from z = 0; ${priorText()}; grid lines at the 5%, ` +
       "15%, …, 95% quantiles of N(0, 1); " +
       "the mouse wheel zooms" +
       (L > 2 ? "; the other dimensions are set by the sliders (default: the mean code)" : "");
@@ -136,6 +136,33 @@ async function main() {
             S.extent - (e.clientY - r.top) / r.height * 2 * S.extent];
   }
 
+  function priorText() {
+    if (Object.keys(info.prior_radii).length) return "circles hold 68%, 95%, 99.7% of the prior's mass in the plane";
+    if (info.prior_density) {
+      return `shaded: the prior's log-density log p(z) (${info.prior_text}), from its peak down ${DENSITY_NATS} nats`;
+    }
+    return `the prior is ${info.prior_text}`;
+  }
+
+  const DENSITY_NATS = 6;             // the shading's range: the peak of log p(z) down to this many nats below
+  function drawPriorDensity(g) {      // a learned prior in two dimensions: log p(z) on the server's grid, shaded
+    const { extent: E, log_p: rows } = info.prior_density, n = rows.length;
+    const top = Math.max(...rows.map(r => Math.max(...r)));
+    const swap = S.axes[0] === 1;     // z2 horizontal: the grid is seen transposed
+    const img = new ImageData(n, n);
+    for (let r = 0; r < n; r++) {
+      for (let c = 0; c < n; c++) {
+        const lp = swap ? rows[n - 1 - c][n - 1 - r] : rows[r][c], k = 4 * (r * n + c);
+        img.data.set([31, 119, 180, Math.round(120 * Math.max(0, 1 + (lp - top) / DENSITY_NATS))], k);
+      }
+    }
+    const grid = document.createElement("canvas");
+    grid.width = grid.height = n;
+    grid.getContext("2d").putImageData(img, 0, 0);
+    const [x0, y0] = toPx(-E, E), [x1, y1] = toPx(E, -E);
+    g.drawImage(grid, x0, y0, x1 - x0, y1 - y0);
+  }
+
   function drawBase() {
     const g = base.getContext("2d"), w = base.width, h = base.height, px = w / (2 * S.extent);
     g.clearRect(0, 0, w, h);
@@ -149,6 +176,7 @@ async function main() {
     const [ox, oy] = toPx(0, 0);
     g.strokeStyle = "#bbb";
     g.beginPath(); g.moveTo(ox, 0); g.lineTo(ox, h); g.moveTo(0, oy); g.lineTo(w, oy); g.stroke();
+    if (info.prior_density) drawPriorDensity(g);
     for (let i = 0; i < S.uv.length; i++) {
       const [x, y] = toPx(...S.uv[i]);
       g.fillStyle = S.colourBy >= 0 ? ramp(factors[i][S.colourBy], S.colourBy)

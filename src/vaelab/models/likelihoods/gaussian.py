@@ -82,8 +82,10 @@ class GaussianOptimal(Gaussian):
         if self.training:
             with torch.no_grad():
                 m = torch.where(self.n_updates > 0, self.MOMENTUM, 1.0)
-                self.running_var.lerp_(var, m)
-                self.n_updates += 1
+                # a non-finite batch (a step the training step's guard skips) leaves the running value alone
+                self.running_var.copy_(torch.where(torch.isfinite(var), self.running_var.lerp(var, m),
+                                                   self.running_var))
+                self.n_updates += torch.isfinite(var).long()
         else:
             var = self.running_var
         log_sigma = 0.5 * torch.log(var)

@@ -1,0 +1,67 @@
+"""Does the default conv VAE train on `shapes` without falling over?
+
+For each seed it trains `vaelab train --dataset shapes --arch conv --latent-dim 32 --limit N --epochs E --seed S`
+(σ = 0.1, every other setting the default; extra flags after `--` are passed on) and reads the test MSE of every
+epoch from metrics.jsonl. A run "falls over" when an epoch's test MSE is more than 20 % above the best epoch
+before it; the script also reports the updates the step's guard skipped and the non-finite steps. The last line
+is machine-readable (JSON).
+
+    python benchmarks/stability.py                          # 3 seeds, --limit 5000, 4 epochs (long on a CPU)
+    python benchmarks/stability.py --limit 2000 --epochs 3  # shorter
+    python benchmarks/stability.py -- --skip-threshold 4e5  # with extra training flags
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from vaelab import TrainConfig, train
+from vaelab.flags import add_setting_flags, given_settings
+
+RISE = 1.2  # an epoch whose test MSE is above RISE x the best before it has fallen over
+
+
+def falls(mse: list[float]) -> list[int]:
+    """The epochs (1-based) whose test MSE is more than 20 % above the best epoch before them."""
+    return [i + 1 for i in range(1, len(mse)) if mse[i] > RISE * min(mse[:i])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--limit", type=int, default=5000)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--out", help="folder for the runs (default: a temporary one)")
+    argv = sys.argv[1:] if argv is None else argv
+    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = p.parse_args(own)
+    q = argparse.ArgumentParser()
+    add_setting_flags(q)
+    settings = given_settings(q.parse_args(extra))
+    out = Path(args.out or tempfile.mkdtemp(prefix="vaelab-stability-"))
+    results = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        config = TrainConfig(**{"dataset": "shapes", "arch": "conv", "latent_dim": 32, "limit": args.limit,
+                                "epochs": args.epochs, "seed": seed, "out": str(out / f"seed{seed}"), **settings})
+        run = train(config, progress=False)
+        test = [r for r in run.metrics if r["split"] == "test"]
+        trained = [r for r in run.metrics if r["split"] == "train"]
+        mse = [r["mse"] for r in test]
+        result = {"seed": seed, "test_mse": mse, "falls": falls(mse),
+                  "skipped_updates": sum(r.get("skipped_updates", 0) for r in trained),
+                  "nonfinite_steps": sum(r.get("nonfinite_steps", 0) for r in trained),
+                  "grad_norm_max": max(r.get("grad_norm_max", 0.0) for r in trained)}
+        print(f"seed {seed}: test MSE by epoch {', '.join(f'{v:.4f}' for v in mse)}; falls at epochs "
+              f"{result['falls'] or 'none'}; {result['skipped_updates']} updates skipped, "
+              f"{result['nonfinite_steps']} non-finite steps", flush=True)
+        results.append(result)
+    print(json.dumps({"limit": args.limit, "epochs": args.epochs, "extra": extra, "runs": results}))
+    return 1 if any(r["falls"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

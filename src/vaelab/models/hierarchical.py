@@ -1,0 +1,277 @@
+"""A top-down hierarchical VAE of the VDVAE / NVAE family (`--arch hierarchical`).
+
+Groups of latents sit at several resolutions, top first: 1x1, then each size of the encoder's ladder whose
+larger side is at most 16 (28x28 -> 1, 4, 7, 14; 32x32 -> 1, 4, 8, 16; 64x64 -> 1, 4, 8, 16; 64x48 -> 1x1, 4x3,
+8x6, 16x12), `groups` groups at each. A bottom-up pass computes features of x at every resolution; a top-down
+pass draws the groups in turn, each from a diagonal Gaussian computed from the shared top-down state:
+
+    p(z) = Π_i p(z_i | z_<i)          q(z|x) = Π_i q(z_i | x, z_<i)       (cells.TopDownCell)
+    KL   = Σ_i E_q[KL(q(z_i | x, z_<i) ‖ p(z_i | z_<i))], each term in closed form at the drawn z_<i
+
+then refines the state up to full size and outputs the likelihood's `n_params` parameter maps.
+
+It has the single-latent VAE's interface, over a flat latent vector of `latent_dim` units: every group's units,
+top group first, each group in (channel, row, column) order.
+  forward / terms / iwae_bound   eps (B, L) (or (K, B, L)) is the standard-normal noise of every group's
+                                 posterior draw, z_i = μ_q + σ_q·ε_i; kl_per_dim (B, L) holds each unit's KL
+  encode(x)                      q(z_top | x) of the top group alone, (B, code_dim): the codes plots show
+  decode(z)                      z (B, code_dim): the top group's z, the lower groups at their prior means;
+                                 z (B, L): the top group's z, then the lower groups' standardized prior noise u,
+                                 z_i = μ_p + σ_p·u_i (so decode(sample_prior(n, temperature=T)) is a prior draw
+                                 at temperature T: every group's noise scaled by T)
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cells import Block, BottomUp, TopDownCell, gaussian_kl
+from .likelihoods import Likelihood, make_likelihood
+from .nets import MAX_FINAL_SIDE, stage_sizes, to_channels_last
+from .priors import LOG_2PI, StandardPrior
+from .vae import ARCH_MODELS, VAE, DiagonalGaussian, Terms
+
+MAX_LATENT_SIDE = 16  # latent groups at every ladder size up to this larger side (half of 32x32, a quarter of 64)
+DEFAULT_GROUPS = 1
+
+
+def ladder(shape: tuple[int, int, int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(the encoder's sizes: the image's, then each stride-2 stage's until the larger side is at most 5;
+    the latent resolutions, top first: 1x1, then the stage sizes with larger side <= MAX_LATENT_SIDE)."""
+    _, h, w = shape
+    n = 1
+    while max(math.ceil(h / 2 ** n), math.ceil(w / 2 ** n)) > MAX_FINAL_SIDE:
+        n += 1
+    sizes = stage_sizes(shape, n)
+    latent = [(1, 1)] + [s for s in reversed(sizes[1:]) if max(s) <= MAX_LATENT_SIDE and s != (1, 1)]
+    return sizes, latent
+
+
+@dataclass
+class Draws:
+    """One top-down pass, every group flattened and concatenated, top first, (N, L) each: the drawn z, the
+    prior's mean and log-variance at it, and the posterior's (None where a group came from the prior)."""
+
+    z: Tensor
+    pm: Tensor
+    plv: Tensor
+    qm: Tensor | None = None
+    qlv: Tensor | None = None
+
+    def posterior(self) -> DiagonalGaussian:
+        assert self.qm is not None, "a pass that drew every group from q(z|x)"
+        assert self.qlv is not None
+        return DiagonalGaussian(self.qm, self.qlv)
+
+    def kl_per_dim(self) -> Tensor:
+        """KL(q(z_i | x, z_<i) ‖ p(z_i | z_<i)) of each unit, (N, L), in closed form at the drawn z_<i."""
+        q = self.posterior()
+        return gaussian_kl(q.mean, q.logvar, self.pm, self.plv)
+
+    def log_p(self) -> Tensor:
+        """Σ_i log p(z_i | z_<i), (N,)."""
+        return -0.5 * ((self.z - self.pm).square() * torch.exp(-self.plv) + self.plv + LOG_2PI).sum(-1)
+
+    def log_q(self, eps: Tensor) -> Tensor:
+        """Σ_i log q(z_i | x, z_<i), (N,), for z drawn as μ_q + σ_q·eps."""
+        return -0.5 * (eps.square() + self.posterior().logvar + LOG_2PI).sum(-1)
+
+
+class TopDown(nn.Module):
+    """The decoder: a learned 1x1 start state, the latent cells from the top resolution down (the state upsampled,
+    nearest, plus a learned bias, at each new resolution), then `blocks` bottleneck blocks at each larger size up to
+    the image's, and a 3x3 conv to n_params * C maps. Called with noise alone it decodes from the prior."""
+
+    def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int, z_channels: int,
+                 n_params: int, mid: int):
+        super().__init__()
+        self.shape, self.n_params = shape, n_params
+        sizes, latent = ladder(shape)
+        self.cell_sizes = [s for s in latent for _ in range(groups)]
+        scale = (1.0 / len(self.cell_sizes)) ** 0.5
+        cells = [TopDownCell(width, mid, z_channels, s, i == 0, scale) for i, s in enumerate(self.cell_sizes)]
+        self.cells = nn.ModuleList(cells)
+        self.group_sizes = [z_channels * h * w for h, w in self.cell_sizes]
+        self.latent_dim = sum(self.group_sizes)
+        self.start = nn.Parameter(torch.zeros(1, width, 1, 1))
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(1, width, h, w)) for h, w in latent[1:])
+        self.refine_sizes = [s for s in reversed(sizes) if max(s) > max(latent[-1])]
+        self.refine = nn.ModuleList(nn.Sequential(*[Block(width, mid, width, True) for _ in range(blocks)])
+                                    for _ in self.refine_sizes)
+        self.out = nn.Conv2d(width, n_params * shape[0], 3, padding=1)
+        to_channels_last(self)
+
+    def forward(self, noise: Tensor, acts: dict[tuple[int, int], Tensor] | None = None,
+                keep: int | None = None) -> tuple[list[Tensor], Draws]:
+        """Parameter maps (each (N, C, H, W)) and the draws, for noise (N, L). With the encoder's features
+        `acts` (of N images), group i is drawn from q(z_i | x, z_<i) (z = μ_q + σ_q·noise) when i < keep (every
+        group when keep is None), else from the prior (z = μ_p + σ_p·noise)."""
+        n = noise.shape[0]
+        h = self.start.expand(n, -1, -1, -1)
+        size, level, offset = (1, 1), 0, 0
+        parts: list[list[Tensor]] = [[], [], [], [], []]  # z, pm, plv, qm, qlv
+        cells = typing.cast(list[TopDownCell], list(self.cells))
+        for i, (cell, cs) in enumerate(zip(cells, self.cell_sizes, strict=True)):
+            if cs != size:
+                h = F.interpolate(h, size=cs, mode="nearest") + self.biases[level]
+                size, level = cs, level + 1
+            e = noise[:, offset:offset + self.group_sizes[i]].reshape(n, -1, *cs)  # (N, Z, h, w)
+            offset += self.group_sizes[i]
+            pm, plv, h_p = cell.prior(h)
+            pm, plv = pm.to(noise.dtype), plv.to(noise.dtype)  # under autocast the stats stay in noise's precision
+            if acts is not None and (keep is None or i < keep):
+                qm, qlv = (t.to(noise.dtype) for t in cell.posterior(h, acts[cs]))
+                z = qm + torch.exp(0.5 * qlv) * e
+                parts[3].append(qm.flatten(1))
+                parts[4].append(qlv.flatten(1))
+            else:
+                z = pm + torch.exp(0.5 * plv) * e
+            for j, t in enumerate((z, pm, plv)):
+                parts[j].append(t.flatten(1))
+            h = cell.merge(h, h_p, z)
+        for s, blocks in zip(self.refine_sizes, self.refine, strict=True):
+            h = blocks(F.interpolate(h, size=s, mode="nearest"))
+        out = self.out(F.silu(h))  # (N, n_params * C, H, W)
+        params = list(out.split(self.shape[0], dim=1)) if self.n_params > 1 else [out]
+        z, pm, plv = (torch.cat(p, 1) for p in parts[:3])
+        if len(parts[3]) < len(self.cells):  # some groups came from the prior: no posterior of the whole
+            return params, Draws(z, pm, plv)
+        return params, Draws(z, pm, plv, torch.cat(parts[3], 1), torch.cat(parts[4], 1))
+
+    def top_posterior(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """(μ_q, log σ²_q) of the top group, each (B, code_dim), from the encoder's 1x1 features a."""
+        h = self.start.expand(a.shape[0], -1, -1, -1)
+        qm, qlv = typing.cast(TopDownCell, self.cells[0]).posterior(h, a)
+        return qm.flatten(1), qlv.flatten(1)
+
+
+class HierarchicalVAE(VAE):
+    """The hierarchy behind VAE's interface (see the module docstring). `width` channels in both passes, `blocks`
+    bottleneck blocks per encoder stage and per decoder refinement size, `groups` latent groups per resolution,
+    `z_channels` channels per group (so the top group, at 1x1, has z_channels units)."""
+
+    def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int, z_channels: int,
+                 likelihood: Likelihood):
+        nn.Module.__init__(self)  # VAE's single-latent networks are not built: the hierarchy replaces them
+        self.shape = (int(shape[0]), int(shape[1]), int(shape[2]))
+        self.likelihood = likelihood
+        sizes, _ = ladder(self.shape)
+        mid = max(8, width // 4)
+        self.encoder = BottomUp(self.shape[0], sizes, width, blocks, mid)
+        self.decoder = TopDown(self.shape, width, blocks, groups, z_channels, likelihood.n_params, mid)
+        self.latent_dim = self.decoder.latent_dim
+        self.code_dim = z_channels
+        # sample_prior draws the decoder's standardized noise u ~ N(0, T² I) over all L units (see decode)
+        self.prior = StandardPrior(self.latent_dim)
+
+    @classmethod
+    def from_config(cls, config, shape: tuple[int, int, int]) -> HierarchicalVAE:
+        m = getattr(config, "model", config)
+        lik = make_likelihood(m.likelihood, m.sigma, m.mixtures)
+        groups = DEFAULT_GROUPS if m.groups is None else m.groups
+        return cls(shape, m.hidden[0], m.blocks, groups, m.latent_dim, lik)
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Units of each latent group, top first."""
+        return list(self.decoder.group_sizes)
+
+    def group_names(self) -> list[str]:
+        """'1x1', '4x4', ... per group, top first ('7x7 #2' for a resolution's second group)."""
+        names: list[str] = []
+        seen: dict[tuple[int, int], int] = {}
+        for h, w in self.decoder.cell_sizes:
+            seen[(h, w)] = seen.get((h, w), 0) + 1
+            names.append(f"{h}x{w}" + (f" #{seen[(h, w)]}" if seen[(h, w)] > 1 else ""))
+        return names
+
+    def per_group(self, per_unit: Tensor) -> Tensor:
+        """Sums over each group's units: (..., L) -> (..., G)."""
+        return torch.stack([t.sum(-1) for t in per_unit.split(self.group_sizes, dim=-1)], dim=-1)
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        """q(z_top | x): the top group's posterior, (B, code_dim)."""
+        mean, logvar = self.decoder.top_posterior(self.encoder(x)[(1, 1)])
+        return DiagonalGaussian(mean.to(x.dtype), logvar.to(x.dtype))
+
+    def decode(self, z: Tensor) -> list[Tensor]:
+        """Parameter maps for z (B, code_dim): the top group, the others at their prior means; or z (B, L): the
+        top group, then the others' standardized prior noise u_i (z_i = μ_p + σ_p·u_i)."""
+        if z.shape[-1] == self.code_dim and self.code_dim != self.latent_dim:
+            z = torch.cat([z, z.new_zeros(z.shape[0], self.latent_dim - self.code_dim)], dim=1)
+        elif z.shape[-1] != self.latent_dim:
+            raise ValueError(f"z must have {self.code_dim} (top group) or {self.latent_dim} (every group) "
+                             f"columns; got {z.shape[-1]}")
+        params, _ = self.decoder(z)
+        return [p.to(z.dtype) for p in params]
+
+    def _noise(self, x: Tensor, *lead: int) -> Tensor:
+        return torch.randn((*lead, x.shape[0], self.latent_dim), dtype=x.dtype, device=x.device)
+
+    def terms(self, x: Tensor, extras: bool = True, eps: Tensor | None = None) -> Terms:
+        """One draw of every group per example; `eps` (B, L) is its noise (see the module docstring)."""
+        eps = self._noise(x) if eps is None else eps
+        params, draws = self.decoder(eps, self.encoder(x))
+        rec = -self.likelihood.log_prob(params, x)
+        sq_err = sigma = None
+        if extras:
+            with torch.no_grad():
+                sq_err = (x - self.likelihood.mean(params)).square().flatten(1).sum(1)
+                sigma = self.likelihood.scale(params)
+        return Terms(rec, draws.kl_per_dim(), sq_err, sigma, q=draws.posterior(), z=draws.z)
+
+    def forward(self, x: Tensor, eps: Tensor | None = None, samples: int = 1) -> Terms:
+        """As VAE.forward. With K > 1 draws per example, kl_per_dim is the mean over the draws of each unit's
+        KL, and q and z are (K, B, L): the lower groups' posteriors depend on the draws above them."""
+        if samples == 1:
+            return self.terms(x, extras=False, eps=eps)
+        eps = self._noise(x, samples) if eps is None else eps  # (K, B, L)
+        log_px_z, log_w, draws = self._weights(x, self.encoder(x), eps)
+        q = draws.posterior()
+        shape = eps.shape
+        return Terms(-log_px_z.mean(0), draws.kl_per_dim().view(shape).mean(0), None, None, log_w,
+                     q=DiagonalGaussian(q.mean.view(shape), q.logvar.view(shape)), z=draws.z.view(shape))
+
+    def _weights(self, x: Tensor, acts: dict, eps: Tensor) -> tuple[Tensor, Tensor, Draws]:
+        """(log p(x|z_k), log w_k = log p(x|z_k) + Σ_i log p(z_i|z_<i) − Σ_i log q(z_i|x, z_<i)), each (K, B),
+        for the noise eps (K, B, L) of K draws per example, and the draws ((K·B, L), draw-major)."""
+        k, b = eps.shape[0], x.shape[0]
+        flat = eps.reshape(k * b, -1)
+        params, draws = self.decoder(flat, {s: a.repeat(k, 1, 1, 1) for s, a in acts.items()})
+        params = [p.reshape(k, *x.shape) for p in params]  # (K, B, C, H, W)
+        log_px_z = self.likelihood.log_prob(params, x)  # (K, B)
+        return log_px_z, log_px_z + (draws.log_p() - draws.log_q(flat)).view(k, b), draws
+
+    @torch.no_grad()
+    def iwae_bound(self, x: Tensor, k: int, chunk: int = 100, eps: Tensor | None = None) -> Tensor:
+        """As VAE.iwae_bound, with q(z|x) = Π_i q(z_i | x, z_<i) as the proposal; eps (K, B, L)."""
+        acts = self.encoder(x)
+        total = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+        for done in range(0, k, chunk):
+            n = min(chunk, k - done)
+            noise = self._noise(x, n) if eps is None else eps[done:done + n]  # (n, B, L)
+            _, log_w, _ = self._weights(x, acts, noise)
+            total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
+        return total - math.log(k)
+
+    @torch.no_grad()
+    def unit_means(self, x: Tensor) -> Tensor:
+        """Every group's posterior mean, (B, L), each group given the means of the groups above it."""
+        _, draws = self.decoder(self._noise(x).zero_(), self.encoder(x))
+        return draws.posterior().mean
+
+    @torch.no_grad()
+    def decode_keeping(self, x: Tensor, keep: int, noise: Tensor) -> list[Tensor]:
+        """Parameter maps with the top `keep` groups drawn from q(z|x) and the rest from the prior, both with
+        `noise` (B, L): 0 for the posterior means and prior means, N(0, T²) for draws at temperature T."""
+        params, _ = self.decoder(noise, self.encoder(x), keep=keep)
+        return [p.to(x.dtype) for p in params]
+
+
+ARCH_MODELS["hierarchical"] = HierarchicalVAE

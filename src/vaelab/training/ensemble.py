@@ -1,0 +1,254 @@
+"""Many runs, one step: runs whose networks have the same shapes train together as one batched ensemble.
+
+Each member is a run of its own, as `vaelab train` would make it: its own VAE, optimizer, RNG streams (the seed
+of its initialisation and of z's noise, its shuffling generator), metrics, checkpoint and run directory. Only
+the networks' arithmetic is shared: the members' weights are stacked, and the encoder and decoder run once for
+all of them (torch.func.functional_call under torch.func.vmap: one batched matmul per layer instead of one per
+member). Everything after the networks is each member's own model and objective:
+
+    mean, logvar = vmap(encoder)(W_enc, x)                   # (M, B, L) each
+    z = q.reparameterize(eps)                                # (M, B, L), eps from each member's own stream
+    params = vmap(decoder)(W_dec, z)                         # (M, B, C, H, W) per decoder output
+    out_m = VAE.forward(member m, replaying its slices)      # its likelihood (its σ), its prior, its KL
+    loss_m = objective_m(out_m, Batch(B, beta_m))            # vaelab.models.objective, as every step calls it
+    sum_m loss_m.total .backward();  each member's guard and optimizer step
+
+The members' losses are independent, so the gradient of their sum is each member's own gradient: a member
+equals the run trained alone up to float rounding (the batched matmuls may round differently). What may
+differ among members is FREE: σ (fixed values), β, seed, learning rate, free bits and KL warm-up.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from ..config import TrainConfig
+from ..data import ImageData, load_dataset
+from ..models.objective import Batch, Objective
+from ..models.vae import VAE, DiagonalGaussian, Terms
+from ..runs import Run
+from .budget import Budget
+from .build import make_objective_for, resolve_device
+from .distributed import SINGLE
+from .step import Guard
+from .trainer import NONFINITE_STOP, PROGRESS_EVERY, _nonfinite_message, _save_epoch, _setup, _State, beta_at
+
+FREE = ("sigma", "beta", "seed", "lr", "free_bits", "kl_warmup")  # settings members may differ in
+WHERE = ("out", "name")  # where each member is written: its own
+# settings whose every value the ensemble reproduces exactly; any other setting must be at its default
+HANDLED = {"dataset", "data_dir", "limit", "binarize", "image_size", "center_crop", "background", "skip_bad_images",
+           "arch", "hidden", "blocks", "latent_dim", "likelihood", "mixtures", "objective", "optimizer",
+           "batch_size", "epochs", "device", "cuda_graph", "tensorboard", "data_shape", *FREE, *WHERE}
+
+
+def _numeric(sigma: Any) -> bool:
+    try:
+        return math.isfinite(float(sigma))
+    except (TypeError, ValueError):
+        return False
+
+
+def group_key(config: TrainConfig) -> tuple | None:
+    """What members of one ensemble share (runs with equal keys train together); None: this run trains alone
+    (a setting the ensemble does not reproduce: dynamic binarization draws from the RNG inside the step, an
+    objective with several draws of z, bf16, a TensorBoard log, or any setting away from its default that the
+    ensemble does not know)."""
+    s, default = config.settings(), TrainConfig().settings()
+    if (config.data.binarize == "dynamic" or config.runtime.precision != "fp32" or config.runtime.tensorboard
+            or config.model.arch not in ("mlp", "conv") or config.optim.objective != "elbo"):
+        return None
+    if any(s[k] != default.get(k) for k in s if k not in HANDLED and k != "precision"):
+        return None
+    kind = "fixed" if _numeric(s["sigma"]) else s["sigma"]  # fixed values may differ; learned ones are a kind
+    return (*(repr(v) for k, v in sorted(s.items()) if k not in FREE and k not in WHERE), kind)
+
+
+def groups(configs: Sequence[TrainConfig]) -> list[list[int]]:
+    """The indices of `configs` by ensemble: runs that can share a step together (in order), the others alone."""
+    by_key: dict[tuple, list[int]] = {}
+    alone = []
+    for i, c in enumerate(configs):
+        key = group_key(c)
+        if key is None:
+            alone.append([i])
+        else:
+            by_key.setdefault(key, []).append(i)
+    return sorted([*by_key.values(), *alone])
+
+
+class _Replay:
+    """One member seen through VAE.forward: its own likelihood, prior and latent size, with the encoder's and
+    decoder's outputs taken from the ensemble's batched pass (`z` is the member's z, recomputed by VAE.terms
+    from the same mean, log-variance and noise, so the decoder's outputs are its own)."""
+
+    terms = VAE.terms  # what VAE.forward calls for one draw of z
+
+    def __init__(self, model: VAE, mean: Tensor, logvar: Tensor, params: list[Tensor]):
+        self.likelihood, self.prior, self.latent_dim = model.likelihood, model.prior, model.latent_dim
+        self._q, self._params = DiagonalGaussian(mean, logvar), params
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        return self._q
+
+    def decode(self, z: Tensor) -> list[Tensor]:
+        return self._params
+
+
+@dataclass
+class _Member:
+    state: _State
+    objective: Objective
+    guard: Guard
+    noise: torch.Generator  # the global stream of the run alone: its z's noise
+    shuffle: torch.Generator
+    error: str | None = None
+
+
+def share_weights(members: list[_Member], part: str) -> dict[str, Tensor]:
+    """One tensor (M, ...) per weight of the network `part` (encoder or decoder), holding every member's: each
+    member's parameter becomes the view of its slice, so its own optimizer updates the stack in place and the
+    batched pass reads the stack without copying the weights at every step."""
+    named = [dict(getattr(m.state.model, part).named_parameters()) for m in members]
+    stacked = {}
+    for k in named[0]:
+        w = torch.stack([n[k].detach() for n in named]).requires_grad_()
+        for i, n in enumerate(named):
+            n[k].data = w.data[i]  # the same Parameter object (its optimizer holds it), now a slice of the stack
+        stacked[k] = w
+    return stacked
+
+
+def _step(members: list[_Member], template: VAE, weights: tuple[dict[str, Tensor], dict[str, Tensor]],
+          idx: list[Tensor], betas: list[float]) -> Tensor:
+    """One optimisation step of every member on its own batch; `weights`: the stacked encoder and decoder
+    (share_weights); returns the members' objectives, (M,)."""
+    xs = torch.stack([m.state.prep.prepare_train(m.state.prep.batches(i)) for m, i in zip(members, idx,
+                                                                                          strict=True)])
+    latent = template.latent_dim
+    eps = torch.stack([torch.randn((len(i), latent), generator=m.noise, device=xs.device)
+                       for m, i in zip(members, idx, strict=True)])  # (M, B, L), as each run draws it alone
+    enc, dec = weights
+    mean, logvar = vmap(lambda w, x: functional_call(template.encoder, w, (x,)))(enc, xs)  # (M, B, L) each
+    z = DiagonalGaussian(mean, logvar).reparameterize(eps)  # (M, B, L)
+    params = vmap(lambda w, z: tuple(functional_call(template.decoder, w, (z,))))(dec, z)  # each (M, B, C, H, W)
+    totals = []
+    for k, m in enumerate(members):
+        replay = _Replay(m.state.model, mean[k], logvar[k], [p[k] for p in params])
+        out: Terms = VAE.forward(typing.cast(VAE, replay), xs[k], eps[k])
+        totals.append(m.objective(out, Batch(len(idx[k]), betas[k])).total)
+        m.state.optimizer.zero_grad(set_to_none=True)
+    stacked = [*enc.values(), *dec.values()]
+    for w in stacked:
+        w.grad = None
+    total = torch.stack(totals)
+    total.sum().backward()
+    for k, m in enumerate(members):
+        for part, ws in (("encoder", enc), ("decoder", dec)):
+            for name, p in getattr(m.state.model, part).named_parameters():
+                grad = ws[name].grad
+                p.grad = None if grad is None else grad[k]  # (...): this member's slice of the stack's gradient
+        m.guard(m.state.optimizer, totals[k])
+    return total.detach()
+
+
+def _start(configs: list[TrainConfig], data: ImageData | None, device: torch.device) -> list[_Member]:
+    """Each member set up as the trainer sets up a run alone, from its own seed (its initialisation draws)."""
+    if data is None:
+        d = configs[0].data
+        data = load_dataset(d.dataset, d.data_dir, image_size=d.image_size, center_crop=d.center_crop,
+                            background=d.background, skip_bad_images=d.skip_bad_images)
+    members = []
+    for config in configs:
+        assert config.runtime.out is not None, "each member has its own run directory"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.optim.seed)
+            shuffle = torch.Generator().manual_seed(config.optim.seed)
+            state = _setup(config, Path(config.runtime.out), device, data, False, shuffle, False, SINGLE)
+            noise = torch.Generator(device=device)
+            noise.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
+        objective = make_objective_for(state.config, dataset_size=state.prep.train.shape[0])
+        members.append(_Member(state, objective, Guard(state.model.parameters()), noise, shuffle))
+    return members
+
+
+def train_ensemble(configs: Sequence[TrainConfig], progress: bool = True, data: ImageData | None = None
+                   ) -> list[Run | str]:
+    """Train runs that share a group_key as one ensemble; each is written to its own --out as a run alone would
+    be. Returns, per config, its Run, or the message of its failure (a non-finite loss stops that member only)."""
+    configs = list(configs)
+    if len({group_key(c) for c in configs}) != 1 or group_key(configs[0]) is None:
+        raise ValueError("train_ensemble needs runs of one ensemble (equal group_key)")
+    device = resolve_device(configs[0].runtime.device)
+    members = _start(configs, data, device)
+    template = members[0].state.model
+    c0 = members[0].state.config
+    n, batch = members[0].state.prep.train.shape[0], c0.batch_size
+    steps = math.ceil(n / batch)
+    for epoch in range(c0.optim.epochs):
+        alive = [m for m in members if m.error is None]
+        if not alive:
+            break
+        weights = (share_weights(alive, "encoder"), share_weights(alive, "decoder"))
+        t0 = time.perf_counter()
+        orders = []
+        for m in alive:
+            m.state.model.train()
+            order = torch.randperm(n, generator=m.shuffle).to(device)
+            m.state.prep.batches.plan(order)
+            orders.append(order)
+        for step in range(steps):
+            idx = [o[step * batch:(step + 1) * batch] for o in orders]
+            betas = [beta_at(m.state.config, epoch + step / steps) for m in alive]
+            _step(alive, template, weights, idx, betas)
+            if (step + 1) % PROGRESS_EVERY == 0 or step == steps - 1:
+                _drop_diverged(alive, epoch, step)
+        seconds = time.perf_counter() - t0
+        for m in alive:
+            if m.error is None:
+                _end_epoch(m, seconds)
+        if progress:
+            print(f"ensemble of {len(members)}: epoch {epoch + 1}/{c0.optim.epochs}, {seconds:.1f}s",
+                  file=sys.stderr)
+    return [m.error if m.error is not None else _run(m) for m in members]
+
+
+def _drop_diverged(alive: list[_Member], epoch: int, step: int) -> None:
+    """Stop a member as the trainer stops a run alone: when its last steps were all non-finite (its guard skipped
+    their updates, so its weights themselves give a non-finite loss); the others go on."""
+    for m in alive:
+        _, streak = m.guard.peek()
+        if m.error is None and streak >= min(NONFINITE_STOP, step + 1):
+            m.error = _nonfinite_message(m.state.config, m.state.model, epoch, step, streak)
+
+
+def _end_epoch(m: _Member, seconds: float) -> None:
+    """Metrics, weights and checkpoint of one member after an epoch: the trainer's own end of an epoch, with the
+    RNG states a run alone saves (its global stream, the noise of z; its shuffling)."""
+    s = m.state
+    counts = m.guard.take()
+    s.epoch += 1
+    rng = ({"cpu": m.noise.get_state()} if m.noise.device.type == "cpu" else
+           {"cpu": torch.get_rng_state(), "cuda": m.noise.get_state()})
+    checkpoint = ({"epoch": s.epoch, "step": 0, "world_size": 1}, {**rng, "shuffle": m.shuffle.get_state()},
+                  {"guard": {"stats": m.guard.stats.clone()}})
+    _save_epoch(s, m.objective, None, s.epoch, False, {**counts, "seconds": seconds}, SINGLE,
+                Budget(None, PROGRESS_EVERY), False, checkpoint)
+
+
+def _run(m: _Member) -> Run:
+    m.state.model.eval()
+    return Run(m.state.out, m.state.config, m.state.model, m.state.metrics)
+
+
+__all__ = ["FREE", "group_key", "groups", "train_ensemble"]

@@ -1,0 +1,250 @@
+"""The hierarchical VAE (--arch hierarchical): shapes for grey, colour and non-square images, the KL of the
+hierarchy against its Monte-Carlo estimate, the IWAE bound against the ELBO, every likelihood, and real runs
+(train, eval, report, resume) through the CLI's code paths."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vaelab import TrainConfig, load_run, resume, train
+from vaelab.errors import ConfigError
+from vaelab.models.hierarchical import HierarchicalVAE, ladder
+from vaelab.models.likelihoods import LIKELIHOODS
+from vaelab.models.vae import VAE
+
+SMALL = dict(arch="hierarchical", hidden=[16], latent_dim=4)
+
+
+def _model(shape, likelihood="gaussian", seed=0, **kw) -> HierarchicalVAE:
+    torch.manual_seed(seed)
+    model = VAE.from_config(TrainConfig(**{**SMALL, "likelihood": likelihood, **kw}), shape)
+    assert isinstance(model, HierarchicalVAE)
+    return model.eval()
+
+
+def _randomize_priors(model: HierarchicalVAE, seed: int = 1) -> None:
+    """The prior nets start at N(0, I) (their last conv zeroed): give them weights, so p(z_i | z_<i) depends on
+    z_<i and the KL's closed form is tested against a prior that is not standard."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for cell in model.decoder.cells:
+            if cell.prior_net is not None:
+                last = cell.prior_net.convs[-1]
+                last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 0.3)
+                last.bias.copy_(torch.randn(last.bias.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize(("shape", "latent"), [
+    ((1, 28, 28), [(1, 1), (4, 4), (7, 7), (14, 14)]),
+    ((3, 32, 32), [(1, 1), (4, 4), (8, 8), (16, 16)]),
+    ((3, 64, 48), [(1, 1), (4, 3), (8, 6), (16, 12)]),
+])
+def test_shapes_of_everything(shape, latent):
+    assert ladder(shape)[1] == latent
+    model = _model(shape, groups=2)
+    n_units = 2 * sum(4 * h * w for h, w in latent)
+    assert model.latent_dim == n_units == sum(model.group_sizes)
+    assert len(model.group_names()) == 2 * len(latent)
+    x = torch.rand(3, *shape)
+    t = model.terms(x)
+    assert t.rec.shape == (3,)
+    assert t.kl_per_dim.shape == (3, n_units)
+    assert t.z.shape == (3, n_units)
+    assert t.q.mean.shape == (3, n_units)
+    assert t.sq_err.shape == (3,)
+    k = model(x, samples=5)
+    assert k.log_weights.shape == (5, 3)
+    assert k.z.shape == (5, 3, n_units)
+    assert k.kl_per_dim.shape == (3, n_units)
+    assert model.encode(x).mean.shape == (3, model.code_dim) == (3, 4)
+    assert model.decode_mean(model.encode(x).mean).shape == (3, *shape)
+    assert model.decode_mean(model.sample_prior(2)).shape == (2, *shape)
+    assert model.iwae_bound(x, 7, chunk=3).shape == (3,)
+    assert model.unit_means(x).shape == (3, n_units)
+    assert model.per_group(t.kl_per_dim).shape == (3, 2 * len(latent))
+    with pytest.raises(ValueError, match="columns"):
+        model.decode(torch.zeros(1, 5))
+
+
+def test_kl_per_dim_sums_to_the_monte_carlo_kl_of_the_hierarchy():
+    model = _model((1, 12, 12), groups=2)  # latents at 1x1, 3x3 and 6x6, two groups each
+    _randomize_priors(model)
+    x = torch.rand(2, 1, 12, 12)
+    k = 2000
+    eps = torch.randn(k, 2, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        log_px_z, log_w, draws = model._weights(x, model.encoder(x), eps)
+    mc = log_px_z - log_w  # (K, B) log q(z|x) − log p(z) at each draw
+    closed = draws.kl_per_dim().sum(-1).view(k, 2)  # (K, B) Σ_i KL(q(z_i|x,z_<i) ‖ p(z_i|z_<i)) at each draw
+    assert (draws.kl_per_dim() >= 0).all()
+    assert closed.mean() > 1.0  # a prior unlike the posterior: a KL worth checking
+    diff = (mc - closed).double()
+    se = diff.std(0) / math.sqrt(k)
+    assert (diff.mean(0).abs() < 4 * se + 1e-4).all(), (diff.mean(0), se)
+
+
+def test_iwae_bound_matches_the_elbo_at_k1_and_exceeds_it_at_k50():
+    model = _model((1, 12, 12), likelihood="bernoulli")
+    _randomize_priors(model)
+    x = (torch.rand(16, 1, 12, 12) > 0.5).float()
+    eps = torch.randn(6, 16, model.latent_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(x, eps, samples=6)
+        chunked = model.iwae_bound(x, 6, chunk=4, eps=eps)
+        assert torch.allclose(chunked, torch.logsumexp(out.log_weights, 0) - math.log(6), atol=1e-4)
+        # K = 1 at the noise of draw j is that draw's log weight: −rec − (log q − log p), the ELBO's estimate
+        for j in range(2):
+            one = model.iwae_bound(x, 1, eps=eps[j:j + 1])
+            t = model.terms(x, eps=eps[j])
+            assert torch.allclose(one, out.log_weights[j], atol=1e-4)
+            assert torch.allclose(t.z, out.z[j], atol=1e-6)  # the same z as the ELBO's terms at that noise
+        # over many draws the K = 1 bound (the log weights) averages to −(rec + KL), the closed-form ELBO
+        many = model(x, samples=400)
+        elbo = -(many.rec + many.kl)  # (B,) −log p(x|z) and the KL averaged over the same 400 draws
+        diff = (many.log_weights - elbo).double()  # (K, B): log p − log q − (−KL) at each draw, mean 0
+        assert diff.mean().abs() < 4 * diff.mean(1).std() / math.sqrt(400) + 1e-4
+        tight = model.iwae_bound(x, 50)
+    assert tight.mean() > elbo.mean()
+
+
+def test_decode_reads_the_top_code_or_every_groups_prior_noise():
+    model = _model((3, 32, 32))
+    _randomize_priors(model)
+    x = torch.rand(2, 3, 32, 32)
+    top = model.encode(x).mean
+    padded = torch.cat([top, torch.zeros(2, model.latent_dim - model.code_dim)], 1)
+    assert torch.equal(model.decode_mean(top), model.decode_mean(padded))
+    u = model.sample_prior(2, torch.Generator().manual_seed(0), temperature=0.7)
+    assert u.shape == (2, model.latent_dim)
+    # keeping no group of q(z|x) is a prior draw (the top group's prior is N(0, I), its z is its noise)
+    assert torch.allclose(model.decode_keeping(x, 0, u)[0], model.decode(u)[0], atol=1e-6)
+    # keeping every group at zero noise decodes the posterior means
+    means = model.decode_keeping(x, len(model.group_sizes), torch.zeros_like(u))[0]
+    assert torch.allclose(means, model.decoder(torch.zeros_like(u), model.encoder(x))[0][0], atol=1e-6)
+    assert not torch.allclose(model.decode_keeping(x, 1, u)[0], means)
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_every_likelihood_builds_and_gives_a_finite_loss(name):
+    model = _model((3, 16, 12), likelihood=name).train()
+    x = torch.randint(0, 256, (4, 3, 16, 12)).float() / 255
+    if LIKELIHOODS[name].binary_only:
+        x = (x > 0.5).float()
+    loss = model(x).loss.mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.decoder.out.out_channels == model.likelihood.n_params * 3
+    assert len(model.decode(model.sample_prior(2))) == model.likelihood.n_params
+
+
+@pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")
+def test_bf16_autocast_keeps_the_terms_in_float32_and_close():
+    model = _model((3, 16, 16), likelihood="discretized-logistic")
+    _randomize_priors(model)
+    x = torch.rand(4, 3, 16, 16)
+    eps = torch.randn(4, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    exact = model(x, eps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, eps)
+    assert low.rec.dtype == low.kl_per_dim.dtype == torch.float32
+    assert torch.allclose(low.loss, exact.loss, rtol=0.02)
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    (dict(arch="conv", groups=2), "--groups applies to --arch hierarchical"),
+    (dict(arch="hierarchical", hidden=[32, 64]), "--hidden for --arch hierarchical is one width"),
+    (dict(arch="hierarchical", groups=0), "--groups must be an integer > 0"),
+    (dict(arch="hierarchical", prior="mog"), "--prior mog applies to --arch mlp and conv"),
+])
+def test_bad_settings_name_the_value_and_what_is_allowed(settings, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**settings)
+
+
+def test_defaults_fit_a_cpu():
+    config = TrainConfig(arch="hierarchical")
+    assert (config.model.hidden, config.model.blocks, config.model.groups) == ([64], 1, 1)
+    for shape in ((1, 28, 28), (3, 32, 32), (3, 64, 64)):
+        n = sum(p.numel() for p in VAE.from_config(config, shape).parameters())
+        assert 2e5 < n < 2e6, (shape, n)
+
+
+def _small_fashion(tmp_path, fashion):
+    path = tmp_path / "fashion-small.npz"
+    np.savez(path, x_train=fashion.train[:400], y_train=fashion.train_labels[:400],
+             x_test=fashion.test[:200], y_test=fashion.test_labels[:200])
+    return str(path)
+
+
+def _cfg(tmp_path, name, dataset, **kw):
+    return TrainConfig(**{**SMALL, "dataset": dataset, "epochs": 2, "batch_size": 50, "device": "cpu",
+                          "out": str(tmp_path / name), **kw})
+
+
+@pytest.mark.slow
+def test_train_eval_report_and_bit_identical_resume_on_fashion(tmp_path, fashion):
+    data = _small_fashion(tmp_path, fashion)
+    settings = dict(likelihood="discretized-logistic")
+    full = train(_cfg(tmp_path, "full", data, **settings), progress=False)
+    train(_cfg(tmp_path, "part", data, epochs=1, **settings), progress=False)
+    resumed = resume(tmp_path / "part", progress=False, epochs=2)
+    for k, v in full.model.state_dict().items():
+        assert v.equal(resumed.model.state_dict()[k]), k
+    rows = [json.loads(line) for line in (full.path / "metrics.jsonl").read_text().splitlines()]
+    test = [r for r in rows if r["split"] == "test"]
+    groups = len(full.model.group_sizes)
+    assert all(len(r["kl_per_group"]) == groups for r in test)
+    assert all(sum(r["kl_per_group"]) == pytest.approx(r["kl"], rel=1e-6) for r in test)
+    assert test[-1]["loss"] < test[0]["loss"]
+
+    from vaelab.analysis.metrics import evaluate_run, table_rows
+    from vaelab.analysis.reporting import write_report
+    from vaelab.analysis.summary import network_lines
+
+    run = load_run(full.path)
+    numbers = evaluate_run(run, iw_samples=5, limit=100)
+    assert numbers["log_px"] >= numbers["elbo"] - 1.0  # K = 5 is at least about as tight as the ELBO
+    assert len(numbers["kl_per_group"]) == groups
+    assert len(numbers["active_units_per_group"]) == groups
+    assert sum(numbers["kl_per_group"]) == pytest.approx(numbers["kl"], rel=1e-6)
+    rows = dict(table_rows(numbers))
+    assert rows["KL per latent group (top first)"].startswith("1x1: ")
+    assert "mutual_info" not in numbers  # the ELBO anatomy is defined for one latent group
+    assert "decoder (top-down)" in "\n".join(network_lines(run.model, "hierarchical", [16], 1))
+    from vaelab.explorer.core import Explorer
+
+    explorer = Explorer(run, n_codes=50)  # the explorer's plane is the top group's
+    assert explorer.latent_dim == run.model.code_dim == explorer.codes.shape[1]
+    z = explorer.parse_z(",".join(["0.5"] * explorer.latent_dim))
+    assert explorer.decode(z).shape[0] == 1
+    page = write_report(run, tmp_path / "report", iw_samples=2, limit=100)
+    assert (tmp_path / "report" / "levels.png").is_file()
+    assert "levels" in page.read_text()
+
+
+@pytest.mark.slow
+def test_trains_on_shapes(tmp_path):
+    run = train(_cfg(tmp_path, "shapes", "shapes", limit=300, likelihood="gaussian"), progress=False)
+    test = [r for r in run.metrics if r["split"] == "test"]
+    assert test[-1]["loss"] < test[0]["loss"]
+    assert len(test[-1]["kl_per_group"]) == len(run.model.group_sizes)
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_train_the_model_one_process_trains(tmp_path, fashion):
+    import subprocess
+
+    from test_distributed import LAUNCH_TIMEOUT, args, check_matches_one_process, config, env, torchrun_cmd
+
+    data = tmp_path / "subset.npz"
+    np.savez(data, x_train=fashion.train[:256], x_test=fashion.test[:100])
+    kw = dict(arch="hierarchical", latent_dim=4, epochs=1)
+    r = subprocess.run(torchrun_cmd(2, *args(data, tmp_path / "two", hidden=16, **kw)), capture_output=True,
+                       text=True, timeout=LAUNCH_TIMEOUT, env=env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = train(config(data, tmp_path / "one", hidden=[16], **kw), progress=False)
+    check_matches_one_process(tmp_path / "two", one.path)

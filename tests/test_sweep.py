@@ -1,0 +1,249 @@
+"""vaelab sweep: --set parsing and validation, the grid, the comparison page, reuse and resume on real data, and
+the batched ensemble against runs trained alone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+import vaelab
+from vaelab.analysis.sweep import SweepConfig, parse_set
+from vaelab.analysis.sweep_page import rate_distortion, value_text, winners
+from vaelab.cli import main
+from vaelab.errors import ConfigError
+from vaelab.runs import load_run
+
+TINY = ["--dataset", "fashion-mnist", "--limit", "300", "--epochs", "1", "--hidden", "32", "--iw-samples", "2",
+        "--quiet"]
+
+
+@pytest.mark.parametrize(("text", "name", "values"), [
+    ("sigma=0.1,0.3,learned", "sigma", ["0.1", "0.3", "learned"]),
+    ("beta=1,4", "beta", [1.0, 4.0]),
+    ("latent-dim=2,20", "latent_dim", [2, 20]),
+    ("--latent_dim=2", "latent_dim", [2]),
+    ("hidden=400/512,256", "hidden", ["400", "512,256"]),
+    ("cuda-graph=true,no", "cuda_graph", [True, False]),
+])
+def test_parse_set_reads_values_as_the_train_flag_does(text, name, values):
+    assert parse_set(text) == (name, values)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--set", "sigmaa=0.1"], "--set: 'sigmaa' is not a training setting; allowed: dataset, "),
+    (["--set", "out=a,b"], "'out' is not a training setting"),
+    (["--set", "beta=1,x"], "--set beta: each value must be a number; got 'x'"),
+    (["--set", "latent-dim=2.5"], "--set latent-dim: each value must be an integer; got '2.5'"),
+    (["--set", "sigma=0.1,-1"], "--sigma must be a number > 0"),
+    (["--set", "arch=mlp,rnn"], "--arch must be one of mlp, conv"),
+    (["--set", "sigma"], "--set must be FIELD=V1,V2,..."),
+    (["--set", "sigma=0.1", "--sigma", "0.3"], "--sigma is swept by --set sigma=...; give it there only"),
+    (["--set", "sigma=0.1", "--set", "sigma=0.3"], "--set sigma is given twice"),
+    (["--set", "sigma=0.1,0.3", "--set", "beta=1", "--zip"], "each must list as many values; got sigma: 2, beta: 1"),
+    ([], "a sweep needs at least one --set"),
+])
+def test_bad_sweeps_are_one_line_errors_before_any_training(args, needle, capsys, tmp_path):
+    assert main(["sweep", *args, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert err.count("\n") == 1
+    assert err.startswith("vaelab: error: ")
+    assert not (tmp_path / "s").exists()  # nothing written
+
+
+def test_grid_and_zip_name_each_run_by_its_settings(tmp_path):
+    grid = SweepConfig(["beta=1,4", "latent-dim=2,8"], out=str(tmp_path), hidden="16")
+    labels = [p.label for p in grid.points()]
+    assert labels == ["beta=1,latent-dim=2", "beta=1,latent-dim=8", "beta=4,latent-dim=2", "beta=4,latent-dim=8"]
+    last = grid.points()[-1].config
+    assert (last.optim.beta, last.model.latent_dim, last.model.hidden) == (4.0, 8, [16])
+    assert last.runtime.out == str(tmp_path / "beta=4,latent-dim=8")
+    paired = SweepConfig({"sigma": ["0.1", "0.3"], "seed": [0, 1]}, zip=True, out=str(tmp_path))
+    assert [p.label for p in paired.points()] == ["sigma=0.1,seed=0", "sigma=0.3,seed=1"]
+    assert [p.config.model.sigma for p in paired.points()] == ["0.1", "0.3"]
+    with pytest.raises(ConfigError, match="--latent-dim must be an integer > 0"):
+        SweepConfig({"latent_dim": [2, 0]}, out=str(tmp_path))
+
+
+def test_value_text():
+    assert [value_text(v) for v in (0.1, 4.0, 20, "learned", [512, 256], True, "a/b.npz")] == [
+        "0.1", "4", "20", "learned", "512-256", "true", "a_b.npz"]
+
+
+def _row(run, loss, rate, **more):
+    return {"run": run, "loss": loss, "rate": rate, "distortion": loss - rate, "log_px": -loss + 1, "mse": 0.01,
+            "active_units": 2, "sharpness_samples": 0.1, **more}
+
+
+def test_winners_name_the_best_run_on_each_number():
+    rows = [_row("sigma=0.1", 120.0, 10.0, active_units=5), _row("sigma=1", 110.0, 3.0, mse=0.02),
+            _row("sigma=3", 130.0, 1.0, mse=0.03, sharpness_samples=0.05),
+            {"run": "sigma=9", "loss": None, "error": "diverged"}]
+    said = winners(rows)
+    assert "lowest −ELBO: sigma=1 (110.00)" in said
+    assert "highest IWAE log p(x): sigma=1 (-109.00)" in said
+    assert "lowest MSE: sigma=0.1 (0.01000)" in said
+    assert "lowest rate (fewest nats in the code): sigma=3 (1.00)" in said
+    assert "most active units: sigma=0.1 (5)" in said
+    assert "sharpest prior samples: sigma=0.1 and sigma=1 (0.10000)" in said
+
+
+def test_rate_distortion_plane_draws_failed_runs_out(tmp_path):
+    rows = [{**_row(f"sigma={s},beta={b}", 100 + 10 * s + b, 5 - s), "sigma": s, "beta": b}
+            for s in (0.1, 1.0) for b in (1.0, 2.0)] + [{"run": "x", "loss": None, "sigma": 3.0, "beta": 1.0}]
+    path = rate_distortion(rows, ["sigma", "beta"], tmp_path / "rd.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(out):
+    return list(csv.DictReader((out / "table.csv").read_text().splitlines()))
+
+
+@pytest.mark.slow
+def test_sigma_sweep_end_to_end_reuses_runs(tmp_path, fashion_dir, capsys):
+    out = tmp_path / "sweep"
+    # trained as one batched ensemble; run again below without --batched, every run is reused all the same
+    assert main(["sweep", "--set", "sigma=0.05,0.1,0.3,1", "--batched", *TINY, "--out", str(out)]) == 0
+    assert [r["action"] for r in json.loads((out / "sweep.json").read_text())["runs"]] == ["trained"] * 4
+    rows = _rows(out)
+    assert [r["run"] for r in rows] == ["sigma=0.05", "sigma=0.1", "sigma=0.3", "sigma=1"]
+    assert {"run", "sigma", "loss", "rate", "distortion", "log_px", "active_units", "mse"} <= set(rows[0])
+    for r in rows:
+        run = load_run(out / r["run"])  # an ordinary run directory
+        assert run.config.model.sigma == r["sigma"]
+        assert run.last()["epoch"] == 1
+        numbers = json.loads((out / r["run"] / "eval.json").read_text())  # `vaelab eval`'s numbers
+        assert float(r["loss"]) == pytest.approx(float(r["rate"]) + float(r["distortion"]), rel=1e-12)
+        assert float(r["loss"]) == pytest.approx(-numbers["elbo"], rel=1e-12)
+        assert float(r["rate"]) == pytest.approx(numbers["kl"], rel=1e-12)
+    # a smaller σ costs more nats per image for the same images: −log N(x; f, σ²) grows as σ falls below √MSE
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[0] > losses[1] > losses[2]
+    html = (out / "index.html").read_text()
+    assert '<figure id="rate_distortion"><img alt="The rate–distortion plane" src="data:image/png;base64,' in html
+    assert 'id="vs_sigma"' in html
+    assert 'id="samples"' in html
+    assert "lowest −ELBO: " in html
+    assert main(["info", str(out / "sigma=0.3")]) == 0
+    weights = out / "sigma=0.1" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["sweep", "--set", "sigma=0.05,0.1,0.3,1", *TINY, "--out", str(out)]) == 0  # again: all reused
+    assert weights.stat().st_mtime_ns == before
+    record = json.loads((out / "sweep.json").read_text())
+    assert [r["action"] for r in record["runs"]] == ["reused"] * 4
+    assert [float(r["loss"]) for r in _rows(out)] == losses
+
+
+@pytest.mark.slow
+def test_beta_by_latent_grid_resumes_shorter_runs(tmp_path, fashion_dir):
+    out = tmp_path / "grid"
+    common = {"dataset": "fashion-mnist", "limit": 300, "hidden": "32", "iw_samples": 2, "out": str(out),
+              "progress": False}
+    vaelab.sweep({"beta": [1, 4], "latent_dim": [2, 5]}, epochs=1, **common)
+    assert len(_rows(out)) == 4
+    first = json.loads((out / "sweep.json").read_text())
+    assert [r["action"] for r in first["runs"]] == ["trained"] * 4
+    (out / "beta=4,latent-dim=5" / "config.json").unlink()  # as if that run never started
+    for name in ("model.safetensors", "checkpoint.safetensors", "metrics.jsonl", "eval.json"):
+        (out / "beta=4,latent-dim=5" / name).unlink()
+    page = vaelab.sweep({"beta": [1, 4], "latent_dim": [2, 5]}, epochs=2, **common)  # a longer budget
+    record = json.loads((out / "sweep.json").read_text())
+    assert [r["action"] for r in record["runs"]] == ["resumed"] * 3 + ["trained"]
+    for r in _rows(out):
+        run = load_run(out / r["run"])
+        assert [m["epoch"] for m in run.metrics if m["split"] == "test"] == [1, 2]
+        assert run.config.optim.beta == float(r["beta"])
+        assert run.model.latent_dim == int(r["latent-dim"])
+        assert math.isclose(float(r["loss"]), float(r["rate"]) + float(r["distortion"]), rel_tol=1e-12)
+    assert page.read_text().count("data:image/png;base64,") == 4  # the plane, one per field, the samples
+
+
+def test_runs_that_share_network_shapes_share_an_ensemble():
+    from vaelab import TrainConfig
+    from vaelab.training.ensemble import group_key, groups
+
+    base = TrainConfig(dataset="fashion-mnist", hidden=[32], out="x")
+    configs = [base.replace(sigma="0.1"), base.replace(sigma="1", beta=4.0, seed=3, lr=3e-3),
+               base.replace(sigma="learned"), base.replace(sigma="0.1", hidden=[16]),
+               base.replace(sigma=None, binarize="dynamic", likelihood="bernoulli"),
+               base.replace(sigma="0.3", free_bits=0.5, kl_warmup=1.0)]
+    assert group_key(configs[4]) is None  # dynamic binarization draws inside the step: trained alone
+    assert groups(configs) == [[0, 1, 5], [2], [3], [4]]
+
+
+@pytest.mark.slow
+def test_an_ensemble_member_equals_the_run_trained_alone(tmp_path, fashion_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    common = {"dataset": "fashion-mnist", "limit": 384, "hidden": "48", "batch_size": 64, "epochs": 2}
+    out = tmp_path / "sweep"
+    vaelab.sweep({"sigma": ["0.1", "0.3"], "seed": [0, 1]}, zip=True, batched=True, iw_samples=2, out=str(out),
+                 progress=False, beta=2.0, **common)
+    record = json.loads((out / "sweep.json").read_text())
+    assert [r["action"] for r in record["runs"]] == ["trained", "trained"]
+    alone = vaelab.train(vaelab.TrainConfig(sigma="0.3", seed=1, beta=2.0, out=str(tmp_path / "alone"), **common),
+                         progress=False)
+    member = load_run(out / "sigma=0.3,seed=1")
+    a, b = load_file(out / "sigma=0.3,seed=1" / "model.safetensors"), load_file(tmp_path / "alone" /
+                                                                                  "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:  # 12 steps apart only in the rounding of batched matmuls
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    for m, r in zip(member.metrics, alone.metrics, strict=True):
+        assert (m["epoch"], m["split"]) == (r["epoch"], r["split"])
+        assert m.keys() == r.keys()  # the same record as a run alone writes
+        assert m["loss"] == pytest.approx(r["loss"], rel=1e-5)
+        assert m["kl"] == pytest.approx(r["kl"], rel=1e-5)
+    # its own RNG streams: the checkpoint resumes as the run alone does
+    ck_a, ck_b = load_file(out / "sigma=0.3,seed=1" / "checkpoint.safetensors"), load_file(
+        tmp_path / "alone" / "checkpoint.safetensors")
+    assert torch.equal(ck_a["rng.cpu"], ck_b["rng.cpu"])
+    assert torch.equal(ck_a["rng.shuffle"], ck_b["rng.shuffle"])
+    other = load_file(out / "sigma=0.1,seed=0" / "model.safetensors")
+    assert not torch.allclose(other["decoder.body.0.weight"], a["decoder.body.0.weight"])
+
+
+def test_a_tie_among_every_run_is_said_so():
+    rows = [_row("a", 100.0, 3.0), _row("b", 101.0, 4.0)]
+    assert "most active units: every run (2)" in winners(rows)
+
+
+def test_an_evaluation_is_reused_only_for_the_same_weights_and_numbers(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from vaelab.analysis import sweep as sweep_module
+    from vaelab.analysis.sweep import Outcome, Point, evaluate_once, sweep_row
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    run = SimpleNamespace(path=tmp_path, model=torch_module())
+    calls = []
+
+    def fake_eval(run, split, k, sample_quality=False):
+        calls.append((k, sample_quality))
+        extra = {"sample_quality": {"prior": {"fd": 1.5}}} if sample_quality else {}
+        return {"elbo": -10.0, "kl": 4.0, "rec": 6.0, "log_px": -9.0, "bits_per_dim": 1.0, "active_units": 3,
+                "mse": 0.1, "sharpness": {"recon": 0.1, "samples": 0.2}, "iw_samples": k, **extra}
+
+    monkeypatch.setattr(sweep_module, "evaluate_run", fake_eval)
+    first = evaluate_once(run, 5, None, print)
+    key = [(tmp_path / "model.safetensors").stat().st_mtime_ns, 7]
+    previous = {"weights": key, "iw_samples": 5, "numbers": first}
+    assert evaluate_once(run, 5, previous, print) is first  # same weights, same K: reused
+    evaluate_once(run, 6, previous, print)  # another K
+    scored = evaluate_once(run, 5, previous, print, sample_quality=True)  # numbers it did not hold
+    assert calls == [(5, False), (6, False), (5, True)]
+    point = Point("sigma=0.1", {"sigma": "0.1"}, None)  # type: ignore[arg-type]
+    row = sweep_row(Outcome(point, "reused", None, scored))
+    assert (row["loss"], row["rate"], row["distortion"], row["sample_fd"]) == (10.0, 4.0, 6.0, 1.5)
+    assert sweep_row(Outcome(point, "failed", error="diverged"))["loss"] is None
+
+
+def torch_module():
+    import torch
+
+    return torch.nn.Linear(1, 1)
