@@ -169,12 +169,18 @@ def test_batch_size_is_the_global_batch():
 
 
 @pytest.mark.slow
-def test_batch_size_must_split_evenly(tmp_path, subset):
-    r = torchrun(2, *args(subset, tmp_path / "odd", batch_size=63))
+@pytest.mark.parametrize("settings, message", [
+    ({"batch_size": 63}, "--batch-size is the global batch, split across the 2 processes, so it must be a multiple "
+                         "of 2; got 63 (e.g. 62 or 64)"),
+    ({"objective": "betatcvae"}, "--objective betatcvae compares every z of a batch with every q(z|x) of it and "
+                                 "trains on one process only; got 2 processes: start it without torchrun"),
+], ids=["batch-size", "one-process-objective"])
+def test_settings_two_processes_cannot_share_are_refused_before_anything_is_written(tmp_path, subset, settings,
+                                                                                    message):
+    r = torchrun(2, *args(subset, tmp_path / "odd", **settings))
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("vaelab: error:")]
-    assert lines == ["vaelab: error: --batch-size is the global batch, split across the 2 processes, so it must be "
-                     "a multiple of 2; got 63 (e.g. 62 or 64)"]
+    assert lines == [f"vaelab: error: {message}"]
     # torchrun itself ends with its own report of the failed processes; the processes print no traceback
     assert not any(f"vaelab/{m}.py" in r.stderr for m in ("cli", "trainer", "distributed"))
     assert not (tmp_path / "odd").exists()

@@ -144,10 +144,13 @@ class BetaTCVAE(Objective):
         super().__init__(settings)
         self.tc_weight = tc
 
-    def __call__(self, out: Terms, batch: Batch) -> Loss:
-        if batch.processes > 1:
+    def check_processes(self, processes: int) -> None:
+        if processes > 1:
             raise ConfigError(f"--objective betatcvae compares every z of a batch with every q(z|x) of it and trains "
-                              f"on one process only; got {batch.processes} processes: start it without torchrun")
+                              f"on one process only; got {processes} processes: start it without torchrun")
+
+    def __call__(self, out: Terms, batch: Batch) -> Loss:
+        self.check_processes(batch.processes)
         mean, logvar, z = _posterior(out, self.name)
         parts = tc_decomposition(mean, logvar, z, self.settings.dataset_size)
         reg = self.mi_weight * parts["mi"] + self.tc_weight * parts["tc"] + self.dw_weight * parts["dwkl"]  # (M,)

@@ -88,6 +88,10 @@ class Objective:
         """Whether this objective at KL weight `beta` is exactly the negative ELBO (then it is not reported twice)."""
         return False
 
+    def check_processes(self, processes: int) -> None:
+        """Raise ConfigError if this objective cannot train on a batch split over `processes` processes; called
+        before a run writes anything."""
+
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 

@@ -138,6 +138,7 @@ def _start(config: TrainConfig, progress: bool, data: ImageData | None, continui
     world, device = join(resolve_device(config.runtime.device))
     try:
         check_batch(config.batch_size, world)
+        make_objective_for(config).check_processes(world.size)
 
         def check_out():
             if not continuing and (out / CONFIG).exists():
