@@ -145,8 +145,8 @@ class ByHand:
 
     def encode(self, x):
         out = self._lin(torch.relu(self._lin(x, "encoder.body.1")), "encoder.head")
-        # the head's raw log-variance, softly bounded to [-12, 4] by two softplus walls
-        lo, hi, sp = -12.0, 4.0, torch.nn.functional.softplus
+        # the head's raw log-variance, softly bounded to [-20, 4] by two softplus walls
+        lo, hi, sp = -20.0, 4.0, torch.nn.functional.softplus
         return out[:, :2], hi - sp(hi - (lo + sp(out[:, 2:] - lo)))  # mean, log-variance
 
     def decode(self, z):

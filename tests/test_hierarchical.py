@@ -248,3 +248,92 @@ def test_two_torchrun_processes_train_the_model_one_process_trains(tmp_path, fas
     assert r.returncode == 0, r.stderr[-3000:]
     one = train(config(data, tmp_path / "one", hidden=[16], **kw), progress=False)
     check_matches_one_process(tmp_path / "two", one.path)
+
+
+def test_every_groups_log_variance_is_bounded_as_the_single_latent_encoders():
+    from vaelab.models.cells import gaussian_stats
+    from vaelab.models.nets import LOGVAR_MAX, LOGVAR_MIN, bounded_logvar
+
+    raw = torch.linspace(-40, 40, 81).view(1, 1, 81, 1)
+    t = torch.cat([torch.zeros_like(raw), raw], 1)  # (1, 2Z, h, w): mean 0, log-variance `raw`
+    assert torch.equal(gaussian_stats(t)[1], bounded_logvar(raw))
+    model = _model((1, 12, 12), groups=2)
+    with torch.no_grad():  # outputs far past the bounds: huge last-conv biases of every q and p net
+        for i, cell in enumerate(model.decoder.cells):
+            for net in (cell.posterior_net, cell.prior_net):
+                if net is not None:
+                    net.convs[-1].bias.fill_(60.0 if i % 2 else -60.0)
+    draws = model.decoder(torch.zeros(2, model.latent_dim), model.encoder(torch.rand(2, 1, 12, 12)))[1]
+    for lv in (draws.qlv, draws.plv[:, model.code_dim:]):  # the top group's prior is N(0, I)
+        assert LOGVAR_MIN <= lv.min() < LOGVAR_MIN + 0.1  # both bounds reached, softly
+        assert LOGVAR_MAX - 0.1 < lv.max() <= LOGVAR_MAX
+    assert torch.isfinite(draws.kl_per_dim()).all()
+
+
+def test_reconstruct_decodes_every_groups_posterior_mean():
+    model = _model((1, 12, 12), groups=2)
+    _randomize_priors(model)
+    x = torch.rand(3, 1, 12, 12)
+    recon = model.reconstruct(x)
+    # the ELBO's terms at zero noise draw every group at its posterior mean: their squared error is recon's
+    t = model.terms(x, eps=torch.zeros(3, model.latent_dim))
+    assert torch.allclose((x - recon).square().flatten(1).sum(1), t.sq_err, rtol=1e-5)
+    assert torch.equal(t.z, model.unit_means(x))
+    top_only = model.decode_mean(model.encode(x).mean)  # the lower groups at their prior means
+    assert (recon - top_only).abs().max() > 1e-3
+    # a single-latent VAE reconstructs at its posterior mean, as before
+    torch.manual_seed(0)
+    flat = VAE.from_config(TrainConfig(arch="mlp", hidden=[16], latent_dim=3), (1, 12, 12)).eval()
+    assert torch.equal(flat.reconstruct(x), flat.decode_mean(flat.encode(x).mean))
+
+
+def test_eval_scores_reconstructions_from_every_group():
+    from vaelab.analysis.metrics import evaluate, sharpness
+
+    model = _model((1, 12, 12), groups=2)
+    _randomize_priors(model)
+    x = torch.rand(20, 1, 12, 12)
+    numbers = evaluate(model, x, lambda t: t, iw_samples=2, batch_size=8)
+    with torch.no_grad():
+        recon = sharpness(model.reconstruct(x).clamp(0, 1))
+        top_only = sharpness(model.decode_mean(model.encode(x).mean).clamp(0, 1))  # lower groups at prior means
+    assert numbers["sharpness"]["recon"] == pytest.approx(recon, rel=1e-5)
+    assert numbers["sharpness"]["recon"] != pytest.approx(top_only, rel=1e-3)
+
+
+def test_evaluation_in_smaller_passes_gives_the_same_numbers():
+    from vaelab.models.objective import ObjectiveSettings, make_objective
+    from vaelab.training.evaluation import Scored, elbo_metrics
+
+    model = _model((1, 12, 12), groups=2)
+    _randomize_priors(model)
+    x = torch.rand(23, 1, 12, 12)
+    scored = Scored(make_objective("iwae", ObjectiveSettings(iw_train=3)))  # K = 3 draws of its own per image
+    whole = elbo_metrics(model, x, 10, lambda t: t, seed=5, scored=scored, rows=10)
+    for rows in (1, 4):
+        parts = elbo_metrics(model, x, 10, lambda t: t, seed=5, scored=scored, rows=rows)
+        assert parts.keys() == whole.keys()
+        for key, v in whole.items():
+            assert parts[key] == pytest.approx(v, rel=1e-5, abs=1e-7), key
+    other = elbo_metrics(model, x, 10, lambda t: t, seed=6, scored=scored, rows=4)
+    assert other["loss"] != pytest.approx(whole["loss"], rel=1e-4)  # the seed matters, the passes do not
+
+
+def test_evaluation_passes_are_sized_by_the_decoders_widest_activation(monkeypatch):
+    from vaelab.training import evaluation
+    from vaelab.training.evaluation import eval_rows, widest_activation_bytes
+
+    cpu = torch.device("cpu")
+    model = _model((1, 12, 12))
+    row = widest_activation_bytes(model.decoder, torch.zeros(1, model.latent_dim))
+    assert row == 16 * 12 * 12 * 4  # the full-size state: 16 channels of 12x12 float32
+    monkeypatch.setattr(evaluation, "EVAL_BYTES", 3 * row + 1)
+    assert eval_rows(model, 1000, cpu) == 3
+    assert eval_rows(model, 2, cpu) == 2
+    monkeypatch.undo()
+    wide = _model((3, 64, 64), hidden=[64])  # 64 channels at 64x64: 1 MiB a row
+    assert eval_rows(wide, 1000, cpu) == evaluation.EVAL_BYTES // 2**20 == 128
+    for arch in ("mlp", "conv"):  # every default single-latent decoder up to 64x64 keeps whole batches of 1000
+        torch.manual_seed(0)
+        flat = VAE.from_config(TrainConfig(arch=arch), (3, 64, 64))
+        assert eval_rows(flat, 1000, cpu) == 1000

@@ -172,6 +172,7 @@ def test_runs_that_share_network_shapes_share_an_ensemble():
                base.replace(sigma=None, binarize="dynamic", likelihood="bernoulli"),
                base.replace(sigma="0.3", free_bits=0.5, kl_warmup=1.0)]
     assert group_key(configs[4]) is None  # dynamic binarization draws inside the step: trained alone
+    assert group_key(base.replace(arch="conv", sigma="0.1")) is None  # stacked matmuls cover the MLP only
     assert groups(configs) == [[0, 1, 5], [2], [3], [4]]
 
 
@@ -247,3 +248,41 @@ def torch_module():
     import torch
 
     return torch.nn.Linear(1, 1)
+
+
+@pytest.mark.parametrize(("hidden", "n_params"), [([16], 1), ([12, 8], 2)])
+def test_stacked_mlp_matches_each_member_run_alone_with_its_gradients(hidden, n_params):
+    import torch
+
+    from vaelab.models.nets import MLPDecoder, MLPEncoder
+    from vaelab.training import stacked
+
+    torch.manual_seed(0)
+    shape, latent, m = (1, 5, 4), 3, 3
+    encs = [MLPEncoder(shape, hidden, latent) for _ in range(m)]
+    decs = [MLPDecoder(shape, hidden, latent, n_params) for _ in range(m)]
+    assert stacked.stackable(encs[0], decs[0])
+
+    def stack(nets):
+        named = [dict(n.named_parameters()) for n in nets]
+        return {k: torch.stack([n[k].detach() for n in named]).requires_grad_() for k in named[0]}
+
+    enc_w, dec_w = stack(encs), stack(decs)
+    xs, zs = torch.randn(m, 7, *shape), torch.randn(m, 7, latent)  # (M, B, C, H, W), (M, B, L)
+    mean, logvar = stacked.encode(encs[0], enc_w, xs)
+    outs = stacked.decode(decs[0], dec_w, zs)
+    assert mean.shape == (m, 7, latent)
+    assert [o.shape for o in outs] == [(m, 7, *shape)] * n_params
+    weights = torch.randn(m, 7, latent)  # an arbitrary loss, to compare gradients
+    (mean * weights).sum().add((logvar ** 2).sum()).add(sum((o ** 2).sum() for o in outs)).backward()
+    for k in range(m):
+        mu_k, lv_k = encs[k](xs[k])
+        outs_k = decs[k](zs[k])
+        torch.testing.assert_close(mean[k], mu_k)
+        torch.testing.assert_close(logvar[k], lv_k)
+        for a, b in zip(outs, outs_k, strict=True):
+            torch.testing.assert_close(a[k], b)
+        (mu_k * weights[k]).sum().add((lv_k ** 2).sum()).add(sum((o ** 2).sum() for o in outs_k)).backward()
+        for net, w in ((encs[k], enc_w), (decs[k], dec_w)):
+            for name, p in net.named_parameters():
+                torch.testing.assert_close(w[name].grad[k], p.grad, msg=name)

@@ -15,7 +15,8 @@ from ..data import StoredImages, prepare_data
 from ..errors import ConfigError, NotNormalizedWarning
 from ..models.likelihoods import LIKELIHOODS
 from ..models.vae import VAE
-from ..training.evaluation import NEGATIVE_NOTE, bits_per_dim, elbo_metrics
+from ..training.evaluation import NEGATIVE_NOTE, bits_per_dim, elbo_metrics, eval_rows, rows_within
+from ..training.evaluation import widest_activation_bytes as widest_activation_bytes  # re-exported
 from .anatomy import anatomy_rows, elbo_anatomy
 from .factors import factor_rows, split_scores
 from .quality import N_SCORE, quality_rows
@@ -118,35 +119,13 @@ def sharpness(images: Tensor) -> float:
     return float(per_channel.mean(1).mean())
 
 
-def widest_activation_bytes(decoder: torch.nn.Module, z: Tensor) -> int:
-    """Bytes per row of the decoder's widest output among all its modules, from one pass on the row z (1, L)."""
-    widest = 0
-
-    def hook(_module, _inputs, out) -> None:
-        nonlocal widest
-        for t in out if isinstance(out, (list, tuple)) else [out]:
-            if isinstance(t, Tensor):
-                widest = max(widest, t.numel() * t.element_size())
-
-    handles = [m.register_forward_hook(hook) for m in decoder.modules()]
-    try:
-        with torch.no_grad():
-            decoder(z)
-    finally:
-        for h in handles:
-            h.remove()
-    return widest
-
-
 def iwae_sizes(model: VAE, n: int, k: int, batch_size: int, device: torch.device) -> tuple[int, int]:
     """(images, samples per image) of each IWAE step: about IW_BYTES of the decoder's widest activation per
     thread, so the step stays in cache for a conv decoder as for an MLP. K = 1 takes whole batches, as
     elbo_metrics does: the same noise stream, so it draws the very z of the ELBO's estimate."""
     if k == 1:
         return max(1, min(batch_size, n)), 1
-    dtype = next(model.parameters()).dtype
-    row = widest_activation_bytes(model.decoder, torch.zeros(1, model.latent_dim, dtype=dtype, device=device))
-    rows = max(16, IW_BYTES * (torch.get_num_threads() if device.type == "cpu" else 64) // row)
+    rows = max(16, rows_within(model, IW_BYTES * (torch.get_num_threads() if device.type == "cpu" else 64), device))
     group = max(1, min(batch_size, n, rows // min(k, 16)))
     return group, max(1, min(k, rows // group))
 
@@ -206,23 +185,24 @@ def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samp
     """
     model.eval()
     m = elbo_metrics(model, x, batch_size, prepare, seed=seed)
+    rows = eval_rows(model, batch_size, x.device)  # images per pass: batch_size unless the decoder is too wide
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         # The prior samples come first, from the seed alone, so every number but log_px is the same
         # whatever K is (the σ study's table and `vaelab eval` agree for any --iw-samples).
         torch.manual_seed(seed)
-        codes = posterior_means(model, x, batch_size, prepare)  # (N, L)
+        codes = posterior_means(model, x, rows, prepare)  # (N, L)
         sharp = torch.zeros(3, dtype=torch.float64)  # data, recon, samples: sums of per-batch means x sizes
-        for i in range(0, len(x), batch_size):
-            z = codes[i:i + batch_size]
-            images = (prepare(x[i:i + batch_size]), model.decode_mean(z).clamp(0, 1),
-                      model.decode_mean(model.sample_prior(len(z))).clamp(0, 1))
-            sharp += torch.tensor([sharpness(im) for im in images], dtype=torch.float64) * len(z)
+        for i in range(0, len(x), rows):
+            xb = prepare(x[i:i + rows])
+            images = (xb, model.reconstruct(xb).clamp(0, 1),
+                      model.decode_mean(model.sample_prior(len(xb))).clamp(0, 1))
+            sharp += torch.tensor([sharpness(im) for im in images], dtype=torch.float64) * len(xb)
         torch.manual_seed(seed)  # K = 1 then draws the very z that elbo_metrics drew: it is the ELBO estimate
         log_px = iwae_log_px(model, x, iw_samples, batch_size, prepare, progress)
     sharpness_means = (sharp / len(x)).tolist()
     hierarchical = hasattr(model, "unit_means")  # codes: the top group; active units: every unit, as kl_per_dim
-    count, var = active_units(unit_means(model, x, batch_size, prepare) if hierarchical else codes)
+    count, var = active_units(unit_means(model, x, rows, prepare) if hierarchical else codes)
     radii = prior_radii(codes.shape[1])
     d = model.n_pixels
     lp = log_px.mean().item()

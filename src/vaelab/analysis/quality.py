@@ -115,8 +115,7 @@ def sample_quality(run: Run, n: int = N_SCORE, seed: int = 0, k: int = K_NN, pro
     real = judge_features(judge, data.test[:n])
     run.model.eval()
     x = prep.test[:n]
-    recon = torch.cat([run.model.decode_mean(run.model.encode(prep.prepare(x[i:i + 500])).mean).clamp(0, 1)
-                       for i in range(0, n, 500)])
+    recon = torch.cat([run.model.reconstruct(prep.prepare(x[i:i + 500])).clamp(0, 1) for i in range(0, n, 500)])
     images: dict[str, torch.Tensor | np.ndarray] = {
         "data": _train_rows(data, n, seed), "reconstructions": recon,
         "prior": sample_images(run, n, "prior", 1.0, seed), "aggregate": sample_images(run, n, "aggregate", 1.0, seed),

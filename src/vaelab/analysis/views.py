@@ -73,7 +73,7 @@ def reconstructions(model: VAE, x: torch.Tensor, n_samples: int = 3) -> list[tup
     """Rows: input | decoder mean at the posterior mean | decoder means at `n_samples` sampled z."""
     model.eval()
     q = model.encode(x)
-    rows = [("input", _as_numpy(x)), ("f(mean z)", _as_numpy(decode_images(model, q.mode())))]
+    rows = [("input", _as_numpy(x)), ("f(mean z)", _as_numpy(model.reconstruct(x).clamp(0, 1)))]
     for i in range(n_samples):
         rows.append((f"f(z), z~q #{i + 1}", _as_numpy(decode_images(model, q.sample()))))
     return rows

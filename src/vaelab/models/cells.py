@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nets import to_channels_last
+from .nets import bounded_logvar, to_channels_last
 
-LOGVAR_BOUND = 10.0  # log σ² is soft-clamped to (−10, 10): σ in (0.0067, 148)
-MEAN_BOUND = 5.0  # and each mean to (−5, 5), as NVAE does
+MEAN_BOUND = 5.0  # each mean is soft-clamped to (−5, 5), as NVAE does
 
 
 def soft_clamp(t: Tensor, bound: float) -> Tensor:
@@ -29,9 +28,11 @@ def soft_clamp(t: Tensor, bound: float) -> Tensor:
 
 
 def gaussian_stats(t: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, log-variance) from a (B, 2Z, h, w) output, each soft-clamped, (B, Z, h, w)."""
+    """(mean, log-variance) from a (B, 2Z, h, w) output, (B, Z, h, w) each: the mean soft-clamped to ±MEAN_BOUND,
+    the log-variance softly bounded as the single-latent encoders' (nets.bounded_logvar: [−20, 4]), for the
+    posterior and the prior of every group alike."""
     mean, logvar = t.chunk(2, dim=1)
-    return soft_clamp(mean, MEAN_BOUND), soft_clamp(logvar, LOGVAR_BOUND)
+    return soft_clamp(mean, MEAN_BOUND), bounded_logvar(logvar)
 
 
 def gaussian_kl(qm: Tensor, qlv: Tensor, pm: Tensor, plv: Tensor) -> Tensor:
@@ -110,7 +111,7 @@ class TopDownCell(nn.Module):
         self.proj = nn.Conv2d(z_channels, width, 1)
         self.proj.weight.data.mul_(scale)  # VDVAE: the sum of many groups' projections starts small
         self.block = Block(width, mid, width, True, small)
-        if self.prior_net is not None:  # the prior starts as N(0, I) and h_p as 0
+        if self.prior_net is not None:  # the prior starts as N(0, I) (log σ² −0.018: bounded) and h_p as 0
             self.prior_net.zero_last()
 
     def prior(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:

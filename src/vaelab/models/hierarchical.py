@@ -15,6 +15,7 @@ top group first, each group in (channel, row, column) order.
   forward / terms / iwae_bound   eps (B, L) (or (K, B, L)) is the standard-normal noise of every group's
                                  posterior draw, z_i = μ_q + σ_q·ε_i; kl_per_dim (B, L) holds each unit's KL
   encode(x)                      q(z_top | x) of the top group alone, (B, code_dim): the codes plots show
+  reconstruct(x)                 the decoder mean with every group at its posterior mean (not decode(encode(x)))
   decode(z)                      z (B, code_dim): the top group's z, the lower groups at their prior means;
                                  z (B, L): the top group's z, then the lower groups' standardized prior noise u,
                                  z_i = μ_p + σ_p·u_i (so decode(sample_prior(n, temperature=T)) is a prior draw
@@ -265,6 +266,11 @@ class HierarchicalVAE(VAE):
         """Every group's posterior mean, (B, L), each group given the means of the groups above it."""
         _, draws = self.decoder(self._noise(x).zero_(), self.encoder(x))
         return draws.posterior().mean
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The decoder mean with every group at its posterior mean, each given the means above it, (B, C, H, W)."""
+        params, _ = self.decoder(self._noise(x).zero_(), self.encoder(x))
+        return self.likelihood.mean([p.to(x.dtype) for p in params])
 
     @torch.no_grad()
     def decode_keeping(self, x: Tensor, keep: int, noise: Tensor) -> list[Tensor]:

@@ -142,6 +142,10 @@ class VAE(nn.Module):
     def decode_mean(self, z: Tensor) -> Tensor:
         return self.likelihood.mean(self.decode(z))
 
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The decoder mean at the posterior mean, f(E_q[z|x]), (B, C, H, W): what "reconstructions" show."""
+        return self.decode_mean(self.encode(x).mean)
+
     def terms(self, x: Tensor, extras: bool = True, eps: Tensor | None = None) -> Terms:
         """One z per example; extras=False skips the diagnostics (sq_err, sigma) the training step ignores.
         `eps` (B, L) is the standard normal noise of the reparameterized z, drawn here when not given."""

@@ -3,12 +3,13 @@
 Each member is a run of its own, as `vaelab train` would make it: its own VAE, optimizer, RNG streams (the seed
 of its initialisation and of z's noise, its shuffling generator), metrics, checkpoint and run directory. Only
 the networks' arithmetic is shared: the members' weights are stacked, and the encoder and decoder run once for
-all of them (torch.func.functional_call under torch.func.vmap: one batched matmul per layer instead of one per
-member). Everything after the networks is each member's own model and objective:
+all of them, one torch.baddbmm over the stacked weights per Linear layer instead of one matmul per member
+(vaelab.training.stacked; the MLP only: conv runs train alone). Everything after the networks is each member's own
+model and objective:
 
-    mean, logvar = vmap(encoder)(W_enc, x)                   # (M, B, L) each
+    mean, logvar = encoder(W_enc, x)                         # (M, B, L) each
     z = q.reparameterize(eps)                                # (M, B, L), eps from each member's own stream
-    params = vmap(decoder)(W_dec, z)                         # (M, B, C, H, W) per decoder output
+    params = decoder(W_dec, z)                               # (M, B, C, H, W) per decoder output
     out_m = VAE.forward(member m, replaying its slices)      # its likelihood (its σ), its prior, its KL
     loss_m = objective_m(out_m, Batch(B, beta_m))            # vaelab.models.objective, as every step calls it
     sum_m loss_m.total .backward();  each member's guard and optimizer step
@@ -31,13 +32,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, vmap
 
 from ..config import TrainConfig
 from ..data import ImageData, load_dataset
+from ..models.nets import MLPDecoder, MLPEncoder
 from ..models.objective import Batch, Objective
 from ..models.vae import VAE, DiagonalGaussian, Terms
 from ..runs import Run
+from . import stacked
 from .budget import Budget
 from .build import make_objective_for, resolve_device
 from .distributed import SINGLE
@@ -61,12 +63,12 @@ def _numeric(sigma: Any) -> bool:
 
 def group_key(config: TrainConfig) -> tuple | None:
     """What members of one ensemble share (runs with equal keys train together); None: this run trains alone
-    (a setting the ensemble does not reproduce: dynamic binarization draws from the RNG inside the step, an
-    objective with several draws of z, bf16, a TensorBoard log, or any setting away from its default that the
-    ensemble does not know)."""
+    (a setting the ensemble does not reproduce: a network other than the MLP, dynamic binarization draws from
+    the RNG inside the step, an objective with several draws of z, bf16, a TensorBoard log, or any setting away
+    from its default that the ensemble does not know)."""
     s, default = config.settings(), TrainConfig().settings()
     if (config.data.binarize == "dynamic" or config.runtime.precision != "fp32" or config.runtime.tensorboard
-            or config.model.arch not in ("mlp", "conv") or config.optim.objective != "elbo"):
+            or config.model.arch != "mlp" or config.optim.objective != "elbo"):
         return None
     if any(s[k] != default.get(k) for k in s if k not in HANDLED and k != "precision"):
         return None
@@ -129,6 +131,16 @@ def share_weights(members: list[_Member], part: str) -> dict[str, Tensor]:
     return stacked
 
 
+def _networks(template: VAE, enc: dict[str, Tensor], dec: dict[str, Tensor], xs: Tensor, eps: Tensor
+              ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Every member's encoder and decoder on its own batch, as stacked matmuls (vaelab.training.stacked): mean,
+    log-variance (M, B, L) and the decoder's outputs, each (M, B, C, H, W)."""
+    assert stacked.stackable(template.encoder, template.decoder), "group_key admits the MLP only"
+    mean, logvar = stacked.encode(typing.cast(MLPEncoder, template.encoder), enc, xs)
+    z = DiagonalGaussian(mean, logvar).reparameterize(eps)  # (M, B, L)
+    return mean, logvar, stacked.decode(typing.cast(MLPDecoder, template.decoder), dec, z)
+
+
 def _step(members: list[_Member], template: VAE, weights: tuple[dict[str, Tensor], dict[str, Tensor]],
           idx: list[Tensor], betas: list[float]) -> Tensor:
     """One optimisation step of every member on its own batch; `weights`: the stacked encoder and decoder
@@ -139,12 +151,12 @@ def _step(members: list[_Member], template: VAE, weights: tuple[dict[str, Tensor
     eps = torch.stack([torch.randn((len(i), latent), generator=m.noise, device=xs.device)
                        for m, i in zip(members, idx, strict=True)])  # (M, B, L), as each run draws it alone
     enc, dec = weights
-    mean, logvar = vmap(lambda w, x: functional_call(template.encoder, w, (x,)))(enc, xs)  # (M, B, L) each
-    z = DiagonalGaussian(mean, logvar).reparameterize(eps)  # (M, B, L)
-    params = vmap(lambda w, z: tuple(functional_call(template.decoder, w, (z,))))(dec, z)  # each (M, B, C, H, W)
+    mean, logvar, params = _networks(template, enc, dec, xs, eps)
     totals = []
+    # unbind, not indexing: the gradient of the M views is one stack, not M zero-filled (M, ...) tensors
+    means, logvars, outs = mean.unbind(0), logvar.unbind(0), [p.unbind(0) for p in params]
     for k, m in enumerate(members):
-        replay = _Replay(m.state.model, mean[k], logvar[k], [p[k] for p in params])
+        replay = _Replay(m.state.model, means[k], logvars[k], [p[k] for p in outs])
         out: Terms = VAE.forward(typing.cast(VAE, replay), xs[k], eps[k])
         totals.append(m.objective(out, Batch(len(idx[k]), betas[k])).total)
         m.state.optimizer.zero_grad(set_to_none=True)

@@ -33,17 +33,57 @@ class Scored:
     beta: float = 1.0
 
 
+EVAL_BYTES = 128 * 2**20  # the widest decoder activation of one evaluation pass on a CPU (64x that on a GPU):
+# whole batches of 1000 for every MLP and conv decoder up to 64x64 (32 channels at 32x32: 128 KiB a row); a
+# hierarchical decoder at 64x64 (64 channels at full size: 1 MiB a row) takes 128 images at a time
+
+
+def widest_activation_bytes(decoder: torch.nn.Module, z: Tensor) -> int:
+    """Bytes per row of the decoder's widest output among all its modules, from one pass on the row z (1, L)."""
+    widest = 0
+
+    def hook(_module, _inputs, out) -> None:
+        nonlocal widest
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(t, Tensor):
+                widest = max(widest, t.numel() * t.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in decoder.modules()]
+    try:
+        with torch.no_grad():
+            decoder(z)
+    finally:
+        for h in handles:
+            h.remove()
+    return widest
+
+
+def rows_within(model: VAE, budget: int, device: torch.device) -> int:
+    """The rows (images, or draws) whose widest decoder activation fits in `budget` bytes; at least 1."""
+    dtype = next(model.parameters()).dtype
+    row = widest_activation_bytes(model.decoder, torch.zeros(1, model.latent_dim, dtype=dtype, device=device))
+    return max(1, budget // row)
+
+
+def eval_rows(model: VAE, batch_size: int, device: torch.device) -> int:
+    """Images per pass of an evaluation batch: the whole batch, unless its widest decoder activation would pass
+    EVAL_BYTES (64x that on a GPU); then as many as fit."""
+    return min(batch_size, rows_within(model, EVAL_BYTES * (1 if device.type == "cpu" else 64), device))
+
+
 @torch.no_grad()
 def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare, seed: int = 0,
                  part: tuple[int, int] = (0, 1), reduce: Callable[[Tensor], Tensor] | None = None,
-                 scored: Scored | None = None) -> dict:
+                 scored: Scored | None = None, rows: int | None = None) -> dict:
     """−ELBO (= rec + kl), rec, kl, bits/dim, per-pixel MSE and σ, averaged over the images of `x`, and the KL
     per latent dimension (None for a prior without a closed-form KL, whose KL is estimated at the z drawn); with
-    `scored`, also the training objective (`objective`): each evaluation batch is one batch of the objective, at
-    the same z as the ELBO's when it draws one per image, and the value is the mean over the images.
+    `scored`, also the training objective (`objective`), the mean over the images at the same z as the ELBO's
+    when it draws one per image.
 
     `x` is the split as stored (uint8 or float, on the model's device); `prepare` maps a stored batch to
-    model inputs in [0, 1]. One z is drawn per image (seeded, without touching the training RNG stream);
+    model inputs in [0, 1]. One z is drawn per image (seeded, without touching the training RNG stream), the
+    noise of each `batch_size` images at once; the model sees `rows` images at a time (default eval_rows: the
+    decoder's memory), and the numbers do not depend on `rows` beyond rounding.
     `mse` uses the decoder mean at that same z, so for a shared-σ Gaussian
     rec = (D/2)·log(2πσ²) + D·mse/(2σ²) holds exactly for the reported numbers.
     Shared among processes: part=(rank, size) evaluates every size-th batch (the noise of every batch is drawn
@@ -54,11 +94,13 @@ def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare,
     n = x.shape[0]
     rank, size = part
     dtype = next(model.parameters()).dtype
+    rows = eval_rows(model, batch_size, x.device) if rows is None else rows
     # rec, kl, sq, σ, #σ, objective, kl_d
     totals = torch.zeros(6 + model.latent_dim, dtype=torch.float64, device=x.device)
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     # the objective's own draws (K per image) come from a generator of their own: the ELBO's z stay as they are
     draws = torch.Generator(device=x.device).manual_seed(seed + 1)
+    k = scored.objective.samples if scored is not None else 1
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for i, start in enumerate(range(0, n, batch_size)):
@@ -66,17 +108,11 @@ def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare,
             eps = torch.randn((xb.shape[0], model.latent_dim), dtype=dtype, device=x.device)  # (B, L)
             if i % size != rank:
                 continue
-            xin = prepare(xb)
-            t = model.terms(xin, eps=eps)
-            assert t.sq_err is not None, "terms() with extras computes it"
-            totals[:3] += torch.stack([t.rec.sum(), t.kl.sum(), t.sq_err.sum()]).double()
-            if t.kl_per_dim is not None:  # a learned prior has no KL per dimension; its KL is estimated at z
-                totals[6:] += t.kl_per_dim.sum(0).double()
-            if t.sigma is not None:
-                totals[3] += t.sigma.double().sum()
-                totals[4] += t.sigma.shape[0]
-            if scored is not None:
-                totals[5] += _objective_sum(model, scored, xin, t, draws)
+            k_eps = torch.randn((k, xb.shape[0], model.latent_dim), dtype=dtype, device=x.device,
+                                generator=draws) if k > 1 else None  # (K, B, L)
+            for s in range(0, xb.shape[0], rows):
+                _add_batch(model, totals, prepare(xb[s:s + rows]), eps[s:s + rows], scored,
+                           None if k_eps is None else k_eps[:, s:s + rows])
     model.train(was_training)
     if reduce is not None:
         reduce(totals)
@@ -95,13 +131,26 @@ def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare,
     return out
 
 
-def _objective_sum(model: VAE, scored: Scored, x: Tensor, t: Terms, draws: torch.Generator) -> Tensor:
-    """The objective summed over the batch x: on the ELBO's terms t, or on K fresh draws per image."""
-    k = scored.objective.samples
-    if k > 1:
-        eps = torch.randn((k, x.shape[0], model.latent_dim), dtype=t.rec.dtype, device=x.device,
-                          generator=draws)  # (K, B, L)
-        t = model(x, eps, samples=k)
+def _add_batch(model: VAE, totals: Tensor, xin: Tensor, eps: Tensor, scored: Scored | None,
+               k_eps: Tensor | None) -> None:
+    """Add the sums of one pass over the images xin (B, ...) at the noise eps (B, L) to `totals`."""
+    t = model.terms(xin, eps=eps)
+    assert t.sq_err is not None, "terms() with extras computes it"
+    totals[:3] += torch.stack([t.rec.sum(), t.kl.sum(), t.sq_err.sum()]).double()
+    if t.kl_per_dim is not None:  # a learned prior has no KL per dimension; its KL is estimated at z
+        totals[6:] += t.kl_per_dim.sum(0).double()
+    if t.sigma is not None:
+        totals[3] += t.sigma.double().sum()
+        totals[4] += t.sigma.shape[0]
+    if scored is not None:
+        totals[5] += _objective_sum(model, scored, xin, t, k_eps)
+
+
+def _objective_sum(model: VAE, scored: Scored, x: Tensor, t: Terms, k_eps: Tensor | None) -> Tensor:
+    """The objective summed over the batch x: on the ELBO's terms t, or on K fresh draws per image, whose noise
+    is k_eps (K, B, L)."""
+    if k_eps is not None:
+        t = model(x, k_eps, samples=k_eps.shape[0])
     return scored.objective(t, Batch(x.shape[0], scored.beta)).total.double() * x.shape[0]
 
 

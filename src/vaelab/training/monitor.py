@@ -68,7 +68,7 @@ class TensorBoard:
         was_training = model.training
         model.eval()
         x = self.inputs.to(next(model.parameters()).device)
-        recon = model.decode_mean(model.encode(x).mode()).clamp(0, 1)  # (8, C, H, W)
+        recon = model.reconstruct(x).clamp(0, 1)  # (8, C, H, W)
         z = model.sample_prior(N_PRIOR, torch.Generator().manual_seed(PRIOR_SEED))
         prior = model.decode_mean(z).clamp(0, 1)  # (64, C, H, W)
         model.train(was_training)
