@@ -13,8 +13,11 @@ Seconds are training seconds: the `seconds` field of each epoch's train row in m
 wall time, without the per-epoch evaluation and checkpoint), summed over epochs; sequential sums its 8 runs,
 batched takes the ensemble's loop (every member records it). The series take turns within each round, so on a
 shared machine they see the same mix of its states; medians over the rounds. Each batched member's test −ELBO
-is checked against its sequential twin (they agree up to float rounding). The last line is machine-readable:
-one_s=... sequential_s=... batched_s=...
+is checked against its sequential twin (they agree up to float rounding). Each round also times the floor of an
+8-model step on this machine: the stacked matrix multiplies of its forward and backward passes (4 forward, 4
+weight-gradient, 3 input-gradient, each one torch.bmm/baddbmm over the 8 models) and one fused Adam update of the
+8 models' weights, for as many steps as an epoch, with nothing else; no sweep of 8 of these networks can train
+faster on one core. The last line is machine-readable: one_s=... sequential_s=... batched_s=... floor_s=...
 
     python benchmarks/sweep_speed.py              # 5 rounds, 6,400 images, 1 epoch, 1 thread (2-4 minutes)
     python benchmarks/sweep_speed.py --rounds 7 --limit 60000 --threads 0
@@ -51,6 +54,30 @@ def test_loss(run: Run) -> float:
     return [r for r in run.metrics if r["split"] == "test"][-1]["loss"]
 
 
+def floor_seconds(steps: int, members: int) -> float:
+    """The stacked matmuls of `steps` forward and backward passes of `members` 784-400-20 MLP VAEs and their
+    fused Adam updates, nothing else (random data: the arithmetic does not depend on the values)."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(784, HIDDEN), (HIDDEN, 2 * LATENT), (LATENT, HIDDEN), (HIDDEN, 784)]  # (in, out) per layer
+    weights = [torch.randn(members, o, i, generator=gen) * 0.01 for i, o in sizes]
+    biases = [torch.zeros(members, o) for _, o in sizes]
+    inputs = [torch.randn(members, BATCH, i, generator=gen) for i, _ in sizes]
+    outs = [torch.randn(members, BATCH, o, generator=gen) for _, o in sizes]
+    params = [*weights, *biases]
+    adam = torch.optim.Adam(params, lr=1e-3, fused=True)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for layer, (w, b, h, g) in enumerate(zip(weights, biases, inputs, outs, strict=True)):
+            torch.baddbmm(b.unsqueeze(1), h, w.mT)  # forward (M, B, out)
+            torch.bmm(g.mT, h, out=w.grad)  # weight gradient (M, out, in)
+            if layer:  # the first layer's input (the images) needs no gradient
+                torch.bmm(g, w)  # input gradient (M, B, in)
+        adam.step()
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5, help="paired rounds (>= 5; default 5)")
@@ -72,7 +99,7 @@ def main(argv=None) -> None:
           "epoch", flush=True)
     base = TrainConfig(dataset="fashion-mnist", likelihood="gaussian", hidden=[HIDDEN], latent_dim=LATENT,
                        batch_size=BATCH, limit=args.limit, epochs=args.epochs, device="cpu")
-    one, seq, bat, worst = [], [], [], 0.0
+    one, seq, bat, floor, worst = [], [], [], [], 0.0
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -90,13 +117,15 @@ def main(argv=None) -> None:
             bat.append(train_seconds(runs[0]))
             worst = max(worst, *(abs(test_loss(a) - test_loss(b)) / abs(test_loss(a))
                                  for a, b in zip(alone, runs, strict=True)))
+            floor.append(floor_seconds(args.epochs * math.ceil(args.limit / BATCH), len(sigmas)))
             print(f"round {r + 1}/{args.rounds}: one {one[-1]:.2f} s, sequential {seq[-1]:.2f} s, batched "
-                  f"{bat[-1]:.2f} s", flush=True)
-    one_s, seq_s, bat_s = (statistics.median(v) for v in (one, seq, bat))
+                  f"{bat[-1]:.2f} s, floor {floor[-1]:.2f} s", flush=True)
+    one_s, seq_s, bat_s, floor_s = (statistics.median(v) for v in (one, seq, bat, floor))
     print(f"\nsequential / batched = {seq_s / bat_s:.2f}; batched / one = {bat_s / one_s:.2f} "
           f"(8 runs for the time of {bat_s / one_s:.1f}); largest relative gap in test −ELBO between a batched "
-          f"member and its run alone: {worst:.1e}; {time.perf_counter() - t_start:.0f} s in all")
-    print(f"one_s={one_s:.3f} sequential_s={seq_s:.3f} batched_s={bat_s:.3f}")
+          f"member and its run alone: {worst:.1e}; batched / floor = {bat_s / floor_s:.2f}, sequential / floor = "
+          f"{seq_s / floor_s:.2f}; {time.perf_counter() - t_start:.0f} s in all")
+    print(f"one_s={one_s:.3f} sequential_s={seq_s:.3f} batched_s={bat_s:.3f} floor_s={floor_s:.3f}")
 
 
 if __name__ == "__main__":

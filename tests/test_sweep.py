@@ -205,6 +205,11 @@ def test_an_ensemble_member_equals_the_run_trained_alone(tmp_path, fashion_dir):
         tmp_path / "alone" / "checkpoint.safetensors")
     assert torch.equal(ck_a["rng.cpu"], ck_b["rng.cpu"])
     assert torch.equal(ck_a["rng.shuffle"], ck_b["rng.shuffle"])
+    moments = [k for k in ck_b if k.startswith("optim.")]  # Adam's moments and step counts, updated in one stack
+    assert moments
+    assert set(moments) == {k for k in ck_a if k.startswith("optim.")}
+    for k in moments:
+        torch.testing.assert_close(ck_a[k], ck_b[k], rtol=1e-4, atol=1e-6)
     other = load_file(out / "sigma=0.1,seed=0" / "model.safetensors")
     assert not torch.allclose(other["decoder.body.0.weight"], a["decoder.body.0.weight"])
 
@@ -286,3 +291,54 @@ def test_stacked_mlp_matches_each_member_run_alone_with_its_gradients(hidden, n_
         for net, w in ((encs[k], enc_w), (decs[k], dec_w)):
             for name, p in net.named_parameters():
                 torch.testing.assert_close(w[name].grad[k], p.grad, msg=name)
+
+
+def test_one_adam_step_over_the_stacks_equals_each_members_own_step_with_skips():
+    """SharedAdam: every member's update in one fused step, then a skipped member's (non-finite step) own steps
+    from then on: weights, moments and step counts as M separate Adam optimizers would have them."""
+    import torch
+
+    from vaelab.training.stacked import SharedAdam
+    from vaelab.training.step import apply_update
+
+    gen = torch.Generator().manual_seed(0)
+    shapes, m = [(5, 3), (5,)], 3
+    ref = [[torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes] for _ in range(m)]
+    own = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in ref]
+    adam = {"lr": 0.01, "fused": True}
+    ref_opt = [torch.optim.Adam(ps, **adam) for ps in ref]
+    opts = [torch.optim.Adam(ps, **adam) for ps in own]
+    stacks = []
+    for j in range(len(shapes)):
+        w = torch.stack([ps[j].detach() for ps in own]).requires_grad_()
+        for k, ps in enumerate(own):
+            ps[j].data = w.data[k]
+        stacks.append(w)
+    assert SharedAdam.applies(opts, own)
+    assert not SharedAdam.applies([torch.optim.Adam(own[0], lr=0.02), *opts[1:]], own)  # settings differ
+    shared = SharedAdam(stacks, opts, own)
+    for step in range(4):
+        grads = [torch.randn(m, *s, generator=gen) for s in shapes]
+        applied = [not (step == 1 and k == 1) for k in range(m)]  # member 1's second step is skipped
+        for k in range(m):
+            for j, p in enumerate(ref[k]):
+                p.grad = grads[j][k]
+            if applied[k]:
+                ref_opt[k].step()
+        if shared.ready() and all(applied):
+            for w, g in zip(stacks, grads, strict=True):
+                w.grad = g
+            shared.step()
+        else:
+            for k in range(m):
+                for j, p in enumerate(own[k]):
+                    p.grad = grads[j][k]
+                apply_update(opts[k], torch.tensor(not applied[k]), None, [p.grad for p in own[k]])
+            shared.after_own_steps(applied)
+        assert shared.ready() == (step == 0)
+    for k in range(m):
+        for p, q in zip(own[k], ref[k], strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-7)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(opts[k].state[p][key], ref_opt[k].state[q][key], rtol=0, atol=1e-7)
+    assert [int(opts[k].state[own[k][0]]["step"]) for k in range(m)] == [4, 3, 4]

@@ -219,12 +219,7 @@ class HierarchicalVAE(VAE):
         """One draw of every group per example; `eps` (B, L) is its noise (see the module docstring)."""
         eps = self._noise(x) if eps is None else eps
         params, draws = self.decoder(eps, self.encoder(x))
-        rec = -self.likelihood.log_prob(params, x)
-        sq_err = sigma = None
-        if extras:
-            with torch.no_grad():
-                sq_err = (x - self.likelihood.mean(params)).square().flatten(1).sum(1)
-                sigma = self.likelihood.scale(params)
+        rec, sq_err, sigma = self.observe(params, x, extras)
         return Terms(rec, draws.kl_per_dim(), sq_err, sigma, q=draws.posterior(), z=draws.z)
 
     def forward(self, x: Tensor, eps: Tensor | None = None, samples: int = 1) -> Terms:

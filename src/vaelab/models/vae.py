@@ -146,18 +146,22 @@ class VAE(nn.Module):
         """The decoder mean at the posterior mean, f(E_q[z|x]), (B, C, H, W): what "reconstructions" show."""
         return self.decode_mean(self.encode(x).mean)
 
+    def observe(self, params: list[Tensor], x: Tensor, extras: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """−log p(x|z) (B,) at the decoder's outputs `params`; with extras, also ||x − f(z)||² (B,) and the scale
+        in use, computed without gradients (the training step does not read them)."""
+        rec = -self.likelihood.log_prob(params, x)
+        if not extras:
+            return rec, None, None
+        with torch.no_grad():
+            sq_err = (x - self.likelihood.mean(params)).square().flatten(1).sum(1)
+            return rec, sq_err, self.likelihood.scale(params)
+
     def terms(self, x: Tensor, extras: bool = True, eps: Tensor | None = None) -> Terms:
         """One z per example; extras=False skips the diagnostics (sq_err, sigma) the training step ignores.
         `eps` (B, L) is the standard normal noise of the reparameterized z, drawn here when not given."""
         q = self.encode(x)
         z = q.reparameterize(q.noise() if eps is None else eps)  # (B, L)
-        params = self.decode(z)
-        rec = -self.likelihood.log_prob(params, x)
-        sq_err = sigma = None
-        if extras:
-            with torch.no_grad():
-                sq_err = (x - self.likelihood.mean(params)).square().flatten(1).sum(1)
-                sigma = self.likelihood.scale(params)
+        rec, sq_err, sigma = self.observe(self.decode(z), x, extras)
         kl_per_dim = self.prior.kl_per_dim(q.mean, q.logvar)  # (B, L), or None: then estimated at z
         kl_estimate = q.log_prob(z) - self.prior.log_prob(z) if kl_per_dim is None else None  # (B,)
         return Terms(rec, kl_per_dim, sq_err, sigma, q=q, z=z, kl_estimate=kl_estimate)

@@ -43,8 +43,8 @@ from . import stacked
 from .budget import Budget
 from .build import make_objective_for, resolve_device
 from .distributed import SINGLE
-from .step import Guard
-from .trainer import NONFINITE_STOP, PROGRESS_EVERY, _nonfinite_message, _save_epoch, _setup, _State, beta_at
+from .step import Guard, apply_update, count_step
+from .trainer import NONFINITE_STOP, PROGRESS_EVERY, RunState, beta_at, nonfinite_message, save_epoch, setup_run
 
 FREE = ("sigma", "beta", "seed", "lr", "free_bits", "kl_warmup")  # settings members may differ in
 WHERE = ("out", "name")  # where each member is written: its own
@@ -94,7 +94,7 @@ class _Replay:
     decoder's outputs taken from the ensemble's batched pass (`z` is the member's z, recomputed by VAE.terms
     from the same mean, log-variance and noise, so the decoder's outputs are its own)."""
 
-    terms = VAE.terms  # what VAE.forward calls for one draw of z
+    terms, observe = VAE.terms, VAE.observe  # what VAE.forward calls for one draw of z, and what terms calls
 
     def __init__(self, model: VAE, mean: Tensor, logvar: Tensor, params: list[Tensor]):
         self.likelihood, self.prior, self.latent_dim = model.likelihood, model.prior, model.latent_dim
@@ -109,7 +109,7 @@ class _Replay:
 
 @dataclass
 class _Member:
-    state: _State
+    state: RunState
     objective: Objective
     guard: Guard
     noise: torch.Generator  # the global stream of the run alone: its z's noise
@@ -131,6 +131,35 @@ def share_weights(members: list[_Member], part: str) -> dict[str, Tensor]:
     return stacked
 
 
+@dataclass
+class _Shared:
+    """What the members' step shares: their stacked networks, their guards' counts (8, M), and one Adam step
+    over the stacks where their optimizers allow it (stacked.SharedAdam; None: each steps its own)."""
+
+    encoder: dict[str, Tensor]
+    decoder: dict[str, Tensor]
+    stats: Tensor
+    adam: stacked.SharedAdam | None
+
+    @property
+    def stacks(self) -> list[Tensor]:
+        return [*self.encoder.values(), *self.decoder.values()]
+
+
+def share(members: list[_Member]) -> _Shared:
+    """Stacks the members' networks (share_weights), guard counts and, where it applies, Adam state; each
+    member's own parameters, counts and moments become views of the stacks."""
+    encoder, decoder = share_weights(members, "encoder"), share_weights(members, "decoder")
+    stats = torch.stack([m.guard.stats for m in members], dim=1)  # (8, M)
+    for k, m in enumerate(members):
+        m.guard.stats = stats[:, k]
+    params = [[*m.state.model.encoder.parameters(), *m.state.model.decoder.parameters()] for m in members]
+    optimizers = [m.state.optimizer for m in members]
+    adam = (stacked.SharedAdam([*encoder.values(), *decoder.values()], optimizers, params)
+            if stacked.SharedAdam.applies(optimizers, params) else None)
+    return _Shared(encoder, decoder, stats, adam)
+
+
 def _networks(template: VAE, enc: dict[str, Tensor], dec: dict[str, Tensor], xs: Tensor, eps: Tensor
               ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Every member's encoder and decoder on its own batch, as stacked matmuls (vaelab.training.stacked): mean,
@@ -141,17 +170,14 @@ def _networks(template: VAE, enc: dict[str, Tensor], dec: dict[str, Tensor], xs:
     return mean, logvar, stacked.decode(typing.cast(MLPDecoder, template.decoder), dec, z)
 
 
-def _step(members: list[_Member], template: VAE, weights: tuple[dict[str, Tensor], dict[str, Tensor]],
-          idx: list[Tensor], betas: list[float]) -> Tensor:
-    """One optimisation step of every member on its own batch; `weights`: the stacked encoder and decoder
-    (share_weights); returns the members' objectives, (M,)."""
+def _step(members: list[_Member], template: VAE, shared: _Shared, idx: list[Tensor], betas: list[float]) -> Tensor:
+    """One optimisation step of every member on its own batch; returns the members' objectives, (M,)."""
     xs = torch.stack([m.state.prep.prepare_train(m.state.prep.batches(i)) for m, i in zip(members, idx,
                                                                                           strict=True)])
     latent = template.latent_dim
     eps = torch.stack([torch.randn((len(i), latent), generator=m.noise, device=xs.device)
                        for m, i in zip(members, idx, strict=True)])  # (M, B, L), as each run draws it alone
-    enc, dec = weights
-    mean, logvar, params = _networks(template, enc, dec, xs, eps)
+    mean, logvar, params = _networks(template, shared.encoder, shared.decoder, xs, eps)
     totals = []
     # unbind, not indexing: the gradient of the M views is one stack, not M zero-filled (M, ...) tensors
     means, logvars, outs = mean.unbind(0), logvar.unbind(0), [p.unbind(0) for p in params]
@@ -159,19 +185,35 @@ def _step(members: list[_Member], template: VAE, weights: tuple[dict[str, Tensor
         replay = _Replay(m.state.model, means[k], logvars[k], [p[k] for p in outs])
         out: Terms = VAE.forward(typing.cast(VAE, replay), xs[k], eps[k])
         totals.append(m.objective(out, Batch(len(idx[k]), betas[k])).total)
-        m.state.optimizer.zero_grad(set_to_none=True)
-    stacked = [*enc.values(), *dec.values()]
-    for w in stacked:
+    for w in shared.stacks:
         w.grad = None
-    total = torch.stack(totals)
+    total = torch.stack(totals)  # (M,)
     total.sum().backward()
-    for k, m in enumerate(members):
-        for part, ws in (("encoder", enc), ("decoder", dec)):
-            for name, p in getattr(m.state.model, part).named_parameters():
-                grad = ws[name].grad
-                p.grad = None if grad is None else grad[k]  # (...): this member's slice of the stack's gradient
-        m.guard(m.state.optimizer, totals[k])
+    _update(members, shared, total.detach())
     return total.detach()
+
+
+def _update(members: list[_Member], shared: _Shared, total: Tensor) -> None:
+    """Each member's guard (non-finite steps skipped and counted, as a run alone does) and optimizer update: one
+    fused Adam step over the stacks when every member's step is finite and their update counts agree (the usual
+    case), else each member's own optimizer on its slice of the stacks' gradients."""
+    grads = [w.grad for w in shared.stacks]
+    if any(g is None for g in grads):
+        raise RuntimeError("a stacked weight got no gradient")  # every layer is on the path to every loss
+    norms = stacked.member_norms(typing.cast(list[Tensor], grads)).float()  # (M,)
+    finite = torch.isfinite(norms) & torch.isfinite(total)
+    count_step(shared.stats, norms, finite, 0.0)
+    if shared.adam is not None and shared.adam.ready() and bool(finite.all()):
+        shared.adam.step()
+        return
+    for k, m in enumerate(members):
+        own = [p for part in ("encoder", "decoder") for p in getattr(m.state.model, part).parameters()]
+        for p, g in zip(own, grads, strict=True):
+            p.grad = typing.cast(Tensor, g)[k]  # (...): this member's slice of the stack's gradient
+        apply_update(m.state.optimizer, ~finite[k], None, [p.grad for p in own if p.grad is not None])
+        m.state.optimizer.zero_grad(set_to_none=True)
+    if shared.adam is not None:
+        shared.adam.after_own_steps(finite.tolist())
 
 
 def _start(configs: list[TrainConfig], data: ImageData | None, device: torch.device) -> list[_Member]:
@@ -186,7 +228,7 @@ def _start(configs: list[TrainConfig], data: ImageData | None, device: torch.dev
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.optim.seed)
             shuffle = torch.Generator().manual_seed(config.optim.seed)
-            state = _setup(config, Path(config.runtime.out), device, data, False, shuffle, False, SINGLE)
+            state = setup_run(config, Path(config.runtime.out), device, data, False, shuffle, False, SINGLE)
             noise = torch.Generator(device=device)
             noise.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
         objective = make_objective_for(state.config, dataset_size=state.prep.train.shape[0])
@@ -211,7 +253,7 @@ def train_ensemble(configs: Sequence[TrainConfig], progress: bool = True, data: 
         alive = [m for m in members if m.error is None]
         if not alive:
             break
-        weights = (share_weights(alive, "encoder"), share_weights(alive, "decoder"))
+        shared = share(alive)
         t0 = time.perf_counter()
         orders = []
         for m in alive:
@@ -222,7 +264,7 @@ def train_ensemble(configs: Sequence[TrainConfig], progress: bool = True, data: 
         for step in range(steps):
             idx = [o[step * batch:(step + 1) * batch] for o in orders]
             betas = [beta_at(m.state.config, epoch + step / steps) for m in alive]
-            _step(alive, template, weights, idx, betas)
+            _step(alive, template, shared, idx, betas)
             if (step + 1) % PROGRESS_EVERY == 0 or step == steps - 1:
                 _drop_diverged(alive, epoch, step)
         seconds = time.perf_counter() - t0
@@ -241,7 +283,7 @@ def _drop_diverged(alive: list[_Member], epoch: int, step: int) -> None:
     for m in alive:
         _, streak = m.guard.peek()
         if m.error is None and streak >= min(NONFINITE_STOP, step + 1):
-            m.error = _nonfinite_message(m.state.config, m.state.model, epoch, step, streak)
+            m.error = nonfinite_message(m.state.config, m.state.model, epoch, step, streak)
 
 
 def _end_epoch(m: _Member, seconds: float) -> None:
@@ -254,7 +296,7 @@ def _end_epoch(m: _Member, seconds: float) -> None:
            {"cpu": torch.get_rng_state(), "cuda": m.noise.get_state()})
     checkpoint = ({"epoch": s.epoch, "step": 0, "world_size": 1}, {**rng, "shuffle": m.shuffle.get_state()},
                   {"guard": {"stats": m.guard.stats.clone()}})
-    _save_epoch(s, m.objective, None, s.epoch, False, {**counts, "seconds": seconds}, SINGLE,
+    save_epoch(s, m.objective, None, s.epoch, False, {**counts, "seconds": seconds}, SINGLE,
                 Budget(None, PROGRESS_EVERY), False, checkpoint)
 
 

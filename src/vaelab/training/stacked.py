@@ -72,3 +72,79 @@ def decode(decoder: MLPDecoder, weights: dict[str, Tensor], z: Tensor) -> list[T
     m, b = z.shape[:2]
     out = _body(decoder.body, weights, "body", z).view(m, b, decoder.n_params * c, h, w)  # (M, B, K*C, H, W)
     return list(out.split(c, dim=2)) if decoder.n_params > 1 else [out]
+
+
+def member_norms(grads: list[Tensor]) -> Tensor:
+    """Each member's total gradient norm, from the stacked gradients `grads` (each (M, ...)): (M,), as
+    torch.nn.utils.get_total_norm over one member's gradients."""
+    per_tensor = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # (W, M)
+    return torch.linalg.vector_norm(per_tensor, dim=0)
+
+
+class SharedAdam:
+    """Every member's Adam update as one fused step over the stacked weights.
+
+    Each member keeps its own optimizer, whose moments become views of one stacked tensor per weight: the one
+    fused kernel over the stacks updates every member's weights and moments exactly as its own optimizer would
+    (Adam is elementwise), in one pass instead of M. It applies when every member has taken as many updates as
+    the others (`ready`); otherwise the caller steps each member's own optimizer (a member whose step was skipped,
+    e.g. for a non-finite loss, and then until the counts agree again), and `after_own_steps` records them."""
+
+    def __init__(self, stacks: list[Tensor], optimizers: list[torch.optim.Optimizer],
+                 params: list[list[nn.Parameter]]):
+        group = optimizers[0].param_groups[0]
+        self.optimizer = torch.optim.Adam(stacks, **{k: v for k, v in group.items() if k != "params"})
+        self.counts = [_count(o, ps) for o, ps in zip(optimizers, params, strict=True)]
+        self.member_steps = []
+        for j, stack in enumerate(stacks):
+            owned = [ps[j] for ps in params]
+            moments = {key: torch.stack([_moment(o, p, key) for o, p in zip(optimizers, owned, strict=True)])
+                       for key in ("exp_avg", "exp_avg_sq")}  # (M, ...) each
+            for k, (o, p) in enumerate(zip(optimizers, owned, strict=True)):
+                o.state[p] = {"step": _step_tensor(group, p, self.counts[k]), "exp_avg": moments["exp_avg"][k],
+                              "exp_avg_sq": moments["exp_avg_sq"][k]}
+                self.member_steps.append(o.state[p]["step"])
+            self.optimizer.state[stack] = {"step": _step_tensor(group, stack, self.counts[0]), **moments}
+
+    @staticmethod
+    def applies(optimizers: list[torch.optim.Optimizer], params: list[list[nn.Parameter]]) -> bool:
+        """Whether the members' optimizers are Adam (without amsgrad) with one parameter group each, holding the
+        stacked networks' parameters only, with equal settings."""
+        def settings(o: torch.optim.Optimizer) -> dict:
+            return {k: v for k, v in o.param_groups[0].items() if k != "params"}
+
+        return all(type(o) is torch.optim.Adam and len(o.param_groups) == 1 and not o.param_groups[0]["amsgrad"]
+                   and {id(p) for p in o.param_groups[0]["params"]} == {id(p) for p in ps}
+                   and settings(o) == settings(optimizers[0]) for o, ps in zip(optimizers, params, strict=True))
+
+    def ready(self) -> bool:
+        return all(c == self.counts[0] for c in self.counts)
+
+    def step(self) -> None:
+        """Every member's update, from the stacks' gradients."""
+        self.optimizer.step()  # the stacks' step counts go up by one: so do the members'
+        torch._foreach_add_(self.member_steps, 1.0)
+        self.counts = [c + 1 for c in self.counts]
+
+    def after_own_steps(self, applied: list[bool]) -> None:
+        """The members stepped their own optimizers; `applied`: whose update was taken (not skipped)."""
+        self.counts = [c + a for c, a in zip(self.counts, applied, strict=True)]
+        if self.ready():
+            for state in self.optimizer.state.values():
+                state["step"].fill_(self.counts[0])
+
+
+def _count(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> int:
+    states = [optimizer.state.get(p, {}) for p in params]
+    return int(states[0]["step"]) if "step" in states[0] else 0
+
+
+def _moment(optimizer: torch.optim.Optimizer, p: nn.Parameter, key: str) -> Tensor:
+    state = optimizer.state.get(p, {})
+    return state[key].detach() if key in state else torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _step_tensor(group: dict, p: Tensor, count: int) -> Tensor:
+    """Adam's step count as Adam itself keeps it (on the device for fused or capturable Adam, else on the CPU)."""
+    on_device = group["fused"] or group["capturable"]
+    return torch.full((), float(count), dtype=torch.float32, device=p.device if on_device else "cpu")

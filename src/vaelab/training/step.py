@@ -91,40 +91,10 @@ class Guard:
         if self.all_sum is not None:  # the whole batch's loss: every process decides alike
             total = self.all_sum(total.clone())
         finite = torch.isfinite(norm) & torch.isfinite(total)
-        large = self._count(norm, finite)
-        skip = ~finite | large
+        large = count_step(self.stats, norm, finite, self.guards.skip_threshold)
         scale = torch.where(finite, norm / self.guards.grad_clip, 1.0).clamp_min(1.0) if self.guards.grad_clip > 0 \
             else None
-        if takes_decision(optimizer):
-            # the fused kernel leaves parameters, moments and step count alone where found_inf is 1, and divides
-            # the gradient by grad_scale: no host read, the same kernels whatever the decision
-            optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
-            optimizer.grad_scale = scale  # type: ignore[attr-defined]
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
-            return
-        if scale is not None:
-            torch._foreach_div_(grads, scale)
-        if not bool(skip):  # reads the decision on the host (never inside a CUDA graph: it needs a fused optimizer)
-            optimizer.step()
-
-    def _count(self, norm: Tensor, finite: Tensor) -> Tensor:
-        """Updates the counts and the usual norm; returns whether this finite step is too large to apply."""
-        s = self.stats
-        n = torch.where(finite, norm, 0.0).double()
-        log_n = torch.log(n.clamp_min(1e-30))
-        large = torch.zeros_like(finite)
-        if self.guards.skip_threshold > 0:
-            large = finite & (s[SEEN] >= SKIP_AFTER) & (log_n > s[LOG_USUAL] + math.log(self.guards.skip_threshold))
-        accepted = finite & ~large
-        weight = torch.where(accepted, (1 / (s[SEEN] + 1)).clamp_min(1 / USUAL_STEPS), 0.0)
-        s.add_(torch.stack([large.double(), (~finite).double(), (~finite).double(), torch.ones_like(n), n,
-                            torch.zeros_like(n), weight * (log_n - s[LOG_USUAL]), accepted.double()]))
-        s[STREAK] = torch.where(finite, 0.0, s[STREAK])
-        s[NORM_MAX] = torch.maximum(s[NORM_MAX], n)
-        return large
+        apply_update(optimizer, ~finite | large, scale, grads)
 
     def take(self) -> dict[str, float]:
         """The counts since the last call (reading them waits for the device), then zeroes them; the run of
@@ -141,6 +111,44 @@ class Guard:
         host read."""
         skipped, nonfinite, streak = self.stats[:STEPS].tolist()
         return int(skipped + nonfinite), int(streak)
+
+
+def count_step(stats: Tensor, norm: Tensor, finite: Tensor, skip_threshold: float) -> Tensor:
+    """Adds one step to the guard's counts `stats` (Guard.stats: (8,), or (8, M) for M models stepped together,
+    with `norm` and `finite` then (M,)) and updates the usual norm; returns whether each finite step is too large
+    to apply (its norm above `skip_threshold` times the usual one; 0: never)."""
+    s = stats
+    n = torch.where(finite, norm, 0.0).double()
+    log_n = torch.log(n.clamp_min(1e-30))
+    large = torch.zeros_like(finite)
+    if skip_threshold > 0:
+        large = finite & (s[SEEN] >= SKIP_AFTER) & (log_n > s[LOG_USUAL] + math.log(skip_threshold))
+    accepted = finite & ~large
+    weight = torch.where(accepted, (1 / (s[SEEN] + 1)).clamp_min(1 / USUAL_STEPS), 0.0)
+    s.add_(torch.stack([large.double(), (~finite).double(), (~finite).double(), torch.ones_like(n), n,
+                        torch.zeros_like(n), weight * (log_n - s[LOG_USUAL]), accepted.double()]))
+    s[STREAK] = torch.where(finite, 0.0, s[STREAK])
+    s[NORM_MAX] = torch.maximum(s[NORM_MAX], n)
+    return large
+
+
+def apply_update(optimizer: torch.optim.Optimizer, skip: Tensor, scale: Tensor | None, grads: list[Tensor]) -> None:
+    """The optimizer's step unless `skip` (a 0-dim bool tensor), with the gradients `grads` divided by `scale`
+    (or not, None). A fused optimizer takes both on the device; others read `skip` on the host."""
+    if takes_decision(optimizer):
+        # the fused kernel leaves parameters, moments and step count alone where found_inf is 1, and divides
+        # the gradient by grad_scale: no host read, the same kernels whatever the decision
+        optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+        optimizer.grad_scale = scale  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
+        return
+    if scale is not None:
+        torch._foreach_div_(grads, scale)
+    if not bool(skip):  # reads the decision on the host (never inside a CUDA graph: it needs a fused optimizer)
+        optimizer.step()
 
 
 def takes_decision(optimizer: torch.optim.Optimizer) -> bool:

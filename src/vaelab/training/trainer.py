@@ -151,7 +151,7 @@ def _start(config: TrainConfig, progress: bool, data: ImageData | None, continui
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(config.optim.seed)
             shuffle = torch.Generator().manual_seed(config.optim.seed)
-            state = world.agree(lambda: _setup(config, out, device, data, continuing, shuffle,
+            state = world.agree(lambda: setup_run(config, out, device, data, continuing, shuffle,
                                                progress and world.main, world))  # one fails: all stop
             return _loop(state, device, shuffle, progress and world.main, world, budget)
     finally:
@@ -159,7 +159,7 @@ def _start(config: TrainConfig, progress: bool, data: ImageData | None, continui
 
 
 @dataclass
-class _State:
+class RunState:
     """A run in training: its config (with the data's shape and its folder), data, model and where it stands."""
 
     config: TrainConfig
@@ -174,8 +174,11 @@ class _State:
     saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # the checkpoint's EMA and guard counts
 
 
-def _setup(config: TrainConfig, out: Path, device: torch.device, data: ImageData | None, continuing: bool,
-           shuffle: torch.Generator, progress: bool, world: World) -> _State:
+def setup_run(config: TrainConfig, out: Path, device: torch.device, data: ImageData | None, continuing: bool,
+              shuffle: torch.Generator, progress: bool, world: World) -> RunState:
+    """A run ready to train: its data prepared, its model built (and initialised from the data, or loaded from
+    its checkpoint when `continuing`), its optimizer, and its config saved into `out`. Initialisation draws from
+    torch's global generator: the caller seeds it."""
     binary_only = LIKELIHOODS[config.model.likelihood].binary_only
     prep = prepare_data(config, device, data, progress=progress, binary_only=binary_only)
     board = None
@@ -184,7 +187,7 @@ def _setup(config: TrainConfig, out: Path, device: torch.device, data: ImageData
     config = config.replace(data_shape=list(prep.data.shape), out=str(out))
     model = VAE.from_config(config, prep.data.shape).to(device)
     optimizer = make_optimizer(config, model)
-    state = _State(config, out, prep, model, optimizer, board)
+    state = RunState(config, out, prep, model, optimizer, board)
     if continuing:
         meta, rng = load_checkpoint(out / CHECKPOINT, model, optimizer, extra=("ema", "guard"))
         state.epoch, state.start_step, state.saved = meta["epoch"], meta["step"], meta["extra"]
@@ -202,7 +205,7 @@ def _setup(config: TrainConfig, out: Path, device: torch.device, data: ImageData
     return state
 
 
-def _loop(s: _State, device: torch.device, shuffle: torch.Generator, progress: bool, world: World,
+def _loop(s: RunState, device: torch.device, shuffle: torch.Generator, progress: bool, world: World,
           budget: Budget) -> Run:
     """Epochs up to the config's total or the time limit; a checkpoint, metrics and weights after each one."""
     config, out = s.config, s.out
@@ -246,7 +249,7 @@ def _loop(s: _State, device: torch.device, shuffle: torch.Generator, progress: b
                 s.start_step, s.epoch = 0, s.epoch + 1
                 meta, rng, done = {"epoch": s.epoch, "step": 0}, _rng_state(shuffle.get_state(), device), s.epoch
                 extra["guard"] = {"stats": guard.stats.clone()}
-            _save_epoch(s, objective, ema, done, step < steps_per_epoch, {**counts, "seconds": train_seconds}, world,
+            save_epoch(s, objective, ema, done, step < steps_per_epoch, {**counts, "seconds": train_seconds}, world,
                         budget, progress, (meta | {"world_size": world.size}, rng, extra))
             if step < steps_per_epoch:
                 saved[0] = f"epoch {s.epoch + 1}, step {step}"
@@ -260,8 +263,8 @@ def _loop(s: _State, device: torch.device, shuffle: torch.Generator, progress: b
     return Run(out, config, s.model, s.metrics)
 
 
-def _save_epoch(s: _State, objective: Objective, ema: EMA | None, done: float, partial: bool, train: dict,
-                world: World, budget: Budget, progress: bool, checkpoint: tuple[dict, dict, dict]) -> None:
+def save_epoch(s: RunState, objective: Objective, ema: EMA | None, done: float, partial: bool, train: dict,
+               world: World, budget: Budget, progress: bool, checkpoint: tuple[dict, dict, dict]) -> None:
     """After the training of an epoch (or of part of one, stopped by the time limit: `done` epochs in all): the
     metrics of the model it evaluates (the weights' moving average, if kept), its weights, then the checkpoint to
     resume from."""
@@ -285,7 +288,7 @@ def _save_epoch(s: _State, objective: Objective, ema: EMA | None, done: float, p
         _print_epoch(s, done, train)
 
 
-def _print_epoch(s: _State, done: float, train: dict) -> None:
+def _print_epoch(s: RunState, done: float, train: dict) -> None:
     test, optim = s.metrics[-1], s.config.optim
     notes = []
     if train["skipped_updates"]:
@@ -302,7 +305,7 @@ def _print_epoch(s: _State, done: float, train: dict) -> None:
         print(f"  ({NEGATIVE_NOTE})", file=sys.stderr)  # once: the first epoch below 0
 
 
-def _stopped_on_time(s: _State, world: World, progress: bool) -> None:
+def _stopped_on_time(s: RunState, world: World, progress: bool) -> None:
     """The time limit fell at the end of an epoch: its rows say so."""
     for row in s.metrics[-2:]:
         row["stopped"] = "time-limit"
@@ -313,7 +316,7 @@ def _stopped_on_time(s: _State, world: World, progress: bool) -> None:
               f"with vaelab train --resume {s.out}", file=sys.stderr)
 
 
-def _interrupted(s: _State, step: int, steps_per_epoch: int, rng: dict[str, Tensor], world: World,
+def _interrupted(s: RunState, step: int, steps_per_epoch: int, rng: dict[str, Tensor], world: World,
                  extra: dict[str, dict[str, Tensor]]) -> None:
     """Ctrl-C mid-epoch: a checkpoint that resumes at this step, then stop."""
     if world.main:
@@ -364,7 +367,7 @@ def _run_epoch(config, model, train_step: GuardedStep, order, epoch, start_step,
                 budget.agree(planned)
                 skipped, streak = train_step.guard.peek()  # the same on every process
                 if streak >= min(NONFINITE_STOP, step + 1):  # every step in a while: the weights themselves are bad
-                    raise TrainingError(_nonfinite_message(config, model, epoch, step, streak))
+                    raise TrainingError(nonfinite_message(config, model, epoch, step, streak))
                 if bar is not None:
                     shown = {"loss": f"{value:.2f}", "beta": f"{beta:.2f}", **({"skipped": skipped} if skipped else {})}
                     bar.set_postfix(ordered_dict=shown)
@@ -378,7 +381,8 @@ def _run_epoch(config, model, train_step: GuardedStep, order, epoch, start_step,
             bar.close()
 
 
-def _nonfinite_message(config: TrainConfig, model: VAE, epoch: int, step: int, streak: int) -> str:
+def nonfinite_message(config: TrainConfig, model: VAE, epoch: int, step: int, streak: int) -> str:
+    """The line that stops a run whose last `streak` steps were all non-finite, naming the likely causes."""
     causes = [f"the learning rate is too high (--lr {config.lr:g}; try {config.lr / 10:g})"]
     causes += model.likelihood.instability_causes(str(config.model.sigma))
     if config.optim.beta != 1.0:
