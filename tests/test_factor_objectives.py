@@ -16,6 +16,7 @@ from vaelab.analysis import reporting
 from vaelab.data import shapes as S
 from vaelab.errors import ConfigError
 from vaelab.models.factor_objectives import (
+    DEFAULT_TC_WEIGHT,
     DIPVAEI,
     DIPVAEII,
     BetaTCVAE,
@@ -236,8 +237,14 @@ def test_one_epoch_on_shapes_reports_the_elbo_and_the_objective_apart(tmp_path, 
     assert test["loss"] == pytest.approx(test["rec"] + test["kl"])  # `loss` is the −ELBO
     assert test["objective"] != pytest.approx(test["loss"], rel=1e-6, abs=1e-6)  # the objective is reported beside
     assert json.loads((out / "config.json").read_text())["optim"]["objective"] == objective
-    if objective != "betatcvae":
+    parts = test["objective_parts"]  # the objective's own parts, which add up to it with its weights
+    if objective == "dipvae-i":
+        assert set(parts) == {"dip"}
+        assert test["objective"] == pytest.approx(test["rec"] + test["kl"] + parts["dip"], rel=1e-6)
         return
+    assert set(parts) == {"mi", "tc", "dwkl"}
+    assert test["objective"] == pytest.approx(
+        test["rec"] + parts["mi"] + DEFAULT_TC_WEIGHT * parts["tc"] + parts["dwkl"], rel=1e-6)
     # the report draws one traversal per factor, of the dimension eval names as most informative about it
     drawn = {}
     image_rows = reporting.plots.image_rows

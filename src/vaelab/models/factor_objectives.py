@@ -135,6 +135,7 @@ class BetaTCVAE(Objective):
     help = "β-TCVAE: the ELBO with the KL split into MI + β·TC + dimension-wise KL, β = --tc-weight"
     mi_weight = 1.0
     dw_weight = 1.0
+    reported = ("mi", "tc", "dwkl")
 
     def __init__(self, settings: ObjectiveSettings = NO_SETTINGS):
         _reject_elbo_settings(self.name, settings, "--tc-weight")
@@ -191,6 +192,7 @@ class _DIPVAE(Objective):
     weight, from 0 to 1."""
 
     kind = "i"
+    reported = ("dip",)
 
     def __init__(self, settings: ObjectiveSettings = NO_SETTINGS):
         _reject_elbo_settings(self.name, settings, "--lambda-od and --lambda-d")

@@ -72,6 +72,8 @@ class Objective:
 
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""
+    # the parts of its Loss (names in Loss.parts, each a mean per image) that evaluation reports beside it
+    reported: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: ObjectiveSettings = ObjectiveSettings()):
         self.settings = settings

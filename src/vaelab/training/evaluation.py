@@ -78,7 +78,8 @@ def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare,
     """−ELBO (= rec + kl), rec, kl, bits/dim, per-pixel MSE and σ, averaged over the images of `x`, and the KL
     per latent dimension (None for a prior without a closed-form KL, whose KL is estimated at the z drawn); with
     `scored`, also the training objective (`objective`), the mean over the images at the same z as the ELBO's
-    when it draws one per image.
+    when it draws one per image, and the parts of it the objective reports (`objective_parts`, e.g. β-TCVAE's
+    mi, tc and dwkl: each estimated on the evaluation's passes of `rows` images).
 
     `x` is the split as stored (uint8 or float, on the model's device); `prepare` maps a stored batch to
     model inputs in [0, 1]. One z is drawn per image (seeded, without touching the training RNG stream), the
@@ -95,8 +96,10 @@ def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare,
     rank, size = part
     dtype = next(model.parameters()).dtype
     rows = eval_rows(model, batch_size, x.device) if rows is None else rows
-    # rec, kl, sq, σ, #σ, objective, kl_d
-    totals = torch.zeros(6 + model.latent_dim, dtype=torch.float64, device=x.device)
+    # rec, kl, sq, σ, #σ, objective, the objective's reported parts, kl_d
+    named = scored.objective.reported if scored is not None else ()
+    first = 6 + len(named)  # where kl_d starts
+    totals = torch.zeros(first + model.latent_dim, dtype=torch.float64, device=x.device)
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     # the objective's own draws (K per image) come from a generator of their own: the ELBO's z stay as they are
     draws = torch.Generator(device=x.device).manual_seed(seed + 1)
@@ -120,38 +123,43 @@ def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare,
     d = model.n_pixels
     out = {"loss": rec + kl, "rec": rec, "kl": kl,
            "bits_per_dim": bits_per_dim(rec + kl, d, model.likelihood.continuous),
-           "mse": sq / d, "kl_per_dim": (totals[6:] / n).tolist() if model.prior.closed_form_kl else None}
+           "mse": sq / d, "kl_per_dim": (totals[first:] / n).tolist() if model.prior.closed_form_kl else None}
     if sigma_count > 0:
         out["sigma"] = sigma_sum
     if scored is not None:
         out["objective"] = objective
+        if named:
+            out["objective_parts"] = dict(zip(named, (totals[6:first] / n).tolist(), strict=True))
     per_group = getattr(model, "per_group", None)  # a hierarchical model: the KL of each latent group, top first
     if per_group is not None and out["kl_per_dim"] is not None:
-        out["kl_per_group"] = per_group(totals[6:] / n).tolist()
+        out["kl_per_group"] = per_group(totals[first:] / n).tolist()
     return out
 
 
 def _add_batch(model: VAE, totals: Tensor, xin: Tensor, eps: Tensor, scored: Scored | None,
                k_eps: Tensor | None) -> None:
     """Add the sums of one pass over the images xin (B, ...) at the noise eps (B, L) to `totals`."""
+    first = totals.shape[0] - model.latent_dim
     t = model.terms(xin, eps=eps)
     assert t.sq_err is not None, "terms() with extras computes it"
     totals[:3] += torch.stack([t.rec.sum(), t.kl.sum(), t.sq_err.sum()]).double()
     if t.kl_per_dim is not None:  # a learned prior has no KL per dimension; its KL is estimated at z
-        totals[6:] += t.kl_per_dim.sum(0).double()
+        totals[first:] += t.kl_per_dim.sum(0).double()
     if t.sigma is not None:
         totals[3] += t.sigma.double().sum()
         totals[4] += t.sigma.shape[0]
     if scored is not None:
-        totals[5] += _objective_sum(model, scored, xin, t, k_eps)
+        totals[5:first] += _objective_sums(model, scored, xin, t, k_eps)
 
 
-def _objective_sum(model: VAE, scored: Scored, x: Tensor, t: Terms, k_eps: Tensor | None) -> Tensor:
-    """The objective summed over the batch x: on the ELBO's terms t, or on K fresh draws per image, whose noise
-    is k_eps (K, B, L)."""
+def _objective_sums(model: VAE, scored: Scored, x: Tensor, t: Terms, k_eps: Tensor | None) -> Tensor:
+    """The objective and its reported parts, each summed over the batch x: on the ELBO's terms t, or on K fresh
+    draws per image, whose noise is k_eps (K, B, L)."""
     if k_eps is not None:
         t = model(x, k_eps, samples=k_eps.shape[0])
-    return scored.objective(t, Batch(x.shape[0], scored.beta)).total.double() * x.shape[0]
+    loss = scored.objective(t, Batch(x.shape[0], scored.beta))
+    means = [loss.total, *(loss.parts[k] for k in scored.objective.reported)]
+    return torch.stack(means).double() * x.shape[0]
 
 
 # How a loss is printed, in training and evaluation alike: the −ELBO (and its parts) in nats per image, lower is
