@@ -11,7 +11,7 @@ import pytest
 
 import vaelab
 from vaelab.analysis.sweep import SweepConfig, parse_set
-from vaelab.analysis.sweep_page import rate_distortion, value_text, winners
+from vaelab.analysis.sweep_page import against_field, rate_distortion, value_text, winners
 from vaelab.cli import main
 from vaelab.errors import ConfigError
 from vaelab.runs import load_run
@@ -96,6 +96,18 @@ def test_rate_distortion_plane_draws_failed_runs_out(tmp_path):
             for s in (0.1, 1.0) for b in (1.0, 2.0)] + [{"run": "x", "loss": None, "sigma": 3.0, "beta": 1.0}]
     path = rate_distortion(rows, ["sigma", "beta"], tmp_path / "rd.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_with_infinite_numbers_are_listed_but_not_drawn_or_ranked(tmp_path):
+    """A run can end with an infinite loss without stopping (a tiny σ after a few steps): the figures leave it
+    out (matplotlib refuses infinite axis limits) and no sentence names it the best."""
+    rows = [{**_row("sigma=0.1", 100.0, 5.0), "sigma": 0.1},
+            {**_row("sigma=1e-4", -math.inf, math.inf), "sigma": 1e-4, "distortion": -math.inf}]
+    for draw in (lambda r, p: rate_distortion(r, ["sigma"], p), lambda r, p: against_field(r, "sigma", ["sigma"], p)):
+        for subset in (rows, rows[1:]):
+            assert draw(subset, tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not any("sigma=1e-4" in line for line in winners(rows))
+    assert any("sigma=0.1" in line for line in winners(rows))
 
 
 def _rows(out):

@@ -137,7 +137,8 @@ def cmd_sweep(args) -> int:
     names = tuple(sweepable())
     path = sweep(args.set or [], zip=args.zip, out=args.out, iw_samples=args.iw_samples, batched=args.batched,
                  sample_quality=args.sample_quality, progress=not args.quiet, **given_settings(args, names))
-    print(f"wrote {path}")
+    if env_rank() == 0:  # under torchrun rank 0 writes the page
+        print(f"wrote {path}")
     return 0
 
 

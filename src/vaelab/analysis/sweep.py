@@ -8,10 +8,17 @@ sweep is the grid of every --set (or, with --zip, their values side by side). Ea
 reused, one with fewer epochs is resumed, so an interrupted sweep continues where it stopped. Each run is then
 evaluated as `vaelab eval` evaluates it (vaelab.analysis.metrics.evaluate_run) and the runs are compared on
 the rate–distortion plane (vaelab.analysis.sweep_page).
+
+    torchrun --nproc-per-node 4 -m vaelab sweep --set sigma=0.03,0.1,0.3,1 --out runs/sweep
+
+Under torchrun each process (rank) trains and evaluates its share of the runs (share: a batched ensemble is one
+unit of work), each run as one process trains it (vaelab.training.distributed.alone); rank 0 gathers every
+rank's numbers and writes the page.
 """
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import sys
@@ -21,11 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from ..config import TrainConfig, field_named, flag_fields, flag_name
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, RunError, TrainingError
 from ..flags import _flag_type
-from ..runs import CHECKPOINT, CONFIG, WEIGHTS, Run, load_run, write_text_atomic
-from ..training.distributed import env_world_size
+from ..runs import CHECKPOINT, CONFIG, WEIGHTS, Run, checkpoint_epoch, load_run, write_text_atomic
+from ..training.distributed import SINGLE, World, alone, env_local_rank, env_world_size, join
 from ..training.ensemble import groups, train_ensemble
 from ..training.trainer import resume, train
 from .metrics import DEFAULT_IW_SAMPLES, evaluate_run
@@ -211,42 +221,48 @@ def evaluate_once(run: Run, iw_samples: int, previous: dict | None, tell, sample
     return numbers
 
 
-def train_batched(points: list[Point], progress: bool, tell) -> dict[int, Outcome]:
-    """The points not started yet whose networks have the same shapes, trained together as batched ensembles
-    (vaelab.training.ensemble), by index; the others are left to train_points."""
+def work_units(points: list[Point], batched: bool) -> list[list[int]]:
+    """The sweep's units of work, as indices of `points`: with `batched`, the points not started yet whose networks
+    have the same shapes form one unit each (a batched ensemble, vaelab.training.ensemble), first; every other
+    point is a unit of its own, in order."""
+    if not batched:
+        return [[i] for i in range(len(points))]
     fresh = [i for i, p in enumerate(points) if not (Path(str(p.config.runtime.out)) / CONFIG).exists()]
-    done = {}
-    for group in groups([points[i].config for i in fresh]):
-        if len(group) < 2:
+    together = [[fresh[g] for g in group] for group in groups([points[i].config for i in fresh]) if len(group) > 1]
+    taken = {i for unit in together for i in unit}
+    return together + [[i] for i in range(len(points)) if i not in taken]
+
+
+def train_units(points: list[Point], units: list[list[int]], progress: bool, tell) -> dict[int, Outcome]:
+    """Train, resume or reuse the points of each unit (a unit of several is one batched ensemble), by index; a
+    point whose training fails (a non-finite loss) is recorded as failed and the others go on."""
+    done: dict[int, Outcome] = {}
+    for unit in units:
+        if len(unit) > 1:
+            tell(f"training {len(unit)} runs as one batched ensemble: {'; '.join(points[i].label for i in unit)}")
+            results = train_ensemble([points[i].config for i in unit], progress)
+            for i, result in zip(unit, results, strict=True):
+                done[i] = (Outcome(points[i], "trained", result) if isinstance(result, Run) else
+                           Outcome(points[i], "failed", error=result))
             continue
-        idx = [fresh[g] for g in group]
-        tell(f"training {len(idx)} runs as one batched ensemble: {'; '.join(points[i].label for i in idx)}")
-        results = train_ensemble([points[i].config for i in idx], progress)
-        for i, result in zip(idx, results, strict=True):
-            done[i] = (Outcome(points[i], "trained", result) if isinstance(result, Run) else
-                       Outcome(points[i], "failed", error=result))
+        p = points[unit[0]]
+        tell(f"[{unit[0] + 1}/{len(points)}] {p.label}")
+        try:
+            run, action = ensure_run(p.config, progress)
+        except TrainingError as e:
+            tell(f"{p.label} failed: {e}")
+            done[unit[0]] = Outcome(p, "failed", error=str(e))
+            continue
+        tell(f"{p.label}: {action}")
+        done[unit[0]] = Outcome(p, action, run)
     return done
 
 
 def train_points(points: list[Point], progress: bool, tell, batched: bool = False) -> list[Outcome]:
     """Train, resume or reuse each point in turn (with `batched`, fresh points that can share a step first, as
     ensembles); a point whose training fails (a non-finite loss) is recorded as failed and the others go on."""
-    done = train_batched(points, progress, tell) if batched else {}
-    outcomes = []
-    for i, p in enumerate(points, 1):
-        if i - 1 in done:
-            outcomes.append(done[i - 1])
-            continue
-        tell(f"[{i}/{len(points)}] {p.label}")
-        try:
-            run, action = ensure_run(p.config, progress)
-        except TrainingError as e:
-            tell(f"{p.label} failed: {e}")
-            outcomes.append(Outcome(p, "failed", error=str(e)))
-            continue
-        tell(f"{p.label}: {action}")
-        outcomes.append(Outcome(p, action, run))
-    return outcomes
+    done = train_units(points, work_units(points, batched), progress, tell)
+    return [done[i] for i in range(len(points))]
 
 
 def sweep_row(o: Outcome) -> dict[str, Any]:
@@ -271,38 +287,127 @@ def read_record(out: Path) -> dict[str, dict]:
         return {}
 
 
-def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
-    """Train (or reuse) every point, evaluate each run, write the comparison (index.html, table.md, table.csv,
-    figures) and the record sweep.json into cfg.out; return the path of index.html."""
-    if env_world_size() > 1:
-        raise ConfigError("vaelab sweep trains its runs one after another in one process; run it without "
-                          "torchrun (each run of a sweep can be trained with torchrun ... vaelab train)")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+# how long a rank that has done its share waits for the others' (a sweep's runs may take days); a rank that dies
+# is noticed at once, torchrun stopping the others
+SWEEP_WAIT = datetime.timedelta(days=7)
 
-    def tell(msg: str) -> None:
-        if progress:
-            print(f"vaelab sweep: {msg}", file=sys.stderr, flush=True)
 
-    previous = read_record(out)
-    outcomes = train_points(cfg.points(), progress, tell, cfg.batched)
-    if all(o.run is None for o in outcomes):
-        raise TrainingError("every run of the sweep failed: " + "; ".join(f"{o.point.label}: {o.error}"
-                                                                          for o in outcomes))
-    for o in outcomes:
+def epochs_to_train(point: Point) -> int:
+    """The epochs its run still needs: all of them for one not started, none for one complete."""
+    checkpoint = Path(str(point.config.runtime.out)) / CHECKPOINT
+    try:
+        done = checkpoint_epoch(checkpoint) if checkpoint.exists() else 0
+    except RunError:
+        done = 0
+    return max(point.config.optim.epochs - done, 0)
+
+
+def assign(costs: Sequence[float], size: int) -> list[int]:
+    """The rank that does each unit of work, from the units' costs: the costliest first (ties: the earlier unit),
+    each to the rank with the least work so far (ties: the lower rank), so the ranks finish close together. Equal
+    costs deal the units out in turn: unit i to rank i % size."""
+    load = [0.0] * size
+    ranks = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        ranks[i] = min(range(size), key=lambda r: (load[r], r))
+        load[ranks[i]] += costs[i]
+    return ranks
+
+
+def share(points: list[Point], batched: bool, world: World) -> list[list[int]]:
+    """This rank's units of work. Rank 0 splits them, each costing the epochs its runs still train plus one per
+    run for its evaluation, and sends the split to the others: every rank works from rank 0's view of OUT."""
+    units = work_units(points, batched)
+    if world.size == 1:
+        return units
+    box: list[Any] = [None]
+    if world.main:
+        box = [list(zip(units, assign([sum(epochs_to_train(points[i]) + 1 for i in u) for u in units], world.size),
+                        strict=True))]
+    dist.broadcast_object_list(box, src=0)
+    return [unit for unit, rank in box[0] if rank == world.rank]
+
+
+def own_share(cfg: SweepConfig, points: list[Point], units: list[list[int]], rank: int, progress: bool,
+              tell) -> tuple[list[dict], dict[int, Run]]:
+    """Train and evaluate this rank's units: (their lines of sweep.json with "index", their runs by index). The
+    runs train as runs of one process (alone), whatever torchrun's environment says."""
+    previous = read_record(Path(cfg.out))
+    with alone():
+        done = train_units(points, units, progress, tell)
+    lines, runs = [], {}
+    for i, o in sorted(done.items()):
         if o.run is not None:
             o.numbers = evaluate_once(o.run, cfg.iw_samples, previous.get(o.point.label, {}).get("eval"), tell,
                                       cfg.sample_quality)
-    record = {"config": cfg.to_dict(), "runs": [
-        {"run": o.point.label, "settings": o.point.values, "action": o.action, "error": o.error,
-         "eval": None if o.run is None else {"weights": _weights_key(o.run), "iw_samples": cfg.iw_samples,
-                                             "numbers": o.numbers}} for o in outcomes]}
+            runs[i] = o.run
+        lines.append({"index": i, "run": o.point.label, "settings": o.point.values, "action": o.action,
+                      "error": o.error, "rank": rank,
+                      "eval": None if o.run is None else {"weights": _weights_key(o.run), "iw_samples": cfg.iw_samples,
+                                                          "numbers": o.numbers}})
+    return lines, runs
+
+
+def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
+    """Train (or reuse) every point, evaluate each run, write the comparison (index.html, table.md, table.csv,
+    figures) and the record sweep.json into cfg.out; return the path of index.html.
+
+    Under torchrun each process (rank) trains and evaluates its share of the runs, each run as one process
+    trains it; rank 0 waits for the others, then writes the page alone."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = cfg.points()
+    world = join(torch.device("cpu"), timeout=SWEEP_WAIT)[0] if env_world_size() > 1 else SINGLE
+    if world.size > 1 and torch.cuda.is_available():  # each rank's runs on its own GPU (device cuda/auto)
+        torch.cuda.set_device(env_local_rank() % torch.cuda.device_count())
+    who = f" (rank {world.rank} of {world.size})" if world.size > 1 else ""
+
+    def tell(msg: str) -> None:
+        if progress:
+            print(f"vaelab sweep{who}: {msg}", file=sys.stderr, flush=True)
+
+    def lost() -> str:
+        return "run the same command again to finish the sweep (finished runs are reused)"
+
+    def work() -> tuple[list[dict], dict[int, Run]]:
+        # one process: each run's epoch lines; several: each rank says which run it starts and how it ended
+        done = own_share(cfg, points, share(points, cfg.batched, world), world.rank, progress and world.size == 1,
+                         tell)
+        if world.size > 1:
+            tell("its share of the runs is done; waiting for the other ranks")
+        return done
+
+    try:
+        with world.watch(lost):
+            lines, runs = world.agree(work)  # one rank fails (not a run's non-finite loss): all stop
+            if world.size > 1:
+                parts: list[Any] = [None] * world.size
+                dist.all_gather_object(parts, lines)
+                lines = sorted((line for part in parts for line in part), key=lambda line: line["index"])
+    finally:
+        world.close()
+    if all(line["eval"] is None for line in lines):
+        raise TrainingError("every run of the sweep failed: " + "; ".join(f"{line['run']}: {line['error']}"
+                                                                          for line in lines))
+    if not world.main:
+        return out / "index.html"
+    return write_sweep(cfg, points, lines, runs)
+
+
+def write_sweep(cfg: SweepConfig, points: list[Point], lines: list[dict], runs: dict[int, Run]) -> Path:
+    """The page, the tables and sweep.json from every run's line of the record (`runs`: those this process holds;
+    the others are read from their folders for their prior samples)."""
+    out = Path(cfg.out)
+    outcomes = [Outcome(points[line["index"]], line["action"], None, (line["eval"] or {}).get("numbers"),
+                        line["error"]) for line in lines]
+    models = [(o.point.label, (runs[line["index"]] if line["index"] in runs else load_run(out / o.point.label)).model)
+              for o, line in zip(outcomes, lines, strict=True) if line["eval"] is not None]
+    record = {"config": cfg.to_dict(), "runs": [{k: v for k, v in line.items() if k != "index"} for line in lines]}
     t = cfg.train
     shared = ", ".join(f"{flag_name(k)} {value_text(v)}" for k, v in t.settings().items()
                        if k not in cfg.axes and k not in (*NOT_SWEPT, "data_shape") and v not in (None, False))
     fields = [k.replace("_", "-") for k in cfg.axes]
-    page = write_page(out, [sweep_row(o) for o in outcomes], fields,
-                      [(o.point.label, o.run.model) for o in outcomes if o.run is not None],
+    page = write_page(out, [sweep_row(o) for o in outcomes], fields, models,
                       f"vaelab sweep over {', '.join(fields)}: {t.data.dataset}, {t.optim.epochs} epochs", shared)
     write_text_atomic(out / LOG, json.dumps(record, indent=2) + "\n")
     return page

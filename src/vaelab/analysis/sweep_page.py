@@ -86,9 +86,16 @@ def columns_for(fields: list[str], rows: list[dict]) -> list[Column]:
     return [("run", "run", "{}"), *swept, *shown]
 
 
+def finite_runs(rows: list[dict]) -> list[dict]:
+    """The runs drawn and ranked: those that trained and whose −ELBO, rate and distortion are finite (a run can
+    end with an infinite loss without stopping, e.g. a tiny σ after a few steps; the table still lists it)."""
+    return [r for r in rows if all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k])
+                                   for k in ("loss", "rate", "distortion"))]
+
+
 def winners(rows: list[dict]) -> list[str]:
     """One sentence per number: the run(s) that did best on it, with the value."""
-    done = [r for r in rows if r.get("loss") is not None]
+    done = finite_runs(rows)
     out = []
     for key, lower, what in GOALS:
         values = [r[key] for r in done if r.get(key) is not None]
@@ -130,10 +137,18 @@ def _traces(rows: list[dict], field: str, fields: list[str]) -> list[tuple[str, 
     return [(name, g) for name, g in groups.items() if len(g) > 1]
 
 
+def _nothing_to_draw(path: Path) -> Path:
+    fig = plots._figure(8, 2)
+    fig.text(0.5, 0.5, "no run has a finite −ELBO, rate and distortion to draw", ha="center", va="center")
+    return plots._save(fig, path)
+
+
 def rate_distortion(rows: list[dict], fields: list[str], path: Path) -> Path:
     """Each run a labelled point at (rate, distortion), the curve each swept setting traces, and the diagonals
     of equal −ELBO = D + R."""
-    done = [r for r in rows if r.get("loss") is not None]
+    done = finite_runs(rows)
+    if not done:
+        return _nothing_to_draw(path)
     fig = plots._figure(8, 6.5)
     ax = fig.add_subplot(111)
     rate, dist = np.array([r["rate"] for r in done]), np.array([r["distortion"] for r in done])
@@ -165,7 +180,9 @@ def rate_distortion(rows: list[dict], fields: list[str], path: Path) -> Path:
 
 def against_field(rows: list[dict], field: str, fields: list[str], path: Path) -> Path:
     """Each number against the values of one swept setting, one line per combination of the others."""
-    done = [r for r in rows if r.get("loss") is not None]
+    done = finite_runs(rows)
+    if not done:
+        return _nothing_to_draw(path)
     traces = _traces(done, field, fields) or [("", done)]
     fig = plots._figure(12, 6.5)
     for i, (key, name) in enumerate(PLOTTED):

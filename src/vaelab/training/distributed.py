@@ -19,6 +19,7 @@ resumes any number of processes.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import inspect
 import os
@@ -155,6 +156,14 @@ def env_rank() -> int:
         return 0
 
 
+def env_local_rank() -> int:
+    """This process's rank on its machine (torchrun's LOCAL_RANK), 0 without torchrun."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def reports(error: BaseException) -> bool:
     """Whether this process prints `error`: the process that raised it as its own (Stopped: not), else, for the
     errors every process meets alike (a bad setting, a non-finite loss), rank 0 alone."""
@@ -162,10 +171,27 @@ def reports(error: BaseException) -> bool:
     return report if report is not None else env_rank() == 0
 
 
-def join(device: torch.device) -> tuple[World, torch.device]:
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("vaelab_alone", default=False)
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Within it, join() gives World() whatever torchrun's environment says and whatever process group runs: the
+    runs trained there are single-process runs (each rank of a sweep trains its own runs whole)."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
+
+
+def join(device: torch.device, timeout: datetime.timedelta = TIMEOUT) -> tuple[World, torch.device]:
     """This process's World from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and the
     device it trains on: cuda:LOCAL_RANK on GPUs (NCCL), the CPU otherwise (gloo). A single process (no
-    WORLD_SIZE, or 1) gets World() and keeps its device; no process group is started."""
+    WORLD_SIZE, or 1, or inside alone()) gets World() and keeps its device; no process group is started.
+    `timeout`: how long a collective of the group it starts waits for the other processes."""
+    if _ALONE.get():
+        return World(), device
     if dist.is_available() and dist.is_initialized():  # the caller started one: train within it
         rank, size = dist.get_rank(), dist.get_world_size()
         if device.type == "cuda" and size > 1:
@@ -189,7 +215,7 @@ def join(device: torch.device) -> tuple[World, torch.device]:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
-        dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"WORLD_SIZE={size} is set but the {backend} process group did not start ({e}); start "
                           "vaelab with torchrun, e.g. torchrun --nproc-per-node 2 -m vaelab train ...") from e
