@@ -9,6 +9,8 @@ Fashion-MNIST's training images), trained by steps that compute the same update:
               autograd differentiates it, not its closed form (vaelab.models.likelihoods.BernoulliLogProb)
     compiled  the model's forward and the objective as one torch.compile'd function, then backward and the
               same Adam step (omitted with a note where torch.compile fails here; --no-compile skips it)
+    unguarded vaelab's step with the optimizer's plain update in place of its guard (no gradient norm, no
+              non-finite check, no counts): what the guard costs
 
 The steps take turns in blocks of 25 steps, each on its own model and optimizer; every block is timed by the
 CPU time of the timing thread (time.thread_time), which counts the work done and not the time spent waiting for
@@ -94,9 +96,12 @@ def main(argv=None) -> None:
             return compiled_step(model, optimizer, objective, lambda idx: prep.prepare_train(prep.batches(idx)))
         if kind == "plain":
             model.likelihood.log_prob = types.MethodType(plain_bernoulli_log_prob, model.likelihood)
-        return make_step(cfg, model, optimizer, objective, prep, CPU)
+        step = make_step(cfg, model, optimizer, objective, prep, CPU)
+        if kind == "unguarded":
+            step.guard = lambda opt, loss: opt.step()  # type: ignore[assignment, method-assign]
+        return step
 
-    steps = {kind: build(kind) for kind in ("vaelab", "plain")}
+    steps = {kind: build(kind) for kind in ("vaelab", "plain", "unguarded")}
     if not args.no_compile:
         try:
             step = build("compiled")
