@@ -19,8 +19,12 @@ weight-gradient, 3 input-gradient, each one torch.bmm/baddbmm over the 8 models)
 8 models' weights, for as many steps as an epoch, with nothing else; no sweep of 8 of these networks can train
 faster on one core. The last line is machine-readable: one_s=... sequential_s=... batched_s=... floor_s=...
 
+With --arch conv the runs are the default conv VAE instead (--hidden 32, one residual block per stage, latent 20;
+its batched pass is one grouped convolution per layer for all members), and there is no floor (floor_s=nan).
+
     python benchmarks/sweep_speed.py              # 5 rounds, 6,400 images, 1 epoch, 1 thread (2-4 minutes)
     python benchmarks/sweep_speed.py --rounds 7 --limit 60000 --threads 0
+    python benchmarks/sweep_speed.py --arch conv --sigmas 0.05,0.1,0.3,1 --limit 1024
 """
 
 from __future__ import annotations
@@ -83,7 +87,9 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="paired rounds (>= 5; default 5)")
     p.add_argument("--limit", type=int, default=6400, help="training images (default 6400: 50 steps)")
     p.add_argument("--epochs", type=int, default=1, help="epochs of every run (default 1)")
-    p.add_argument("--sigmas", default=SIGMAS, help=f"the 8 fixed σ of the sweep (default {SIGMAS})")
+    p.add_argument("--sigmas", default=SIGMAS, help=f"the fixed σ of the sweep (default {SIGMAS})")
+    p.add_argument("--arch", choices=("mlp", "conv"), default="mlp", help="the network of every run (default mlp: "
+                   f"784-{HIDDEN}-{LATENT}; conv: the default conv net)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: steadier on a shared "
                    "machine; 0 leaves torch's choice)")
     args = p.parse_args(argv)
@@ -97,8 +103,9 @@ def main(argv=None) -> None:
     print(f"machine: {torch.get_num_threads()} torch threads, torch {torch.__version__}; {len(sigmas)} σ, "
           f"{args.limit} images x {args.epochs} epoch(s), {math.ceil(args.limit / BATCH)} steps of {BATCH} per "
           "epoch", flush=True)
-    base = TrainConfig(dataset="fashion-mnist", likelihood="gaussian", hidden=[HIDDEN], latent_dim=LATENT,
-                       batch_size=BATCH, limit=args.limit, epochs=args.epochs, device="cpu")
+    base = TrainConfig(dataset="fashion-mnist", likelihood="gaussian", arch=args.arch,
+                       hidden=[HIDDEN] if args.arch == "mlp" else None, latent_dim=LATENT, batch_size=BATCH,
+                       limit=args.limit, epochs=args.epochs, device="cpu")
     one, seq, bat, floor, worst = [], [], [], [], 0.0
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,14 +124,15 @@ def main(argv=None) -> None:
             bat.append(train_seconds(runs[0]))
             worst = max(worst, *(abs(test_loss(a) - test_loss(b)) / abs(test_loss(a))
                                  for a, b in zip(alone, runs, strict=True)))
-            floor.append(floor_seconds(args.epochs * math.ceil(args.limit / BATCH), len(sigmas)))
+            floor.append(floor_seconds(args.epochs * math.ceil(args.limit / BATCH), len(sigmas))
+                         if args.arch == "mlp" else math.nan)
             print(f"round {r + 1}/{args.rounds}: one {one[-1]:.2f} s, sequential {seq[-1]:.2f} s, batched "
                   f"{bat[-1]:.2f} s, floor {floor[-1]:.2f} s", flush=True)
     one_s, seq_s, bat_s, floor_s = (statistics.median(v) for v in (one, seq, bat, floor))
     print(f"\nsequential / batched = {seq_s / bat_s:.2f}; batched / one = {bat_s / one_s:.2f} "
-          f"(8 runs for the time of {bat_s / one_s:.1f}); largest relative gap in test −ELBO between a batched "
-          f"member and its run alone: {worst:.1e}; batched / floor = {bat_s / floor_s:.2f}, sequential / floor = "
-          f"{seq_s / floor_s:.2f}; {time.perf_counter() - t_start:.0f} s in all")
+          f"({len(sigmas)} runs for the time of {bat_s / one_s:.1f}); largest relative gap in test −ELBO between a "
+          f"batched member and its run alone: {worst:.1e}; batched / floor = {bat_s / floor_s:.2f}, sequential / "
+          f"floor = {seq_s / floor_s:.2f}; {time.perf_counter() - t_start:.0f} s in all")
     print(f"one_s={one_s:.3f} sequential_s={seq_s:.3f} batched_s={bat_s:.3f} floor_s={floor_s:.3f}")
 
 

@@ -184,7 +184,9 @@ def test_runs_that_share_network_shapes_share_an_ensemble():
                base.replace(sigma=None, binarize="dynamic", likelihood="bernoulli"),
                base.replace(sigma="0.3", free_bits=0.5, kl_warmup=1.0)]
     assert group_key(configs[4]) is None  # dynamic binarization draws inside the step: trained alone
-    assert group_key(base.replace(arch="conv", sigma="0.1")) is None  # stacked matmuls cover the MLP only
+    conv = group_key(base.replace(arch="conv", sigma="0.1"))  # conv runs batch among themselves (stacked_conv)
+    assert conv is not None
+    assert conv != group_key(configs[0])
     assert groups(configs) == [[0, 1, 5], [2], [3], [4]]
 
 

@@ -3,9 +3,9 @@
 Each member is a run of its own, as `vaelab train` would make it: its own VAE, optimizer, RNG streams (the seed
 of its initialisation and of z's noise, its shuffling generator), metrics, checkpoint and run directory. Only
 the networks' arithmetic is shared: the members' weights are stacked, and the encoder and decoder run once for
-all of them, one torch.baddbmm over the stacked weights per Linear layer instead of one matmul per member
-(vaelab.training.stacked; the MLP only: conv runs train alone). Everything after the networks is each member's own
-model and objective:
+all of them: the MLP's as one torch.baddbmm over the stacked weights per Linear layer instead of one matmul per
+member (vaelab.training.stacked), the conv net's as one grouped convolution per layer (stacked_conv); any other
+network trains alone. Everything after the networks is each member's own model and objective:
 
     mean, logvar = encoder(W_enc, x)                         # (M, B, L) each
     z = q.reparameterize(eps)                                # (M, B, L), eps from each member's own stream
@@ -21,6 +21,7 @@ differ among members is FREE: σ (fixed values), β, seed, learning rate, free b
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -35,11 +36,11 @@ from torch import Tensor
 
 from ..config import TrainConfig
 from ..data import ImageData, load_dataset
-from ..models.nets import MLPDecoder, MLPEncoder
+from ..models.nets import make_nets
 from ..models.objective import Batch, Objective
 from ..models.vae import VAE, DiagonalGaussian, Terms
 from ..runs import Run
-from . import stacked
+from . import stacked, stacked_conv
 from .budget import Budget
 from .build import make_objective_for, resolve_device
 from .distributed import SINGLE
@@ -54,6 +55,25 @@ HANDLED = {"dataset", "data_dir", "limit", "binarize", "image_size", "center_cro
            "batch_size", "epochs", "device", "cuda_graph", "tensorboard", "data_shape", *FREE, *WHERE}
 
 
+_PASSES = (stacked, stacked_conv)  # the batched passes of the networks: each has stackable, encode and decode
+NOMINAL_SHAPE = (1, 28, 28)  # the images whose networks say what a config's are made of, before its data is read
+
+
+def _pass(encoder: torch.nn.Module, decoder: torch.nn.Module) -> Any:
+    """The batched pass that reproduces these networks (a module of _PASSES), or None."""
+    return next((p for p in _PASSES if p.stackable(encoder, decoder)), None)
+
+
+@functools.lru_cache(maxsize=64)
+def _stackable(arch: str, shape: tuple[int, ...], hidden: tuple[int, ...], latent_dim: int, blocks: int) -> bool:
+    """Whether the networks of these settings have a batched pass: built without memory (the meta device), as
+    the model will build them."""
+    with torch.device("meta"):
+        encoder, decoder = make_nets(arch, typing.cast(tuple[int, int, int], shape), list(hidden), latent_dim, 1,
+                                     blocks)
+    return _pass(encoder, decoder) is not None
+
+
 def _numeric(sigma: Any) -> bool:
     try:
         return math.isfinite(float(sigma))
@@ -63,12 +83,15 @@ def _numeric(sigma: Any) -> bool:
 
 def group_key(config: TrainConfig) -> tuple | None:
     """What members of one ensemble share (runs with equal keys train together); None: this run trains alone
-    (a setting the ensemble does not reproduce: a network other than the MLP, dynamic binarization draws from
-    the RNG inside the step, an objective with several draws of z, bf16, a TensorBoard log, or any setting away
-    from its default that the ensemble does not know)."""
-    s, default = config.settings(), TrainConfig().settings()
+    (a setting the ensemble does not reproduce: a network without a batched pass, such as the hierarchical one,
+    dynamic binarization draws from the RNG inside the step, an objective with several draws of z, bf16, a
+    TensorBoard log, or any setting away from its default that the ensemble does not know)."""
+    s, default, m = config.settings(), TrainConfig().settings(), config.model
     if (config.data.binarize == "dynamic" or config.runtime.precision != "fp32" or config.runtime.tensorboard
-            or config.model.arch != "mlp" or config.optim.objective != "elbo"):
+            or m.arch not in ("mlp", "conv") or config.optim.objective != "elbo"):
+        return None
+    shape = tuple(m.data_shape) if m.data_shape else NOMINAL_SHAPE
+    if not _stackable(m.arch, shape, tuple(m.hidden or ()), m.latent_dim, int(m.blocks or 0)):
         return None
     if any(s[k] != default.get(k) for k in s if k not in HANDLED and k != "precision"):
         return None
@@ -117,18 +140,19 @@ class _Member:
     error: str | None = None
 
 
-def share_weights(members: list[_Member], part: str) -> dict[str, Tensor]:
-    """One tensor (M, ...) per weight of the network `part` (encoder or decoder), holding every member's: each
-    member's parameter becomes the view of its slice, so its own optimizer updates the stack in place and the
-    batched pass reads the stack without copying the weights at every step."""
-    named = [dict(getattr(m.state.model, part).named_parameters()) for m in members]
-    stacked = {}
+def share_weights(nets: list[torch.nn.Module]) -> dict[str, Tensor]:
+    """One tensor (M, ...) per weight of the members' networks `nets` (one each, of the same shapes), holding
+    every member's: each member's parameter becomes the view of its slice (in its own layout), so its own
+    optimizer updates the stack in place and the batched pass reads the stack without copying the weights at
+    every step."""
+    named = [dict(net.named_parameters()) for net in nets]
+    stacks = {}
     for k in named[0]:
-        w = torch.stack([n[k].detach() for n in named]).requires_grad_()
+        w = stacked.stack_like([n[k].detach() for n in named]).requires_grad_()  # each slice in its member's layout
         for i, n in enumerate(named):
             n[k].data = w.data[i]  # the same Parameter object (its optimizer holds it), now a slice of the stack
-        stacked[k] = w
-    return stacked
+        stacks[k] = w
+    return stacks
 
 
 @dataclass
@@ -149,7 +173,8 @@ class _Shared:
 def share(members: list[_Member]) -> _Shared:
     """Stacks the members' networks (share_weights), guard counts and, where it applies, Adam state; each
     member's own parameters, counts and moments become views of the stacks."""
-    encoder, decoder = share_weights(members, "encoder"), share_weights(members, "decoder")
+    encoder = share_weights([m.state.model.encoder for m in members])
+    decoder = share_weights([m.state.model.decoder for m in members])
     stats = torch.stack([m.guard.stats for m in members], dim=1)  # (8, M)
     for k, m in enumerate(members):
         m.guard.stats = stats[:, k]
@@ -162,12 +187,14 @@ def share(members: list[_Member]) -> _Shared:
 
 def _networks(template: VAE, enc: dict[str, Tensor], dec: dict[str, Tensor], xs: Tensor, eps: Tensor
               ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Every member's encoder and decoder on its own batch, as stacked matmuls (vaelab.training.stacked): mean,
-    log-variance (M, B, L) and the decoder's outputs, each (M, B, C, H, W)."""
-    assert stacked.stackable(template.encoder, template.decoder), "group_key admits the MLP only"
-    mean, logvar = stacked.encode(typing.cast(MLPEncoder, template.encoder), enc, xs)
+    """Every member's encoder and decoder on its own batch, in one batched pass over the stacked weights
+    (vaelab.training.stacked, stacked_conv): mean, log-variance (M, B, L) and the decoder's outputs, each
+    (M, B, C, H, W)."""
+    batched = _pass(template.encoder, template.decoder)
+    assert batched is not None, "group_key admits networks with a batched pass only"
+    mean, logvar = batched.encode(template.encoder, enc, xs)
     z = DiagonalGaussian(mean, logvar).reparameterize(eps)  # (M, B, L)
-    return mean, logvar, stacked.decode(typing.cast(MLPDecoder, template.decoder), dec, z)
+    return mean, logvar, batched.decode(template.decoder, dec, z)
 
 
 def _step(members: list[_Member], template: VAE, shared: _Shared, idx: list[Tensor], betas: list[float]) -> Tensor:

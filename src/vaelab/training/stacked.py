@@ -5,7 +5,7 @@ members' stacked weights (torch.baddbmm), the same arithmetic as nn.Linear run o
 
 The stacked weights are the leaf tensors autograd fills (ensemble.share_weights), so their gradients land in one
 (M, ...) tensor per layer without the per-member bookkeeping of torch.func.vmap. Networks made of anything but
-Flatten, Linear and ReLU are not handled here (`stackable` says which): conv runs train alone.
+Flatten, Linear and ReLU are not handled here (`stackable` says which); the conv nets' pass is stacked_conv.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _body(body: nn.Sequential, weights: dict[str, Tensor], prefix: str, h: Tenso
     """`body`'s layers on every member's rows h (M, B, in), with the weights `prefix`.i.weight / .bias."""
     for i, layer in enumerate(body):
         if isinstance(layer, nn.Linear):
-            h = _linear(weights, f"{prefix}.{i}", h)
+            h = stacked_linear(weights, f"{prefix}.{i}", h)
         elif isinstance(layer, nn.ReLU):
             h = h.relu()
         # nn.Flatten: the caller flattened the images already
@@ -54,7 +54,8 @@ class _StackedLinear(torch.autograd.Function):
         return grad_h, torch.bmm(g.mT, h), g.sum(1)  # (M, out, in), (M, out)
 
 
-def _linear(weights: dict[str, Tensor], name: str, h: Tensor) -> Tensor:
+def stacked_linear(weights: dict[str, Tensor], name: str, h: Tensor) -> Tensor:
+    """The Linear layer `name` of every member on its rows h (M, B, in) -> (M, B, out)."""
     out: Tensor = _StackedLinear.apply(h, weights[f"{name}.weight"], weights[f"{name}.bias"])
     return out
 
@@ -62,7 +63,7 @@ def _linear(weights: dict[str, Tensor], name: str, h: Tensor) -> Tensor:
 def encode(encoder: MLPEncoder, weights: dict[str, Tensor], xs: Tensor) -> tuple[Tensor, Tensor]:
     """Every member's q(z|x): xs (M, B, C, H, W) -> mean, log-variance, each (M, B, L), as MLPEncoder.forward."""
     h = _body(encoder.body, weights, "body", xs.flatten(2))  # (M, B, hidden)
-    mu, logvar = _linear(weights, "head", h).chunk(2, dim=2)  # (M, B, L) each
+    mu, logvar = stacked_linear(weights, "head", h).chunk(2, dim=2)  # (M, B, L) each
     return mu, bounded_logvar(logvar)
 
 
@@ -72,6 +73,20 @@ def decode(decoder: MLPDecoder, weights: dict[str, Tensor], z: Tensor) -> list[T
     m, b = z.shape[:2]
     out = _body(decoder.body, weights, "body", z).view(m, b, decoder.n_params * c, h, w)  # (M, B, K*C, H, W)
     return list(out.split(c, dim=2)) if decoder.n_params > 1 else [out]
+
+
+def stack_like(tensors: list[Tensor], like: Tensor | None = None) -> Tensor:
+    """torch.stack whose every slice (M, ...)[k] has the strides of `like` (default tensors[0]) where those are
+    contiguous or channels-last: a channels-last conv weight stays channels-last in the stack, and so does the
+    view of its slice that becomes the member's parameter."""
+    like = tensors[0] if like is None else like
+    if not (like.is_contiguous() or (like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last))):
+        return torch.stack(tensors)
+    out = torch.empty_strided((len(tensors), *like.shape), (like.numel(), *like.stride()), dtype=like.dtype,
+                              device=like.device)
+    for k, t in enumerate(tensors):
+        out[k].copy_(t)
+    return out
 
 
 def member_norms(grads: list[Tensor]) -> Tensor:
@@ -98,8 +113,8 @@ class SharedAdam:
         self.member_steps = []
         for j, stack in enumerate(stacks):
             owned = [ps[j] for ps in params]
-            moments = {key: torch.stack([_moment(o, p, key) for o, p in zip(optimizers, owned, strict=True)])
-                       for key in ("exp_avg", "exp_avg_sq")}  # (M, ...) each
+            moments = {key: stack_like([_moment(o, p, key) for o, p in zip(optimizers, owned, strict=True)], stack[0])
+                       for key in ("exp_avg", "exp_avg_sq")}  # (M, ...) each, in the layout of the stack
             for k, (o, p) in enumerate(zip(optimizers, owned, strict=True)):
                 o.state[p] = {"step": _step_tensor(group, p, self.counts[k]), "exp_avg": moments["exp_avg"][k],
                               "exp_avg_sq": moments["exp_avg_sq"][k]}
