@@ -65,7 +65,8 @@ def _pass(encoder: torch.nn.Module, decoder: torch.nn.Module) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _stackable(arch: str, shape: tuple[int, ...], hidden: tuple[int, ...], latent_dim: int, blocks: int) -> bool:
+def _stackable(arch: str, shape: tuple[int, ...], hidden: tuple[int, ...], latent_dim: int, blocks: int | None
+               ) -> bool:
     """Whether the networks of these settings have a batched pass: built without memory (the meta device), as
     the model will build them."""
     with torch.device("meta"):
@@ -91,7 +92,7 @@ def group_key(config: TrainConfig) -> tuple | None:
             or m.arch not in ("mlp", "conv") or config.optim.objective != "elbo"):
         return None
     shape = tuple(m.data_shape) if m.data_shape else NOMINAL_SHAPE
-    if not _stackable(m.arch, shape, tuple(m.hidden or ()), m.latent_dim, int(m.blocks or 0)):
+    if not _stackable(m.arch, shape, tuple(m.hidden or ()), m.latent_dim, m.blocks):  # None: the arch's default
         return None
     if any(s[k] != default.get(k) for k in s if k not in HANDLED and k != "precision"):
         return None
