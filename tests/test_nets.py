@@ -111,3 +111,49 @@ def test_defaults_per_family():
     assert (again.lr, again.batch_size) == (2e-3, 16)
     assert TrainConfig(likelihood="discretized-logistic").model.sigma == "learned-pixel"
     assert TrainConfig(likelihood="gaussian").model.sigma == "0.1"
+
+
+@pytest.mark.parametrize(("version", "blind"), [(1, True), (2, False)])
+def test_only_the_old_design_is_blind_to_the_scale_of_its_input(version, blind):
+    """Version 1 normalised each image on the main path, right after the first linear map of x (encoder) and of z
+    (decoder) too: with that map's bias at 0 its encoder sees flat images of grey 0.25 and 1 as one image, and its
+    decoder reads only the direction of z. The current design keeps both (docs/models.md, shapes)."""
+    torch.manual_seed(0)
+    model = VAE.from_config(TrainConfig(arch="conv", hidden=[8], latent_dim=4, net_version=version), (3, 32, 32))
+    enc, dec = model.encoder, model.decoder
+    with torch.no_grad():
+        first = enc.body[0]
+        assert isinstance(first, nn.Conv2d)
+        assert first.bias is not None
+        first.bias.zero_()
+        dec.fc.bias.zero_()
+        flat = torch.tensor([0.0, 0.25, 1.0])[:, None, None, None].expand(3, 3, 32, 32)
+        black, grey, white = enc(flat)[0]
+        z = torch.randn(5, 4)
+        at_zero = dec(torch.zeros(1, 4))[0]
+        rescaled = (dec(3 * z)[0] - dec(z)[0]).norm() / (dec(z)[0] - at_zero).norm()
+    grey_to_white = (white - grey).norm() / (white - black).norm()
+    assert (grey_to_white < 0.01) == blind, grey_to_white  # version 2: 0.69
+    assert (rescaled < 0.01) == blind, rescaled  # version 2: 2.7 (3z is about 3 times as far from 0 as z)
+
+
+def test_a_run_saved_before_net_version_loads_as_version_1(tmp_path):
+    """config.json of runs saved before the field existed has no net_version: it loads as version 1, whose
+    weights (a GroupNorm more on each side) load exactly."""
+    import json
+
+    from vaelab.runs import CONFIG, WEIGHTS, load_run, save_weights
+
+    old = TrainConfig(arch="conv", hidden=[8], latent_dim=4, data_shape=[3, 16, 16], net_version=1)
+    model = VAE.from_config(old, (3, 16, 16))
+    save_weights(model, tmp_path / WEIGHTS)
+    d = old.to_dict()
+    del d["model"]["net_version"]
+    (tmp_path / CONFIG).write_text(json.dumps(d))
+    run = load_run(tmp_path)
+    assert run.config.model.net_version == 1
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(run.model.reconstruct(x), model.eval().reconstruct(x))
+    assert TrainConfig(arch="conv").model.net_version == 2
+    with pytest.raises(ConfigError, match="net_version must be an integer from 1 to 2; got 3"):
+        TrainConfig(net_version=3)

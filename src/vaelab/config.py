@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal, get_args
 from .errors import ConfigError
 from .models.factor_objectives import check_model_for, check_own_settings
 from .models.likelihoods import LIKELIHOODS, check_likelihood
-from .models.nets import DEFAULT_BLOCKS, DEFAULT_HIDDEN
+from .models.nets import DEFAULT_BLOCKS, DEFAULT_HIDDEN, NET_VERSION
 from .models.objective import OBJECTIVES, ObjectiveSettings, make_objective
 from .models.priors import DEFAULT_COMPONENTS, check_prior
 
@@ -130,6 +130,8 @@ class ModelConfig(Role):
                                            "vamp)", metavar="K")
     # filled in when training starts, so the model can be rebuilt from config.json alone
     data_shape: list[int] | None = option(None, "", flag=False)
+    # the conv networks' design (models.nets.NET_VERSION); a config.json without it describes version 1
+    net_version: int = option(NET_VERSION, "", flag=False)
 
     def __post_init__(self) -> None:
         self._check_choices()
@@ -152,6 +154,8 @@ class ModelConfig(Role):
         self._check_hierarchical()
         if self.data_shape is not None:
             self._set("data_shape", [int(v) for v in self.data_shape])
+        if self.net_version not in range(1, NET_VERSION + 1) or isinstance(self.net_version, bool):
+            raise ConfigError(f"net_version must be an integer from 1 to {NET_VERSION}; got {self.net_version!r}")
 
     def _check_hierarchical(self) -> None:
         """--groups and the meaning of --hidden for --arch hierarchical."""
@@ -355,7 +359,14 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         with open(path) as fh:
-            return cls.from_dict(json.load(fh))
+            return cls.from_dict(_versioned(json.load(fh)))
+
+
+def _versioned(d: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.json with `net_version` filled in: files written before it existed describe version 1."""
+    if "model" in d and isinstance(d["model"], dict):
+        return d if "net_version" in d["model"] else {**d, "model": {**d["model"], "net_version": 1}}
+    return d if set(d) & set(ROLES) or "net_version" in d else {**d, "net_version": 1}
 
 
 def _role_from_dict(cls: type[Role], d: dict[str, Any]) -> Role:

@@ -404,8 +404,9 @@ def write_sweep(cfg: SweepConfig, points: list[Point], lines: list[dict], runs: 
               for o, line in zip(outcomes, lines, strict=True) if line["eval"] is not None]
     record = {"config": cfg.to_dict(), "runs": [{k: v for k, v in line.items() if k != "index"} for line in lines]}
     t = cfg.train
+    hidden = (*NOT_SWEPT, "data_shape", "net_version")  # not flags: what the run itself records
     shared = ", ".join(f"{flag_name(k)} {value_text(v)}" for k, v in t.settings().items()
-                       if k not in cfg.axes and k not in (*NOT_SWEPT, "data_shape") and v not in (None, False))
+                       if k not in cfg.axes and k not in hidden and v not in (None, False))
     fields = [k.replace("_", "-") for k in cfg.axes]
     page = write_page(out, [sweep_row(o) for o in outcomes], fields, models,
                       f"vaelab sweep over {', '.join(fields)}: {t.data.dataset}, {t.optim.epochs} epochs", shared)

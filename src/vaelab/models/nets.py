@@ -22,6 +22,7 @@ from torch import Tensor, nn
 MAX_FINAL_SIDE = 5  # conv stages halve the image until its larger side is at most this
 MAX_GROWTH = 8  # one-number --hidden: channels double per stage up to this multiple of the first stage's
 LOGVAR_MIN, LOGVAR_MAX = -20.0, 4.0  # the soft bounds of log σ² of q(z|x) (bounded_logvar)
+NET_VERSION = 2  # the conv design: 1 had GroupNorm on the main path, 2 only inside residual branches (_norm_act)
 
 
 def bounded_logvar(raw: Tensor) -> Tensor:
@@ -124,25 +125,34 @@ class ResBlock(nn.Module):
         return x + self.branch(x)
 
 
-def _norm_act(channels: int) -> list[nn.Module]:
-    """GroupNorm then SiLU on the main path after each resampling convolution. Without it nothing bounds the
-    activations between stages, and Adam at 1e-3 can blow a run up within a few hundred steps (seen with
-    --hidden 64 and on `shapes`); with it every stage starts from unit-scale features."""
-    return [nn.GroupNorm(_groups(channels), channels), nn.SiLU()]
+def _norm_act(channels: int, norm: bool) -> list[nn.Module]:
+    """SiLU on the main path after each resampling convolution (and after the decoder's linear layer), preceded by
+    GroupNorm in the design of net_version 1 only.
+
+    A per-image norm on the main path removes the scale of each image's features, and a linear map of the input
+    hands it nothing else: GN(W(c·x) + b) = GN(Wx + b/c), so only the bias tells c apart, and Adam moves it by
+    about the learning rate per step. Version 1's encoder saw flat images of grey 0.6 and 1.0 as nearly the same
+    (1e-3 apart with b = 0) and its decoder read the direction of z, not its length; each later norm removed what
+    was left of the scale in its stage. A conv VAE on `shapes` then spent its first hundreds of steps telling only
+    light from dark backgrounds, with no object (test MSE about 0.05; 0.035 after 79 steps without the norms;
+    docs/models.md, "What happens on `shapes`"). The norms now sit inside the residual branches only (ResBlock),
+    whose output is added to a main path that keeps each image's scale."""
+    return [nn.GroupNorm(_groups(channels), channels), nn.SiLU()] if norm else [nn.SiLU()]
 
 
 class ConvEncoder(nn.Module):
-    """Stages of [3x3 stride-2 conv, GroupNorm, SiLU, `blocks` residual blocks], then one linear layer to
-    (μ, log σ²)."""
+    """Stages of [3x3 stride-2 conv, SiLU, `blocks` residual blocks], then one linear layer to
+    (μ, log σ²). GroupNorm after each stage's convolution only with `main_norm` (net_version 1; see _norm_act)."""
 
-    def __init__(self, shape: tuple[int, int, int], hidden: list[int], latent_dim: int, blocks: int = 1):
+    def __init__(self, shape: tuple[int, int, int], hidden: list[int], latent_dim: int, blocks: int = 1,
+                 main_norm: bool = False):
         super().__init__()
         chans = conv_channels(shape, hidden)
         h, w = stage_sizes(shape, len(chans))[-1]
         layers: list[nn.Module] = []
         c = shape[0]
         for ch in chans:
-            layers += [nn.Conv2d(c, ch, 3, stride=2, padding=1), *_norm_act(ch)]
+            layers += [nn.Conv2d(c, ch, 3, stride=2, padding=1), *_norm_act(ch, main_norm)]
             layers += [ResBlock(ch) for _ in range(blocks)]
             c = ch
         self.body = nn.Sequential(*layers, nn.Flatten())  # (B, C_last * h * w)
@@ -156,19 +166,20 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """The encoder mirrored: linear to the smallest map (GroupNorm, SiLU), then stages of [`blocks` residual
-    blocks, 3x3 stride-2 transposed conv, GroupNorm, SiLU] that retrace the encoder's sizes exactly (odd sides
-    included), the last one giving the likelihood's parameters at full size (no norm or activation)."""
+    """The encoder mirrored: linear to the smallest map (SiLU), then stages of [`blocks` residual blocks, 3x3
+    stride-2 transposed conv, SiLU] that retrace the encoder's sizes exactly (odd sides included), the last one
+    giving the likelihood's parameters at full size (no activation). With `main_norm` (net_version 1) a GroupNorm
+    precedes each of those SiLUs (see _norm_act)."""
 
     def __init__(self, shape: tuple[int, int, int], hidden: list[int], latent_dim: int, n_params: int,
-                 blocks: int = 1):
+                 blocks: int = 1, main_norm: bool = False):
         super().__init__()
         self.shape, self.n_params = shape, n_params
         chans = conv_channels(shape, hidden)
         sizes = stage_sizes(shape, len(chans))
         self.start = (chans[-1], *sizes[-1])
         self.fc = nn.Linear(latent_dim, math.prod(self.start))
-        layers: list[nn.Module] = _norm_act(chans[-1])
+        layers: list[nn.Module] = _norm_act(chans[-1], main_norm)
         outs = [*reversed(chans[:-1]), n_params * shape[0]]
         for i, (a, b) in enumerate(zip(reversed(chans), outs, strict=True)):
             layers += [ResBlock(a) for _ in range(blocks)]
@@ -176,7 +187,7 @@ class ConvDecoder(nn.Module):
             pad = (h_out - (2 * h_in - 1), w_out - (2 * w_in - 1))  # 0 for an odd side, 1 for an even one
             layers.append(nn.ConvTranspose2d(a, b, 3, stride=2, padding=1, output_padding=pad))
             if i < len(chans) - 1:
-                layers += _norm_act(b)
+                layers += _norm_act(b, main_norm)
         self.body = nn.Sequential(*layers)
         to_channels_last(self)
 
@@ -193,9 +204,14 @@ DEFAULT_BLOCKS = {"mlp": 0, "conv": 1, "hierarchical": 1}
 
 
 def make_nets(arch: str, shape: tuple[int, int, int], hidden: list[int], latent_dim: int, n_params: int,
-              blocks: int | None = None):
+              blocks: int | None = None, version: int = NET_VERSION):
+    """The encoder and decoder of `arch`; `version` 1 builds the conv design of runs saved before NET_VERSION 2."""
     enc_cls, dec_cls = ARCHS[arch]
     blocks = DEFAULT_BLOCKS[arch] if blocks is None else blocks
+    if arch == "conv":
+        main_norm = version < 2
+        return (ConvEncoder(shape, hidden, latent_dim, blocks, main_norm),
+                ConvDecoder(shape, hidden, latent_dim, n_params, blocks, main_norm))
     return enc_cls(shape, hidden, latent_dim, blocks), dec_cls(shape, hidden, latent_dim, n_params, blocks)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .likelihoods import Likelihood, make_likelihood
-from .nets import make_nets
+from .nets import NET_VERSION, make_nets
 from .priors import LOG_2PI, Prior, StandardPrior, log_standard_normal, make_prior
 
 
@@ -89,12 +89,13 @@ class Terms:
 class VAE(nn.Module):
     def __init__(self, shape: tuple[int, int, int], arch: str, hidden: list[int], latent_dim: int,
                  likelihood: Likelihood, blocks: int | None = None, prior: str = "standard",
-                 prior_components: int | None = None):
+                 prior_components: int | None = None, net_version: int = NET_VERSION):
         super().__init__()
         self.shape: tuple[int, int, int] = (int(shape[0]), int(shape[1]), int(shape[2]))
         self.latent_dim = latent_dim
         self.likelihood = likelihood
-        self.encoder, self.decoder = make_nets(arch, self.shape, hidden, latent_dim, likelihood.n_params, blocks)
+        self.encoder, self.decoder = make_nets(arch, self.shape, hidden, latent_dim, likelihood.n_params, blocks,
+                                               net_version)
         # built after the networks: a VampPrior reads the encoder (a learned prior's initial draws come last)
         self.prior: Prior = make_prior(prior, latent_dim, prior_components, self.shape, self.encoder)
 
@@ -105,7 +106,7 @@ class VAE(nn.Module):
         if cls is VAE and m.arch in ARCH_MODELS:  # an architecture with a model class of its own
             return ARCH_MODELS[m.arch].from_config(config, shape)
         lik = make_likelihood(m.likelihood, m.sigma, m.mixtures)
-        return cls(shape, m.arch, m.hidden, m.latent_dim, lik, m.blocks, m.prior, m.prior_components)
+        return cls(shape, m.arch, m.hidden, m.latent_dim, lik, m.blocks, m.prior, m.prior_components, m.net_version)
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
