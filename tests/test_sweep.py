@@ -191,6 +191,22 @@ def test_runs_that_share_network_shapes_share_an_ensemble():
 
 
 @pytest.mark.slow
+def test_a_learned_sigma_member_counts_its_sigma_gradient_as_the_run_alone(tmp_path, fashion_dir):
+    """A learned σ lies outside the stacked networks: its gradient still counts in the member's guard (the
+    gradient-norm columns), and the member still equals its run alone."""
+    from vaelab.training.ensemble import train_ensemble
+
+    common = {"dataset": "fashion-mnist", "limit": 256, "hidden": "16", "batch_size": 64, "epochs": 1,
+              "sigma": "learned", "device": "cpu"}
+    configs = [vaelab.TrainConfig(seed=s, out=str(tmp_path / f"m{s}"), **common) for s in (0, 1)]
+    members = train_ensemble(configs, progress=False)
+    alone = vaelab.train(configs[1].replace(out=str(tmp_path / "alone")), progress=False)
+    m, r = (next(x for x in run.metrics if x["split"] == "train") for run in (members[1], alone))
+    for key in ("grad_norm_mean", "grad_norm_max", "loss", "sigma"):
+        assert m[key] == pytest.approx(r[key], rel=1e-4), key
+
+
+@pytest.mark.slow
 def test_an_ensemble_member_equals_the_run_trained_alone(tmp_path, fashion_dir):
     import torch
     from safetensors.torch import load_file

@@ -158,13 +158,17 @@ def share_weights(nets: list[torch.nn.Module]) -> dict[str, Tensor]:
 
 @dataclass
 class _Shared:
-    """What the members' step shares: their stacked networks, their guards' counts (8, M), and one Adam step
-    over the stacks where their optimizers allow it (stacked.SharedAdam; None: each steps its own)."""
+    """What the members' step shares: the batched pass of their networks (a module of _PASSES, chosen once),
+    their stacked networks, their guards' counts (8, M), one Adam step over the stacks where their optimizers
+    allow it (stacked.SharedAdam; None: each steps its own), and each member's trainable parameters outside the
+    networks (a learned σ), whose gradients its guard counts as a run alone counts them."""
 
+    net_pass: Any
     encoder: dict[str, Tensor]
     decoder: dict[str, Tensor]
     stats: Tensor
     adam: stacked.SharedAdam | None
+    others: list[list[torch.nn.Parameter]]
 
     @property
     def stacks(self) -> list[Tensor]:
@@ -183,19 +187,21 @@ def share(members: list[_Member]) -> _Shared:
     optimizers = [m.state.optimizer for m in members]
     adam = (stacked.SharedAdam([*encoder.values(), *decoder.values()], optimizers, params)
             if stacked.SharedAdam.applies(optimizers, params) else None)
-    return _Shared(encoder, decoder, stats, adam)
+    others = [[p for p in m.guard.params if all(p is not q for q in ps)] for m, ps in zip(members, params,
+                                                                                         strict=True)]
+    template = members[0].state.model
+    net_pass = _pass(template.encoder, template.decoder)
+    assert net_pass is not None, "group_key admits networks with a batched pass only"
+    return _Shared(net_pass, encoder, decoder, stats, adam, others)
 
 
-def _networks(template: VAE, enc: dict[str, Tensor], dec: dict[str, Tensor], xs: Tensor, eps: Tensor
-              ) -> tuple[Tensor, Tensor, list[Tensor]]:
+def _networks(template: VAE, shared: _Shared, xs: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Every member's encoder and decoder on its own batch, in one batched pass over the stacked weights
     (vaelab.training.stacked, stacked_conv): mean, log-variance (M, B, L) and the decoder's outputs, each
     (M, B, C, H, W)."""
-    batched = _pass(template.encoder, template.decoder)
-    assert batched is not None, "group_key admits networks with a batched pass only"
-    mean, logvar = batched.encode(template.encoder, enc, xs)
+    mean, logvar = shared.net_pass.encode(template.encoder, shared.encoder, xs)
     z = DiagonalGaussian(mean, logvar).reparameterize(eps)  # (M, B, L)
-    return mean, logvar, batched.decode(template.decoder, dec, z)
+    return mean, logvar, shared.net_pass.decode(template.decoder, shared.decoder, z)
 
 
 def _step(members: list[_Member], template: VAE, shared: _Shared, idx: list[Tensor], betas: list[float]) -> Tensor:
@@ -205,7 +211,7 @@ def _step(members: list[_Member], template: VAE, shared: _Shared, idx: list[Tens
     latent = template.latent_dim
     eps = torch.stack([torch.randn((len(i), latent), generator=m.noise, device=xs.device)
                        for m, i in zip(members, idx, strict=True)])  # (M, B, L), as each run draws it alone
-    mean, logvar, params = _networks(template, shared.encoder, shared.decoder, xs, eps)
+    mean, logvar, params = _networks(template, shared, xs, eps)
     totals = []
     # unbind, not indexing: the gradient of the M views is one stack, not M zero-filled (M, ...) tensors
     means, logvars, outs = mean.unbind(0), logvar.unbind(0), [p.unbind(0) for p in params]
@@ -228,7 +234,12 @@ def _update(members: list[_Member], shared: _Shared, total: Tensor) -> None:
     grads = [w.grad for w in shared.stacks]
     if any(g is None for g in grads):
         raise RuntimeError("a stacked weight got no gradient")  # every layer is on the path to every loss
-    norms = stacked.member_norms(typing.cast(list[Tensor], grads)).float()  # (M,)
+    norms = stacked.member_norms(typing.cast(list[Tensor], grads))  # (M,)
+    if any(shared.others):  # parameters outside the networks (a learned σ) count in each member's norm
+        extra = torch.stack([torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None])
+                             for ps in shared.others])
+        norms = torch.linalg.vector_norm(torch.stack([norms, extra.to(norms.dtype)]), dim=0)
+    norms = norms.float()
     finite = torch.isfinite(norms) & torch.isfinite(total)
     count_step(shared.stats, norms, finite, 0.0)
     if shared.adam is not None and shared.adam.ready() and bool(finite.all()):
