@@ -92,7 +92,7 @@ def stack_like(tensors: list[Tensor], like: Tensor | None = None) -> Tensor:
 def member_norms(grads: list[Tensor]) -> Tensor:
     """Each member's total gradient norm, from the stacked gradients `grads` (each (M, ...)): (M,), as
     torch.nn.utils.get_total_norm over one member's gradients."""
-    per_tensor = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # (W, M)
+    per_tensor = torch.stack([torch.linalg.vector_norm(g, dim=tuple(range(1, g.ndim))) for g in grads])  # (W, M)
     return torch.linalg.vector_norm(per_tensor, dim=0)
 
 
