@@ -308,6 +308,31 @@ def split_scores(codes, factors, names, seed: int = 0) -> dict | None:
     return factor_scores(codes, factors, names=names, seed=seed)
 
 
+def read_label(images, factors: np.ndarray, renderer, levels: np.ndarray) -> np.ndarray:
+    """For images (N, C, H, W) in [0, 1] (e.g. reconstructions) of factor rows (N, K) whose first factor is the
+    class: the level of that factor whose redraw, every other factor as in the row, is nearest to each image
+    (squared error), (N,). The images themselves read back their own level; an image that keeps colour and place
+    but not the outline reads as whichever level's outline is closest to its blob."""
+    from ..data import to_unit
+
+    x = to_unit(images).double().flatten(1)  # (N, D)
+    dist = np.empty((len(x), len(levels)))
+    for j, level in enumerate(levels):
+        f = np.array(factors, dtype=np.float32, copy=True)
+        f[:, 0] = level
+        dist[:, j] = (x - to_unit(renderer(f)).double().flatten(1)).square().sum(1).numpy()
+    return np.asarray(levels)[dist.argmin(1)]
+
+
+def kept_rows(r: dict | None) -> list[tuple[str, str]]:
+    """The row of evaluate()'s `label_kept` (none without a renderer of the data)."""
+    if r is None:
+        return []
+    return [(f"{r['factor']} kept in reconstructions",
+             f"{r['share']:.1%} of reconstructions are nearest to a redraw of their own {r['factor']} among the "
+             f"{r['levels']} (the images themselves: 100%, chance {1 / r['levels']:.1%})")]
+
+
 def factor_rows(r: dict | None) -> list[tuple[str, str]]:
     """A few (name, value) rows of factor_scores' result for `vaelab eval` and the report; none for None."""
     if r is None:

@@ -18,7 +18,7 @@ from ..models.vae import VAE
 from ..training.evaluation import NEGATIVE_NOTE, bits_per_dim, elbo_metrics, eval_rows, rows_within
 from ..training.evaluation import widest_activation_bytes as widest_activation_bytes  # re-exported
 from .anatomy import anatomy_rows, elbo_anatomy
-from .factors import factor_rows, split_scores
+from .factors import factor_rows, kept_rows, read_label, split_scores
 from .quality import N_SCORE, quality_rows
 from .quality import sample_quality as run_sample_quality
 
@@ -176,12 +176,14 @@ def group_numbers(model, m: dict, variance: list[float]) -> dict:
 @torch.no_grad()
 def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samples: int = DEFAULT_IW_SAMPLES,
              batch_size: int = 500, seed: int = 0, progress: bool = False, factors=None,
-             factor_names=None) -> dict:
+             factor_names=None, renderer=None) -> dict:
     """Every number of `vaelab eval` for the images `x` (stored form; `prepare` maps them to [0, 1]).
 
     elbo and log_px are log-likelihoods (nats per image, higher is better); bits_per_dim is that of the
     −ELBO, as in metrics.jsonl. One seed fixes every sample drawn, without touching the global RNG stream.
-    factors (N, K) with factor_names: the images' known factors of variation, scored as `factor_scores`.
+    factors (N, K) with factor_names: the images' known factors of variation, scored as `factor_scores`; with
+    the data's `renderer` too, `label_kept` says how often a reconstruction keeps the first factor (the class) that
+    a redraw of the image's factors would show (factors.read_label).
     """
     model.eval()
     m = elbo_metrics(model, x, batch_size, prepare, seed=seed)
@@ -193,11 +195,17 @@ def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samp
         torch.manual_seed(seed)
         codes = posterior_means(model, x, rows, prepare)  # (N, L)
         sharp = torch.zeros(3, dtype=torch.float64)  # data, recon, samples: sums of per-batch means x sizes
+        reading = renderer is not None and factors is not None and bool(factor_names)
+        levels = np.unique(np.asarray(factors)[:, 0]) if reading else np.zeros(0)
+        kept = 0
         for i in range(0, len(x), rows):
             xb = prepare(x[i:i + rows])
             images = (xb, model.reconstruct(xb).clamp(0, 1),
                       model.decode_mean(model.sample_prior(len(xb))).clamp(0, 1))
             sharp += torch.tensor([sharpness(im) for im in images], dtype=torch.float64) * len(xb)
+            if reading:
+                f = np.asarray(factors[i:i + rows])
+                kept += int((read_label(images[1].cpu(), f, renderer, levels) == f[:, 0]).sum())
         torch.manual_seed(seed)  # K = 1 then draws the very z that elbo_metrics drew: it is the ELBO estimate
         log_px = iwae_log_px(model, x, iw_samples, batch_size, prepare, progress)
     sharpness_means = (sharp / len(x)).tolist()
@@ -223,6 +231,7 @@ def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samp
         **(group_numbers(model, m, var) if hierarchical else {}),
         "n_images": int(x.shape[0]),
         "factor_scores": split_scores(codes.double().cpu().numpy(), factors, factor_names, seed),
+        "label_kept": {"factor": factor_names[0], "share": kept / len(x), "levels": len(levels)} if reading else None,
     }
 
 
@@ -245,6 +254,7 @@ class Split(NamedTuple):
     normalized: bool  # False for a Bernoulli on grey pixels
     factors: np.ndarray | None = None  # (N, F) named factors of variation (shapes, dsprites)
     factor_names: list[str] | None = None
+    renderer: Callable | None = None  # draws images from factor rows (generated data)
 
 
 def split_data(config, split: str, device: torch.device, limit: int | None = None) -> Split:
@@ -263,7 +273,8 @@ def split_data(config, split: str, device: torch.device, limit: int | None = Non
         labels = None
     label_tensor = None if labels is None else torch.as_tensor(labels)
     classes = None if labels is None else prep.data.classes
-    return Split(x, prep.prepare, label_tensor, classes, prep.normalized, factors, prep.data.factor_names)
+    return Split(x, prep.prepare, label_tensor, classes, prep.normalized, factors, prep.data.factor_names,
+                 prep.data.renderer)
 
 
 def evaluate_run(run, split: str = "test", iw_samples: int = DEFAULT_IW_SAMPLES, batch_size: int = 500,
@@ -276,7 +287,7 @@ def evaluate_run(run, split: str = "test", iw_samples: int = DEFAULT_IW_SAMPLES,
     device = next(run.model.parameters()).device
     s = split_data(run.config, split, device, limit)
     numbers = evaluate(run.model, s.x, s.prepare, s.labels, iw_samples, batch_size, seed, progress, s.factors,
-                       s.factor_names)
+                       s.factor_names, s.renderer)
     out = {"split": split, **numbers}
     out["normalized"] = s.normalized
     if sample_quality:
@@ -328,6 +339,7 @@ def table_rows(r: dict) -> list[tuple[str, str]]:
         ("sharpness data / recon / samples", " / ".join(f"{r['sharpness'][name]:.4f}"
                                                          for name in ("data", "recon", "samples"))),
     ]
+    rows += kept_rows(r.get("label_kept"))
     rows += factor_rows(r.get("factor_scores"))
     rows += quality_rows(r)
     if r.get("normalized") is False:

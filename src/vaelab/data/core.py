@@ -6,6 +6,7 @@ so in chunks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -37,6 +38,8 @@ class ImageData:
     train_factors: np.ndarray | None = None
     test_factors: np.ndarray | None = None
     factor_names: list[str] | None = None
+    # draws images as stored from factor rows (generated data): lets reconstructions be compared with redraws
+    renderer: Callable[[np.ndarray], np.ndarray] | None = None
     skipped: dict[str, int] = field(default_factory=dict)  # files left out of an image folder, by reason
 
     @property

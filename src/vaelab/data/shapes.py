@@ -114,4 +114,5 @@ def load_shapes(n_train: int | None = None, n_test: int | None = None, seed: int
             entry = b.commit()
     return ImageData("shapes", entry.array("train"), entry.array("test"), entry.array("train_labels", mmap=False),
                      entry.array("test_labels", mmap=False), list(SHAPES), f"shapes (generated, seed {seed})",
-                     entry.array("train_factors", mmap=False), entry.array("test_factors", mmap=False), list(FACTORS))
+                     entry.array("train_factors", mmap=False), entry.array("test_factors", mmap=False), list(FACTORS),
+                     renderer=render)
