@@ -11,7 +11,7 @@ import torch
 
 from vaelab import TrainConfig, load_run, resume, train
 from vaelab.errors import ConfigError
-from vaelab.models.hierarchical import HierarchicalVAE, ladder
+from vaelab.models.hierarchical import HierarchicalVAE, ladder, size_widths
 from vaelab.models.likelihoods import LIKELIHOODS
 from vaelab.models.vae import VAE
 
@@ -331,9 +331,116 @@ def test_evaluation_passes_are_sized_by_the_decoders_widest_activation(monkeypat
     assert eval_rows(model, 1000, cpu) == 3
     assert eval_rows(model, 2, cpu) == 2
     monkeypatch.undo()
-    wide = _model((3, 64, 64), hidden=[64])  # 64 channels at 64x64: 1 MiB a row
+    wide = _model((3, 64, 64), hidden=[64], net_version=2)  # 64 channels at 64x64: 1 MiB a row
     assert eval_rows(wide, 1000, cpu) == evaluation.EVAL_BYTES // 2**20 == 128
+    narrow = _model((3, 64, 64), hidden=[64])  # 16 channels at 64x64: 256 KiB a row
+    assert eval_rows(narrow, 1000, cpu) == 512
     for arch in ("mlp", "conv"):  # every default single-latent decoder up to 64x64 keeps whole batches of 1000
         torch.manual_seed(0)
         flat = VAE.from_config(TrainConfig(arch=arch), (3, 64, 64))
         assert eval_rows(flat, 1000, cpu) == 1000
+
+
+def _fingerprint(model) -> tuple[str, int]:
+    """(a digest of every state_dict key and shape, the number of values): equal for the same parameter set."""
+    import hashlib
+
+    items = sorted((k, list(v.shape)) for k, v in model.state_dict().items())
+    digest = hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+    return digest, sum(v.numel() for v in model.state_dict().values())
+
+
+def _macs(model, shape) -> int:
+    """Multiply-adds of every convolution in one training pass (encoder and decoder) of one image."""
+    total = 0
+
+    def hook(conv, _inputs, out) -> None:
+        nonlocal total
+        total += out.numel() * conv.weight[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model.terms(torch.rand(1, *shape))
+    for h in handles:
+        h.remove()
+    return total
+
+
+# the state_dicts of net_version 2's design (every size at the full width, 20 channels per group), recorded from
+# it before version 3 existed
+VERSION_2 = [
+    ((3, 64, 64), [64], "discretized-logistic", "011922634e80e01e", 359551),
+    ((3, 32, 32), [64], "discretized-logistic", "884e34df1bcf6e62", 309087),
+    ((1, 28, 28), [32], "bernoulli", "70bcb5229cd30c54", 82681),
+    ((3, 64, 48), [64], "gaussian", "eb4f6e3b52a00e65", 336059),
+]
+
+
+@pytest.mark.parametrize(("shape", "hidden", "likelihood", "digest", "n"), VERSION_2)
+def test_net_version_2_builds_the_old_parameter_set_and_3_a_cheaper_one(shape, hidden, likelihood, digest, n):
+    for version in (1, 2):  # a config.json without net_version is version 1: the same hierarchy
+        old = _model(shape, likelihood, hidden=hidden, latent_dim=20, net_version=version)
+        assert _fingerprint(old) == (digest, n)
+    new = _model(shape, likelihood, hidden=hidden, latent_dim=20)
+    assert new.group_sizes == old.group_sizes  # the same latents
+    assert sum(v.numel() for v in new.state_dict().values()) < 0.95 * n
+    ratio = _macs(new, shape) / _macs(old, shape)
+    assert ratio < (0.55 if max(shape[1:]) == 64 else 0.85), ratio  # 64x64: 0.50, 64x48: 0.52, 32x32: 0.77, 28: 0.80
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_net_version_3_is_version_2_for_the_single_latent_nets(arch):
+    shape = (3, 32, 32)
+    two, three = (VAE.from_config(TrainConfig(arch=arch, net_version=v), shape) for v in (2, 3))
+    assert _fingerprint(two) == _fingerprint(three)
+    assert TrainConfig(arch=arch).model.net_version == 3
+
+
+def test_sizes_above_the_latents_halve_their_width_per_doubling():
+    sizes = ladder((3, 64, 64))[0]  # 64, 32, 16, 8, 4
+    assert size_widths(sizes, 64) == [16, 32, 64, 64, 64]
+    assert size_widths(sizes, 64, version=2) == [64] * 5
+    assert size_widths(sizes, 128) == [32, 64, 128, 128, 128]
+    assert size_widths(sizes, 24) == [16, 16, 24, 24, 24]  # never below MIN_WIDTH ...
+    assert size_widths(sizes, 8) == [8] * 5  # ... nor above the width
+    assert size_widths(ladder((3, 128, 96))[0], 64) == [16, 16, 32, 64, 64, 64]  # 128x96 .. 4x3
+    assert size_widths(ladder((1, 12, 12))[0], 64) == [64, 64, 64]  # nothing above 16 px: unchanged
+    model = _model((3, 64, 64), hidden=[64])
+    assert model.decoder.out.in_channels == 16
+    assert [b[0].convs[0].in_channels for b in model.decoder.refine] == [32, 16]
+    x = torch.rand(2, 3, 64, 64)
+    acts = model.encoder(x)
+    assert [acts[s].shape[1] for s in [(32, 32), (16, 16), (1, 1)]] == [32, 64, 64]
+
+
+def test_a_run_saved_with_net_version_2_loads_and_evaluates_as_it(tmp_path):
+    from vaelab.runs import CONFIG, WEIGHTS, load_run, save_weights
+
+    shape = (3, 32, 32)
+    old = TrainConfig(**{**SMALL, "hidden": [32], "net_version": 2, "data_shape": list(shape)})
+    torch.manual_seed(0)
+    model = VAE.from_config(old, shape)
+    _randomize_priors(model)
+    save_weights(model, tmp_path / WEIGHTS)
+    (tmp_path / CONFIG).write_text(json.dumps(old.to_dict()))
+    run = load_run(tmp_path)
+    assert run.config.model.net_version == 2
+    assert _fingerprint(run.model) == _fingerprint(model) != _fingerprint(_model(shape, hidden=[32]))
+    x = torch.rand(3, *shape)
+    eps = torch.randn(3, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(x, eps).loss, model.eval()(x, eps).loss)
+        torch.testing.assert_close(run.model.reconstruct(x), model.reconstruct(x))
+
+
+@pytest.mark.slow
+def test_a_net_version_2_run_resumes_bit_identically_as_it(tmp_path, fashion):
+    data = _small_fashion(tmp_path, fashion)
+    settings = dict(hidden=[32], net_version=2)  # width 32: version 3 would narrow 28x28 to 16 channels
+    full = train(_cfg(tmp_path, "full", data, **settings), progress=False)
+    train(_cfg(tmp_path, "part", data, epochs=1, **settings), progress=False)
+    resumed = resume(tmp_path / "part", progress=False, epochs=2)
+    assert resumed.config.model.net_version == 2
+    assert _fingerprint(resumed.model) == _fingerprint(_model((1, 28, 28), hidden=[32], net_version=2))
+    for k, v in full.model.state_dict().items():
+        assert v.equal(resumed.model.state_dict()[k]), k

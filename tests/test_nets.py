@@ -154,6 +154,6 @@ def test_a_run_saved_before_net_version_loads_as_version_1(tmp_path):
     assert run.config.model.net_version == 1
     x = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(run.model.reconstruct(x), model.eval().reconstruct(x))
-    assert TrainConfig(arch="conv").model.net_version == 2
-    with pytest.raises(ConfigError, match="net_version must be an integer from 1 to 2; got 3"):
-        TrainConfig(net_version=3)
+    assert TrainConfig(arch="conv").model.net_version == 3  # conv: the same design as version 2
+    with pytest.raises(ConfigError, match="net_version must be an integer from 1 to 3; got 4"):
+        TrainConfig(net_version=4)

@@ -104,7 +104,7 @@ class ModelConfig(Role):
                                            "vamp)", metavar="K")
     # filled in when training starts, so the model can be rebuilt from config.json alone
     data_shape: list[int] | None = option(None, "", flag=False)
-    # the conv networks' design (models.nets.NET_VERSION); a config.json without it describes version 1
+    # the networks' design (models.nets.NET_VERSION); a config.json without it describes version 1
     net_version: int = option(NET_VERSION, "", flag=False)
 
     def __post_init__(self) -> None:
@@ -180,7 +180,7 @@ class OptimConfig(Role):
                                            "hierarchical)")
     epochs: int = option(10, "total epochs; with --resume, the new total")
     seed: int = option(0, "seeds initialisation, shuffling and sampling")
-    skip_threshold: float = option(0.0, "skip (and count) every update whose gradient norm is more than this many "
+    skip_threshold: float = option(10.0, "skip (and count) every update whose gradient norm is more than this many "
                                    "times the usual one (the running geometric mean of the last ~50 updates' "
                                    "norms), as VDVAE skips its rare huge gradients; 0: never. Steps with a "
                                    "non-finite loss or gradient are always skipped", "guards", metavar="K")

@@ -74,17 +74,20 @@ def _small(size: tuple[int, int]) -> bool:
 
 
 class BottomUp(nn.Module):
-    """x (B, C, H, W) -> the features of each latent resolution {(h, w): (B, width, h, w)}: a 3x3 stem at full
-    size, stride-2 3x3 convs down the ladder (each followed by `blocks` bottleneck blocks), and a convolution over
-    the whole smallest map down to 1x1."""
+    """x (B, C, H, W) -> the features of each size of the ladder {(h, w): (B, widths[i], h, w)}: a 3x3 stem at full
+    size, stride-2 3x3 convs down the ladder (each to the next size's width, then `blocks` bottleneck blocks of
+    `mids[i]` channels inside), and a convolution over the whole smallest map down to 1x1."""
 
-    def __init__(self, channels: int, sizes: list[tuple[int, int]], width: int, blocks: int, mid: int):
+    def __init__(self, channels: int, sizes: list[tuple[int, int]], widths: list[int], blocks: int,
+                 mids: list[int]):
         super().__init__()
-        self.sizes = sizes  # full size, then after each stride-2 stage
-        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        self.sizes = sizes  # full size, then after each stride-2 stage; widths and mids: one per size
+        self.stem = nn.Conv2d(channels, widths[0], 3, padding=1)
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1),
-                          *[Block(width, mid, width, True, _small(s)) for _ in range(blocks)]) for s in sizes[1:])
+            nn.Sequential(nn.Conv2d(c_in, c, 3, stride=2, padding=1),
+                          *[Block(c, mid, c, True, _small(s)) for _ in range(blocks)])
+            for s, c_in, c, mid in zip(sizes[1:], widths[:-1], widths[1:], mids[1:], strict=True))
+        width, mid = widths[-1], mids[-1]
         self.top = nn.Sequential(nn.Conv2d(width, width, sizes[-1]),  # the smallest map -> 1x1
                                  *[Block(width, mid, width, True, small=True) for _ in range(blocks)])
         to_channels_last(self)

@@ -10,6 +10,12 @@ pass draws the groups in turn, each from a diagonal Gaussian computed from the s
 
 then refines the state up to full size and outputs the likelihood's `n_params` parameter maps.
 
+Both passes have `width` channels at every size whose larger side is at most MAX_LATENT_SIDE (every latent size)
+and, from net_version 3, half as many per doubling above it, at least MIN_WIDTH (size_widths; 64x64 at width 64:
+32 channels at 32x32, 16 at 64x64: half the multiply-adds of version 2 per 64x64 image, 0.77 at 32x32). The
+encoder's stride-2 convolutions and 1x1 convolutions before the decoder's upsamplings change the width.
+Runs saved with net_version <= 2 rebuild their design: `width` at every size.
+
 It has the single-latent VAE's interface, over a flat latent vector of `latent_dim` units: every group's units,
 top group first, each group in (channel, row, column) order.
   forward / terms / iwae_bound   eps (B, L) (or (K, B, L)) is the standard-normal noise of every group's
@@ -27,6 +33,7 @@ from __future__ import annotations
 import math
 import typing
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +41,14 @@ from torch import Tensor, nn
 
 from .cells import Block, BottomUp, TopDownCell, gaussian_kl
 from .likelihoods import Likelihood, make_likelihood
-from .nets import MAX_FINAL_SIDE, stage_sizes, to_channels_last
+from .nets import MAX_FINAL_SIDE, NET_VERSION, stage_sizes, to_channels_last
 from .priors import LOG_2PI, StandardPrior
 from .vae import ARCH_MODELS, VAE, DiagonalGaussian, Terms
 
 MAX_LATENT_SIDE = 16  # latent groups at every ladder size up to this larger side (half of 32x32, a quarter of 64)
 DEFAULT_GROUPS = 1
+NARROW_VERSION = 3  # net_version from which the sizes above MAX_LATENT_SIDE have fewer channels (size_widths)
+MIN_WIDTH = 16  # ... but never fewer than this (nor more than the width)
 
 
 def ladder(shape: tuple[int, int, int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -52,6 +61,20 @@ def ladder(shape: tuple[int, int, int]) -> tuple[list[tuple[int, int]], list[tup
     sizes = stage_sizes(shape, n)
     latent = [(1, 1)] + [s for s in reversed(sizes[1:]) if max(s) <= MAX_LATENT_SIDE and s != (1, 1)]
     return sizes, latent
+
+
+def size_widths(sizes: list[tuple[int, int]], width: int, version: int = NET_VERSION) -> list[int]:
+    """Channels of both passes at each of the encoder's sizes (full size first): `width` where the larger side is
+    at most MAX_LATENT_SIDE; above it, from net_version 3, half as many per size (64x64: 16 channels at 64x64, 32
+    at 32x32), at least MIN_WIDTH (at most `width`). net_version <= 2: `width` at every size."""
+    above = sum(max(s) > MAX_LATENT_SIDE for s in sizes) if version >= NARROW_VERSION else 0
+    return [min(width, max(MIN_WIDTH, width >> (above - i))) if i < above else width for i in range(len(sizes))]
+
+
+def _upsample(h: Tensor, size: tuple[int, int]) -> Tensor:
+    """h (N, c, h, w) -> (N, c, *size), nearest, stored channels-last as the convolutions' weights are (an NCHW
+    state would be copied to channels-last by every convolution and back by every residual sum)."""
+    return F.interpolate(h, size=size, mode="nearest").contiguous(memory_format=torch.channels_last)
 
 
 @dataclass
@@ -86,14 +109,17 @@ class Draws:
 
 class TopDown(nn.Module):
     """The decoder: a learned 1x1 start state, the latent cells from the top resolution down (the state upsampled,
-    nearest, plus a learned bias, at each new resolution), then `blocks` bottleneck blocks at each larger size up to
-    the image's, and a 3x3 conv to n_params * C maps. Called with noise alone it decodes from the prior."""
+    nearest, plus a learned bias, at each new resolution), then at each larger size up to the image's a 1x1 conv
+    to that size's width where it is narrower (before upsampling) and `blocks` bottleneck blocks, and a 3x3 conv to
+    n_params * C maps. `widths` and `mids`: channels and bottleneck channels at each of the encoder's sizes (full
+    size first; `width` at every latent size). Called with noise alone it decodes from the prior."""
 
     def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int, z_channels: int,
-                 n_params: int, mid: int):
+                 n_params: int, mid: int, widths: list[int], mids: list[int]):
         super().__init__()
         self.shape, self.n_params = shape, n_params
         sizes, latent = ladder(shape)
+        chans = dict(zip(sizes, zip(widths, mids, strict=True), strict=True))  # size -> (channels, mid)
         self.cell_sizes = [s for s in latent for _ in range(groups)]
         scale = (1.0 / len(self.cell_sizes)) ** 0.5
         cells = [TopDownCell(width, mid, z_channels, s, i == 0, scale) for i, s in enumerate(self.cell_sizes)]
@@ -103,9 +129,11 @@ class TopDown(nn.Module):
         self.start = nn.Parameter(torch.zeros(1, width, 1, 1))
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(1, width, h, w)) for h, w in latent[1:])
         self.refine_sizes = [s for s in reversed(sizes) if max(s) > max(latent[-1])]
-        self.refine = nn.ModuleList(nn.Sequential(*[Block(width, mid, width, True) for _ in range(blocks)])
-                                    for _ in self.refine_sizes)
-        self.out = nn.Conv2d(width, n_params * shape[0], 3, padding=1)
+        c_in = [width] + [chans[s][0] for s in self.refine_sizes]
+        self.narrow = nn.ModuleList(nn.Conv2d(a, b, 1) if a != b else nn.Identity() for a, b in pairwise(c_in))
+        self.refine = nn.ModuleList(nn.Sequential(*[Block(c, m, c, True) for _ in range(blocks)])
+                                    for c, m in (chans[s] for s in self.refine_sizes))
+        self.out = nn.Conv2d(c_in[-1], n_params * shape[0], 3, padding=1)
         to_channels_last(self)
 
     def forward(self, noise: Tensor, acts: dict[tuple[int, int], Tensor] | None = None,
@@ -120,7 +148,7 @@ class TopDown(nn.Module):
         cells = typing.cast(list[TopDownCell], list(self.cells))
         for i, (cell, cs) in enumerate(zip(cells, self.cell_sizes, strict=True)):
             if cs != size:
-                h = F.interpolate(h, size=cs, mode="nearest") + self.biases[level]
+                h = _upsample(h, cs) + self.biases[level]
                 size, level = cs, level + 1
             e = noise[:, offset:offset + self.group_sizes[i]].reshape(n, -1, *cs)  # (N, Z, h, w)
             offset += self.group_sizes[i]
@@ -136,8 +164,8 @@ class TopDown(nn.Module):
             for j, t in enumerate((z, pm, plv)):
                 parts[j].append(t.flatten(1))
             h = cell.merge(h, h_p, z)
-        for s, blocks in zip(self.refine_sizes, self.refine, strict=True):
-            h = blocks(F.interpolate(h, size=s, mode="nearest"))
+        for s, narrow, blocks in zip(self.refine_sizes, self.narrow, self.refine, strict=True):
+            h = blocks(_upsample(narrow(h), s))  # (N, widths at s, *s)
         out = self.out(F.silu(h))  # (N, n_params * C, H, W)
         params = list(out.split(self.shape[0], dim=1)) if self.n_params > 1 else [out]
         z, pm, plv = (torch.cat(p, 1) for p in parts[:3])
@@ -153,19 +181,22 @@ class TopDown(nn.Module):
 
 
 class HierarchicalVAE(VAE):
-    """The hierarchy behind VAE's interface (see the module docstring). `width` channels in both passes, `blocks`
-    bottleneck blocks per encoder stage and per decoder refinement size, `groups` latent groups per resolution,
-    `z_channels` channels per group (so the top group, at 1x1, has z_channels units)."""
+    """The hierarchy behind VAE's interface (see the module docstring). `width` channels in both passes (fewer above
+    MAX_LATENT_SIDE from net_version 3: size_widths), `blocks` bottleneck blocks per encoder stage and per decoder
+    refinement size, `groups` latent groups per resolution, `z_channels` channels per group (so the top group, at
+    1x1, has z_channels units)."""
 
     def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int, z_channels: int,
-                 likelihood: Likelihood):
+                 likelihood: Likelihood, version: int = NET_VERSION):
         nn.Module.__init__(self)  # VAE's single-latent networks are not built: the hierarchy replaces them
         self.shape = (int(shape[0]), int(shape[1]), int(shape[2]))
         self.likelihood = likelihood
         sizes, _ = ladder(self.shape)
         mid = max(8, width // 4)
-        self.encoder = BottomUp(self.shape[0], sizes, width, blocks, mid)
-        self.decoder = TopDown(self.shape, width, blocks, groups, z_channels, likelihood.n_params, mid)
+        widths = size_widths(sizes, width, version)
+        mids = [mid if c == width else min(mid, c) for c in widths]  # a narrower size: at most c inside its blocks
+        self.encoder = BottomUp(self.shape[0], sizes, widths, blocks, mids)
+        self.decoder = TopDown(self.shape, width, blocks, groups, z_channels, likelihood.n_params, mid, widths, mids)
         self.latent_dim = self.decoder.latent_dim
         self.code_dim = z_channels
         # sample_prior draws the decoder's standardized noise u ~ N(0, T² I) over all L units (see decode)
@@ -176,7 +207,7 @@ class HierarchicalVAE(VAE):
         m = getattr(config, "model", config)
         lik = make_likelihood(m.likelihood, m.sigma, m.mixtures)
         groups = DEFAULT_GROUPS if m.groups is None else m.groups
-        return cls(shape, m.hidden[0], m.blocks, groups, m.latent_dim, lik)
+        return cls(shape, m.hidden[0], m.blocks, groups, m.latent_dim, lik, m.net_version)
 
     @property
     def group_sizes(self) -> list[int]:

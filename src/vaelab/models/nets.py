@@ -22,7 +22,7 @@ from torch import Tensor, nn
 MAX_FINAL_SIDE = 5  # conv stages halve the image until its larger side is at most this
 MAX_GROWTH = 8  # one-number --hidden: channels double per stage up to this multiple of the first stage's
 LOGVAR_MIN, LOGVAR_MAX = -20.0, 4.0  # the soft bounds of log σ² of q(z|x) (bounded_logvar)
-NET_VERSION = 2  # the conv design: 1 had GroupNorm on the main path, 2 only inside residual branches (_norm_act)
+NET_VERSION = 3  # 1: conv GroupNorm on the main path; 2: only in residual branches; 3: hierarchical narrower >16 px
 
 
 def bounded_logvar(raw: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ class Scored:
 
 EVAL_BYTES = 128 * 2**20  # the widest decoder activation of one evaluation pass on a CPU (64x that on a GPU):
 # whole batches of 1000 for every MLP and conv decoder up to 64x64 (32 channels at 32x32: 128 KiB a row); a
-# hierarchical decoder at 64x64 (64 channels at full size: 1 MiB a row) takes 128 images at a time
+# hierarchical decoder at 64x64 (16 channels at full size: 256 KiB a row) takes 512 images at a time
 
 
 def widest_activation_bytes(decoder: torch.nn.Module, z: Tensor) -> int:

@@ -122,11 +122,14 @@ def count_step(stats: Tensor, norm: Tensor, finite: Tensor, skip_threshold: floa
     log_n = torch.log(n.clamp_min(1e-30))
     large = torch.zeros_like(finite)
     if skip_threshold > 0:
-        large = finite & (s[SEEN] >= SKIP_AFTER) & (log_n > s[LOG_USUAL] + math.log(skip_threshold))
-    accepted = finite & ~large
-    weight = torch.where(accepted, (1 / (s[SEEN] + 1)).clamp_min(1 / USUAL_STEPS), 0.0)
+        ceiling = s[LOG_USUAL] + math.log(skip_threshold)
+        large = finite & (s[SEEN] >= SKIP_AFTER) & (log_n > ceiling)
+        # a skipped update counts as one at the threshold: a lone spike barely moves the usual norm, while a lasting
+        # rise of the norms (the run has moved, not misstepped) lifts it until the updates are taken again
+        log_n = torch.where(large, ceiling, log_n)
+    weight = torch.where(finite, (1 / (s[SEEN] + 1)).clamp_min(1 / USUAL_STEPS), 0.0)
     s.add_(torch.stack([large.double(), (~finite).double(), (~finite).double(), torch.ones_like(n), n,
-                        torch.zeros_like(n), weight * (log_n - s[LOG_USUAL]), accepted.double()]))
+                        torch.zeros_like(n), weight * (log_n - s[LOG_USUAL]), finite.double()]))
     s[STREAK] = torch.where(finite, 0.0, s[STREAK])
     s[NORM_MAX] = torch.maximum(s[NORM_MAX], n)
     return large
