@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vaelab import TrainConfig, train
-from vaelab.analysis.factors import read_label
+from vaelab.analysis.factors import kept_count
 from vaelab.analysis.metrics import knn_agreement, split_data
 from vaelab.flags import add_setting_flags, given_settings
 
@@ -54,12 +54,9 @@ def shape_kept(run) -> float:
     s = split_data(run.config, "test", next(run.model.parameters()).device)
     assert s.renderer is not None
     assert s.factors is not None
-    levels = np.arange(4)
-    hits = 0
-    for i in range(0, len(s.x), 500):
-        recon = run.model.reconstruct(s.prepare(s.x[i:i + 500])).clamp(0, 1).cpu()
-        f = np.asarray(s.factors[i:i + 500])
-        hits += int((read_label(recon, f, s.renderer, levels) == f[:, 0]).sum())
+    levels = np.unique(np.asarray(s.factors)[:, 0])
+    hits = sum(kept_count(run.model.reconstruct(s.prepare(s.x[i:i + 500])).clamp(0, 1).cpu(), s.factors[i:i + 500],
+                          s.renderer, levels) for i in range(0, len(s.x), 500))
     return hits / len(s.x)
 
 

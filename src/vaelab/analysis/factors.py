@@ -324,6 +324,13 @@ def read_label(images, factors: np.ndarray, renderer, levels: np.ndarray) -> np.
     return np.asarray(levels)[dist.argmin(1)]
 
 
+def kept_count(images, factors: np.ndarray, renderer, levels: np.ndarray) -> int:
+    """How many of `images` (N, C, H, W), e.g. reconstructions of the images of factor rows `factors` (N, K), read
+    back their own first factor (read_label)."""
+    factors = np.asarray(factors)
+    return int((read_label(images, factors, renderer, levels) == factors[:, 0]).sum())
+
+
 def kept_rows(r: dict | None) -> list[tuple[str, str]]:
     """The row of evaluate()'s `label_kept` (none without a renderer of the data)."""
     if r is None:

@@ -18,7 +18,7 @@ from ..models.vae import VAE
 from ..training.evaluation import NEGATIVE_NOTE, bits_per_dim, elbo_metrics, eval_rows, rows_within
 from ..training.evaluation import widest_activation_bytes as widest_activation_bytes  # re-exported
 from .anatomy import anatomy_rows, elbo_anatomy
-from .factors import factor_rows, kept_rows, read_label, split_scores
+from .factors import factor_rows, kept_count, kept_rows, split_scores
 from .quality import N_SCORE, quality_rows
 from .quality import sample_quality as run_sample_quality
 
@@ -204,8 +204,7 @@ def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samp
                       model.decode_mean(model.sample_prior(len(xb))).clamp(0, 1))
             sharp += torch.tensor([sharpness(im) for im in images], dtype=torch.float64) * len(xb)
             if reading:
-                f = np.asarray(factors[i:i + rows])
-                kept += int((read_label(images[1].cpu(), f, renderer, levels) == f[:, 0]).sum())
+                kept += kept_count(images[1].cpu(), factors[i:i + rows], renderer, levels)
         torch.manual_seed(seed)  # K = 1 then draws the very z that elbo_metrics drew: it is the ELBO estimate
         log_px = iwae_log_px(model, x, iw_samples, batch_size, prepare, progress)
     sharpness_means = (sharp / len(x)).tolist()
