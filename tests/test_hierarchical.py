@@ -287,6 +287,31 @@ def test_reconstruct_decodes_every_groups_posterior_mean():
     assert torch.equal(flat.reconstruct(x), flat.decode_mean(flat.encode(x).mean))
 
 
+def test_reconstructions_figure_draws_every_group_from_its_posterior():
+    from vaelab.analysis.views import posterior_mean_params, reconstructions
+
+    model = _model((1, 12, 12), groups=2)
+    _randomize_priors(model)
+    x = torch.rand(3, 1, 12, 12)
+    eps = torch.randn(3, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    draw = model.reconstruct_draw(x, eps)
+    # the training pass's draw with the same noise: its squared error is the draw's
+    assert torch.allclose((x - draw).square().flatten(1).sum(1), model.terms(x, eps=eps).sq_err, rtol=1e-5)
+    assert (model.reconstruct_draw(x) - model.reconstruct_draw(x)).abs().max() > 1e-3  # fresh noise each time
+    mean = model.likelihood.mean(posterior_mean_params(model, x))
+    assert torch.allclose(mean, model.reconstruct(x), atol=1e-6)
+    with torch.no_grad():  # every posterior's σ at its floor (log σ² = −20): a draw is the posterior mean
+        for cell in model.decoder.cells:
+            cell.posterior_net.convs[-1].bias[model.code_dim:].fill_(-60.0)
+    rows = reconstructions(model, x, n_samples=2)
+    assert [r[0] for r in rows] == ["input", "f(mean z)", "f(z), z~q #1", "f(z), z~q #2"]
+    for _, images in rows[2:]:
+        np.testing.assert_allclose(images, rows[1][1], atol=1e-3)
+    with torch.no_grad():  # decoding a draw of the top group alone puts the others at their prior means
+        top_only = model.decode_mean(model.encode(x).sample()).clamp(0, 1).numpy()
+    assert np.abs(top_only - rows[1][1]).max() > 1e-2
+
+
 def test_eval_scores_reconstructions_from_every_group():
     from vaelab.analysis.metrics import evaluate, sharpness
 

@@ -93,7 +93,7 @@ def gaussian_model():
 
 def test_stochastic_rows_show_f_z_and_draws_with_noise_sigma(gaussian_model):
     z = torch.randn(500, 3)
-    rows = views.stochastic_rows(gaussian_model, z, n_draws=2)
+    rows = views.stochastic_rows(gaussian_model, gaussian_model.decode(z), n_draws=2)
     assert [r[0] for r in rows] == ["f(z)", "x~p(x|z) #1", "x~p(x|z) #2"]
     mean, draw = rows[0][1], rows[1][1]
     assert mean.shape == draw.shape == (500, 1, 6, 5)

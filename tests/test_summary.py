@@ -7,9 +7,10 @@ import json
 import pytest
 
 import vaelab
-from vaelab.analysis.summary import run_summary
+from vaelab.analysis.summary import network_lines, run_summary
 from vaelab.cli import main
 from vaelab.errors import NotNormalizedWarning, RunError
+from vaelab.models.vae import VAE
 from vaelab.runs import CONFIG, METRICS, load_run
 
 
@@ -86,6 +87,19 @@ def test_summary_names_the_networks_the_config_and_the_last_metrics(tmp_path, ti
             f"{row['bits_per_dim']:.3f} bits/dim (rec {row['rec']:.2f}, KL {row['kl']:.2f})") in text.splitlines()
     assert "no metrics yet" not in text
     assert "cross-entropy" not in text
+
+
+@pytest.mark.parametrize(("shape", "version", "widths"), [
+    ((3, 64, 64), 3, "width 64 at ≤16 px, 32 at 32x32, 16 at 64x64"),  # halved per doubling above 16 px
+    ((1, 28, 28), 3, "width 64 at ≤16 px, 32 at 28x28"),
+    ((3, 64, 64), 2, "width 64"),  # a run saved with net_version 2: the full width at every size
+    ((1, 12, 12), 3, "width 64"),  # nothing above 16 px
+])
+def test_a_hierarchical_summary_gives_the_width_at_each_size(shape, version, widths):
+    model = VAE.from_config(vaelab.TrainConfig(arch="hierarchical", hidden=[64], net_version=version), shape)
+    encoder = [line for line in network_lines(model, "hierarchical", [64], 1) if line.startswith("encoder")]
+    assert encoder == [f"encoder (bottom-up): {_count(model.encoder):,} parameters ({widths}, 1 bottleneck "
+                       "block(s) per stride-2 stage)"]
 
 
 def test_summary_says_when_the_loss_is_not_a_likelihood_and_when_there_are_no_metrics(tmp_path, tiny_npz):

@@ -136,13 +136,13 @@ def _reconstructions(m: Material, path: Path) -> Path:
 
 
 def _stochastic(m: Material, path: Path) -> Path:
-    z = torch.from_numpy(m.plane[0][:N_SHOW]).to(m.x.device)  # posterior means
+    params = views.posterior_mean_params(m.model, m.x[:N_SHOW])  # at each image's posterior mean
     lik = m.model.likelihood
     what = "f(z) + σ·ε" if lik.additive_gaussian_noise else "draws"
     with torch.no_grad():
-        sigma = lik.scale(m.model.decode(z[:1]))
+        sigma = lik.scale([p[:1] for p in params])
     extra = f", σ = {sigma.mean().item():.3g}" if sigma is not None else ""
-    return plots.image_rows(views.stochastic_rows(m.model, z), path,
+    return plots.image_rows(views.stochastic_rows(m.model, params), path,
                             f"where the randomness is: same z, f(z) vs draws x ~ p(x|z) ({what}{extra})")
 
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..models.hierarchical import MAX_LATENT_SIDE
 from ..models.nets import conv_channels, n_parameters, stage_sizes
 from ..runs import load_run
 from ..training.evaluation import NEGATIVE_NOTE, loss_text
@@ -77,8 +78,17 @@ def _hierarchy_lines(model, hidden: list[int], blocks: int) -> list[str]:
     names = model.group_names()
     own = n_parameters(model.likelihood)
     lik = [f"likelihood: {own:,} parameter(s)"] if own else []
-    return [*lik, f"encoder (bottom-up): {n_parameters(model.encoder):,} parameters (width {hidden[0]}, {blocks} "
-            "bottleneck block(s) per stride-2 stage)",
+    return [*lik, f"encoder (bottom-up): {n_parameters(model.encoder):,} parameters ({_widths(model, hidden[0])}, "
+            f"{blocks} bottleneck block(s) per stride-2 stage)",
             f"decoder (top-down): {n_parameters(model.decoder):,} parameters ({len(names)} latent groups, "
             f"{', '.join(names)}, {model.code_dim} channels each: {model.latent_dim:,} latent units; "
             f"{model.likelihood.n_params} output tensor(s) per pixel)"]
+
+
+def _widths(model, width: int) -> str:
+    """'width 64' where both passes have `width` channels at every size, else 'width 64 at ≤16 px, 32 at 32x32,
+    16 at 64x64': the sizes above the latents that are narrower (model.widths, from size_widths)."""
+    narrow = [(s, c) for s, c in reversed(model.widths.items()) if c != width]
+    if not narrow:
+        return f"width {width}"
+    return ", ".join([f"width {width} at ≤{MAX_LATENT_SIDE} px", *(f"{c} at {h}x{w}" for (h, w), c in narrow)])

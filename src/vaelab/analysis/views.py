@@ -7,6 +7,7 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
+from ..models.hierarchical import HierarchicalVAE
 from ..models.vae import VAE
 
 
@@ -70,13 +71,28 @@ def manifold_grid(model: VAE, n: int = 20, centre: np.ndarray | None = None,
 
 @torch.no_grad()
 def reconstructions(model: VAE, x: torch.Tensor, n_samples: int = 3) -> list[tuple[str, np.ndarray]]:
-    """Rows: input | decoder mean at the posterior mean | decoder means at `n_samples` sampled z."""
+    """Rows: input | decoder mean at the posterior mean | decoder means at `n_samples` draws z ~ q(z|x) (for a
+    hierarchical model every group's, each given the draws above it: its encode(x) is the top group's alone)."""
     model.eval()
-    q = model.encode(x)
     rows = [("input", _as_numpy(x)), ("f(mean z)", _as_numpy(model.reconstruct(x).clamp(0, 1)))]
-    for i in range(n_samples):
-        rows.append((f"f(z), z~q #{i + 1}", _as_numpy(decode_images(model, q.sample()))))
-    return rows
+    if isinstance(model, HierarchicalVAE):
+        draws = [model.reconstruct_draw(x).clamp(0, 1) for _ in range(n_samples)]
+    else:
+        q = model.encode(x)
+        draws = [decode_images(model, q.sample()) for _ in range(n_samples)]
+    return rows + [(f"f(z), z~q #{i + 1}", _as_numpy(d)) for i, d in enumerate(draws)]
+
+
+@torch.no_grad()
+def posterior_mean_params(model: VAE, x: torch.Tensor) -> list[torch.Tensor]:
+    """The decoder's parameter maps at the posterior mean of each image x (a hierarchical model's every group at
+    its posterior mean, each given the means above it: decoding its top code alone would put the other groups at
+    their prior means)."""
+    model.eval()
+    if isinstance(model, HierarchicalVAE):
+        return model.decode_posterior(x, torch.zeros(x.shape[0], model.latent_dim, dtype=x.dtype,
+                                                     device=x.device))
+    return model.decode(model.encode(x).mean)
 
 
 def plane_coords(codes: np.ndarray, axes: np.ndarray) -> np.ndarray:
@@ -85,13 +101,12 @@ def plane_coords(codes: np.ndarray, axes: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def stochastic_rows(model: VAE, z: torch.Tensor, n_draws: int = 3) -> list[tuple[str, np.ndarray]]:
-    """For the same z: the decoder mean f(z), then `n_draws` draws x ~ p(x|z) (for a Gaussian, f(z) + σ·ε).
+def stochastic_rows(model: VAE, params: list[torch.Tensor], n_draws: int = 3) -> list[tuple[str, np.ndarray]]:
+    """For the same z, given as the decoder's parameter maps at it (model.decode(z), posterior_mean_params): the
+    decoder mean f(z), then `n_draws` draws x ~ p(x|z) (for a Gaussian, f(z) + σ·ε).
 
     Draws are clipped to [0, 1] for display only.
     """
-    model.eval()
-    params = model.decode(z)
     rows = [("f(z)", _as_numpy(model.likelihood.mean(params).clamp(0, 1)))]
     for i in range(n_draws):
         rows.append((f"x~p(x|z) #{i + 1}", _as_numpy(model.likelihood.sample(params).clamp(0, 1))))

@@ -22,6 +22,8 @@ top group first, each group in (channel, row, column) order.
                                  posterior draw, z_i = μ_q + σ_q·ε_i; kl_per_dim (B, L) holds each unit's KL
   encode(x)                      q(z_top | x) of the top group alone, (B, code_dim): the codes plots show
   reconstruct(x)                 the decoder mean with every group at its posterior mean (not decode(encode(x)))
+  reconstruct_draw(x)            the decoder mean at z ~ q(z|x), every group drawn given the draws above it (not
+                                 decode(encode(x).sample()), which draws the top group alone)
   decode(z)                      z (B, code_dim): the top group's z, the lower groups at their prior means;
                                  z (B, L): the top group's z, then the lower groups' standardized prior noise u,
                                  z_i = μ_p + σ_p·u_i (so decode(sample_prior(n, temperature=T)) is a prior draw
@@ -194,6 +196,7 @@ class HierarchicalVAE(VAE):
         sizes, _ = ladder(self.shape)
         mid = max(8, width // 4)
         widths = size_widths(sizes, width, version)
+        self.widths = dict(zip(sizes, widths, strict=True))  # size -> channels of both passes, full size first
         mids = [mid if c == width else min(mid, c) for c in widths]  # a narrower size: at most c inside its blocks
         self.encoder = BottomUp(self.shape[0], sizes, widths, blocks, mids)
         self.decoder = TopDown(self.shape, width, blocks, groups, z_channels, likelihood.n_params, mid, widths, mids)
@@ -297,6 +300,20 @@ class HierarchicalVAE(VAE):
         """The decoder mean with every group at its posterior mean, each given the means above it, (B, C, H, W)."""
         params, _ = self.decoder(self._noise(x).zero_(), self.encoder(x))
         return self.likelihood.mean([p.to(x.dtype) for p in params])
+
+    @torch.no_grad()
+    def decode_posterior(self, x: Tensor, noise: Tensor) -> list[Tensor]:
+        """Parameter maps with every group drawn from q(z_i | x, z_<i), each given the draws above it, as the
+        training pass draws them: z_i = μ_q + σ_q·noise_i, noise (B, L): 0 for every posterior mean (what
+        reconstruct decodes), N(0, I) for a draw z ~ q(z|x)."""
+        return self.decode_keeping(x, len(self.group_sizes), noise)
+
+    @torch.no_grad()
+    def reconstruct_draw(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        """The decoder mean at z ~ q(z|x), (B, C, H, W): every group drawn from its posterior given the draws
+        above it (decode_posterior), with `noise` (B, L) or fresh N(0, I) noise."""
+        noise = self._noise(x) if noise is None else noise
+        return self.likelihood.mean(self.decode_posterior(x, noise))
 
     @torch.no_grad()
     def decode_keeping(self, x: Tensor, keep: int, noise: Tensor) -> list[Tensor]:
