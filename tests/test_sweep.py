@@ -235,7 +235,7 @@ def test_an_ensemble_member_equals_the_run_trained_alone(tmp_path, fashion_dir):
         tmp_path / "alone" / "checkpoint.safetensors")
     assert torch.equal(ck_a["rng.cpu"], ck_b["rng.cpu"])
     assert torch.equal(ck_a["rng.shuffle"], ck_b["rng.shuffle"])
-    moments = [k for k in ck_b if k.startswith("optim.")]  # Adam's moments and step counts, updated in one stack
+    moments = [k for k in ck_b if k.startswith("optim.")]  # Adam's moments and step counts, updated over the stacks
     assert moments
     assert set(moments) == {k for k in ck_a if k.startswith("optim.")}
     for k in moments:
@@ -323,52 +323,100 @@ def test_stacked_mlp_matches_each_member_run_alone_with_its_gradients(hidden, n_
                 torch.testing.assert_close(w[name].grad[k], p.grad, msg=name)
 
 
-def test_one_adam_step_over_the_stacks_equals_each_members_own_step_with_skips():
-    """SharedAdam: every member's update in one fused step, then a skipped member's (non-finite step) own steps
-    from then on: weights, moments and step counts as M separate Adam optimizers would have them."""
+SKIPS = {3: {1}, 4: {1}, 10: {2}}  # step -> the members whose update is skipped there
+
+
+def _members(shapes, lrs, settings, gen):
+    """len(lrs) members' parameters as slices of one stack per shape, each with its own Adam."""
     import torch
 
-    from vaelab.training.stacked import SharedAdam
-    from vaelab.training.step import apply_update
-
-    gen = torch.Generator().manual_seed(0)
-    shapes, m = [(5, 3), (5,)], 3
-    ref = [[torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes] for _ in range(m)]
-    own = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in ref]
-    adam = {"lr": 0.01, "fused": True}
-    ref_opt = [torch.optim.Adam(ps, **adam) for ps in ref]
-    opts = [torch.optim.Adam(ps, **adam) for ps in own]
-    stacks = []
-    for j in range(len(shapes)):
-        w = torch.stack([ps[j].detach() for ps in own]).requires_grad_()
+    own = [[torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes] for _ in lrs]
+    opts = [torch.optim.Adam(ps, lr=lr, **settings) for ps, lr in zip(own, lrs, strict=True)]
+    stacks = [torch.stack([ps[j].detach() for ps in own]).requires_grad_() for j in range(len(shapes))]
+    for j, w in enumerate(stacks):
         for k, ps in enumerate(own):
             ps[j].data = w.data[k]
-        stacks.append(w)
-    assert SharedAdam.applies(opts, own)
-    assert not SharedAdam.applies([torch.optim.Adam(own[0], lr=0.02), *opts[1:]], own)  # settings differ
-    shared = SharedAdam(stacks, opts, own)
-    for step in range(4):
+    return own, opts, stacks
+
+
+@pytest.mark.parametrize("settings", [
+    {"fused": True},  # vaelab's Adam
+    {"foreach": True, "weight_decay": 0.1, "betas": (0.8, 0.99)},
+    {"foreach": False, "amsgrad": True, "maximize": True, "eps": 1e-6},
+    {"fused": True, "decoupled_weight_decay": True, "weight_decay": 0.05, "lrs": (0.01, 0.03, 0.01)},  # lr sweep
+])
+def test_one_adam_update_over_the_stacks_equals_each_members_own_with_skips(settings, monkeypatch):
+    """SharedAdam over 3 members for 20 steps, member 1 skipping steps 3 and 4 and member 2 step 10 (their step
+    counts differ from then on): every step is one call of Adam's update (one per lr), never a member's own
+    optimizer, and weights, moments and step counts are those of 3 separate torch.optim.Adam stepped alone."""
+    import torch
+
+    from vaelab.training import stacked
+
+    settings = dict(settings)
+    lrs = settings.pop("lrs", (0.01,) * 3)
+    gen = torch.Generator().manual_seed(0)
+    shapes, m = [(5, 3), (5,), (2, 3, 2, 2)], len(lrs)
+    own, opts, stacks = _members(shapes, lrs, settings, gen)
+    ref = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in own]
+    ref_opt = [torch.optim.Adam(ps, lr=lr, **settings) for ps, lr in zip(ref, lrs, strict=True)]
+    calls, update = [], stacked.adam  # Adam's update (torch.optim.adam.adam), counted: the tensors of each call
+    monkeypatch.setattr(stacked, "adam", lambda *a, **kw: (calls.append(len(a[0])), update(*a, **kw)))
+    for o in opts:
+        monkeypatch.setattr(o, "step", lambda *a, **kw: pytest.fail("a member's own optimizer stepped"))
+    assert stacked.SharedAdam.applies(opts, own)
+    shared = stacked.SharedAdam(stacks, opts, own)
+    for step in range(20):
         grads = [torch.randn(m, *s, generator=gen) for s in shapes]
-        applied = [not (step == 1 and k == 1) for k in range(m)]  # member 1's second step is skipped
+        taken = [k not in SKIPS.get(step, ()) for k in range(m)]
         for k in range(m):
-            for j, p in enumerate(ref[k]):
-                p.grad = grads[j][k]
-            if applied[k]:
+            if taken[k]:
+                for p, g in zip(ref[k], grads, strict=True):
+                    p.grad = g[k]
                 ref_opt[k].step()
-        if shared.ready() and all(applied):
-            for w, g in zip(stacks, grads, strict=True):
-                w.grad = g
-            shared.step()
-        else:
-            for k in range(m):
-                for j, p in enumerate(own[k]):
-                    p.grad = grads[j][k]
-                apply_update(opts[k], torch.tensor(not applied[k]), None, [p.grad for p in own[k]])
-            shared.after_own_steps(applied)
-        assert shared.ready() == (step == 0)
+            for g in grads:  # a skipped member's gradient is never read (a non-finite step's may be NaN)
+                g[k] = g[k] if taken[k] else float("nan")
+        for w, g in zip(stacks, grads, strict=True):
+            w.grad = g
+        shared.step(taken)
+        # one call per lr among the members stepped, over their slices of every stack
+        stepped = [sum(taken[k] for k in range(m) if lrs[k] == lr) * len(shapes) for lr in set(lrs)]
+        assert sorted(calls) == sorted(n for n in stepped if n)
+        calls.clear()
+    assert shared.counts().tolist() == [20, 18, 19]
     for k in range(m):
         for p, q in zip(own[k], ref[k], strict=True):
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-7)
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                torch.testing.assert_close(opts[k].state[p][key], ref_opt[k].state[q][key], rtol=0, atol=1e-7)
-    assert [int(opts[k].state[own[k][0]]["step"]) for k in range(m)] == [4, 3, 4]
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+            assert opts[k].state[p].keys() == ref_opt[k].state[q].keys()
+            for key, value in ref_opt[k].state[q].items():
+                torch.testing.assert_close(opts[k].state[p][key], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_an_ensemble_keeps_one_adam_update_when_its_members_skip_different_steps(tmp_path, fashion_dir,
+                                                                                 monkeypatch):
+    """--skip-threshold skips members' updates at different steps, so their step counts part: every step is still
+    one Adam update over the stacks (no member's own optimizer steps), and a member skips the steps its run alone
+    skips and ends with its weights and Adam step count."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vaelab.training import ensemble
+
+    common = {"dataset": "fashion-mnist", "limit": 512, "hidden": "16", "batch_size": 32, "epochs": 1,
+              "skip_threshold": 0.9, "device": "cpu"}
+    configs = [vaelab.TrainConfig(seed=s, out=str(tmp_path / f"m{s}"), **common) for s in (0, 1, 2)]
+    monkeypatch.setattr(ensemble, "apply_update", lambda *a: pytest.fail("a member's own optimizer stepped"))
+    members = ensemble.train_ensemble(configs, progress=False)
+    skipped = [next(r for r in run.metrics if r["split"] == "train")["skipped_updates"] for run in members]
+    steps = [int(load_file(tmp_path / f"m{s}" / "checkpoint.safetensors")["optim.0.step"]) for s in (0, 1, 2)]
+    assert steps == [16 - n for n in skipped]
+    assert len(set(steps)) > 1  # the members' step counts parted
+    k = max(range(3), key=lambda i: skipped[i])
+    monkeypatch.undo()
+    alone = vaelab.train(configs[k].replace(out=str(tmp_path / "alone")), progress=False)
+    assert next(r for r in alone.metrics if r["split"] == "train")["skipped_updates"] == skipped[k]
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in (f"m{k}", "alone"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    assert int(load_file(tmp_path / "alone" / "checkpoint.safetensors")["optim.0.step"]) == steps[k]

@@ -52,7 +52,8 @@ WHERE = ("out", "name")  # where each member is written: its own
 # settings whose every value the ensemble reproduces exactly; any other setting must be at its default
 HANDLED = {"dataset", "data_dir", "limit", "binarize", "image_size", "center_crop", "background", "skip_bad_images",
            "arch", "hidden", "blocks", "latent_dim", "likelihood", "mixtures", "objective", "optimizer",
-           "batch_size", "epochs", "device", "cuda_graph", "tensorboard", "data_shape", *FREE, *WHERE}
+           "batch_size", "epochs", "device", "cuda_graph", "tensorboard", "data_shape", "skip_threshold", *FREE,
+           *WHERE}
 
 
 _PASSES = (stacked, stacked_conv)  # the batched passes of the networks: each has stackable, encode and decode
@@ -159,14 +160,15 @@ def share_weights(nets: list[torch.nn.Module]) -> dict[str, Tensor]:
 @dataclass
 class _Shared:
     """What the members' step shares: the batched pass of their networks (a module of _PASSES, chosen once),
-    their stacked networks, their guards' counts (8, M), one Adam step over the stacks where their optimizers
-    allow it (stacked.SharedAdam; None: each steps its own), and each member's trainable parameters outside the
-    networks (a learned σ), whose gradients its guard counts as a run alone counts them."""
+    their stacked networks, their guards' counts (8, M) and --skip-threshold, one Adam update over the stacks
+    where their optimizers allow it (stacked.SharedAdam; None: each steps its own), and each member's trainable
+    parameters outside the networks (a learned σ), whose gradients its guard counts as a run alone counts them."""
 
     net_pass: Any
     encoder: dict[str, Tensor]
     decoder: dict[str, Tensor]
     stats: Tensor
+    skip_threshold: float
     adam: stacked.SharedAdam | None
     others: list[list[torch.nn.Parameter]]
 
@@ -176,8 +178,8 @@ class _Shared:
 
 
 def share(members: list[_Member]) -> _Shared:
-    """Stacks the members' networks (share_weights), guard counts and, where it applies, Adam state; each
-    member's own parameters, counts and moments become views of the stacks."""
+    """Stacks the members' networks (share_weights) and guard counts, each member's own parameters and counts
+    becoming views of the stacks, and, where it applies, their Adam updates (stacked.SharedAdam)."""
     encoder = share_weights([m.state.model.encoder for m in members])
     decoder = share_weights([m.state.model.decoder for m in members])
     stats = torch.stack([m.guard.stats for m in members], dim=1)  # (8, M)
@@ -192,7 +194,7 @@ def share(members: list[_Member]) -> _Shared:
     template = members[0].state.model
     net_pass = _pass(template.encoder, template.decoder)
     assert net_pass is not None, "group_key admits networks with a batched pass only"
-    return _Shared(net_pass, encoder, decoder, stats, adam, others)
+    return _Shared(net_pass, encoder, decoder, stats, members[0].state.config.optim.skip_threshold, adam, others)
 
 
 def _networks(template: VAE, shared: _Shared, xs: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -228,9 +230,9 @@ def _step(members: list[_Member], template: VAE, shared: _Shared, idx: list[Tens
 
 
 def _update(members: list[_Member], shared: _Shared, total: Tensor) -> None:
-    """Each member's guard (non-finite steps skipped and counted, as a run alone does) and optimizer update: one
-    fused Adam step over the stacks when every member's step is finite and their update counts agree (the usual
-    case), else each member's own optimizer on its slice of the stacks' gradients."""
+    """Each member's guard (non-finite steps and, past --skip-threshold, too large ones skipped and counted, as a
+    run alone does) and optimizer update: one Adam update over the stacks for the members whose update is taken
+    (stacked.SharedAdam), else each member's own optimizer on its slice of the stacks' gradients."""
     grads = [w.grad for w in shared.stacks]
     if any(g is None for g in grads):
         raise RuntimeError("a stacked weight got no gradient")  # every layer is on the path to every loss
@@ -241,18 +243,16 @@ def _update(members: list[_Member], shared: _Shared, total: Tensor) -> None:
         norms = torch.linalg.vector_norm(torch.stack([norms, extra.to(norms.dtype)]), dim=0)
     norms = norms.float()
     finite = torch.isfinite(norms) & torch.isfinite(total)
-    count_step(shared.stats, norms, finite, 0.0)
-    if shared.adam is not None and shared.adam.ready() and bool(finite.all()):
-        shared.adam.step()
+    skip = ~finite | count_step(shared.stats, norms, finite, shared.skip_threshold)  # (M,)
+    if shared.adam is not None:
+        shared.adam.step((~skip).tolist())
         return
     for k, m in enumerate(members):
         own = [p for part in ("encoder", "decoder") for p in getattr(m.state.model, part).parameters()]
         for p, g in zip(own, grads, strict=True):
             p.grad = typing.cast(Tensor, g)[k]  # (...): this member's slice of the stack's gradient
-        apply_update(m.state.optimizer, ~finite[k], None, [p.grad for p in own if p.grad is not None])
+        apply_update(m.state.optimizer, skip[k], None, [p.grad for p in own if p.grad is not None])
         m.state.optimizer.zero_grad(set_to_none=True)
-    if shared.adam is not None:
-        shared.adam.after_own_steps(finite.tolist())
 
 
 def _start(configs: list[TrainConfig], data: ImageData | None, device: torch.device) -> list[_Member]:

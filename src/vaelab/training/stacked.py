@@ -10,10 +10,12 @@ Flatten, Linear and ReLU are not handled here (`stackable` says which); the conv
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import torch
 from torch import Tensor, baddbmm, nn
+from torch.optim.adam import adam
 
 from ..models.nets import MLPDecoder, MLPEncoder, bounded_logvar
 
@@ -97,69 +99,88 @@ def member_norms(grads: list[Tensor]) -> Tensor:
 
 
 class SharedAdam:
-    """Every member's Adam update as one fused step over the stacked weights.
+    """Every member's Adam update in one call over the stacked weights, whatever each member's step count and
+    whichever members' updates are skipped.
 
-    Each member keeps its own optimizer, whose moments become views of one stacked tensor per weight: the one
-    fused kernel over the stacks updates every member's weights and moments exactly as its own optimizer would
-    (Adam is elementwise), in one pass instead of M. It applies when every member has taken as many updates as
-    the others (`ready`); otherwise the caller steps each member's own optimizer (a member whose step was skipped,
-    e.g. for a non-finite loss, and then until the counts agree again), and `after_own_steps` records them."""
+    Each member keeps its own optimizer and its own state (moments and step count, one per parameter, as its
+    checkpoint saves them); its parameters are slices of the stacks. `step` hands the slices of the members
+    whose update is taken, with their gradients' slices, moments and step counts, to one call of Adam's own
+    update (torch.optim.adam.adam, in the implementation the members' optimizers chose: the fused kernel for
+    vaelab's), so each member's update is its own optimizer's arithmetic, bias corrections from its own count;
+    a member whose update is skipped is left out, and its weights, moments and count stay as they were, as its
+    own Adam leaves them when not stepped. Members whose settings differ (an lr sweep) take one call per setting."""
 
     def __init__(self, stacks: list[Tensor], optimizers: list[torch.optim.Optimizer],
                  params: list[list[nn.Parameter]]):
-        group = optimizers[0].param_groups[0]
-        self.optimizer = torch.optim.Adam(stacks, **{k: v for k, v in group.items() if k != "params"})
-        self.counts = [_count(o, ps) for o, ps in zip(optimizers, params, strict=True)]
-        self.member_steps = []
-        for j, stack in enumerate(stacks):
-            owned = [ps[j] for ps in params]
-            moments = {key: stack_like([_moment(o, p, key) for o, p in zip(optimizers, owned, strict=True)], stack[0])
-                       for key in ("exp_avg", "exp_avg_sq")}  # (M, ...) each, in the layout of the stack
-            for k, (o, p) in enumerate(zip(optimizers, owned, strict=True)):
-                o.state[p] = {"step": _step_tensor(group, p, self.counts[k]), "exp_avg": moments["exp_avg"][k],
-                              "exp_avg_sq": moments["exp_avg_sq"][k]}
-                self.member_steps.append(o.state[p]["step"])
-            self.optimizer.state[stack] = {"step": _step_tensor(group, stack, self.counts[0]), **moments}
+        self.stacks, self.optimizers = stacks, optimizers
+        by_setting: dict[str, list[int]] = {}
+        for k, o in enumerate(optimizers):
+            by_setting.setdefault(repr(sorted(_settings(o).items())), []).append(k)
+        self.groups = list(by_setting.values())  # the members of each setting, in order
+        # per member: its parameters and, per key of Adam's state, their entries, in stack order (the members'
+        # optimizers are not loaded while they share a step: their state tensors stay these)
+        self.tensors = []
+        for o, ps in zip(optimizers, params, strict=True):
+            group = o.param_groups[0]
+            for p in ps:  # the state Adam gives a parameter at its first step, for members not yet stepped
+                if not o.state[p]:
+                    o.state[p] = {"step": _step_tensor(group, p), **{key: torch.zeros_like(
+                        p, memory_format=torch.preserve_format) for key in _moments(group)}}
+            self.tensors.append({"params": list(ps), **{key: [o.state[p][key] for p in ps]
+                                                        for key in ("step", *_moments(group))}})
 
     @staticmethod
     def applies(optimizers: list[torch.optim.Optimizer], params: list[list[nn.Parameter]]) -> bool:
-        """Whether the members' optimizers are Adam (without amsgrad) with one parameter group each, holding the
-        stacked networks' parameters only, with equal settings."""
-        def settings(o: torch.optim.Optimizer) -> dict:
-            return {k: v for k, v in o.param_groups[0].items() if k != "params"}
-
-        return all(type(o) is torch.optim.Adam and len(o.param_groups) == 1 and not o.param_groups[0]["amsgrad"]
+        """Whether the members' optimizers are Adam with one parameter group each, holding the stacked networks'
+        parameters only, with settings in numbers (not tensors) and not differentiable."""
+        return all(type(o) is torch.optim.Adam and len(o.param_groups) == 1
+                   and not o.param_groups[0]["differentiable"]
+                   and not any(torch.is_tensor(v) for v in (o.param_groups[0]["lr"], *o.param_groups[0]["betas"]))
                    and {id(p) for p in o.param_groups[0]["params"]} == {id(p) for p in ps}
-                   and settings(o) == settings(optimizers[0]) for o, ps in zip(optimizers, params, strict=True))
+                   for o, ps in zip(optimizers, params, strict=True))
 
-    def ready(self) -> bool:
-        return all(c == self.counts[0] for c in self.counts)
+    def counts(self) -> Tensor:
+        """Each member's number of updates taken, (M,)."""
+        return torch.stack([t["step"][0].cpu() for t in self.tensors])
 
-    def step(self) -> None:
-        """Every member's update, from the stacks' gradients."""
-        self.optimizer.step()  # the stacks' step counts go up by one: so do the members'
-        torch._foreach_add_(self.member_steps, 1.0)
-        self.counts = [c + 1 for c in self.counts]
-
-    def after_own_steps(self, applied: list[bool]) -> None:
-        """The members stepped their own optimizers; `applied`: whose update was taken (not skipped)."""
-        self.counts = [c + a for c, a in zip(self.counts, applied, strict=True)]
-        if self.ready():
-            for state in self.optimizer.state.values():
-                state["step"].fill_(self.counts[0])
-
-
-def _count(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> int:
-    states = [optimizer.state.get(p, {}) for p in params]
-    return int(states[0]["step"]) if "step" in states[0] else 0
-
-
-def _moment(optimizer: torch.optim.Optimizer, p: nn.Parameter, key: str) -> Tensor:
-    state = optimizer.state.get(p, {})
-    return state[key].detach() if key in state else torch.zeros_like(p, memory_format=torch.preserve_format)
+    def step(self, taken: list[bool]) -> None:
+        """The update of every member k with taken[k], from its slices of the stacks' gradients."""
+        grads = [typing.cast(Tensor, w.grad).unbind(0) for w in self.stacks]  # per stack, M slices (...)
+        for members in self.groups:
+            stepped = [k for k in members if taken[k]]
+            if not stepped:
+                continue
+            group = self.optimizers[stepped[0]].param_groups[0]
+            lists = {key: [t for k in stepped for t in self.tensors[k].get(key, ())] for key in ("params", "step",
+                                                                                               *_MOMENTS)}
+            with torch.no_grad():
+                adam(lists["params"], [g[k] for k in stepped for g in grads], lists["exp_avg"], lists["exp_avg_sq"],
+                     lists["max_exp_avg_sq"], lists["step"], foreach=group["foreach"],
+                     capturable=group["capturable"], differentiable=False, fused=group["fused"],
+                     amsgrad=group["amsgrad"], **_decoupled(group),
+                     beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
+                     weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
 
 
-def _step_tensor(group: dict, p: Tensor, count: int) -> Tensor:
-    """Adam's step count as Adam itself keeps it (on the device for fused or capturable Adam, else on the CPU)."""
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _moments(group: dict) -> tuple[str, ...]:
+    """The moments Adam keeps per parameter with these settings."""
+    return _MOMENTS if group["amsgrad"] else _MOMENTS[:2]
+
+
+def _decoupled(group: dict) -> dict:
+    """Adam's decoupled_weight_decay where this torch has it (older releases, which vaelab supports, have none)."""
+    return {"decoupled_weight_decay": group["decoupled_weight_decay"]} if "decoupled_weight_decay" in group else {}
+
+
+def _settings(optimizer: torch.optim.Optimizer) -> dict:
+    return {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+
+
+def _step_tensor(group: dict, p: Tensor) -> Tensor:
+    """Adam's step count before its first step, as Adam keeps it (on the device for fused or capturable Adam, else
+    on the CPU)."""
     on_device = group["fused"] or group["capturable"]
-    return torch.full((), float(count), dtype=torch.float32, device=p.device if on_device else "cpu")
+    return torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
