@@ -286,9 +286,9 @@ def test_lasting_larger_norms_are_taken_again_after_a_few_skips():
     """When every gradient becomes 30x larger and stays so (the run has moved on, not misstepped), the guard skips
     the first updates, each lifting the usual norm as one at the threshold, then takes them again; one spike
     among usual steps is skipped alone."""
-    from vaelab.training.step import LOG_USUAL, SKIPPED, count_step
+    from vaelab.training.step import LOG_USUAL, N_STATS, SKIPPED, count_step
 
-    stats = torch.zeros(8, dtype=torch.float64)
+    stats = torch.zeros(N_STATS, dtype=torch.float64)
     one, true = torch.tensor(1.0), torch.tensor(True)
     for _ in range(60):
         assert not count_step(stats, one, true, 10.0)
@@ -301,3 +301,52 @@ def test_lasting_larger_norms_are_taken_again_after_a_few_skips():
     assert not any(skipped[first_taken:])
     assert stats[SKIPPED] == first_taken + 1
     assert 25 < math.exp(stats[LOG_USUAL]) <= 30  # the new norms have become the usual ones
+
+
+def test_relative_clipping_bounds_a_spike_at_the_threshold_and_follows_lasting_norms():
+    """--clip-threshold K: a gradient over K x the usual norm is scaled down to exactly K x the usual norm and
+    taken; the clipped norm enters the usual one, so lasting larger norms become usual and stop being clipped."""
+    from vaelab.training.step import CLIPPED, LOG_USUAL, N_STATS, SKIPPED, clip_scale, count_step
+
+    guards = Guards(clip_threshold=10.0)
+    stats = torch.zeros(N_STATS, dtype=torch.float64)
+    true = torch.tensor(True)
+
+    def step(norm: float) -> float:
+        n = torch.tensor(norm)
+        scale = clip_scale(stats, n, true, guards)
+        assert scale is not None
+        assert not count_step(stats, n, true, 0.0, guards.clip_threshold)  # never skipped
+        return norm / float(scale)
+
+    assert step(1000.0) == 1000.0  # the first updates are taken whole while the usual norm settles
+    for _ in range(60):
+        assert step(1.0) == pytest.approx(1.0)
+    usual = math.exp(stats[LOG_USUAL])
+    assert step(300.0) == pytest.approx(10.0 * usual, rel=1e-6)  # a spike: taken at the threshold
+    assert stats[CLIPPED] == 1
+    assert step(1.0) == pytest.approx(1.0)
+    usual = math.exp(stats[LOG_USUAL])
+    taken = [step(30.0) for _ in range(200)]
+    assert taken[0] == pytest.approx(10.0 * usual, rel=1e-6)
+    assert taken[-1] == pytest.approx(30.0)  # the lasting norms have become usual: no longer clipped
+    assert 1 + 10 < stats[CLIPPED] < 1 + 40  # clipped while the usual norm caught up, as a skip rule would skip
+    assert stats[SKIPPED] == 0
+
+
+def test_relative_clipping_scales_the_update_of_a_real_step():
+    step, model, _, _ = _toy_step("sgd", Guards(clip_threshold=2.0))
+    for _ in range(12):  # let the usual norm settle on the toy's own gradients
+        step(torch.arange(32), 1.0)
+    usual = step.guard.take()["grad_norm_usual"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(50.0)  # far from where it was: the gradient is much larger than usual
+    before = [p.detach().clone() for p in model.parameters()]
+    step(torch.arange(32), 1.0)
+    counts = step.guard.take()
+    norm = counts["grad_norm_max"]
+    assert norm > 4 * usual
+    assert counts["clipped_updates"] == 1
+    moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters(), strict=True)])
+    assert moved.norm().item() == pytest.approx(1e-5 * 2.0 * usual, rel=1e-3)  # SGD: lr x the clipped gradient

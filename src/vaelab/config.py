@@ -184,6 +184,9 @@ class OptimConfig(Role):
                                    "times the usual one (the running geometric mean of the last ~50 updates' "
                                    "norms), as VDVAE skips its rare huge gradients; 0: never. Steps with a "
                                    "non-finite loss or gradient are always skipped", "guards", metavar="K")
+    clip_threshold: float = option(0.0, "rescale every gradient whose norm is more than this many times the usual "
+                                   "one down to that norm (the update is taken, its size bounded); 0: never",
+                                   "guards", metavar="K")
     grad_clip: float = option(0.0, "rescale each step's gradient to at most this total norm; 0: never", "guards",
                               metavar="NORM")
     ema: float = option(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999) and "
@@ -201,6 +204,7 @@ class OptimConfig(Role):
         positive_float("free_bits", self.free_bits, allow_zero=True)
         positive_int("iw_train", self.iw_train)
         positive_float("skip_threshold", self.skip_threshold, allow_zero=True)
+        positive_float("clip_threshold", self.clip_threshold, allow_zero=True)
         positive_float("grad_clip", self.grad_clip, allow_zero=True)
         if not (isinstance(self.ema, int | float) and 0 <= self.ema < 1):
             raise ConfigError(f"--ema is the decay of the weights' moving average, in [0, 1) (0: off); got "

@@ -35,7 +35,7 @@ def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer,
     """The training step for this run, chosen once: Step; on a GPU, a CUDA graph of it where replaying is exact;
     with several processes, Step on this process's share of each batch under DistributedDataParallel. Its guard
     follows the config (--skip-threshold, --grad-clip); `ema` is updated after each step."""
-    guards = Guards(config.optim.skip_threshold, config.optim.grad_clip)
+    guards = Guards(config.optim.skip_threshold, config.optim.grad_clip, config.optim.clip_threshold)
     if world.size > 1:
         inputs = shard_inputs(prep, world, model.latent_dim, fresh_inputs=config.data.binarize == "dynamic",
                               samples=objective.samples)

@@ -160,7 +160,7 @@ def share_weights(nets: list[torch.nn.Module]) -> dict[str, Tensor]:
 @dataclass
 class _Shared:
     """What the members' step shares: the batched pass of their networks (a module of _PASSES, chosen once),
-    their stacked networks, their guards' counts (8, M) and --skip-threshold, one Adam update over the stacks
+    their stacked networks, their guards' counts (9, M) and --skip-threshold, one Adam update over the stacks
     where their optimizers allow it (stacked.SharedAdam; None: each steps its own), and each member's trainable
     parameters outside the networks (a learned σ), whose gradients its guard counts as a run alone counts them."""
 
@@ -182,7 +182,7 @@ def share(members: list[_Member]) -> _Shared:
     becoming views of the stacks, and, where it applies, their Adam updates (stacked.SharedAdam)."""
     encoder = share_weights([m.state.model.encoder for m in members])
     decoder = share_weights([m.state.model.decoder for m in members])
-    stats = torch.stack([m.guard.stats for m in members], dim=1)  # (8, M)
+    stats = torch.stack([m.guard.stats for m in members], dim=1)  # (9, M)
     for k, m in enumerate(members):
         m.guard.stats = stats[:, k]
     params = [[*m.state.model.encoder.parameters(), *m.state.model.decoder.parameters()] for m in members]

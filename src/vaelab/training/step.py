@@ -59,10 +59,12 @@ class Guards:
 
     skip_threshold: float = 0.0  # skip the update when the gradient norm is above this multiple of its usual value
     grad_clip: float = 0.0  # rescale the gradient to at most this total norm
+    clip_threshold: float = 0.0  # rescale the gradient to at most this multiple of the usual norm
 
 
 # the guard's running numbers, one vector on the device (indices into Guard.stats)
-SKIPPED, NONFINITE, STREAK, STEPS, NORM_SUM, NORM_MAX, LOG_USUAL, SEEN = range(8)
+SKIPPED, NONFINITE, STREAK, STEPS, NORM_SUM, NORM_MAX, LOG_USUAL, SEEN, CLIPPED = range(9)
+N_STATS = 9  # checkpoints written before CLIPPED hold the first 8
 USUAL_STEPS = 50  # the usual gradient norm: the geometric mean over about this many recent updates
 SKIP_AFTER = 10  # updates seen before the guard skips for size (the usual norm needs a few to settle)
 
@@ -82,7 +84,7 @@ class Guard:
                  all_sum: Callable[[Tensor], Tensor] | None = None):
         self.params = [p for p in params if p.requires_grad]
         self.guards, self.all_sum = guards, all_sum
-        self.stats = torch.zeros(8, dtype=torch.float64, device=self.params[0].device)
+        self.stats = torch.zeros(N_STATS, dtype=torch.float64, device=self.params[0].device)
 
     def __call__(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -91,18 +93,17 @@ class Guard:
         if self.all_sum is not None:  # the whole batch's loss: every process decides alike
             total = self.all_sum(total.clone())
         finite = torch.isfinite(norm) & torch.isfinite(total)
-        large = count_step(self.stats, norm, finite, self.guards.skip_threshold)
-        scale = torch.where(finite, norm / self.guards.grad_clip, 1.0).clamp_min(1.0) if self.guards.grad_clip > 0 \
-            else None
+        scale = clip_scale(self.stats, norm, finite, self.guards)  # from the usual norm before this step
+        large = count_step(self.stats, norm, finite, self.guards.skip_threshold, self.guards.clip_threshold)
         apply_update(optimizer, ~finite | large, scale, grads)
 
     def take(self) -> dict[str, float]:
         """The counts since the last call (reading them waits for the device), then zeroes them; the run of
         non-finite steps carries on."""
-        skipped, nonfinite, _, steps, norm_sum, norm_max, log_usual, _ = self.stats.tolist()
-        self.stats[[SKIPPED, NONFINITE, STEPS, NORM_SUM, NORM_MAX]] = 0.0
+        skipped, nonfinite, _, steps, norm_sum, norm_max, log_usual, _, clipped = self.stats.tolist()
+        self.stats[[SKIPPED, NONFINITE, STEPS, NORM_SUM, NORM_MAX, CLIPPED]] = 0.0
         finite = steps - nonfinite
-        return {"skipped_updates": int(skipped), "nonfinite_steps": int(nonfinite),
+        return {"skipped_updates": int(skipped), "nonfinite_steps": int(nonfinite), "clipped_updates": int(clipped),
                 "grad_norm_mean": norm_sum / finite if finite else float("nan"), "grad_norm_max": norm_max,
                 "grad_norm_usual": math.exp(log_usual)}
 
@@ -113,8 +114,22 @@ class Guard:
         return int(skipped + nonfinite), int(streak)
 
 
-def count_step(stats: Tensor, norm: Tensor, finite: Tensor, skip_threshold: float) -> Tensor:
-    """Adds one step to the guard's counts `stats` (Guard.stats: (8,), or (8, M) for M models stepped together,
+def clip_scale(stats: Tensor, norm: Tensor, finite: Tensor, guards: Guards) -> Tensor | None:
+    """What to divide this step's gradient by (>= 1; None: no clipping rule on): the larger of norm / grad_clip
+    and norm / (clip_threshold x the usual norm), the latter once the usual norm has settled (SKIP_AFTER)."""
+    scale = None
+    if guards.grad_clip > 0:
+        scale = torch.where(finite, norm / guards.grad_clip, 1.0).clamp_min(1.0)
+    if guards.clip_threshold > 0:
+        ceiling = torch.exp(stats[LOG_USUAL]).float() * guards.clip_threshold
+        rel = torch.where(finite & (stats[SEEN] >= SKIP_AFTER), norm / ceiling, 1.0).clamp_min(1.0)
+        scale = rel if scale is None else torch.maximum(scale, rel)
+    return scale
+
+
+def count_step(stats: Tensor, norm: Tensor, finite: Tensor, skip_threshold: float,
+               clip_threshold: float = 0.0) -> Tensor:
+    """Adds one step to the guard's counts `stats` (Guard.stats: (9,), or (9, M) for M models stepped together,
     with `norm` and `finite` then (M,)) and updates the usual norm; returns whether each finite step is too large
     to apply (its norm above `skip_threshold` times the usual one; 0: never)."""
     s = stats
@@ -127,9 +142,14 @@ def count_step(stats: Tensor, norm: Tensor, finite: Tensor, skip_threshold: floa
         # a skipped update counts as one at the threshold: a lone spike barely moves the usual norm, while a lasting
         # rise of the norms (the run has moved, not misstepped) lifts it until the updates are taken again
         log_n = torch.where(large, ceiling, log_n)
+    clipped = torch.zeros_like(finite)
+    if clip_threshold > 0:  # a clipped update enters the usual norm at its clipped size
+        ceiling = s[LOG_USUAL] + math.log(clip_threshold)
+        clipped = finite & ~large & (s[SEEN] >= SKIP_AFTER) & (log_n > ceiling)
+        log_n = torch.where(clipped, ceiling, log_n)
     weight = torch.where(finite, (1 / (s[SEEN] + 1)).clamp_min(1 / USUAL_STEPS), 0.0)
     s.add_(torch.stack([large.double(), (~finite).double(), (~finite).double(), torch.ones_like(n), n,
-                        torch.zeros_like(n), weight * (log_n - s[LOG_USUAL]), finite.double()]))
+                        torch.zeros_like(n), weight * (log_n - s[LOG_USUAL]), finite.double(), clipped.double()]))
     s[STREAK] = torch.where(finite, 0.0, s[STREAK])
     s[NORM_MAX] = torch.maximum(s[NORM_MAX], n)
     return large

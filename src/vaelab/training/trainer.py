@@ -218,7 +218,8 @@ def _loop(s: RunState, device: torch.device, shuffle: torch.Generator, progress:
     train_step = make_step(config, s.model, s.optimizer, objective, s.prep, device, world, ema)
     guard = train_step.guard
     if "guard" in s.saved:  # the counts of an epoch interrupted part-way
-        guard.stats.copy_(s.saved["guard"]["stats"])
+        saved_stats = s.saved["guard"]["stats"]
+        guard.stats[:len(saved_stats)].copy_(saved_stats)
     # where the checkpoint on disk stands, for the message if another process dies
     saved = [f"epoch {s.epoch + 1}, step {s.start_step}" if s.start_step else
              f"end of epoch {s.epoch}" if s.epoch else None]
@@ -294,6 +295,9 @@ def _print_epoch(s: RunState, done: float, train: dict) -> None:
     if train["skipped_updates"]:
         notes.append(f"{train['skipped_updates']} updates skipped (gradient norm over {optim.skip_threshold:g}x "
                      "the usual)")
+    if train.get("clipped_updates"):
+        notes.append(f"{train['clipped_updates']} updates clipped (gradient norm over {optim.clip_threshold:g}x the "
+                     "usual)")
     if train["nonfinite_steps"]:
         notes.append(f"{train['nonfinite_steps']} non-finite steps skipped")
     if "stopped" in test:
