@@ -420,3 +420,25 @@ def test_an_ensemble_keeps_one_adam_update_when_its_members_skip_different_steps
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
     assert int(load_file(tmp_path / "alone" / "checkpoint.safetensors")["optim.0.step"]) == steps[k]
+
+
+@pytest.mark.slow
+def test_an_ensemble_clips_each_member_as_its_run_alone_does(tmp_path, fashion_dir):
+    """--clip-threshold: each member's gradient is scaled by its own factor inside the batched step, so a member
+    clips the updates its run alone clips and ends with the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vaelab.training import ensemble
+
+    common = {"dataset": "fashion-mnist", "limit": 512, "hidden": "16", "batch_size": 32, "epochs": 1,
+              "skip_threshold": 0.0, "clip_threshold": 0.5, "device": "cpu"}
+    configs = [vaelab.TrainConfig(seed=s, out=str(tmp_path / f"m{s}"), **common) for s in (0, 1)]
+    members = ensemble.train_ensemble(configs, progress=False)
+    clipped = [next(r for r in run.metrics if r["split"] == "train")["clipped_updates"] for run in members]
+    assert all(n > 0 for n in clipped)
+    alone = vaelab.train(configs[1].replace(out=str(tmp_path / "alone")), progress=False)
+    assert next(r for r in alone.metrics if r["split"] == "train")["clipped_updates"] == clipped[1]
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("m1", "alone"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)

@@ -44,7 +44,7 @@ from . import stacked, stacked_conv
 from .budget import Budget
 from .build import make_objective_for, resolve_device
 from .distributed import SINGLE
-from .step import Guard, apply_update, count_step
+from .step import Guard, Guards, apply_update, clip_scale, count_step
 from .trainer import NONFINITE_STOP, PROGRESS_EVERY, RunState, beta_at, nonfinite_message, save_epoch, setup_run
 
 FREE = ("sigma", "beta", "seed", "lr", "free_bits", "kl_warmup")  # settings members may differ in
@@ -52,7 +52,8 @@ WHERE = ("out", "name")  # where each member is written: its own
 # settings whose every value the ensemble reproduces exactly; any other setting must be at its default
 HANDLED = {"dataset", "data_dir", "limit", "binarize", "image_size", "center_crop", "background", "skip_bad_images",
            "arch", "hidden", "blocks", "latent_dim", "likelihood", "mixtures", "objective", "optimizer",
-           "batch_size", "epochs", "device", "cuda_graph", "tensorboard", "data_shape", "skip_threshold", *FREE,
+           "batch_size", "epochs", "device", "cuda_graph", "tensorboard", "data_shape", "skip_threshold",
+           "clip_threshold", *FREE,
            *WHERE}
 
 
@@ -168,7 +169,7 @@ class _Shared:
     encoder: dict[str, Tensor]
     decoder: dict[str, Tensor]
     stats: Tensor
-    skip_threshold: float
+    guards: Guards  # the members' --skip-threshold and --clip-threshold (the same for all)
     adam: stacked.SharedAdam | None
     others: list[list[torch.nn.Parameter]]
 
@@ -194,7 +195,9 @@ def share(members: list[_Member]) -> _Shared:
     template = members[0].state.model
     net_pass = _pass(template.encoder, template.decoder)
     assert net_pass is not None, "group_key admits networks with a batched pass only"
-    return _Shared(net_pass, encoder, decoder, stats, members[0].state.config.optim.skip_threshold, adam, others)
+    optim = members[0].state.config.optim
+    return _Shared(net_pass, encoder, decoder, stats, Guards(optim.skip_threshold, clip_threshold=optim.clip_threshold),
+                   adam, others)
 
 
 def _networks(template: VAE, shared: _Shared, xs: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -243,7 +246,16 @@ def _update(members: list[_Member], shared: _Shared, total: Tensor) -> None:
         norms = torch.linalg.vector_norm(torch.stack([norms, extra.to(norms.dtype)]), dim=0)
     norms = norms.float()
     finite = torch.isfinite(norms) & torch.isfinite(total)
-    skip = ~finite | count_step(shared.stats, norms, finite, shared.skip_threshold)  # (M,)
+    scale = clip_scale(shared.stats, norms, finite, shared.guards)  # (M,) or None, from the usual norms so far
+    skip = ~finite | count_step(shared.stats, norms, finite, shared.guards.skip_threshold,
+                                shared.guards.clip_threshold)  # (M,)
+    if scale is not None:  # each member's gradient divided by its own scale, as its run alone divides it
+        for stacked_grad in typing.cast(list[Tensor], grads):
+            stacked_grad.div_(scale.to(stacked_grad.dtype).view(-1, *[1] * (stacked_grad.dim() - 1)))
+        for ps, c in zip(shared.others, scale, strict=True):
+            for p in ps:
+                if p.grad is not None:
+                    p.grad.div_(c)
     if shared.adam is not None:
         shared.adam.step((~skip).tolist())
         return
