@@ -341,6 +341,33 @@ def test_a_non_finite_loss_stops_every_process_with_one_message(tmp_path, subset
     assert "likely cause" in lines[0], r.stderr[-3000:]
 
 
+CLOSE_SCRIPT = """
+import os, sys, torch
+from vaelab.training.distributed import join, wrap
+world, device = join(torch.device("cpu"))
+model = wrap(torch.nn.Linear(3, 2), world, device)  # DDP: its first use imports modules that bind the default group
+model(torch.ones(4, 3)).sum().backward()
+del model  # as the trainer's step is gone when training ends
+world.close(wait=True)
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+open(os.path.join(sys.argv[1], f"rank{world.rank}.txt"), "w").write(" ".join(sorted(names)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists the process's threads from /proc")
+def test_close_ends_the_process_group_before_the_interpreter_exits(tmp_path):
+    """After World.close() no thread of the gloo group is left running, so nothing of it is torn down during the
+    interpreter's exit, where it can abort a process that finished its work."""
+    script = tmp_path / "close.py"
+    script.write_text(CLOSE_SCRIPT)
+    r = subprocess.run(torchrun_cmd(2, entry=(str(script), str(tmp_path))), capture_output=True, text=True,
+                       timeout=LAUNCH_TIMEOUT, env=env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    threads = {rank: (tmp_path / f"rank{rank}.txt").read_text().split() for rank in (0, 1)}
+    assert all(not any("gloo" in name for name in names) for names in threads.values()), threads
+
+
 class _Peers(World):
     """One process's view of a 2-process world, run in one process for the arithmetic: all_sum returns the sum
     over the whole batch, computed beforehand (the real collectives are in the torchrun tests above)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime
+import importlib
 import inspect
 import os
 import re
@@ -121,8 +122,16 @@ class World:
             error.report = True  # type: ignore[attr-defined]
             raise error from e
 
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
+    def close(self, wait: bool = False) -> None:
+        """Ends the process group vaelab started. `wait`: every process comes here at the end of its work, so they
+        first wait for one another and none closes its connections while another still uses them (not after a
+        failure: a process may be gone)."""
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        try:
+            if wait and self.size > 1:
+                dist.barrier()
+        finally:
             dist.destroy_process_group()
 
 
@@ -214,6 +223,12 @@ def join(device: torch.device, timeout: datetime.timedelta = TIMEOUT) -> tuple[W
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # DistributedDataParallel imports torch._dynamo on first use, and modules it pulls in (torch.distributed.nn's
+    # collectives, ZeroRedundancyOptimizer, ...) take the default group of the moment as a default argument: imported
+    # while a group runs, they keep it (its gloo threads and connections) alive past destroy_process_group, to be torn
+    # down during the interpreter's exit, which can abort a process that finished its work. Imported now, they
+    # keep None.
+    importlib.import_module("torch._dynamo")
     try:
         dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
     except (ValueError, RuntimeError) as e:

@@ -153,9 +153,12 @@ def _start(config: TrainConfig, progress: bool, data: ImageData | None, continui
             shuffle = torch.Generator().manual_seed(config.optim.seed)
             state = world.agree(lambda: setup_run(config, out, device, data, continuing, shuffle,
                                                progress and world.main, world))  # one fails: all stop
-            return _loop(state, device, shuffle, progress and world.main, world, budget)
-    finally:
-        world.close()
+            run = _loop(state, device, shuffle, progress and world.main, world, budget)
+    except BaseException:
+        world.close()  # another process may be gone: none waits for the others
+        raise
+    world.close(wait=True)  # every process trained to the same end
+    return run
 
 
 @dataclass
