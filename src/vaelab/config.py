@@ -180,12 +180,13 @@ class OptimConfig(Role):
                                            "hierarchical)")
     epochs: int = option(10, "total epochs; with --resume, the new total")
     seed: int = option(0, "seeds initialisation, shuffling and sampling")
-    skip_threshold: float = option(10.0, "skip (and count) every update whose gradient norm is more than this many "
+    skip_threshold: float = option(0.0, "skip (and count) every update whose gradient norm is more than this many "
                                    "times the usual one (the running geometric mean of the last ~50 updates' "
                                    "norms), as VDVAE skips its rare huge gradients; 0: never. Steps with a "
                                    "non-finite loss or gradient are always skipped", "guards", metavar="K")
-    clip_threshold: float = option(0.0, "rescale every gradient whose norm is more than this many times the usual "
-                                   "one down to that norm (the update is taken, its size bounded); 0: never",
+    clip_threshold: float = option(10.0, "rescale every gradient whose norm is more than this many times the usual "
+                                   "one (the running geometric mean of the last ~50 updates' norms) down to that "
+                                   "norm: the update is taken, its size bounded; 0: never",
                                    "guards", metavar="K")
     grad_clip: float = option(0.0, "rescale each step's gradient to at most this total norm; 0: never", "guards",
                               metavar="NORM")
