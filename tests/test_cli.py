@@ -233,3 +233,22 @@ def test_positive_log_likelihoods_get_no_explanation(tmp_path, capsys):
     assert "test −ELBO" in captured.err
     assert "−ELBO (loss, lower is better)" in captured.out
     assert NEGATIVE_NOTE not in captured.err + captured.out
+
+
+@pytest.mark.slow
+def test_a_closed_pipe_ends_quietly(tmp_path, fashion_dir):
+    """`vaelab info RUN | head`: when the reader has gone, no traceback and no "Broken pipe" error line; the exit
+    status a shell gives a process ended by SIGPIPE."""
+    import os
+
+    from vaelab import TrainConfig, train
+
+    train(TrainConfig(dataset="fashion-mnist", limit=128, hidden="16", epochs=1, out=str(tmp_path / "run")),
+          progress=False)
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before vaelab writes a byte
+    proc = subprocess.run([sys.executable, "-m", "vaelab", "info", str(tmp_path / "run")], stdout=w,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(w)
+    assert proc.stderr == ""
+    assert proc.returncode == 141

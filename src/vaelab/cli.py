@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 import typing
 import warnings
@@ -411,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as e:
         print(f"vaelab: error: invalid JSON ({e})", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`vaelab info RUN | head`): nothing left to say, nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit, when Python flushes stdout
+        return 141  # as a shell reports a process ended by SIGPIPE
     except OSError as e:  # a path the user gave cannot be read or written (missing, a file, no permission)
         where = f": {Path(e.filename)}" if e.filename else ""
         print(f"vaelab: error: {e.strerror or e}{where}", file=sys.stderr)
