@@ -291,11 +291,11 @@ def test_lasting_larger_norms_are_taken_again_after_a_few_skips():
     stats = torch.zeros(N_STATS, dtype=torch.float64)
     one, true = torch.tensor(1.0), torch.tensor(True)
     for _ in range(60):
-        assert not count_step(stats, one, true, 10.0)
-    assert not count_step(stats, torch.tensor(5.0), true, 10.0)
-    assert count_step(stats, torch.tensor(30.0), true, 10.0)  # a spike: skipped
-    assert not count_step(stats, one, true, 10.0)
-    skipped = [bool(count_step(stats, torch.tensor(30.0), true, 10.0)) for _ in range(200)]
+        assert not count_step(stats, one, true, 10.0)[0]
+    assert not count_step(stats, torch.tensor(5.0), true, 10.0)[0]
+    assert count_step(stats, torch.tensor(30.0), true, 10.0)[0]  # a spike: skipped
+    assert not count_step(stats, one, true, 10.0)[0]
+    skipped = [bool(count_step(stats, torch.tensor(30.0), true, 10.0)[0]) for _ in range(200)]
     first_taken = skipped.index(False)
     assert 20 < first_taken < 40  # log 3 / (log 10 / 50) = 24 skips lift the usual norm from ~1 to 3
     assert not any(skipped[first_taken:])
@@ -306,7 +306,7 @@ def test_lasting_larger_norms_are_taken_again_after_a_few_skips():
 def test_relative_clipping_bounds_a_spike_at_the_threshold_and_follows_lasting_norms():
     """--clip-threshold K: a gradient over K x the usual norm is scaled down to exactly K x the usual norm and
     taken; the clipped norm enters the usual one, so lasting larger norms become usual and stop being clipped."""
-    from vaelab.training.step import CLIPPED, LOG_USUAL, N_STATS, SKIPPED, clip_scale, count_step
+    from vaelab.training.step import CLIPPED, LOG_USUAL, N_STATS, SKIPPED, count_step
 
     guards = Guards(clip_threshold=10.0)
     stats = torch.zeros(N_STATS, dtype=torch.float64)
@@ -314,9 +314,9 @@ def test_relative_clipping_bounds_a_spike_at_the_threshold_and_follows_lasting_n
 
     def step(norm: float) -> float:
         n = torch.tensor(norm)
-        scale = clip_scale(stats, n, true, guards)
+        large, scale = count_step(stats, n, true, 0.0, guards.clip_threshold)
         assert scale is not None
-        assert not count_step(stats, n, true, 0.0, guards.clip_threshold)  # never skipped
+        assert not large  # never skipped
         return norm / float(scale)
 
     assert step(1000.0) == 1000.0  # the first updates are taken whole while the usual norm settles

@@ -44,7 +44,7 @@ from . import stacked, stacked_conv
 from .budget import Budget
 from .build import make_objective_for, resolve_device
 from .distributed import SINGLE
-from .step import Guard, Guards, apply_update, clip_scale, count_step
+from .step import Guard, Guards, apply_update, decide
 from .trainer import NONFINITE_STOP, PROGRESS_EVERY, RunState, beta_at, nonfinite_message, save_epoch, setup_run
 
 FREE = ("sigma", "beta", "seed", "lr", "free_bits", "kl_warmup")  # settings members may differ in
@@ -246,9 +246,7 @@ def _update(members: list[_Member], shared: _Shared, total: Tensor) -> None:
         norms = torch.linalg.vector_norm(torch.stack([norms, extra.to(norms.dtype)]), dim=0)
     norms = norms.float()
     finite = torch.isfinite(norms) & torch.isfinite(total)
-    scale = clip_scale(shared.stats, norms, finite, shared.guards)  # (M,) or None, from the usual norms so far
-    skip = ~finite | count_step(shared.stats, norms, finite, shared.guards.skip_threshold,
-                                shared.guards.clip_threshold)  # (M,)
+    skip, scale = decide(shared.stats, norms, finite, shared.guards)  # (M,) each (scale None: no clipping)
     if scale is not None:  # each member's gradient divided by its own scale, as its run alone divides it
         for stacked_grad in typing.cast(list[Tensor], grads):
             stacked_grad.div_(scale.to(stacked_grad.dtype).view(-1, *[1] * (stacked_grad.dim() - 1)))

@@ -93,9 +93,7 @@ class Guard:
         if self.all_sum is not None:  # the whole batch's loss: every process decides alike
             total = self.all_sum(total.clone())
         finite = torch.isfinite(norm) & torch.isfinite(total)
-        scale = clip_scale(self.stats, norm, finite, self.guards)  # from the usual norm before this step
-        large = count_step(self.stats, norm, finite, self.guards.skip_threshold, self.guards.clip_threshold)
-        apply_update(optimizer, ~finite | large, scale, grads)
+        apply_update(optimizer, *decide(self.stats, norm, finite, self.guards), grads)
 
     def take(self) -> dict[str, float]:
         """The counts since the last call (reading them waits for the device), then zeroes them; the run of
@@ -114,24 +112,24 @@ class Guard:
         return int(skipped + nonfinite), int(streak)
 
 
-def clip_scale(stats: Tensor, norm: Tensor, finite: Tensor, guards: Guards) -> Tensor | None:
-    """What to divide this step's gradient by (>= 1; None: no clipping rule on): the larger of norm / grad_clip
-    and norm / (clip_threshold x the usual norm), the latter once the usual norm has settled (SKIP_AFTER)."""
-    scale = None
+def decide(stats: Tensor, norm: Tensor, finite: Tensor, guards: Guards) -> tuple[Tensor, Tensor | None]:
+    """Counts the step (count_step) and returns whether to skip its update (non-finite, or too large) and what
+    to divide its gradient by (>= 1; None: no clipping rule on): the larger of norm / grad_clip and the relative
+    clip's divisor."""
+    large, scale = count_step(stats, norm, finite, guards.skip_threshold, guards.clip_threshold)
     if guards.grad_clip > 0:
-        scale = torch.where(finite, norm / guards.grad_clip, 1.0).clamp_min(1.0)
-    if guards.clip_threshold > 0:
-        ceiling = torch.exp(stats[LOG_USUAL]).float() * guards.clip_threshold
-        rel = torch.where(finite & (stats[SEEN] >= SKIP_AFTER), norm / ceiling, 1.0).clamp_min(1.0)
-        scale = rel if scale is None else torch.maximum(scale, rel)
-    return scale
+        absolute = torch.where(finite, norm / guards.grad_clip, 1.0).clamp_min(1.0)
+        scale = absolute if scale is None else torch.maximum(scale, absolute)
+    return ~finite | large, scale
 
 
 def count_step(stats: Tensor, norm: Tensor, finite: Tensor, skip_threshold: float,
-               clip_threshold: float = 0.0) -> Tensor:
+               clip_threshold: float = 0.0) -> tuple[Tensor, Tensor | None]:
     """Adds one step to the guard's counts `stats` (Guard.stats: (9,), or (9, M) for M models stepped together,
-    with `norm` and `finite` then (M,)) and updates the usual norm; returns whether each finite step is too large
-    to apply (its norm above `skip_threshold` times the usual one; 0: never)."""
+    with `norm` and `finite` then (M,)) and updates the usual norm. Returns whether each finite step is too large
+    to apply (its norm above `skip_threshold` times the usual one; 0: never) and, with `clip_threshold`, what to
+    divide each gradient by so that its norm is at most that many times the usual one (1 where it is; None
+    without the rule): the one comparison both counts a clipped update and clips it."""
     s = stats
     n = torch.where(finite, norm, 0.0).double()
     log_n = torch.log(n.clamp_min(1e-30))
@@ -142,17 +140,18 @@ def count_step(stats: Tensor, norm: Tensor, finite: Tensor, skip_threshold: floa
         # a skipped update counts as one at the threshold: a lone spike barely moves the usual norm, while a lasting
         # rise of the norms (the run has moved, not misstepped) lifts it until the updates are taken again
         log_n = torch.where(large, ceiling, log_n)
-    clipped = torch.zeros_like(finite)
+    clipped, divisor = torch.zeros_like(finite), None
     if clip_threshold > 0:  # a clipped update enters the usual norm at its clipped size
         ceiling = s[LOG_USUAL] + math.log(clip_threshold)
         clipped = finite & ~large & (s[SEEN] >= SKIP_AFTER) & (log_n > ceiling)
+        divisor = torch.where(clipped, torch.exp(log_n - ceiling), 1.0).to(norm.dtype)
         log_n = torch.where(clipped, ceiling, log_n)
     weight = torch.where(finite, (1 / (s[SEEN] + 1)).clamp_min(1 / USUAL_STEPS), 0.0)
     s.add_(torch.stack([large.double(), (~finite).double(), (~finite).double(), torch.ones_like(n), n,
                         torch.zeros_like(n), weight * (log_n - s[LOG_USUAL]), finite.double(), clipped.double()]))
     s[STREAK] = torch.where(finite, 0.0, s[STREAK])
     s[NORM_MAX] = torch.maximum(s[NORM_MAX], n)
-    return large
+    return large, divisor
 
 
 def apply_update(optimizer: torch.optim.Optimizer, skip: Tensor, scale: Tensor | None, grads: list[Tensor]) -> None:

@@ -298,7 +298,7 @@ def _print_epoch(s: RunState, done: float, train: dict) -> None:
     if train["skipped_updates"]:
         notes.append(f"{train['skipped_updates']} updates skipped (gradient norm over {optim.skip_threshold:g}x "
                      "the usual)")
-    if train.get("clipped_updates"):
+    if train["clipped_updates"]:
         notes.append(f"{train['clipped_updates']} updates clipped (gradient norm over {optim.clip_threshold:g}x the "
                      "usual)")
     if train["nonfinite_steps"]:
