@@ -344,6 +344,7 @@ def test_relative_clipping_scales_the_update_of_a_real_step():
             p.mul_(50.0)  # far from where it was: the gradient is much larger than usual
     before = [p.detach().clone() for p in model.parameters()]
     step(torch.arange(32), 1.0)
+    assert step.guard.peek() == (0, 0, 1)  # what the progress bar shows: clipped, not skipped
     counts = step.guard.take()
     norm = counts["grad_norm_max"]
     assert norm > 4 * usual

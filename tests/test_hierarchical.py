@@ -312,6 +312,25 @@ def test_reconstructions_figure_draws_every_group_from_its_posterior():
     assert np.abs(top_only - rows[1][1]).max() > 1e-2
 
 
+def test_interpolations_run_between_the_codes_of_every_group():
+    from vaelab.analysis.views import interpolations
+
+    model = _model((1, 12, 12), groups=2)
+    _randomize_priors(model)
+    xa, xb = torch.rand(2, 1, 12, 12), torch.rand(2, 1, 12, 12)
+    code = model.path_code(xa)
+    assert code.shape == (2, model.latent_dim)
+    torch.testing.assert_close(model.decode_mean(code), model.reconstruct(xa), atol=1e-5, rtol=1e-5)
+    rows = interpolations(model, xa, xb, steps=5)
+    assert len(rows) == 2
+    assert rows[0][1].shape == (7, 1, 12, 12)  # x_a, 5 steps, x_b
+    for p, (_, images) in enumerate(rows):  # the ends are the reconstructions of every group, not of the top alone
+        np.testing.assert_allclose(images[1], model.reconstruct(xa[p:p + 1]).clamp(0, 1)[0].detach().numpy(), atol=1e-5)
+        np.testing.assert_allclose(images[5], model.reconstruct(xb[p:p + 1]).clamp(0, 1)[0].detach().numpy(), atol=1e-5)
+    top_only = model.decode_mean(model.encode(xa).mean).clamp(0, 1).detach().numpy()
+    assert np.abs(top_only[0] - rows[0][1][1]).max() > 1e-2
+
+
 def test_eval_scores_reconstructions_from_every_group():
     from vaelab.analysis.metrics import evaluate, sharpness
 

@@ -124,9 +124,10 @@ def prior_samples(model: VAE, n: int = 64, seed: int = 0) -> np.ndarray:
 @torch.no_grad()
 def interpolations(model: VAE, xa: torch.Tensor, xb: torch.Tensor, steps: int = 8
                    ) -> list[tuple[str, np.ndarray]]:
-    """One row per pair: x_a | f(z) along the straight line between the posterior means | x_b."""
+    """One row per pair: x_a | f(z) along the straight line between the posterior means | x_b (for a hierarchical
+    model, between the codes of every group: VAE.path_code)."""
     model.eval()
-    za, zb = model.encode(xa).mean, model.encode(xb).mean  # (P, L)
+    za, zb = model.path_code(xa), model.path_code(xb)  # (P, L)
     t = torch.linspace(0, 1, steps, device=za.device)[:, None, None]  # (T, 1, 1)
     z = (1 - t) * za + t * zb  # (T, P, L)
     imgs = decode_images(model, z.reshape(-1, za.shape[-1]))

@@ -302,6 +302,17 @@ class HierarchicalVAE(VAE):
         return self.likelihood.mean([p.to(x.dtype) for p in params])
 
     @torch.no_grad()
+    def path_code(self, x: Tensor) -> Tensor:
+        """Every group at its posterior mean (each given the means above it) in decode's coordinates, (B, L): the
+        top group's mean, then each lower group's standardized offset u_i = (μ_q − μ_p) / σ_p from its prior. So
+        decode(path_code(x)) is reconstruct(x), and a point between two images' codes decodes with each lower
+        group as far from its prior, given the groups above it, as the images' codes put it."""
+        _, draws = self.decoder(self._noise(x).zero_(), self.encoder(x))
+        u = (draws.z - draws.pm) * torch.exp(-0.5 * draws.plv)
+        top = self.group_sizes[0]
+        return torch.cat([draws.z[:, :top], u[:, top:]], dim=1)
+
+    @torch.no_grad()
     def decode_posterior(self, x: Tensor, noise: Tensor) -> list[Tensor]:
         """Parameter maps with every group drawn from q(z_i | x, z_<i), each given the draws above it, as the
         training pass draws them: z_i = μ_q + σ_q·noise_i, noise (B, L): 0 for every posterior mean (what

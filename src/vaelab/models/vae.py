@@ -147,6 +147,11 @@ class VAE(nn.Module):
         """The decoder mean at the posterior mean, f(E_q[z|x]), (B, C, H, W): what "reconstructions" show."""
         return self.decode_mean(self.encode(x).mean)
 
+    def path_code(self, x: Tensor) -> Tensor:
+        """What interpolations move along: a vector per image that `decode` maps to its reconstruction, here the
+        posterior mean E_q[z|x], (B, latent_dim)."""
+        return self.encode(x).mean
+
     def observe(self, params: list[Tensor], x: Tensor, extras: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """−log p(x|z) (B,) at the decoder's outputs `params`; with extras, also ||x − f(z)||² (B,) and the scale
         in use, computed without gradients (the training step does not read them)."""

@@ -330,7 +330,7 @@ def _drop_diverged(alive: list[_Member], epoch: int, step: int) -> None:
     """Stop a member as the trainer stops a run alone: when its last steps were all non-finite (its guard skipped
     their updates, so its weights themselves give a non-finite loss); the others go on."""
     for m in alive:
-        _, streak = m.guard.peek()
+        _, streak, _ = m.guard.peek()
         if m.error is None and streak >= min(NONFINITE_STOP, step + 1):
             m.error = nonfinite_message(m.state.config, m.state.model, epoch, step, streak)
 

@@ -105,11 +105,11 @@ class Guard:
                 "grad_norm_mean": norm_sum / finite if finite else float("nan"), "grad_norm_max": norm_max,
                 "grad_norm_usual": math.exp(log_usual)}
 
-    def peek(self) -> tuple[int, int]:
-        """(updates skipped in this epoch, for either reason; consecutive non-finite steps up to the last one): a
-        host read."""
-        skipped, nonfinite, streak = self.stats[:STEPS].tolist()
-        return int(skipped + nonfinite), int(streak)
+    def peek(self) -> tuple[int, int, int]:
+        """(updates skipped in this epoch, for either reason; consecutive non-finite steps up to the last one;
+        updates clipped in this epoch): one host read."""
+        skipped, nonfinite, streak, *_, clipped = self.stats.tolist()
+        return int(skipped + nonfinite), int(streak), int(clipped)
 
 
 def decide(stats: Tensor, norm: Tensor, finite: Tensor, guards: Guards) -> tuple[Tensor, Tensor | None]:

@@ -372,11 +372,12 @@ def _run_epoch(config, model, train_step: GuardedStep, order, epoch, start_step,
                 # summed over the processes
                 value, stop.agreed, planned = world.report(loss, stop.requested, planned)
                 budget.agree(planned)
-                skipped, streak = train_step.guard.peek()  # the same on every process
+                skipped, streak, clipped = train_step.guard.peek()  # the same on every process
                 if streak >= min(NONFINITE_STOP, step + 1):  # every step in a while: the weights themselves are bad
                     raise TrainingError(nonfinite_message(config, model, epoch, step, streak))
                 if bar is not None:
-                    shown = {"loss": f"{value:.2f}", "beta": f"{beta:.2f}", **({"skipped": skipped} if skipped else {})}
+                    shown = {"loss": f"{value:.2f}", "beta": f"{beta:.2f}", **({"skipped": skipped} if skipped else {}),
+                             **({"clipped": clipped} if clipped else {})}
                     bar.set_postfix(ordered_dict=shown)
                     bar.update(count)
                 count = 0
