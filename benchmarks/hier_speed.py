@@ -47,7 +47,7 @@ from vaelab.training.build import autocast, check_precision, make_objective_for,
 BLOCK = 10
 CPU = torch.device("cpu")
 KINDS = {"vaelab": ("hierarchical", {}), "plain": ("hierarchical", {}), "v2": ("hierarchical", {"net_version": 2}),
-         "conv": ("conv", {})}
+         "conv": ("conv", {"batch_size": 64})}
 PRECISIONS = ("fp32", "bf16")
 
 

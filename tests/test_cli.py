@@ -156,7 +156,7 @@ def test_every_command_has_help_for_every_flag(capsys):
     assert "learned-pixel" in out
     text = " ".join(out.split())
     assert "total epochs; with --resume, the new total (default 10)" in text  # defaults come from TrainConfig
-    assert "(default 128 for mlp, 64 for conv, 32 for hierarchical)" in text  # per-family defaults are spelled out
+    assert "(default 128 for mlp, 16 for conv, 32 for hierarchical)" in text  # per-family defaults are spelled out
 
 
 @pytest.mark.slow

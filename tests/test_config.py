@@ -32,7 +32,7 @@ def test_flat_settings_and_role_configs_build_the_same_config():
     by_role = TrainConfig(data=DataConfig(dataset="shapes"), model=ModelConfig(arch="conv", latent_dim=4),
                           optim=OptimConfig(beta=0.5), runtime=RuntimeConfig(device="cpu"))
     assert flat == by_role
-    assert (flat.lr, flat.batch_size) == (5e-4, 64)  # the architecture's defaults, resolved once
+    assert (flat.lr, flat.batch_size) == (5e-4, 16)  # the architecture's defaults, resolved once
     mixed = TrainConfig(model=ModelConfig(arch="conv"), latent_dim=4)  # a flat setting overrides its role's
     assert mixed.model.latent_dim == 4
     assert mixed.model.arch == "conv"

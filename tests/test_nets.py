@@ -102,7 +102,7 @@ def test_defaults_per_family():
     conv = TrainConfig(arch="conv")
     assert conv.model.hidden == [32]
     assert conv.model.blocks == 1
-    assert (conv.lr, conv.batch_size) == (5e-4, 64)
+    assert (conv.lr, conv.batch_size) == (5e-4, 16)
     mlp = TrainConfig(arch="mlp")
     assert (mlp.lr, mlp.batch_size) == (1e-3, 128)
     given = TrainConfig(arch="conv", lr=2e-3, batch_size=16)

@@ -32,7 +32,7 @@ from .models.objective import OBJECTIVES, ObjectiveSettings, make_objective
 from .models.priors import DEFAULT_COMPONENTS, check_prior
 
 DEFAULT_LR = {"mlp": 1e-3, "conv": 5e-4, "hierarchical": 1e-3}
-DEFAULT_BATCH = {"mlp": 128, "conv": 64, "hierarchical": 32}
+DEFAULT_BATCH = {"mlp": 128, "conv": 16, "hierarchical": 32}
 
 Arch = Literal["mlp", "conv", "hierarchical"]
 Binarize = Literal["none", "dynamic", "static"]
@@ -176,7 +176,7 @@ class OptimConfig(Role):
                                     metavar="LAMBDA")
     optimizer: Optimizer = option("adam", "the optimizer")
     lr: float | None = option(None, "learning rate (default 1e-3 for mlp and hierarchical, 5e-4 for conv)")
-    batch_size: int | None = option(None, "images per training step (default 128 for mlp, 64 for conv, 32 for "
+    batch_size: int | None = option(None, "images per training step (default 128 for mlp, 16 for conv, 32 for "
                                            "hierarchical)")
     epochs: int = option(10, "total epochs; with --resume, the new total")
     seed: int = option(0, "seeds initialisation, shuffling and sampling")
