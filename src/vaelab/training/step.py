@@ -108,8 +108,8 @@ class Guard:
     def peek(self) -> tuple[int, int, int]:
         """(updates skipped in this epoch, for either reason; consecutive non-finite steps up to the last one;
         updates clipped in this epoch): one host read."""
-        skipped, nonfinite, streak, *_, clipped = self.stats.tolist()
-        return int(skipped + nonfinite), int(streak), int(clipped)
+        s = self.stats.tolist()
+        return int(s[SKIPPED] + s[NONFINITE]), int(s[STREAK]), int(s[CLIPPED])
 
 
 def decide(stats: Tensor, norm: Tensor, finite: Tensor, guards: Guards) -> tuple[Tensor, Tensor | None]:
