@@ -1,26 +1,17 @@
 """benchmarks/hier_speed.py: its --precision list, its plain loop under bf16 autocast, and its result lines."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from vaelab import TrainConfig
 from vaelab.models.vae import VAE
 from vaelab.training.build import autocast
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hier_speed.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("hier_speed", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("hier_speed")
 
 
 @pytest.mark.parametrize(("text", "expected"), [("fp32", ["fp32"]), ("bf16", ["bf16"]),
