@@ -101,3 +101,35 @@ def test_a_torchrun_sweep_splits_the_runs_and_gives_the_numbers_of_one_process(t
     assert float(rows[0]["loss"]) > float(rows[2]["loss"]) > float(rows[3]["loss"])  # smaller σ, more nats
     assert (two / "index.html").read_text().count("data:image/png;base64,") == \
         (one / "index.html").read_text().count("data:image/png;base64,")
+
+
+@pytest.mark.slow
+def test_a_torchrun_sigma_study_splits_the_settings_and_gives_the_numbers_of_one_process(tmp_path, fashion_dir):
+    two, one = tmp_path / "two", tmp_path / "one"
+    flags = ["--dataset", "fashion-mnist", "--limit", "512", "--epochs", "1", "--hidden", "32", "--batch-size", "16",
+             "--iw-samples", "2", "--sigmas", "0.1,1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--max-restarts", "0", "-m", "vaelab", "sigma-study",
+           *flags, "--out", str(two)]
+    launched = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:  # the same study in this process, meanwhile
+        alone = subprocess.run([sys.executable, "-m", "vaelab", "sigma-study", *flags, "--out", str(one), "--quiet"],
+                               capture_output=True, text=True, env=env(), timeout=LAUNCH_TIMEOUT)
+        stdout, stderr = launched.communicate(timeout=LAUNCH_TIMEOUT)
+    finally:
+        launched.kill()
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert launched.returncode == 0, stderr[-3000:]
+    assert stdout.count("wrote ") == 1  # rank 0 alone writes the study
+    # each setting was trained by one rank, as a run of one process
+    started = re.findall(r"sigma-study \(rank (\d) of 2\): \[\d/2\] (\S+)", stderr)
+    assert sorted(started) == [("0", "0.1"), ("1", "1")]
+    for label in ("sigma-0.1", "sigma-1"):
+        lines = [json.loads(x) for x in (two / label / "metrics.jsonl").read_text().splitlines()]
+        assert {x["world_size"] for x in lines} == {1}
+    rows, reference = _rows(two), _rows(one)
+    assert [r["setting"] for r in rows] == ["0.1", "1"]
+    for r, ref in zip(rows, reference, strict=True):
+        assert all(_same_number(r[k], ref[k]) for k in ref), (r, ref)
+    assert (two / "index.html").read_text().count("data:image/png;base64,") == \
+        (one / "index.html").read_text().count("data:image/png;base64,")

@@ -130,7 +130,8 @@ def cmd_sigma_study(args) -> int:
     path = sigma_study(sigmas=args.sigmas, also=args.also, out=args.out, iw_samples=args.iw_samples,
                        mse_threshold=args.mse_threshold, progress=not args.quiet,
                        **given_settings(args, STUDY_SETTINGS))
-    print(f"wrote {path}")
+    if env_rank() == 0:  # under torchrun rank 0 writes the study
+        print(f"wrote {path}")
     return 0
 
 

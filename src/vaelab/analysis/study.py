@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +19,11 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import ConfigError, TrainingError
-from ..runs import Run, write_text_atomic
+from ..runs import Run, load_run, write_text_atomic
 from . import plots
 from .metrics import DEFAULT_IW_SAMPLES, PRIOR_MASS, split_data
 from .reporting import figures_html, html_page
-from .sweep import Point, evaluate_once, train_points
+from .sweep import Point, train_shared
 from .sweep_page import csv_table as _csv_table
 from .sweep_page import html_table
 from .sweep_page import markdown_table as _markdown_table
@@ -226,19 +225,20 @@ def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    def tell(msg: str) -> None:
-        if progress:
-            print(f"sigma-study: {msg}", file=sys.stderr)
-
-    # a setting whose loss becomes non-finite (plain SGD at a small σ) is a finding, not a crash
-    outcomes = train_points([Point(label, {"sigma": label}, tc) for label, tc in cfg.settings()], progress, tell)
-    failed = [(o.point.label, o.error or "") for o in outcomes if o.run is None]
-    done = [(o.point.label, o.run) for o in outcomes if o.run is not None]
-    runs: list[Run] = [run for _, run in done]
-    rows = [study_row(label, run, evaluate_once(run, cfg.iw_samples, None, tell)) for label, run in done]
-    if not rows:
+    # a setting whose loss becomes non-finite (plain SGD at a small σ) is a finding, not a crash; under torchrun
+    # each process trains and evaluates its share of the settings, as `vaelab sweep` does
+    points = [Point(label, {"sigma": label}, tc) for label, tc in cfg.settings()]
+    main, lines, held = train_shared(points, out, cfg.iw_samples, "sigma-study", progress=progress)
+    failed = [(line["run"], line["error"] or "") for line in lines if line["eval"] is None]
+    if len(failed) == len(lines):
         raise TrainingError("every setting of the σ study failed: " + "; ".join(f"{k}: {m}" for k, m in failed))
+    if not main:
+        return out / "index.html"
+    done = [line for line in lines if line["eval"] is not None]
+    # the runs another process trained are read from their folders
+    runs: list[Run] = [held.get(line["index"]) or load_run(points[line["index"]].config.runtime.out)
+                       for line in done]
+    rows = [study_row(line["run"], run, line["eval"]["numbers"]) for line, run in zip(done, runs, strict=True)]
     threshold = cfg.mse_threshold or max(r["mse_curve"][-1] for r in rows)
     for r in rows:
         r["epoch_to_threshold"] = epoch_to_reach(r["mse_curve"], threshold)

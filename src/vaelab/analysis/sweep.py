@@ -258,13 +258,6 @@ def train_units(points: list[Point], units: list[list[int]], progress: bool, tel
     return done
 
 
-def train_points(points: list[Point], progress: bool, tell, batched: bool = False) -> list[Outcome]:
-    """Train, resume or reuse each point in turn (with `batched`, fresh points that can share a step first, as
-    ensembles); a point whose training fails (a non-finite loss) is recorded as failed and the others go on."""
-    done = train_units(points, work_units(points, batched), progress, tell)
-    return [done[i] for i in range(len(points))]
-
-
 def sweep_row(o: Outcome) -> dict[str, Any]:
     """A run's line of the table: its name, the swept settings' values, and its numbers (None where it failed)."""
     row: dict[str, Any] = {"run": o.point.label, **{k.replace("_", "-"): v for k, v in o.point.values.items()}}
@@ -328,35 +321,32 @@ def share(points: list[Point], batched: bool, world: World) -> list[list[int]]:
     return [unit for unit, rank in box[0] if rank == world.rank]
 
 
-def own_share(cfg: SweepConfig, points: list[Point], units: list[list[int]], rank: int, progress: bool,
-              tell) -> tuple[list[dict], dict[int, Run]]:
-    """Train and evaluate this rank's units: (their lines of sweep.json with "index", their runs by index). The
+def own_share(points: list[Point], units: list[list[int]], out: Path, iw_samples: int, sample_quality: bool,
+              rank: int, progress: bool, tell) -> tuple[list[dict], dict[int, Run]]:
+    """Train and evaluate this rank's units: (their lines of the record with "index", their runs by index). The
     runs train as runs of one process (alone), whatever torchrun's environment says."""
-    previous = read_record(Path(cfg.out))
+    previous = read_record(out)
     with alone():
         done = train_units(points, units, progress, tell)
     lines, runs = [], {}
     for i, o in sorted(done.items()):
         if o.run is not None:
-            o.numbers = evaluate_once(o.run, cfg.iw_samples, previous.get(o.point.label, {}).get("eval"), tell,
-                                      cfg.sample_quality)
+            o.numbers = evaluate_once(o.run, iw_samples, previous.get(o.point.label, {}).get("eval"), tell,
+                                      sample_quality)
             runs[i] = o.run
         lines.append({"index": i, "run": o.point.label, "settings": o.point.values, "action": o.action,
                       "error": o.error, "rank": rank,
-                      "eval": None if o.run is None else {"weights": _weights_key(o.run), "iw_samples": cfg.iw_samples,
+                      "eval": None if o.run is None else {"weights": _weights_key(o.run), "iw_samples": iw_samples,
                                                           "numbers": o.numbers}})
     return lines, runs
 
 
-def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
-    """Train (or reuse) every point, evaluate each run, write the comparison (index.html, table.md, table.csv,
-    figures) and the record sweep.json into cfg.out; return the path of index.html.
-
-    Under torchrun each process (rank) trains and evaluates its share of the runs, each run as one process
-    trains it; rank 0 waits for the others, then writes the page alone."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    points = cfg.points()
+def train_shared(points: list[Point], out: Path, iw_samples: int, name: str, batched: bool = False,
+                 sample_quality: bool = False, progress: bool = True) -> tuple[bool, list[dict], dict[int, Run]]:
+    """Train (or reuse) and evaluate every point: (whether this process writes the results, every point's line
+    of the record in the points' order, the runs this process holds by index; a failed point's line has "eval"
+    None). Under torchrun each process (rank) trains and evaluates its share, each run as one process trains
+    it, and every rank gets every line; `name` begins the progress lines (`vaelab sweep`)."""
     world = join(torch.device("cpu"), timeout=SWEEP_WAIT)[0] if env_world_size() > 1 else SINGLE
     if world.size > 1 and torch.cuda.is_available():  # each rank's runs on its own GPU (device cuda/auto)
         torch.cuda.set_device(env_local_rank() % torch.cuda.device_count())
@@ -364,15 +354,15 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
 
     def tell(msg: str) -> None:
         if progress:
-            print(f"vaelab sweep{who}: {msg}", file=sys.stderr, flush=True)
+            print(f"{name}{who}: {msg}", file=sys.stderr, flush=True)
 
     def lost() -> str:
-        return "run the same command again to finish the sweep (finished runs are reused)"
+        return "run the same command again to finish (finished runs are reused)"
 
     def work() -> tuple[list[dict], dict[int, Run]]:
         # one process: each run's epoch lines; several: each rank says which run it starts and how it ended
-        done = own_share(cfg, points, share(points, cfg.batched, world), world.rank, progress and world.size == 1,
-                         tell)
+        done = own_share(points, share(points, batched, world), out, iw_samples, sample_quality, world.rank,
+                         progress and world.size == 1, tell)
         if world.size > 1:
             tell("its share of the runs is done; waiting for the other ranks")
         return done
@@ -386,10 +376,24 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
                 lines = sorted((line for part in parts for line in part), key=lambda line: line["index"])
     finally:
         world.close()
+    return world.main, lines, runs
+
+
+def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
+    """Train (or reuse) every point, evaluate each run, write the comparison (index.html, table.md, table.csv,
+    figures) and the record sweep.json into cfg.out; return the path of index.html.
+
+    Under torchrun each process (rank) trains and evaluates its share of the runs, each run as one process
+    trains it; rank 0 waits for the others, then writes the page alone."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = cfg.points()
+    main, lines, runs = train_shared(points, out, cfg.iw_samples, "vaelab sweep", cfg.batched, cfg.sample_quality,
+                                     progress)
     if all(line["eval"] is None for line in lines):
         raise TrainingError("every run of the sweep failed: " + "; ".join(f"{line['run']}: {line['error']}"
                                                                           for line in lines))
-    if not world.main:
+    if not main:
         return out / "index.html"
     return write_sweep(cfg, points, lines, runs)
 
