@@ -34,8 +34,8 @@ def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer,
               prep: Prepared, device: torch.device, world: World = SINGLE, ema: EMA | None = None) -> GuardedStep:
     """The training step for this run, chosen once: Step; on a GPU, a CUDA graph of it where replaying is exact;
     with several processes, Step on this process's share of each batch under DistributedDataParallel. Its guard
-    follows the config (--skip-threshold, --grad-clip); `ema` is updated after each step."""
-    guards = Guards(config.optim.skip_threshold, config.optim.grad_clip, config.optim.clip_threshold)
+    follows the config (--skip-threshold, --clip-threshold, --grad-clip); `ema` is updated after each step."""
+    guards = Guards.of(config.optim)
     if world.size > 1:
         inputs = shard_inputs(prep, world, model.latent_dim, fresh_inputs=config.data.binarize == "dynamic",
                               samples=objective.samples)

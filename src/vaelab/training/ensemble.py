@@ -161,7 +161,7 @@ def share_weights(nets: list[torch.nn.Module]) -> dict[str, Tensor]:
 @dataclass
 class _Shared:
     """What the members' step shares: the batched pass of their networks (a module of _PASSES, chosen once),
-    their stacked networks, their guards' counts (9, M) and --skip-threshold, one Adam update over the stacks
+    their stacked networks, their guards' counts (9, M) and rules, one Adam update over the stacks
     where their optimizers allow it (stacked.SharedAdam; None: each steps its own), and each member's trainable
     parameters outside the networks (a learned σ), whose gradients its guard counts as a run alone counts them."""
 
@@ -169,7 +169,7 @@ class _Shared:
     encoder: dict[str, Tensor]
     decoder: dict[str, Tensor]
     stats: Tensor
-    guards: Guards  # the members' --skip-threshold and --clip-threshold (the same for all)
+    guards: Guards  # the members' rules (the same for all; --grad-clip is not one an ensemble takes)
     adam: stacked.SharedAdam | None
     others: list[list[torch.nn.Parameter]]
 
@@ -195,9 +195,7 @@ def share(members: list[_Member]) -> _Shared:
     template = members[0].state.model
     net_pass = _pass(template.encoder, template.decoder)
     assert net_pass is not None, "group_key admits networks with a batched pass only"
-    optim = members[0].state.config.optim
-    return _Shared(net_pass, encoder, decoder, stats, Guards(optim.skip_threshold, clip_threshold=optim.clip_threshold),
-                   adam, others)
+    return _Shared(net_pass, encoder, decoder, stats, Guards.of(members[0].state.config.optim), adam, others)
 
 
 def _networks(template: VAE, shared: _Shared, xs: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:

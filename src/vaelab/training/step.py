@@ -61,6 +61,11 @@ class Guards:
     grad_clip: float = 0.0  # rescale the gradient to at most this total norm
     clip_threshold: float = 0.0  # rescale the gradient to at most this multiple of the usual norm
 
+    @classmethod
+    def of(cls, optim) -> Guards:
+        """The rules a run's OptimConfig sets (--skip-threshold, --grad-clip, --clip-threshold)."""
+        return cls(optim.skip_threshold, optim.grad_clip, optim.clip_threshold)
+
 
 # the guard's running numbers, one vector on the device (indices into Guard.stats)
 SKIPPED, NONFINITE, STREAK, STEPS, NORM_SUM, NORM_MAX, LOG_USUAL, SEEN, CLIPPED = range(9)
