@@ -158,7 +158,6 @@ def test_bf16_autocast_keeps_the_terms_in_float32_and_close():
     (dict(arch="conv", groups=2), "--groups applies to --arch hierarchical"),
     (dict(arch="hierarchical", hidden=[32, 64]), "--hidden for --arch hierarchical is one width"),
     (dict(arch="hierarchical", groups=0), "--groups must be an integer > 0"),
-    (dict(arch="hierarchical", prior="mog"), "--prior mog applies to --arch mlp and conv"),
 ])
 def test_bad_settings_name_the_value_and_what_is_allowed(settings, match):
     with pytest.raises(ConfigError, match=match):

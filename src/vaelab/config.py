@@ -142,9 +142,6 @@ class ModelConfig(Role):
         if len(self.hidden) != 1:
             raise ConfigError("--hidden for --arch hierarchical is one width (the channels of both passes), such as "
                               f"64; got {','.join(map(str, self.hidden))}")
-        if self.prior != "standard":
-            raise ConfigError(f"--prior {self.prior} applies to --arch mlp and conv; --arch hierarchical has its own "
-                              "prior p(z_i | z_<i) per group")
         groups = 1 if self.groups is None else self.groups
         positive_int("groups", groups)
         self._set("groups", groups)

@@ -67,10 +67,13 @@ def network_lines(model, arch: str, hidden: Sequence[int] | None, blocks: int) -
     own = n_parameters(model.likelihood)
     if own:
         out.append(f"likelihood: {own:,} parameter(s)")
+    return out + _prior_lines(model)
+
+
+def _prior_lines(model) -> list[str]:
+    """A learned prior's line (the VampPrior's encoder is the model's, counted above); none for N(0, I)."""
     prior = n_parameters(model.prior)
-    if prior:  # a learned prior (the VampPrior's encoder is the one above)
-        out.append(f"prior: {model.prior.describe()}, {prior:,} parameters")
-    return out
+    return [f"prior: {model.prior.describe()}, {prior:,} parameters"] if prior else []
 
 
 def _hierarchy_lines(model, hidden: list[int], blocks: int) -> list[str]:
@@ -82,7 +85,7 @@ def _hierarchy_lines(model, hidden: list[int], blocks: int) -> list[str]:
             f"{blocks} bottleneck block(s) per stride-2 stage)",
             f"decoder (top-down): {n_parameters(model.decoder):,} parameters ({len(names)} latent groups, "
             f"{', '.join(names)}, {model.code_dim} channels each: {model.latent_dim:,} latent units; "
-            f"{model.likelihood.n_params} output tensor(s) per pixel)"]
+            f"{model.likelihood.n_params} output tensor(s) per pixel)", *_prior_lines(model)]
 
 
 def _widths(model, width: int) -> str:

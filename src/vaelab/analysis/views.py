@@ -156,10 +156,11 @@ def traversals(model: VAE, dims: list[int], steps: int = 9, base: np.ndarray | N
 def temperature_rows(model: VAE, n: int = 10, temperatures: tuple[float, ...] = (1.0, 0.8, 0.6), seed: int = 0
                      ) -> list[tuple[str, np.ndarray]]:
     """One row per temperature T: f(z) for n prior draws with every latent's noise scaled by T (the same draws,
-    rescaled, in every row)."""
+    rescaled, in every row; a learned top prior's draws keep their components and scale their spread)."""
     model.eval()
-    u = model.sample_prior(n, torch.Generator().manual_seed(seed))  # (n, L)
-    return [(f"T = {t:g}", _as_numpy(decode_images(model, u * t))) for t in temperatures]
+    return [(f"T = {t:g}", _as_numpy(decode_images(model, model.sample_prior(n, torch.Generator().manual_seed(seed),
+                                                                             t))))
+            for t in temperatures]
 
 
 @torch.no_grad()

@@ -168,12 +168,12 @@ class Explorer:
             "centre": _round(self.centre),
             "basis": _round(self.basis),
             "basis_kind": "axes" if self.latent_dim == 2 else "pca",
-            "prior": self.model.prior.name,
-            "prior_text": self.model.prior.describe(),
+            "prior": self.model.code_prior.name,
+            "prior_text": self.model.code_prior.describe(),
             # N(0, I) seen in any plane through z = 0 is N(0, I_2): the circles that hold these shares of its mass
             # (a learned prior has none: in two dimensions its log-density comes on a grid instead)
             "prior_radii": ({label: round(r, 4) for label, r in prior_radii(2).items()}
-                            if self.model.prior.name == "standard" else {}),
+                            if self.model.code_prior.name == "standard" else {}),
             "prior_density": self.prior_density(),
             "limits": {"max_abs_z": MAX_ABS_Z, "max_batch": self.max_batch, "max_sigma": MAX_SIGMA,
                        "max_seed": MAX_SEED},
@@ -183,14 +183,14 @@ class Explorer:
         """A learned prior in two dimensions: {"extent": E, "log_p": n rows of n values}, log p(z) at the centres
         of an n x n grid over [-E, E]²; row i at z₂ = E − (i + ½)·2E/n, column j at z₁ = −E + (j + ½)·2E/n (row 0
         at the top, as drawn). E covers the codes as the page's default view does. None otherwise."""
-        if self.latent_dim != 2 or self.model.prior.name == "standard":
+        if self.latent_dim != 2 or self.model.code_prior.name == "standard":
             return None
         extent = float(min(MAX_ABS_Z, max(4.0, 1.15 * np.percentile(np.abs(self.codes).max(1), 99))))
         t = -extent + (np.arange(n) + 0.5) * (2 * extent / n)  # (n,) cell centres, ascending
         z1, z2 = np.meshgrid(t, t[::-1])  # (n, n): row i at z₂ = t[n - 1 - i]
         z = torch.from_numpy(np.stack([z1.ravel(), z2.ravel()], 1).astype(np.float32)).to(self.device)
         with self.lock, torch.inference_mode():
-            log_p = self.model.prior.log_prob(z).float().cpu().numpy().reshape(n, n)
+            log_p = self.model.code_prior.log_prob(z).float().cpu().numpy().reshape(n, n)
         return {"extent": round(extent, 5), "log_p": _round(log_p, 3)}
 
     def observation_scale(self) -> tuple[float | None, bool]:

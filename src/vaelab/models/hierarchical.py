@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from .cells import Block, BottomUp, TopDownCell, gaussian_kl
 from .likelihoods import Likelihood, make_likelihood
 from .nets import MAX_FINAL_SIDE, NET_VERSION, stage_sizes, to_channels_last
-from .priors import LOG_2PI, StandardPrior
+from .priors import LOG_2PI, Prior, StandardPrior, _gen_device, log_standard_normal, make_prior
 from .vae import ARCH_MODELS, VAE, DiagonalGaussian, Terms
 
 MAX_LATENT_SIDE = 16  # latent groups at every ladder size up to this larger side (half of 32x32, a quarter of 64)
@@ -100,9 +100,10 @@ class Draws:
         q = self.posterior()
         return gaussian_kl(q.mean, q.logvar, self.pm, self.plv)
 
-    def log_p(self) -> Tensor:
-        """Σ_i log p(z_i | z_<i), (N,)."""
-        return -0.5 * ((self.z - self.pm).square() * torch.exp(-self.plv) + self.plv + LOG_2PI).sum(-1)
+    def log_p(self, start: int = 0) -> Tensor:
+        """Σ_i log p(z_i | z_<i), (N,), over the units from `start` on."""
+        z, pm, plv = self.z[:, start:], self.pm[:, start:], self.plv[:, start:]
+        return -0.5 * ((z - pm).square() * torch.exp(-plv) + plv + LOG_2PI).sum(-1)
 
     def log_q(self, eps: Tensor) -> Tensor:
         """Σ_i log q(z_i | x, z_<i), (N,), for z drawn as μ_q + σ_q·eps."""
@@ -182,14 +183,43 @@ class TopDown(nn.Module):
         return qm.flatten(1), qlv.flatten(1)
 
 
+class HierarchyPrior(Prior):
+    """The prior in decode's coordinates (see the module docstring): the top group's own prior over its first
+    units (N(0, I), or a learned one: --prior mog | vamp), then the lower groups' standardized noise u ~ N(0, I),
+    from which the top-down pass computes z_i = μ_p + σ_p·u_i. So a draw decodes to a sample of the model."""
+
+    def __init__(self, top: Prior, latent_dim: int):
+        super().__init__(latent_dim)
+        self.top = top
+        self.name, self.closed_form_kl = top.name, top.closed_form_kl
+
+    def describe(self) -> str:
+        return f"{self.top.describe()} for the top group, p(z_i | z_<i) below it"
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        k = self.top.latent_dim
+        return self.top.log_prob(z[..., :k]) + log_standard_normal(z[..., k:])
+
+    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
+        u = torch.randn(n, self.latent_dim, generator=generator, device=_gen_device(generator)) * temperature
+        if not isinstance(self.top, StandardPrior):  # N(0, I) over the top too: one (n, L) draw, as for every unit
+            u[:, :self.top.latent_dim] = self.top.sample(n, generator, temperature).to(u)
+        return u
+
+    def init_from_data(self, x: Tensor) -> None:
+        self.top.init_from_data(x)
+
+
 class HierarchicalVAE(VAE):
     """The hierarchy behind VAE's interface (see the module docstring). `width` channels in both passes (fewer above
     MAX_LATENT_SIDE from net_version 3: size_widths), `blocks` bottleneck blocks per encoder stage and per decoder
     refinement size, `groups` latent groups per resolution, `z_channels` channels per group (so the top group, at
-    1x1, has z_channels units)."""
+    1x1, has z_channels units). `prior` is the top group's prior (--prior: standard, mog, vamp); a learned one's
+    KL is estimated at the drawn z_top (Terms.kl_estimate), the lower groups' stays in closed form."""
 
     def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int, z_channels: int,
-                 likelihood: Likelihood, version: int = NET_VERSION):
+                 likelihood: Likelihood, version: int = NET_VERSION, prior: str = "standard",
+                 prior_components: int | None = None):
         nn.Module.__init__(self)  # VAE's single-latent networks are not built: the hierarchy replaces them
         self.shape = (int(shape[0]), int(shape[1]), int(shape[2]))
         self.likelihood = likelihood
@@ -202,15 +232,17 @@ class HierarchicalVAE(VAE):
         self.decoder = TopDown(self.shape, width, blocks, groups, z_channels, likelihood.n_params, mid, widths, mids)
         self.latent_dim = self.decoder.latent_dim
         self.code_dim = z_channels
-        # sample_prior draws the decoder's standardized noise u ~ N(0, T² I) over all L units (see decode)
-        self.prior = StandardPrior(self.latent_dim)
+        # sample_prior draws the top group's z and the lower groups' standardized noise u ~ N(0, T² I) (see decode)
+        top = make_prior(prior, z_channels, prior_components, self.shape, self._top_posterior)
+        self.prior: HierarchyPrior = HierarchyPrior(top, self.latent_dim)
 
     @classmethod
     def from_config(cls, config, shape: tuple[int, int, int]) -> HierarchicalVAE:
         m = getattr(config, "model", config)
         lik = make_likelihood(m.likelihood, m.sigma, m.mixtures)
         groups = DEFAULT_GROUPS if m.groups is None else m.groups
-        return cls(shape, m.hidden[0], m.blocks, groups, m.latent_dim, lik, m.net_version)
+        return cls(shape, m.hidden[0], m.blocks, groups, m.latent_dim, lik, m.net_version, m.prior,
+                   m.prior_components)
 
     @property
     def group_sizes(self) -> list[int]:
@@ -230,9 +262,17 @@ class HierarchicalVAE(VAE):
         """Sums over each group's units: (..., L) -> (..., G)."""
         return torch.stack([t.sum(-1) for t in per_unit.split(self.group_sizes, dim=-1)], dim=-1)
 
+    def _top_posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(μ_q, log σ²_q) of the top group for images x, (B, code_dim) each: what a VampPrior encodes."""
+        return self.decoder.top_posterior(self.encoder(x)[(1, 1)])
+
+    @property
+    def code_prior(self) -> Prior:
+        return self.prior.top
+
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """q(z_top | x): the top group's posterior, (B, code_dim)."""
-        mean, logvar = self.decoder.top_posterior(self.encoder(x)[(1, 1)])
+        mean, logvar = self._top_posterior(x)
         return DiagonalGaussian(mean.to(x.dtype), logvar.to(x.dtype))
 
     def decode(self, z: Tensor) -> list[Tensor]:
@@ -254,7 +294,26 @@ class HierarchicalVAE(VAE):
         eps = self._noise(x) if eps is None else eps
         params, draws = self.decoder(eps, self.encoder(x))
         rec, sq_err, sigma = self.observe(params, x, extras)
-        return Terms(rec, draws.kl_per_dim(), sq_err, sigma, q=draws.posterior(), z=draws.z)
+        kl, kl_top = self._kl(draws)
+        return Terms(rec, kl, sq_err, sigma, q=draws.posterior(), z=draws.z, kl_estimate=kl_top)
+
+    def _kl(self, draws: Draws) -> tuple[Tensor, Tensor | None]:
+        """(each unit's KL in closed form, (N, L); None, or with a learned top prior the top group's KL estimated
+        at its draw, log q(z_top|x) − log p(z_top), (N,), its units then 0 in the first)."""
+        kl = draws.kl_per_dim()
+        if self.prior.closed_form_kl:
+            return kl, None
+        k, q = self.code_dim, draws.posterior()
+        z = draws.z[:, :k]
+        log_q = DiagonalGaussian(q.mean[:, :k], q.logvar[:, :k]).log_prob(z)
+        return F.pad(kl[:, k:], (k, 0)), log_q - self.prior.top.log_prob(z)
+
+    def _log_prior(self, draws: Draws) -> Tensor:
+        """Σ_i log p(z_i | z_<i), (N,), with the top group's own prior."""
+        if self.prior.closed_form_kl:
+            return draws.log_p()
+        k = self.code_dim
+        return draws.log_p(k) + self.prior.top.log_prob(draws.z[:, :k])
 
     def forward(self, x: Tensor, eps: Tensor | None = None, samples: int = 1) -> Terms:
         """As VAE.forward. With K > 1 draws per example, kl_per_dim is the mean over the draws of each unit's
@@ -265,8 +324,10 @@ class HierarchicalVAE(VAE):
         log_px_z, log_w, draws = self._weights(x, self.encoder(x), eps)
         q = draws.posterior()
         shape = eps.shape
-        return Terms(-log_px_z.mean(0), draws.kl_per_dim().view(shape).mean(0), None, None, log_w,
-                     q=DiagonalGaussian(q.mean.view(shape), q.logvar.view(shape)), z=draws.z.view(shape))
+        kl, kl_top = self._kl(draws)
+        return Terms(-log_px_z.mean(0), kl.view(shape).mean(0), None, None, log_w,
+                     q=DiagonalGaussian(q.mean.view(shape), q.logvar.view(shape)), z=draws.z.view(shape),
+                     kl_estimate=None if kl_top is None else kl_top.view(shape[:2]).mean(0))
 
     def _weights(self, x: Tensor, acts: dict, eps: Tensor) -> tuple[Tensor, Tensor, Draws]:
         """(log p(x|z_k), log w_k = log p(x|z_k) + Σ_i log p(z_i|z_<i) − Σ_i log q(z_i|x, z_<i)), each (K, B),
@@ -276,7 +337,7 @@ class HierarchicalVAE(VAE):
         params, draws = self.decoder(flat, {s: a.repeat(k, 1, 1, 1) for s, a in acts.items()})
         params = [p.reshape(k, *x.shape) for p in params]  # (K, B, C, H, W)
         log_px_z = self.likelihood.log_prob(params, x)  # (K, B)
-        return log_px_z, log_px_z + (draws.log_p() - draws.log_q(flat)).view(k, b), draws
+        return log_px_z, log_px_z + (self._log_prior(draws) - draws.log_q(flat)).view(k, b), draws
 
     @torch.no_grad()
     def iwae_bound(self, x: Tensor, k: int, chunk: int = 100, eps: Tensor | None = None) -> Tensor:

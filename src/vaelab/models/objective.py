@@ -128,18 +128,19 @@ class ELBO(Objective):
 
     def __call__(self, out: Terms, batch: Batch) -> Loss:
         rec = out.rec.sum() / batch.n  # this process's share of the batch-mean reconstruction term
-        if out.kl_per_dim is None:  # a learned prior: the KL estimated at the sampled z, (B,)
-            if self.settings.free_bits > 0:
-                raise ConfigError("--free-bits needs a per-dimension KL: use --prior standard")
-            kl = out.kl.sum() / batch.n
-            return Loss(rec + batch.beta * kl, {"rec": rec.detach(), "kl": kl.detach()})
-        kl_d = out.kl_per_dim.sum(0) / batch.n  # (L,) its share of the batch-mean KL per dimension
         free_bits = self.settings.free_bits
-        if free_bits > 0:
-            mean_d = batch.all_sum(kl_d.detach().clone())  # (L,) the whole batch's mean KL per dimension
-            # a clamped dimension contributes its share of the bound (the shares sum to the bound) and no gradient
-            kl_d = torch.where(mean_d >= free_bits, kl_d, kl_d.new_full((), free_bits / batch.processes))
-        kl = kl_d.sum()
+        if out.kl_estimate is not None and free_bits > 0:  # a learned prior: the KL estimated at the sampled z
+            raise ConfigError("--free-bits needs a per-dimension KL: use --prior standard")
+        kl = rec.new_zeros(())
+        if out.kl_per_dim is not None:
+            kl_d = out.kl_per_dim.sum(0) / batch.n  # (L,) its share of the batch-mean KL per dimension
+            if free_bits > 0:
+                mean_d = batch.all_sum(kl_d.detach().clone())  # (L,) the whole batch's mean KL per dimension
+                # a clamped dimension adds its share of the bound (the shares sum to the bound) and no gradient
+                kl_d = torch.where(mean_d >= free_bits, kl_d, kl_d.new_full((), free_bits / batch.processes))
+            kl = kl_d.sum()
+        if out.kl_estimate is not None:
+            kl = kl + out.kl_estimate.sum() / batch.n
         return Loss(rec + batch.beta * kl, {"rec": rec.detach(), "kl": kl.detach()})
 
     def __init__(self, settings: ObjectiveSettings = ObjectiveSettings()):

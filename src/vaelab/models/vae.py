@@ -57,11 +57,13 @@ ARCH_MODELS: dict[str, type[VAE]] = {}
 class Terms:
     """Per-example parts of the negative ELBO, all in nats: rec (B,) at the sampled z (averaged over the z's when
     several are drawn per example) and the KL: per latent dimension (B, L) in closed form where the prior has one
-    (N(0, I)), else (a learned prior) `kl_estimate` (B,), log q(z|x) − log p(z) at the sampled z (averaged over
-    the z's), an unbiased estimate of KL(q(z|x) ‖ p(z)). `kl` is the per-example KL either way."""
+    (N(0, I)), and `kl_estimate` (B,) for the part that has none (a learned prior's): log q(z|x) − log p(z) at the
+    sampled z (averaged over the z's), an unbiased estimate of KL(q(z|x) ‖ p(z)). A single-latent model has one or
+    the other; a hierarchical model with a learned top prior has both (the top group's units are 0 in kl_per_dim,
+    its KL is kl_estimate). `kl` is the per-example KL, their sum."""
 
     rec: Tensor  # -log p(x|z)
-    kl_per_dim: Tensor | None  # (B, L); None where the prior has no closed-form KL
+    kl_per_dim: Tensor | None  # (B, L); None where no unit's KL has a closed form
     sq_err: Tensor | None  # ||x - f(z)||², summed over pixels, f(z) the decoder mean at the same z as rec
     sigma: Tensor | None  # σ in use (Gaussian) or b (Laplace), averaged over pixels
     # with K > 1 draws per example: log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x), (K, B)
@@ -69,17 +71,17 @@ class Terms:
     # the posterior and the z it drew, (B, L) (K > 1 draws: (K, B, L)), for objectives that read them
     q: DiagonalGaussian | None = None
     z: Tensor | None = None
-    kl_estimate: Tensor | None = None  # (B,) log q(z|x) − log p(z) at the z drawn, where kl_per_dim is None
+    kl_estimate: Tensor | None = None  # (B,) log q(z|x) − log p(z) at the z drawn, for units without closed form
     # with K > 1 draws: log p(x|z_k) + log p(z_k), (K, B): the log weights' numerator (DReG re-divides it by a q
     # whose parameters are detached)
     log_joint: Tensor | None = None
 
     @property
     def kl(self) -> Tensor:
-        if self.kl_per_dim is not None:
+        if self.kl_estimate is None:
+            assert self.kl_per_dim is not None, "terms carry a closed-form KL, an estimate, or both"
             return self.kl_per_dim.sum(1)
-        assert self.kl_estimate is not None, "a learned prior's terms carry the KL estimate"
-        return self.kl_estimate
+        return self.kl_estimate if self.kl_per_dim is None else self.kl_per_dim.sum(1) + self.kl_estimate
 
     @property
     def loss(self) -> Tensor:
@@ -127,6 +129,11 @@ class VAE(nn.Module):
             return [{"params": list(self.parameters())}]
         ids = {id(p) for p in own}
         return [{"params": [p for p in self.parameters() if id(p) not in ids]}, {"params": own, "lr": own_lr}]
+
+    @property
+    def code_prior(self) -> Prior:
+        """The prior of the codes `encode` gives (for this model, p(z) itself)."""
+        return self.prior
 
     @property
     def n_pixels(self) -> int:

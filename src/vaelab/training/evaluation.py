@@ -131,8 +131,11 @@ def elbo_metrics(model: VAE, x: Tensor | StoredImages, batch_size: int, prepare,
         if named:
             out["objective_parts"] = dict(zip(named, (totals[6:first] / n).tolist(), strict=True))
     per_group = getattr(model, "per_group", None)  # a hierarchical model: the KL of each latent group, top first
-    if per_group is not None and out["kl_per_dim"] is not None:
-        out["kl_per_group"] = per_group(totals[first:] / n).tolist()
+    if per_group is not None:
+        groups = per_group(totals[first:] / n)  # (G,) in closed form; a learned top prior's units are 0 there
+        if out["kl_per_dim"] is None:
+            groups[0] += kl - groups.sum()  # ... and its KL is the estimated rest
+        out["kl_per_group"] = groups.tolist()
     return out
 
 
@@ -143,7 +146,7 @@ def _add_batch(model: VAE, totals: Tensor, xin: Tensor, eps: Tensor, scored: Sco
     t = model.terms(xin, eps=eps)
     assert t.sq_err is not None, "terms() with extras computes it"
     totals[:3] += torch.stack([t.rec.sum(), t.kl.sum(), t.sq_err.sum()]).double()
-    if t.kl_per_dim is not None:  # a learned prior has no KL per dimension; its KL is estimated at z
+    if t.kl_per_dim is not None:  # a learned prior's KL is estimated at z (kl_estimate), not per dimension
         totals[first:] += t.kl_per_dim.sum(0).double()
     if t.sigma is not None:
         totals[3] += t.sigma.double().sum()
