@@ -42,6 +42,7 @@ Precision = Literal["fp32", "bf16"]
 Background = Literal["white", "black"]
 PriorName = Literal["standard", "mog", "vamp"]
 IWGrad = Literal["standard", "dreg"]
+FreeBitsPer = Literal["dim", "group"]
 
 # keys that config.json files of earlier versions hold and that no longer mean anything
 RETIRED_KEYS = ("handwritten_grads",)
@@ -158,8 +159,14 @@ class OptimConfig(Role):
     beta: float = option(1.0, "weight of the KL term in the training objective", "objective")
     kl_warmup: float = option(0.0, "raise the KL weight linearly from 0 to beta over this many epochs", "objective",
                               metavar="EPOCHS")
-    free_bits: float = option(0.0, "lower bound on each latent dimension's batch-mean KL in the objective (nats)",
-                              "objective", metavar="NATS")
+    free_bits: float = option(0.0, "lower bound on each latent dimension's (or group's: --free-bits-per) batch-mean "
+                              "KL in the objective (nats)", "objective", metavar="NATS")
+    free_bits_per: FreeBitsPer = option("dim", "what --free-bits bounds: each latent dimension's KL, or with --arch "
+                                        "hierarchical each latent group's (Kingma et al. 2016's free bits per group)",
+                                        "objective")
+    kl_balance: bool = option(False, "--arch hierarchical, during --kl-warmup: weigh each latent group's KL by its "
+                              "batch-mean KL per unit (NVAE's KL balancing; the weights average 1), so that groups "
+                              "with little KL are cheap to use and none collapses early", "objective")
     iw_train: int = option(1, "iwae: draws of z per image in the training objective", "objective", metavar="K")
     iw_grad: IWGrad = option("standard", "iwae: the gradient estimator: standard (the bound's own gradient) or dreg "
                              "(doubly reparameterized, Tucker et al. 2019: the same expected gradient, lower variance "
@@ -217,6 +224,7 @@ class OptimConfig(Role):
 
     def objective_settings(self) -> ObjectiveSettings:
         return ObjectiveSettings(beta=self.beta, kl_warmup=self.kl_warmup, free_bits=self.free_bits,
+                                 free_bits_per=self.free_bits_per, kl_balance=self.kl_balance,
                                  iw_train=self.iw_train, iw_grad=self.iw_grad, tc_weight=self.tc_weight,
                                  lambda_od=self.lambda_od, lambda_d=self.lambda_d)
 
@@ -280,9 +288,7 @@ class TrainConfig:
             part = dataclasses.replace(typing.cast(Any, base), **by_role[role]) if base is not None \
                 else cls(**by_role[role])
             object.__setattr__(self, role, part)
-        if self.model.prior != "standard" and self.optim.free_bits > 0:
-            raise ConfigError(f"--free-bits bounds a per-dimension KL, which --prior {self.model.prior} does not have "
-                              "(its KL is estimated per image); use --prior standard or leave out --free-bits")
+        self._check_groups()
         if self.optim.iw_grad == "dreg" and self.model.arch == "hierarchical":
             raise ConfigError("--iw-grad dreg applies to --arch mlp and conv: a hierarchical posterior's groups depend "
                               "on the draws above them; use --iw-grad standard")
@@ -294,6 +300,25 @@ class TrainConfig:
             object.__setattr__(self, "optim", dataclasses.replace(
                 self.optim, lr=DEFAULT_LR[arch] if self.optim.lr is None else self.optim.lr,
                 batch_size=DEFAULT_BATCH[arch] if self.optim.batch_size is None else self.optim.batch_size))
+
+    def _check_groups(self) -> None:
+        """The settings that read a KL per dimension or per latent group against the model's latents."""
+        optim, hierarchical = self.optim, self.model.arch == "hierarchical"
+        if not hierarchical and (optim.free_bits_per == "group" or optim.kl_balance):
+            flag = "--kl-balance" if optim.kl_balance else "--free-bits-per group"
+            raise ConfigError(f"{flag} reads the KL of each latent group, which --arch hierarchical has; got --arch "
+                              f"{self.model.arch}")
+        if optim.free_bits_per == "group" and optim.free_bits <= 0:
+            raise ConfigError("--free-bits-per group says what --free-bits NATS bounds; give --free-bits too")
+        if optim.kl_balance and optim.kl_warmup <= 0:
+            raise ConfigError("--kl-balance weighs the groups' KL during the KL warm-up; give --kl-warmup EPOCHS too")
+        if optim.kl_balance and optim.free_bits > 0 and optim.free_bits_per == "dim":
+            raise ConfigError("--kl-balance weighs each group's KL; with it --free-bits bounds groups: add "
+                              "--free-bits-per group")
+        if self.model.prior != "standard" and optim.free_bits > 0 and optim.free_bits_per == "dim":
+            raise ConfigError(f"--free-bits bounds a per-dimension KL, which --prior {self.model.prior} does not have "
+                              "(its KL is estimated per image); use --prior standard, --free-bits-per group (--arch "
+                              "hierarchical) or leave out --free-bits")
 
     @property
     def lr(self) -> float:

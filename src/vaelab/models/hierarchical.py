@@ -295,7 +295,8 @@ class HierarchicalVAE(VAE):
         params, draws = self.decoder(eps, self.encoder(x))
         rec, sq_err, sigma = self.observe(params, x, extras)
         kl, kl_top = self._kl(draws)
-        return Terms(rec, kl, sq_err, sigma, q=draws.posterior(), z=draws.z, kl_estimate=kl_top)
+        return Terms(rec, kl, sq_err, sigma, q=draws.posterior(), z=draws.z, kl_estimate=kl_top,
+                     group_sizes=tuple(self.group_sizes))
 
     def _kl(self, draws: Draws) -> tuple[Tensor, Tensor | None]:
         """(each unit's KL in closed form, (N, L); None, or with a learned top prior the top group's KL estimated
@@ -327,7 +328,8 @@ class HierarchicalVAE(VAE):
         kl, kl_top = self._kl(draws)
         return Terms(-log_px_z.mean(0), kl.view(shape).mean(0), None, None, log_w,
                      q=DiagonalGaussian(q.mean.view(shape), q.logvar.view(shape)), z=draws.z.view(shape),
-                     kl_estimate=None if kl_top is None else kl_top.view(shape[:2]).mean(0))
+                     kl_estimate=None if kl_top is None else kl_top.view(shape[:2]).mean(0),
+                     group_sizes=tuple(self.group_sizes))
 
     def _weights(self, x: Tensor, acts: dict, eps: Tensor) -> tuple[Tensor, Tensor, Draws]:
         """(log p(x|z_k), log w_k = log p(x|z_k) + Σ_i log p(z_i|z_<i) − Σ_i log q(z_i|x, z_<i)), each (K, B),

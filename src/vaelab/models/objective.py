@@ -58,6 +58,8 @@ class ObjectiveSettings:
     beta: float = 1.0  # the KL weight (after warm-up); each step passes its own β in Batch
     kl_warmup: float = 0.0
     free_bits: float = 0.0
+    free_bits_per: str = "dim"  # what free bits bound: each latent dimension's KL or each latent group's
+    kl_balance: bool = False  # during warm-up (β < 1), weigh each latent group's KL by its KL per unit
     iw_train: int = 1  # draws of z per example
     iw_grad: str = "standard"  # iwae's gradient estimator: standard or dreg
     # β-TCVAE and DIP-VAE (vaelab.models.factor_objectives); None: not given
@@ -119,8 +121,11 @@ def make_objective(name: str, settings: ObjectiveSettings = ObjectiveSettings())
 class ELBO(Objective):
     """mean −log p(x|z) + β · Σ_d max(batch-mean KL_d, free_bits): the negative ELBO at β = 1 without free bits.
 
-    Free bits (Kingma et al., 2016) bound each latent dimension's batch-mean KL from below: a dimension below the
-    bound adds the bound to the value and nothing to the gradient.
+    Free bits (Kingma et al., 2016) bound each latent dimension's batch-mean KL from below (with free_bits_per
+    "group", each latent group's: a hierarchical model's): a dimension below the bound adds the bound to the value
+    and nothing to the gradient. With kl_balance, while β < 1 (KL warm-up), group g's KL is weighted by
+    γ_g ∝ (batch-mean KL_g + 0.01) / units_g, the γ averaging 1 (Vahdat & Kautz 2020): a group whose KL per unit is
+    small costs little to use, so the warm-up does not leave groups unused; from β = 1 on it is the ELBO's sum.
     """
 
     name = "elbo"
@@ -128,10 +133,18 @@ class ELBO(Objective):
 
     def __call__(self, out: Terms, batch: Batch) -> Loss:
         rec = out.rec.sum() / batch.n  # this process's share of the batch-mean reconstruction term
+        if self.settings.free_bits_per == "group" or self.settings.kl_balance:
+            kl, weighted = self._by_group(out, batch)
+        else:
+            kl = weighted = self._by_dim(out, batch)
+        return Loss(rec + batch.beta * weighted, {"rec": rec.detach(), "kl": kl.detach()})
+
+    def _by_dim(self, out: Terms, batch: Batch) -> Tensor:
+        """This process's share of Σ_d max(batch-mean KL_d, free_bits), plus a learned prior's estimated KL."""
         free_bits = self.settings.free_bits
         if out.kl_estimate is not None and free_bits > 0:  # a learned prior: the KL estimated at the sampled z
             raise ConfigError("--free-bits needs a per-dimension KL: use --prior standard")
-        kl = rec.new_zeros(())
+        kl = out.rec.new_zeros(())
         if out.kl_per_dim is not None:
             kl_d = out.kl_per_dim.sum(0) / batch.n  # (L,) its share of the batch-mean KL per dimension
             if free_bits > 0:
@@ -141,7 +154,26 @@ class ELBO(Objective):
             kl = kl_d.sum()
         if out.kl_estimate is not None:
             kl = kl + out.kl_estimate.sum() / batch.n
-        return Loss(rec + batch.beta * kl, {"rec": rec.detach(), "kl": kl.detach()})
+        return kl
+
+    def _by_group(self, out: Terms, batch: Batch) -> tuple[Tensor, Tensor]:
+        """This process's share of (Σ_g max(batch-mean KL_g, free_bits) with free_bits_per "group", the same
+        weighted by the balancing γ_g while β < 1 with kl_balance)."""
+        per_group = out.kl_per_group()
+        if per_group is None:
+            raise ConfigError("--free-bits-per group and --kl-balance need a model with latent groups: use --arch "
+                              "hierarchical")
+        assert out.group_sizes is not None, "a KL per group comes with the groups' sizes"
+        kl_g = per_group.sum(0) / batch.n  # (G,) its share of the batch-mean KL of each group
+        mean_g = batch.all_sum(kl_g.detach().clone())  # (G,) the whole batch's
+        free_bits = self.settings.free_bits
+        if free_bits > 0 and self.settings.free_bits_per == "group":
+            kl_g = torch.where(mean_g >= free_bits, kl_g, kl_g.new_full((), free_bits / batch.processes))
+        kl = kl_g.sum()
+        if not self.settings.kl_balance or batch.beta >= 1.0:
+            return kl, kl
+        gamma = (mean_g.abs() + 0.01) / kl_g.new_tensor(out.group_sizes)  # (G,) ∝ the batch-mean KL per unit
+        return kl, (gamma / gamma.mean() * kl_g).sum()
 
     def __init__(self, settings: ObjectiveSettings = ObjectiveSettings()):
         if settings.iw_train != 1:
@@ -175,9 +207,9 @@ class IWAE(Objective):
         if settings.iw_grad == "dreg" and settings.iw_train < 2:
             raise ConfigError("--iw-grad dreg reweights K >= 2 draws per image; got --iw-train "
                               f"{settings.iw_train}")
-        if settings.beta != 1.0 or settings.kl_warmup > 0 or settings.free_bits > 0:
-            raise ConfigError("--objective iwae trains the bound itself: --beta, --kl-warmup and --free-bits apply "
-                              "to --objective elbo only")
+        if settings.beta != 1.0 or settings.kl_warmup > 0 or settings.free_bits > 0 or settings.kl_balance:
+            raise ConfigError("--objective iwae trains the bound itself: --beta, --kl-warmup, --free-bits and "
+                              "--kl-balance apply to --objective elbo only")
         super().__init__(settings)
 
     @property

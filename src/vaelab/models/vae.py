@@ -75,6 +75,19 @@ class Terms:
     # with K > 1 draws: log p(x|z_k) + log p(z_k), (K, B): the log weights' numerator (DReG re-divides it by a q
     # whose parameters are detached)
     log_joint: Tensor | None = None
+    # a hierarchical model: the units of each latent group, top first (the columns of kl_per_dim); None: one group
+    group_sizes: tuple[int, ...] | None = None
+
+    def kl_per_group(self) -> Tensor | None:
+        """(B, G) the KL of each latent group, top first (a learned top prior's estimate in the top group's);
+        None for a model with one latent group."""
+        if self.group_sizes is None:
+            return None
+        assert self.kl_per_dim is not None, "a hierarchy's lower groups have a closed-form KL"
+        groups = torch.stack([t.sum(-1) for t in self.kl_per_dim.split(list(self.group_sizes), dim=-1)], dim=-1)
+        if self.kl_estimate is None:
+            return groups
+        return torch.cat([groups[:, :1] + self.kl_estimate[:, None], groups[:, 1:]], dim=1)
 
     @property
     def kl(self) -> Tensor:
