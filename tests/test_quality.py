@@ -12,6 +12,7 @@ import torch
 from vaelab.analysis import judge as judge_module
 from vaelab.analysis.judge import Judge, judge_features, judge_for, train_judge
 from vaelab.analysis.quality import (
+    check_temperatures,
     coverage,
     feature_distance,
     frechet_distance,
@@ -22,6 +23,7 @@ from vaelab.analysis.quality import (
 )
 from vaelab.data import ImageData
 from vaelab.data import cache as decoded_cache
+from vaelab.errors import ConfigError
 
 
 def _rotation(angle: float) -> np.ndarray:
@@ -105,6 +107,27 @@ def test_scores_and_rows():
     assert "not Inception FID" in rows[0][1]
     assert [r[0].strip() for r in rows[1:]] == ["training images (floor)", "reconstructions", "prior samples",
                                                 "aggregate samples (K = 5)"]
+
+
+def test_temperature_rows_follow_the_prior_row():
+    s = {"fd": 2.0, "precision": 0.5, "recall": 0.25}
+    sq = {name: s for name in ("data", "reconstructions", "prior", "aggregate")}
+    sq.update(n_images=300, k=3, judge="autoencoder", aggregate_components=5,
+              prior_temperature={"0.8": {"fd": 1.5, "precision": 0.6, "recall": 0.2}})
+    rows = quality_rows({"sample_quality": sq})
+    assert rows[-1] == ("  prior samples, T = 0.8", "1.500 / 60.0% / 20.0%")
+
+
+@pytest.mark.parametrize(("given", "expected"), [("1,0.8,0.6", (1.0, 0.8, 0.6)), ("0.5, 1 ,0.5", (0.5, 1.0)),
+                                                 ([1, 0.7], (1.0, 0.7))])
+def test_temperatures_parse_from_text_or_numbers(given, expected):
+    assert check_temperatures(given) == expected
+
+
+@pytest.mark.parametrize("bad", ["0", "1,-0.5", "1,,0.8", "warm", "nan", [True], []])
+def test_bad_temperatures_name_the_value(bad):
+    with pytest.raises(ConfigError, match="--temperatures must"):
+        check_temperatures(bad)
 
 
 def _toy_data(labels: bool) -> ImageData:

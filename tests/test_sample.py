@@ -183,6 +183,14 @@ def test_bad_arguments_get_one_line_and_no_file(run_dir, tmp_path, capsys, args,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_eval_with_bad_temperatures_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys):
+    assert main(["eval", str(run_dir), "--temperatures", "1,0", "--json", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--temperatures must be numbers > 0 separated by commas, such as 1,0.8,0.6; got '0'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_missing_run_is_one_line(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "nothing"), "--out", str(tmp_path / "s.png")]) == 2
     assert "not a vaelab run directory" in capsys.readouterr().err
@@ -192,7 +200,7 @@ def test_a_missing_run_is_one_line(tmp_path, capsys):
 def test_eval_reports_sample_quality_and_the_report_shows_it(run_dir, tmp_path):
     out = tmp_path / "e.json"
     r = subprocess.run([*vaelab_cmd(), "eval", str(run_dir), "--limit", "500", "--iw-samples", "2", "--json",
-                        str(out), "--quiet"], capture_output=True, text=True, timeout=600)
+                        str(out), "--quiet", "--temperatures", "1,0.5"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     sq = json.loads(out.read_text())["sample_quality"]
     for name in ("prior", "aggregate", "reconstructions", "data"):
@@ -204,8 +212,14 @@ def test_eval_reports_sample_quality_and_the_report_shows_it(run_dir, tmp_path):
     # the floor: training images lie closer to the test images than anything the model makes
     assert sq["data"]["fd"] < min(sq[name]["fd"] for name in ("prior", "aggregate", "reconstructions"))
     assert "not Inception FID" in r.stdout
+    cooled = sq["prior_temperature"]["0.5"]  # the same draws, their spread halved: other images, other scores
+    assert set(cooled) == {"fd", "precision", "recall"}
+    assert cooled["fd"] != sq["prior"]["fd"]
+    assert "prior samples, T = 0.5" in r.stdout
     skipped = vaelab.evaluate(run_dir, limit=200, iw_samples=2, progress=False, sample_quality=False)
     assert "sample_quality" not in skipped
-    html = vaelab.report(run_dir, tmp_path / "r", iw_samples=2, limit=300, progress=False).read_text()
+    html = vaelab.report(run_dir, tmp_path / "r", iw_samples=2, limit=300, progress=False,
+                         temperatures=[1.0, 0.8]).read_text()
+    assert "prior samples, T = 0.8" in html
     assert 'id="aggregate"' in html
     assert "aggregate samples (K = " in html

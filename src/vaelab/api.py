@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from . import explorer
 from .analysis.aggregate import check_sample_args, sample_images, write_images
 from .analysis.metrics import DEFAULT_IW_SAMPLES, check_eval_args, evaluate_run, headline
+from .analysis.quality import check_temperatures
 from .analysis.reporting import Material, check_figure, draw, write_report
 from .analysis.study import StudyConfig, parse_list
 from .analysis.study import sigma_study as run_study
@@ -57,14 +59,16 @@ def cache_clear(entry: str | None = None) -> str:
 
 def evaluate(path: str | Path, split: str = "test", iw_samples: int = DEFAULT_IW_SAMPLES,
              batch_size: int = 500, limit: int | None = None, json_path: str | Path | None = None,
-             device: str = "auto", progress: bool = True, sample_quality: bool = True) -> dict:
+             device: str = "auto", progress: bool = True, sample_quality: bool = True,
+             temperatures: str | Sequence[float] = (1.0,)) -> dict:
     """The numbers of `vaelab eval` for the run in `path`; also written to `json_path` (atomically) if given.
     `sample_quality`: also score prior, aggregate-posterior and reconstructed images against test images
-    (key "sample_quality"; docs/samples.md)."""
+    (key "sample_quality"; docs/samples.md), the prior's at each of `temperatures` ("1,0.8,0.6" or numbers)."""
     check_eval_args(split, iw_samples, batch_size, limit)  # before the (slow) work, so errors come at once
+    temperatures = check_temperatures(temperatures)
     _check_out_file(json_path, "--json")
     numbers = evaluate_run(_load(path, device), split, iw_samples, batch_size, limit, progress=progress,
-                           sample_quality=sample_quality)
+                           sample_quality=sample_quality, temperatures=temperatures)
     if json_path is not None:
         write_text_atomic(Path(json_path), json.dumps(numbers, indent=2) + "\n")
     return numbers
@@ -72,12 +76,14 @@ def evaluate(path: str | Path, split: str = "test", iw_samples: int = DEFAULT_IW
 
 def report(path: str | Path, out: str | Path | None = None, iw_samples: int = DEFAULT_IW_SAMPLES,
            batch_size: int = 500, limit: int | None = None, device: str = "auto", progress: bool = True,
-           sample_quality: bool = True) -> Path:
+           sample_quality: bool = True, temperatures: str | Sequence[float] = (1.0,)) -> Path:
     """Write every figure, eval.json and a self-contained report.html into `out` (default: the run folder);
-    `sample_quality` as for evaluate()."""
+    `sample_quality` and `temperatures` as for evaluate()."""
     check_eval_args("test", iw_samples, batch_size, limit)
+    temperatures = check_temperatures(temperatures)
     _check_dir(out)
-    return write_report(_load(path, device), out, iw_samples, batch_size, limit, progress, sample_quality)
+    return write_report(_load(path, device), out, iw_samples, batch_size, limit, progress, sample_quality,
+                        temperatures)
 
 
 def plot(path: str | Path, only: str, out: str | Path | None = None, device: str = "auto") -> Path:

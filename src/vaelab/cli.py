@@ -71,7 +71,8 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     numbers = evaluate(args.run, args.split, args.iw_samples, args.batch_size, args.limit, args.json,
-                       args.device, progress=not args.quiet, sample_quality=not args.no_sample_quality)
+                       args.device, progress=not args.quiet, sample_quality=not args.no_sample_quality,
+                       temperatures=args.temperatures)
     print(format_table(numbers))
     if args.json:
         print(f"wrote {args.json}")
@@ -80,7 +81,7 @@ def cmd_eval(args) -> int:
 
 def cmd_report(args) -> int:
     path = report(args.run, args.out, args.iw_samples, args.batch_size, args.limit, args.device,
-                  progress=not args.quiet, sample_quality=not args.no_sample_quality)
+                  progress=not args.quiet, sample_quality=not args.no_sample_quality, temperatures=args.temperatures)
     print(headline(json.loads((path.parent / "eval.json").read_text())))
     print(path)
     return 0
@@ -118,6 +119,8 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
                    "distance, precision, recall of prior, aggregate-posterior and reconstructed images against "
                    "test images, in the features of a judge network trained once per dataset: the first time "
                    "about half a minute on a CPU, then a few seconds; docs/samples.md)")
+    p.add_argument("--temperatures", default="1", metavar="T,T,...", help="also score prior samples drawn at "
+                   "these temperatures, comma-separated, e.g. 1,0.8,0.6: each draw's spread scaled by T (default 1)")
 
 
 def cmd_sample(args) -> int:

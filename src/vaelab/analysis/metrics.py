@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -278,10 +278,10 @@ def split_data(config, split: str, device: torch.device, limit: int | None = Non
 
 def evaluate_run(run, split: str = "test", iw_samples: int = DEFAULT_IW_SAMPLES, batch_size: int = 500,
                  limit: int | None = None, seed: int = 0, progress: bool = False,
-                 sample_quality: bool = False) -> dict:
+                 sample_quality: bool = False, temperatures: Sequence[float] = (1.0,)) -> dict:
     """evaluate() on a run's `split` (its first `limit` images), loaded as the trainer loaded it; with
     `sample_quality`, also the sample-quality scores (vaelab.analysis.quality) against the first `limit` (at
-    most 2000) test images, whatever the split."""
+    most 2000) test images, whatever the split, with prior samples at each of `temperatures`."""
     check_eval_args(split, iw_samples, batch_size, limit)
     device = next(run.model.parameters()).device
     s = split_data(run.config, split, device, limit)
@@ -290,7 +290,8 @@ def evaluate_run(run, split: str = "test", iw_samples: int = DEFAULT_IW_SAMPLES,
     out = {"split": split, **numbers}
     out["normalized"] = s.normalized
     if sample_quality:
-        out["sample_quality"] = run_sample_quality(run, min(N_SCORE, limit or N_SCORE), seed, progress=progress)
+        out["sample_quality"] = run_sample_quality(run, min(N_SCORE, limit or N_SCORE), seed, progress=progress,
+                                                   temperatures=temperatures)
     return out
 
 

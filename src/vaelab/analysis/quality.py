@@ -13,12 +13,15 @@ compare runs at the same image count.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data import NAMES, ImageData
+from ..errors import ConfigError
 from ..runs import Run
 from .aggregate import aggregate_mixture, run_data, sample_images
 from .judge import judge_features, judge_for
@@ -98,13 +101,34 @@ def dataset_identity(config) -> dict:
     return {"dataset": source, "image_size": d.image_size, "center_crop": d.center_crop, "background": d.background}
 
 
+def check_temperatures(temperatures: str | Sequence[float]) -> tuple[float, ...]:
+    """The temperatures `--temperatures` names ("1,0.8,0.6", or numbers), each once, in order; a ConfigError
+    naming the bad value otherwise."""
+    items = temperatures.split(",") if isinstance(temperatures, str) else list(temperatures)
+    out: list[float] = []
+    for t in items:
+        try:
+            value = float(t)
+        except (TypeError, ValueError):
+            value = math.nan
+        if isinstance(t, bool) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"--temperatures must be numbers > 0 separated by commas, such as 1,0.8,0.6; got {t!r}")
+        out.append(value)
+    if not out:
+        raise ConfigError("--temperatures must name at least one temperature, such as 1,0.8,0.6")
+    return tuple(dict.fromkeys(out))
+
+
 @torch.no_grad()
-def sample_quality(run: Run, n: int = N_SCORE, seed: int = 0, k: int = K_NN, progress: bool = False) -> dict | None:
+def sample_quality(run: Run, n: int = N_SCORE, seed: int = 0, k: int = K_NN, progress: bool = False,
+                   temperatures: Sequence[float] = (1.0,)) -> dict | None:
     """Fréchet distance, precision and recall against the run's first n test images (at most N_SCORE), in the
     judge's features, for: its training images (the floor a perfect model would reach), reconstructions
     f(posterior mean) of the test images, and decoder means of n draws from the prior and from the aggregate
-    posterior (the fitted mixture). Each image set is seeded by `seed` alone. None when there are k or fewer
-    images to compare (no k-th neighbour)."""
+    posterior (the fitted mixture). Each image set is seeded by `seed` alone. Prior draws at each of
+    `temperatures` other than 1 are scored too, under "prior_temperature" ({"0.8": scores, ...}: the same seed,
+    every draw's spread scaled by T). None when there are k or fewer images to compare (no k-th neighbour)."""
+    temperatures = check_temperatures(temperatures)
     if n <= k:
         return None
     data, prep = run_data(run)
@@ -121,6 +145,11 @@ def sample_quality(run: Run, n: int = N_SCORE, seed: int = 0, k: int = K_NN, pro
         "prior": sample_images(run, n, "prior", 1.0, seed), "aggregate": sample_images(run, n, "aggregate", 1.0, seed),
     }
     out: dict = {name: scores(real, judge_features(judge, images[name]), k) for name in SCORED}
+    cooled = [t for t in temperatures if t != 1.0]
+    if cooled:
+        out["prior_temperature"] = {f"{t:g}": scores(real, judge_features(judge, sample_images(run, n, "prior", t,
+                                                                                              seed)), k)
+                                    for t in cooled}
     mix, info = aggregate_mixture(run)
     out.update(n_images=n, k=k, judge=judge.kind, aggregate_components=mix.k,
                aggregate_held_out=info["held_out_log_lik"])
@@ -144,6 +173,10 @@ def quality_rows(numbers: dict) -> list[tuple[str, str]]:
     rows = [("sample quality (FD / precision / recall)",
              f"judge: {sq['judge']} trained on this dataset; {sq['n_images']} images each, k = {sq['k']}; lower FD "
              "is better; compares models on one dataset only, not Inception FID")]
-    rows += [(f"  {names[key]}", f"{sq[key]['fd']:.3f} / {sq[key]['precision']:.1%} / {sq[key]['recall']:.1%}")
-             for key in SCORED if key in sq]
+    rows += [(f"  {names[key]}", _fpr(sq[key])) for key in SCORED if key in sq]
+    rows += [(f"  prior samples, T = {t}", _fpr(s)) for t, s in sq.get("prior_temperature", {}).items()]
     return rows
+
+
+def _fpr(s: dict) -> str:
+    return f"{s['fd']:.3f} / {s['precision']:.1%} / {s['recall']:.1%}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -307,12 +308,13 @@ def render_html(title: str, numbers: list[tuple[str, str]], config: dict,
 
 def write_report(run: Run, out_dir: str | Path | None = None, iw_samples: int = DEFAULT_IW_SAMPLES,
                  batch_size: int = 500,
-                 limit: int | None = None, progress: bool = False, sample_quality: bool = False) -> Path:
+                 limit: int | None = None, progress: bool = False, sample_quality: bool = False,
+                 temperatures: Sequence[float] = (1.0,)) -> Path:
     """Evaluate the run's test split, draw every figure into `out_dir` (default: the run folder), write
     eval.json and report.html there; return the path of report.html. `sample_quality` adds the sample-quality
-    scores (vaelab.analysis.quality) to the numbers."""
+    scores (vaelab.analysis.quality) to the numbers, prior samples at each of `temperatures`."""
     numbers = evaluate_run(run, "test", iw_samples, batch_size, limit, progress=progress,
-                           sample_quality=sample_quality)
+                           sample_quality=sample_quality, temperatures=temperatures)
     out = Path(out_dir) if out_dir is not None else Path(run.path)
     out.mkdir(parents=True, exist_ok=True)
     material = Material.of(run, min(N_CODES, limit or N_CODES), numbers)
