@@ -345,6 +345,28 @@ def test_eval_scores_reconstructions_from_every_group():
     assert numbers["sharpness"]["recon"] != pytest.approx(top_only, rel=1e-3)
 
 
+def test_eval_measures_what_the_top_groups_hold():
+    from vaelab.analysis.metrics import evaluate, table_rows
+
+    model = _model((1, 12, 12), groups=2)  # 6 groups: 1x1, 1x1, 3x3, 3x3, 6x6, 6x6
+    _randomize_priors(model)
+    x = torch.rand(20, 1, 12, 12)
+    numbers = evaluate(model, x, lambda t: t, iw_samples=2, batch_size=8)
+    keeping = numbers["mse_keeping"]
+    assert len(keeping) == len(model.group_sizes) + 1
+    with torch.no_grad():
+        recon = (model.reconstruct(x) - x).square().mean().item()
+        top = model.encode(x).mean  # the top group's posterior mean, every other group at its prior mean
+        one = (model.decode_mean(top) - x).square().mean().item()
+        prior = (model.decode_mean(torch.zeros_like(top)) - x).square().mean().item()
+    assert keeping[-1] == pytest.approx(recon, rel=1e-5)
+    assert keeping[1] == pytest.approx(one, rel=1e-5)
+    assert keeping[0] == pytest.approx(prior, rel=1e-5)
+    assert keeping[0] != pytest.approx(keeping[-1], rel=1e-3)
+    row = dict(table_rows(numbers))["MSE keeping groups down to (rest at prior means)"]
+    assert row.startswith(f"none: {keeping[0]:.4f} | 1x1: {keeping[1]:.4f} | 1x1 #2: ")
+
+
 def test_evaluation_in_smaller_passes_gives_the_same_numbers():
     from vaelab.models.objective import ObjectiveSettings, make_objective
     from vaelab.training.evaluation import Scored, elbo_metrics

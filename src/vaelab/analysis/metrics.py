@@ -165,12 +165,23 @@ def unit_means(model, x: Tensor | StoredImages, batch_size: int, prepare) -> Ten
     return torch.cat([model.unit_means(prepare(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
 
-def group_numbers(model, m: dict, variance: list[float]) -> dict:
-    """A hierarchical model's KL and active units per latent group, top first, with the groups' names."""
+def group_numbers(model, m: dict, variance: list[float], x: Tensor | StoredImages, rows: int, prepare) -> dict:
+    """A hierarchical model's KL and active units per latent group, top first, with the groups' names, and what
+    the groups hold: `mse_keeping`[k], the per-pixel MSE of f(z) with the top k groups at their posterior means
+    and the others at their prior means (k = 0: the prior means alone; k = G: the reconstruction)."""
     var = torch.tensor(variance, dtype=torch.float64)
     active = [int((v > ACTIVE_THRESHOLD).sum()) for v in var.split(model.group_sizes)]
+    groups = len(model.group_sizes)
+    sq = torch.zeros(groups + 1, dtype=torch.float64)
+    for i in range(0, len(x), rows):
+        xb = prepare(x[i:i + rows])
+        zero = xb.new_zeros(len(xb), model.latent_dim)  # every group at its mean: the posterior's or the prior's
+        for k in range(groups + 1):
+            mean = model.likelihood.mean(model.decode_keeping(xb, k, zero))
+            sq[k] += (mean - xb).square().sum().double().cpu()
     return {"group_names": model.group_names(), "group_sizes": model.group_sizes, "code_dim": model.code_dim,
-            "kl_per_group": m.get("kl_per_group"), "active_units_per_group": active}
+            "kl_per_group": m.get("kl_per_group"), "active_units_per_group": active,
+            "mse_keeping": (sq / (len(x) * model.n_pixels)).tolist()}
 
 
 @torch.no_grad()
@@ -227,7 +238,7 @@ def evaluate(model: VAE, x: Tensor | StoredImages, prepare, labels=None, iw_samp
         "sigma": m.get("sigma") if model.likelihood.additive_gaussian_noise else None,  # the noise's sd
         # the KL = I(x; z) + KL(q(z) ‖ p(z)); for one latent group (a hierarchy's KL has a term per group)
         **(elbo_anatomy(model, x, prepare, batch_size, seed) if not hierarchical else {}),
-        **(group_numbers(model, m, var) if hierarchical else {}),
+        **(group_numbers(model, m, var, x, rows, prepare) if hierarchical else {}),
         "n_images": int(x.shape[0]),
         "factor_scores": split_scores(codes.double().cpu().numpy(), factors, factor_names, seed),
         "label_kept": {"factor": factor_names[0], "share": kept / len(x), "levels": len(levels)} if reading else None,
@@ -356,10 +367,20 @@ def _kl_rows(r: dict, dim: int) -> list[tuple[str, str]]:
                  " | ".join(f"{n}: {v:.2f}" for n, v in zip(names, r["kl_per_group"], strict=True))),
                 ("active units (Var > 0.01)", f"{r['active_units']} of {dim}: " + " | ".join(
                     f"{n}: {a} of {size}" for n, a, size in zip(names, r["active_units_per_group"],
-                                                                r["group_sizes"], strict=True)))]
+                                                                r["group_sizes"], strict=True))),
+                *_keeping_rows(r, names)]
     return [("KL per latent dim", "n/a (the prior has no per-dimension KL; the KL above is estimated at z ~ q(z|x))"
              if r["kl_per_dim"] is None else " ".join(f"{v:.2f}" for v in r["kl_per_dim"])),
             ("active units (Var > 0.01)", f"{r['active_units']} of {dim}")]
+
+
+def _keeping_rows(r: dict, names: list[str]) -> list[tuple[str, str]]:
+    """What the groups hold: the MSE with the top groups from q(z|x), down to each group, the rest at prior means."""
+    if r.get("mse_keeping") is None:  # numbers saved before it was measured
+        return []
+    kept = ["none", *names]
+    return [("MSE keeping groups down to (rest at prior means)",
+             " | ".join(f"{n}: {v:.4f}" for n, v in zip(kept, r["mse_keeping"], strict=True)))]
 
 
 def headline(r: dict) -> str:
