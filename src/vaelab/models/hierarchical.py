@@ -45,7 +45,7 @@ from .cells import Block, BottomUp, TopDownCell, gaussian_kl
 from .likelihoods import Likelihood, make_likelihood
 from .nets import MAX_FINAL_SIDE, NET_VERSION, stage_sizes, to_channels_last
 from .priors import LOG_2PI, Prior, StandardPrior, _gen_device, log_standard_normal, make_prior
-from .vae import ARCH_MODELS, VAE, DiagonalGaussian, Terms
+from .vae import ARCH_MODELS, VAE, DiagonalGaussian, Terms, group_sums
 
 MAX_LATENT_SIDE = 16  # latent groups at every ladder size up to this larger side (half of 32x32, a quarter of 64)
 DEFAULT_GROUPS = 1
@@ -260,7 +260,7 @@ class HierarchicalVAE(VAE):
 
     def per_group(self, per_unit: Tensor) -> Tensor:
         """Sums over each group's units: (..., L) -> (..., G)."""
-        return torch.stack([t.sum(-1) for t in per_unit.split(self.group_sizes, dim=-1)], dim=-1)
+        return group_sums(per_unit, self.group_sizes)
 
     def _top_posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(μ_q, log σ²_q) of the top group for images x, (B, code_dim) each: what a VampPrior encodes."""

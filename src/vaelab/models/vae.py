@@ -47,7 +47,12 @@ class DiagonalGaussian:
         return -0.5 * (((z - self.mean).square() * torch.exp(-self.logvar)) + self.logvar + LOG_2PI).sum(-1)
 
 
-__all__ = ["LOG_2PI", "VAE", "DiagonalGaussian", "Terms", "log_standard_normal"]
+__all__ = ["LOG_2PI", "VAE", "DiagonalGaussian", "Terms", "group_sums", "log_standard_normal"]
+
+
+def group_sums(per_unit: Tensor, sizes: list[int] | tuple[int, ...]) -> Tensor:
+    """Sums over consecutive groups of units of the given sizes: (..., L) -> (..., G)."""
+    return torch.stack([t.sum(-1) for t in per_unit.split(list(sizes), dim=-1)], dim=-1)
 
 # --arch values whose model is a VAE subclass of its own (it registers itself: models.hierarchical)
 ARCH_MODELS: dict[str, type[VAE]] = {}
@@ -84,7 +89,7 @@ class Terms:
         if self.group_sizes is None:
             return None
         assert self.kl_per_dim is not None, "a hierarchy's lower groups have a closed-form KL"
-        groups = torch.stack([t.sum(-1) for t in self.kl_per_dim.split(list(self.group_sizes), dim=-1)], dim=-1)
+        groups = group_sums(self.kl_per_dim, self.group_sizes)
         if self.kl_estimate is None:
             return groups
         return torch.cat([groups[:, :1] + self.kl_estimate[:, None], groups[:, 1:]], dim=1)
