@@ -222,6 +222,7 @@ def test_train_eval_report_and_bit_identical_resume_on_fashion(tmp_path, fashion
     assert explorer.decode(z).shape[0] == 1
     page = write_report(run, tmp_path / "report", iw_samples=2, limit=100)
     assert (tmp_path / "report" / "levels.png").is_file()
+    assert (tmp_path / "report" / "keeping.png").is_file()
     assert "levels" in page.read_text()
 
 
@@ -365,6 +366,12 @@ def test_eval_measures_what_the_top_groups_hold():
     assert keeping[0] != pytest.approx(keeping[-1], rel=1e-3)
     row = dict(table_rows(numbers))["MSE keeping groups down to (rest at prior means)"]
     assert row.startswith(f"none: {keeping[0]:.4f} | 1x1: {keeping[1]:.4f} | 1x1 #2: ")
+    from vaelab.analysis.views import level_rows
+
+    rows = level_rows(model, x[:5], temperature=0.0)  # the report's `keeping` figure: the same decodings
+    with torch.no_grad():
+        np.testing.assert_allclose(rows[2][1], model.decode_mean(top[:5]).clamp(0, 1).numpy(), atol=1e-6)
+        np.testing.assert_allclose(rows[-1][1], model.reconstruct(x[:5]).clamp(0, 1).numpy(), atol=1e-6)
 
 
 def test_evaluation_in_smaller_passes_gives_the_same_numbers():

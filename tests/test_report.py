@@ -183,6 +183,9 @@ def test_plot_only_writes_one_figure(run_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["plot", "{run}", "--only", "nope"], "--only must be one of manifold, scatter, reconstructions"),
+    (["plot", "{run}", "--only", "keeping"], "--only keeping shows the latent groups of an --arch hierarchical "
+                                             "model; "),
+    (["plot", "{run}", "--only", "levels", "--out", "{tmp}/figs"], "has --arch mlp"),
     (["eval", "{run}", "--iw-samples", "0"], "--iw-samples must be an integer >= 1; got 0"),
     (["eval", "{run}", "--split", "valid"], "--split must be one of train, test; got 'valid'"),
     (["eval", "{run}", "--batch-size", "-3"], "--batch-size must be an integer >= 1; got -3"),

@@ -215,8 +215,15 @@ def _levels(m: Material, path: Path) -> Path:
                             "groups at their posterior means given the input, the rest drawn from the prior")
 
 
+def _keeping(m: Material, path: Path) -> Path:
+    return plots.image_rows(views.level_rows(m.model, m.x[:N_SHOW], temperature=0.0), path,
+                            "the top groups at their posterior means given the input,\nthe rest at their prior "
+                            "means (what eval's mse_keeping measures)")
+
+
 HIERARCHY_FIGURES = {  # drawn for --arch hierarchical
     "levels": ("What each level holds: samples at temperatures, and the top groups kept from q(z|x)", _levels),
+    "keeping": ("What the top groups hold alone: the rest at their prior means", _keeping),
 }
 
 
@@ -253,6 +260,9 @@ def check_figure(name: str) -> None:
 
 def draw(material: Material, name: str, out_dir: Path) -> Path:
     check_figure(name)
+    if name in HIERARCHY_FIGURES and not hasattr(material.model, "decode_keeping"):
+        raise ConfigError(f"--only {name} shows the latent groups of an --arch hierarchical model; "
+                          f"{material.run.path} has --arch {material.run.config.model.arch}")
     with torch.random.fork_rng(devices=_cuda_devices(material.run)):
         torch.manual_seed(0)  # the sampled figures are reproducible, and the caller's RNG stream is untouched
         return ALL_FIGURES[name][1](material, Path(out_dir) / f"{name}.png")

@@ -167,11 +167,13 @@ def temperature_rows(model: VAE, n: int = 10, temperatures: tuple[float, ...] = 
 def level_rows(model, x: torch.Tensor, temperature: float = 1.0, seed: int = 0) -> list[tuple[str, np.ndarray]]:
     """What each level of a hierarchical model holds: the input, then one row per k = 0 .. G: f(z) with the top
     k latent groups at their posterior means given x and the other groups drawn from the prior at `temperature`
-    (the same prior noise in every row; k = G: every group at its posterior mean)."""
+    (the same prior noise in every row; k = G: every group at its posterior mean). Temperature 0: the other
+    groups at their prior means (the top group at 0), as eval's `mse_keeping` decodes them."""
     model.eval()
     device = next(model.parameters()).device
     x = x.to(device)
-    u = model.sample_prior(x.shape[0], torch.Generator().manual_seed(seed), temperature)  # (N, L)
+    u = (model.sample_prior(x.shape[0], torch.Generator().manual_seed(seed), temperature) if temperature > 0
+         else torch.zeros(x.shape[0], model.latent_dim, device=device))  # (N, L)
     names = model.group_names()
     sizes = torch.tensor([0, *model.group_sizes]).cumsum(0).tolist()  # group k starts at column sizes[k]
     rows = [("input", _as_numpy(x))]
