@@ -117,6 +117,12 @@ def make_objective(name: str, settings: ObjectiveSettings = ObjectiveSettings())
     return OBJECTIVES[name](settings)
 
 
+def _clamp_free_bits(share: Tensor, mean: Tensor, free_bits: float, batch: Batch) -> Tensor:
+    """This process's share of max(mean, free_bits) per unit (a dimension or a group): a clamped unit adds its
+    share of the bound (the processes' shares sum to the bound) and no gradient."""
+    return torch.where(mean >= free_bits, share, share.new_full((), free_bits / batch.processes))
+
+
 @register_objective
 class ELBO(Objective):
     """mean −log p(x|z) + β · Σ_d max(batch-mean KL_d, free_bits): the negative ELBO at β = 1 without free bits.
@@ -149,8 +155,7 @@ class ELBO(Objective):
             kl_d = out.kl_per_dim.sum(0) / batch.n  # (L,) its share of the batch-mean KL per dimension
             if free_bits > 0:
                 mean_d = batch.all_sum(kl_d.detach().clone())  # (L,) the whole batch's mean KL per dimension
-                # a clamped dimension adds its share of the bound (the shares sum to the bound) and no gradient
-                kl_d = torch.where(mean_d >= free_bits, kl_d, kl_d.new_full((), free_bits / batch.processes))
+                kl_d = _clamp_free_bits(kl_d, mean_d, free_bits, batch)
             kl = kl_d.sum()
         if out.kl_estimate is not None:
             kl = kl + out.kl_estimate.sum() / batch.n
@@ -168,7 +173,7 @@ class ELBO(Objective):
         mean_g = batch.all_sum(kl_g.detach().clone())  # (G,) the whole batch's
         free_bits = self.settings.free_bits
         if free_bits > 0 and self.settings.free_bits_per == "group":
-            kl_g = torch.where(mean_g >= free_bits, kl_g, kl_g.new_full((), free_bits / batch.processes))
+            kl_g = _clamp_free_bits(kl_g, mean_g, free_bits, batch)
         kl = kl_g.sum()
         if not self.settings.kl_balance or batch.beta >= 1.0:
             return kl, kl
