@@ -121,10 +121,24 @@ def test_markdown_table_has_every_column():
 
 @pytest.mark.parametrize(("kwargs", "needle"), [({"sigmas": [0.1, -1]}, "--sigmas must be numbers > 0"),
                                            ({"also": ["fixed"]}, "--also must be a comma-separated subset"),
-                                           ({"optimizer": "lbfgs"}, "--optimizer must be one of adam, sgd")])
+                                           ({"optimizer": "lbfgs"}, "--optimizer must be one of adam, sgd"),
+                                           ({"eval_limit": 0}, "--eval-limit must be an integer > 0; got 0"),
+                                           ({"eval_limit": 2.5}, "--eval-limit must be an integer > 0; got 2.5")])
 def test_study_config_validation(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         StudyConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("value", "needle"), [("0", "--eval-limit must be an integer > 0; got 0"),
+                                               ("-5", "--eval-limit must be an integer > 0; got -5"),
+                                               ("ten", "argument --eval-limit: invalid int value: 'ten'")])
+def test_a_bad_eval_limit_is_one_line_before_any_training(value, needle, tmp_path, capsys):
+    assert main(["sigma-study", "--sigmas", "0.1", "--eval-limit", value, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vaelab: error: ")
+    assert needle in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
 
 
 def vaelab(*args):
@@ -169,6 +183,29 @@ def test_sigma_study_end_to_end_reuses_runs_and_agrees_with_eval(tmp_path, fashi
     r = vaelab("sigma-study", "--sigmas", "0.1", *[a if a != "64" else "32" for a in common])
     assert r.returncode == 2
     assert "different settings (hidden)" in r.stderr
+
+
+@pytest.mark.slow
+def test_eval_limit_scores_each_setting_on_the_first_n_test_images_as_eval_does(tmp_path, fashion_dir):
+    out = tmp_path / "sigma"
+    common = ["--sigmas", "0.3", "--dataset", "fashion-mnist", "--limit", "300", "--epochs", "1", "--hidden", "32",
+              "--iw-samples", "2", "--out", str(out), "--quiet"]
+    assert main(["sigma-study", *common, "--eval-limit", "50"]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert study["config"]["eval_limit"] == 50
+    assert study["rows"][0]["n_images"] == 50
+    assert "Test split, the first 50 test images;" in (out / "index.html").read_text()
+    assert main(["eval", str(out / "sigma-0.3"), "--limit", "50", "--iw-samples", "2", "--no-sample-quality",
+                 "--quiet", "--json", str(tmp_path / "e.json")]) == 0
+    alone, row = json.loads((tmp_path / "e.json").read_text()), study["rows"][0]
+    assert (row["neg_elbo"], row["kl"], row["mse"]) == (-alone["elbo"], alone["kl"], alone["mse"])
+    weights = (out / "sigma-0.3" / "model.safetensors").stat().st_mtime_ns
+    assert main(["sigma-study", *common, "--eval-limit", "80"]) == 0  # the run is reused, its evaluation redone
+    again = json.loads((out / "study.json").read_text())["rows"][0]
+    assert (out / "sigma-0.3" / "model.safetensors").stat().st_mtime_ns == weights
+    assert again["n_images"] == 80
+    assert again["neg_elbo"] != row["neg_elbo"]
+    assert "Test split, the first 80 test images;" in (out / "index.html").read_text()
 
 
 @pytest.mark.slow

@@ -44,6 +44,9 @@ def test_parse_set_reads_values_as_the_train_flag_does(text, name, values):
     (["--set", "sigma=0.1", "--set", "sigma=0.3"], "--set sigma is given twice"),
     (["--set", "sigma=0.1,0.3", "--set", "beta=1", "--zip"], "each must list as many values; got sigma: 2, beta: 1"),
     ([], "a sweep needs at least one --set"),
+    (["--set", "sigma=0.1", "--eval-limit", "0"], "--eval-limit must be an integer > 0; got 0"),
+    (["--set", "sigma=0.1", "--eval-limit", "-3"], "--eval-limit must be an integer > 0; got -3"),
+    (["--set", "sigma=0.1", "--eval-limit", "1.5"], "argument --eval-limit: invalid int value: '1.5'"),
 ])
 def test_bad_sweeps_are_one_line_errors_before_any_training(args, needle, capsys, tmp_path):
     assert main(["sweep", *args, "--out", str(tmp_path / "s")]) == 2
@@ -148,6 +151,36 @@ def test_sigma_sweep_end_to_end_reuses_runs(tmp_path, fashion_dir, capsys):
     record = json.loads((out / "sweep.json").read_text())
     assert [r["action"] for r in record["runs"]] == ["reused"] * 4
     assert [float(r["loss"]) for r in _rows(out)] == losses
+
+
+@pytest.mark.slow
+def test_eval_limit_evaluates_the_first_n_test_images_and_redoes_an_evaluation_at_another(tmp_path, fashion_dir,
+                                                                                          capsys):
+    out, run = tmp_path / "sweep", tmp_path / "sweep" / "sigma=0.3"
+    assert main(["sweep", "--set", "sigma=0.3", *TINY, "--eval-limit", "50", "--out", str(out)]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["config"]["eval_limit"] == 50
+    line = record["runs"][0]["eval"]
+    assert (line["limit"], line["numbers"]["n_images"]) == (50, 50)
+    assert "Test split, the first 50 test images, " in (out / "index.html").read_text()
+    # the numbers of `vaelab eval RUN --limit 50` at the same K
+    assert main(["eval", str(run), "--limit", "50", "--iw-samples", "2", "--no-sample-quality", "--quiet",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    alone = json.loads((tmp_path / "e.json").read_text())
+    assert (alone["elbo"], alone["kl"], alone["mse"]) == (line["numbers"]["elbo"], line["numbers"]["kl"],
+                                                          line["numbers"]["mse"])
+    weights = (run / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["sweep", "--set", "sigma=0.3", *TINY, "--eval-limit", "80", "--out", str(out)]) == 0
+    again = json.loads((out / "sweep.json").read_text())["runs"][0]
+    assert again["action"] == "reused"
+    assert (run / "model.safetensors").stat().st_mtime_ns == weights
+    assert (again["eval"]["limit"], again["eval"]["numbers"]["n_images"]) == (80, 80)  # evaluated again
+    assert again["eval"]["numbers"]["elbo"] != line["numbers"]["elbo"]
+    assert json.loads((run / "eval.json").read_text())["n_images"] == 80
+    assert main(["sweep", "--set", "sigma=0.3", *TINY, "--out", str(out)]) == 0  # no limit: every test image
+    assert json.loads((out / "sweep.json").read_text())["runs"][0]["eval"]["numbers"]["n_images"] == 10000
+    assert "Test split, all 10000 test images, " in (out / "index.html").read_text()
 
 
 @pytest.mark.slow
@@ -259,8 +292,8 @@ def test_an_evaluation_is_reused_only_for_the_same_weights_and_numbers(tmp_path,
     run = SimpleNamespace(path=tmp_path, model=torch_module())
     calls = []
 
-    def fake_eval(run, split, k, sample_quality=False):
-        calls.append((k, sample_quality))
+    def fake_eval(run, split, k, limit=None, sample_quality=False):
+        calls.append((k, sample_quality, limit))
         extra = {"sample_quality": {"prior": {"fd": 1.5}}} if sample_quality else {}
         return {"elbo": -10.0, "kl": 4.0, "rec": 6.0, "log_px": -9.0, "bits_per_dim": 1.0, "active_units": 3,
                 "mse": 0.1, "sharpness": {"recon": 0.1, "samples": 0.2}, "iw_samples": k, **extra}
@@ -268,11 +301,17 @@ def test_an_evaluation_is_reused_only_for_the_same_weights_and_numbers(tmp_path,
     monkeypatch.setattr(sweep_module, "evaluate_run", fake_eval)
     first = evaluate_once(run, 5, None, print)
     key = [(tmp_path / "model.safetensors").stat().st_mtime_ns, 7]
-    previous = {"weights": key, "iw_samples": 5, "numbers": first}
+    previous = {"weights": key, "iw_samples": 5, "numbers": first}  # a record of every test image
     assert evaluate_once(run, 5, previous, print) is first  # same weights, same K: reused
     evaluate_once(run, 6, previous, print)  # another K
     scored = evaluate_once(run, 5, previous, print, sample_quality=True)  # numbers it did not hold
-    assert calls == [(5, False), (6, False), (5, True)]
+    evaluate_once(run, 5, previous, print, limit=50)  # the first 50 test images, not all of them
+    fifty = {**previous, "limit": 50}
+    assert evaluate_once(run, 5, fifty, print, limit=50) is first  # the same 50: reused
+    evaluate_once(run, 5, fifty, print, limit=80)  # another limit
+    evaluate_once(run, 5, fifty, print)  # all of them
+    assert calls == [(5, False, None), (6, False, None), (5, True, None), (5, False, 50), (5, False, 80),
+                     (5, False, None)]
     point = Point("sigma=0.1", {"sigma": "0.1"}, None)  # type: ignore[arg-type]
     row = sweep_row(Outcome(point, "reused", None, scored))
     assert (row["loss"], row["rate"], row["distortion"], row["sample_fd"]) == (10.0, 4.0, 6.0, 1.5)

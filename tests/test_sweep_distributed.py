@@ -46,7 +46,7 @@ def test_a_batched_ensemble_is_one_unit_of_work(tmp_path):
 # four σ and one run that fails (a non-finite loss at lr 1e4, σ 1e-4), given to rank 1 by the split
 SIGMAS, LRS = "0.05,0.0001,0.1,0.3,1", "0.001,10000,0.001,0.001,0.001"
 SETTINGS = {"dataset": "fashion-mnist", "limit": 512, "epochs": 1, "hidden": "32", "batch_size": 16,
-            "latent_dim": 4, "iw_samples": 2}
+            "latent_dim": 4, "iw_samples": 2, "eval_limit": 300}
 
 
 def _rows(out) -> list[dict]:
@@ -87,6 +87,8 @@ def test_a_torchrun_sweep_splits_the_runs_and_gives_the_numbers_of_one_process(t
     assert [r["rank"] for r in record] == [0, 1, 0, 1, 0]
     assert [r["action"] for r in record] == ["trained", "failed", "trained", "trained", "trained"]
     assert "non-finite" in record[1]["error"]
+    # every rank evaluated its runs on the first 300 test images, as one process does
+    assert [r["eval"]["numbers"]["n_images"] for r in record if r["eval"]] == [300] * 4
     for label in labels[:1] + labels[2:]:
         lines = [json.loads(x) for x in (two / label / "metrics.jsonl").read_text().splitlines()]
         assert {x["world_size"] for x in lines} == {1}

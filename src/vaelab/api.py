@@ -168,13 +168,16 @@ def sigma_study(dataset: str = "fashion-mnist", sigmas: str | list[float] = "0.0
 
 
 def sweep(sets, zip: bool = False, out: str = "runs/sweep", iw_samples: int = DEFAULT_IW_SAMPLES,
-          batched: bool = False, sample_quality: bool = False, progress: bool = True, **settings) -> Path:
+          batched: bool = False, sample_quality: bool = False, progress: bool = True,
+          eval_limit: int | None = None, **settings) -> Path:
     """Train (or reuse) one run per combination of settings and compare them; return the path of index.html.
     `sets`: {"sigma": ["0.1", "0.3"], "beta": [1, 4]} or ["sigma=0.1,0.3", "beta=1,4"] (as `--set`); `zip`
     pairs the i-th values instead of taking every combination; `batched` trains runs whose networks have the
     same shapes together (vaelab.training.ensemble); `sample_quality` also scores each run's samples as `vaelab
-    eval` does; other settings are `vaelab train`'s and apply to every run. See docs/sweep.md."""
-    return run_sweep(SweepConfig(sets, zip, out, iw_samples, batched, sample_quality, **settings), progress=progress)
+    eval` does; `eval_limit` evaluates each run on the first N test images only (None: all); other settings are
+    `vaelab train`'s and apply to every run. See docs/sweep.md."""
+    return run_sweep(SweepConfig(sets, zip, out, iw_samples, batched, sample_quality, eval_limit, **settings),
+                     progress=progress)
 
 
 __all__ = ["cache_clear", "cache_list", "demo", "evaluate", "explore", "info", "plot", "report", "sample",

@@ -131,7 +131,7 @@ def cmd_sample(args) -> int:
 
 def cmd_sigma_study(args) -> int:
     path = sigma_study(sigmas=args.sigmas, also=args.also, out=args.out, iw_samples=args.iw_samples,
-                       mse_threshold=args.mse_threshold, progress=not args.quiet,
+                       mse_threshold=args.mse_threshold, eval_limit=args.eval_limit, progress=not args.quiet,
                        **given_settings(args, STUDY_SETTINGS))
     if env_rank() == 0:  # under torchrun rank 0 writes the study
         print(f"wrote {path}")
@@ -141,7 +141,8 @@ def cmd_sigma_study(args) -> int:
 def cmd_sweep(args) -> int:
     names = tuple(sweepable())
     path = sweep(args.set or [], zip=args.zip, out=args.out, iw_samples=args.iw_samples, batched=args.batched,
-                 sample_quality=args.sample_quality, progress=not args.quiet, **given_settings(args, names))
+                 sample_quality=args.sample_quality, eval_limit=args.eval_limit, progress=not args.quiet,
+                 **given_settings(args, names))
     if env_rank() == 0:  # under torchrun rank 0 writes the page
         print(f"wrote {path}")
     return 0
@@ -314,6 +315,7 @@ def _study_parser(sub) -> None:
     s.add_argument("--also", default="", help="extra settings: learned and/or optimal, comma-separated")
     s.add_argument("--iw-samples", type=int, default=DEFAULT_IW_SAMPLES,
                    help=f"IWAE samples for each run's eval (default {DEFAULT_IW_SAMPLES}, as for eval and report)")
+    _add_eval_limit_flag(s)
     s.add_argument("--mse-threshold", type=float, help="test MSE that defines learning speed (default: the "
                    "worst final test MSE of the sweep, so every run reaches it)")
     s.add_argument("--out", default="runs/sigma", help="study folder (default runs/sigma)")
@@ -321,6 +323,12 @@ def _study_parser(sub) -> None:
     groups = add_setting_flags(p, STUDY_SETTINGS, STUDY_DEFAULTS)
     _add_threads_flag(groups["runtime"])
     p.set_defaults(func=cmd_sigma_study)
+
+
+def _add_eval_limit_flag(group) -> None:
+    group.add_argument("--eval-limit", type=int, metavar="N", help="evaluate each run on the first N test images "
+                       "only, as `vaelab eval RUN --limit N` does (default: all); an evaluation at another N is "
+                       "redone, not reused")
 
 
 def _sweep_parser(sub) -> None:
@@ -341,6 +349,7 @@ def _sweep_parser(sub) -> None:
                    "is still its own (numbers, checkpoint, RNG streams)")
     s.add_argument("--iw-samples", type=int, default=DEFAULT_IW_SAMPLES,
                    help=f"IWAE samples for each run's eval (default {DEFAULT_IW_SAMPLES}, as for eval and report)")
+    _add_eval_limit_flag(s)
     s.add_argument("--sample-quality", action="store_true", help="also score each run's samples against test "
                    "images as `vaelab eval` does (Fréchet distance, precision, recall; docs/samples.md)")
     s.add_argument("--out", default="runs/sweep", help="sweep folder (default runs/sweep)")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
+from ..config_base import positive_int
 from ..errors import ConfigError, TrainingError
 from ..runs import Run, load_run, write_text_atomic
 from . import plots
@@ -25,7 +26,7 @@ from .metrics import DEFAULT_IW_SAMPLES, PRIOR_MASS, split_data
 from .reporting import figures_html, html_page
 from .sweep import Point, train_shared
 from .sweep_page import csv_table as _csv_table
-from .sweep_page import html_table
+from .sweep_page import html_table, images_text
 from .sweep_page import markdown_table as _markdown_table
 from .views import manifold_grid, prior_samples, reconstructions
 
@@ -49,9 +50,11 @@ class StudyConfig:
     out: str
     iw_samples: int
     mse_threshold: float | None  # default: the worst final test MSE of the sweep
+    eval_limit: int | None  # evaluate each run on the first N test images (None: all), as `vaelab eval --limit`
 
     def __init__(self, sigmas: list[float] | None = None, also: list[str] | None = None, out: str = "runs/sigma",
-                 iw_samples: int = DEFAULT_IW_SAMPLES, mse_threshold: float | None = None, **settings):
+                 iw_samples: int = DEFAULT_IW_SAMPLES, mse_threshold: float | None = None,
+                 eval_limit: int | None = None, **settings):
         sigmas = [0.03, 0.1, 0.3, 1.0] if sigmas is None else list(sigmas)
         also = [] if also is None else list(also)
         if not sigmas and not also:
@@ -64,6 +67,8 @@ class StudyConfig:
             raise ConfigError(f"--also must be a comma-separated subset of {', '.join(SPECIAL)}; got {bad[0]!r}")
         if mse_threshold is not None and not mse_threshold > 0:
             raise ConfigError(f"--mse-threshold must be > 0; got {mse_threshold!r}")
+        if eval_limit is not None:
+            positive_int("eval_limit", eval_limit)
         unknown = sorted(set(settings) - set(TRAIN_SETTINGS))
         if unknown:
             raise ConfigError(f"unknown sigma-study settings {unknown}; allowed: {sorted(TRAIN_SETTINGS)}")
@@ -72,7 +77,8 @@ class StudyConfig:
             given["lr"] = SGD_LR
         train = TrainConfig(likelihood="gaussian", **given)
         for name, value in (("train", train), ("sigmas", sigmas), ("also", also), ("out", str(out)),
-                            ("iw_samples", iw_samples), ("mse_threshold", mse_threshold)):
+                            ("iw_samples", iw_samples), ("mse_threshold", mse_threshold),
+                            ("eval_limit", eval_limit)):
             object.__setattr__(self, name, value)
         self.settings()  # validates the TrainConfig of every setting up front
 
@@ -83,7 +89,7 @@ class StudyConfig:
 
     def to_dict(self) -> dict:
         return {"train": self.train.to_dict(), "sigmas": self.sigmas, "also": self.also, "out": self.out,
-                "iw_samples": self.iw_samples, "mse_threshold": self.mse_threshold}
+                "iw_samples": self.iw_samples, "mse_threshold": self.mse_threshold, "eval_limit": self.eval_limit}
 
 
 def _fmt(s: float) -> str:
@@ -228,7 +234,8 @@ def sigma_study(cfg: StudyConfig, progress: bool = True) -> Path:
     # a setting whose loss becomes non-finite (plain SGD at a small σ) is a finding, not a crash; under torchrun
     # each process trains and evaluates its share of the settings, as `vaelab sweep` does
     points = [Point(label, {"sigma": label}, tc) for label, tc in cfg.settings()]
-    main, lines, held = train_shared(points, out, cfg.iw_samples, "sigma-study", progress=progress)
+    main, lines, held = train_shared(points, out, cfg.iw_samples, "sigma-study", progress=progress,
+                                     eval_limit=cfg.eval_limit)
     failed = [(line["run"], line["error"] or "") for line in lines if line["eval"] is None]
     if len(failed) == len(lines):
         raise TrainingError("every setting of the σ study failed: " + "; ".join(f"{k}: {m}" for k, m in failed))
@@ -290,8 +297,8 @@ def study_html(cfg: StudyConfig, rows: list[dict], summary: list[str], threshold
 <ul id="summary">
 {items}</ul>
 <h2>Table</h2>
-<p>Test split; MSE threshold for learning speed: {threshold:.5f}; each run's eval.json holds log p(x) with
-IWAE K = {cfg.iw_samples}.</p>
+<p id="method">Test split, {images_text(rows[0]["n_images"], cfg.eval_limit)}; MSE threshold for learning speed:
+{threshold:.5f}; each run's eval.json holds log p(x) with IWAE K = {cfg.iw_samples}.</p>
 {html_table(rows, COLUMNS, _cell)}
 <h2>Figures</h2>
 {figures_html(figures)}""")

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainConfig, field_named, flag_fields, flag_name
+from ..config_base import positive_int
 from ..errors import ConfigError, RunError, TrainingError
 from ..flags import _flag_type
 from ..runs import CHECKPOINT, CONFIG, WEIGHTS, Run, checkpoint_epoch, load_run, write_text_atomic
@@ -39,7 +40,7 @@ from ..training.distributed import SINGLE, World, alone, env_local_rank, env_wor
 from ..training.ensemble import groups, train_ensemble
 from ..training.trainer import resume, train
 from .metrics import DEFAULT_IW_SAMPLES, evaluate_run
-from .sweep_page import METRICS, value_text, write_page
+from .sweep_page import METRICS, images_text, value_text, write_page
 
 NOT_SWEPT = ("out", "name", "tensorboard")  # where a run is written is the sweep's choice
 LIST_SEPARATOR = "/"  # between the values of a list-valued setting: --set hidden=400/512,256
@@ -111,10 +112,11 @@ class SweepConfig:
     iw_samples: int
     batched: bool  # train runs that can share a step as batched ensembles
     sample_quality: bool  # also score each run's samples (Fréchet distance, precision, recall), as eval does
+    eval_limit: int | None  # evaluate each run on the first N test images (None: all), as `vaelab eval --limit`
 
     def __init__(self, sets: Mapping[str, Sequence[Any]] | Iterable[str], zip: bool = False,
                  out: str = "runs/sweep", iw_samples: int = DEFAULT_IW_SAMPLES, batched: bool = False,
-                 sample_quality: bool = False, **settings: Any):
+                 sample_quality: bool = False, eval_limit: int | None = None, **settings: Any):
         axes: dict[str, list[Any]] = {}
         pairs = ([(_field(k), [_value(_field(k), v) if isinstance(v, str) else v for v in vs])
                   for k, vs in sets.items()] if isinstance(sets, Mapping) else [parse_set(s) for s in sets])
@@ -136,13 +138,15 @@ class SweepConfig:
                               + ", ".join(f"{k.replace('_', '-')}: {len(v)}" for k, v in axes.items()))
         if not isinstance(iw_samples, int) or isinstance(iw_samples, bool) or iw_samples < 1:
             raise ConfigError(f"--iw-samples must be an integer >= 1; got {iw_samples!r}")
+        if eval_limit is not None:
+            positive_int("eval_limit", eval_limit)
         unknown = sorted(set(settings) - set(sweepable()))
         if unknown:
             raise ConfigError(f"unknown sweep settings {unknown}; allowed: {sweepable()}")
         train_config = TrainConfig(**{k: v for k, v in settings.items() if v is not None})
         for name, value in (("train", train_config), ("axes", axes), ("zip", bool(zip)), ("out", str(out)),
                             ("iw_samples", iw_samples), ("batched", bool(batched)),
-                            ("sample_quality", bool(sample_quality))):
+                            ("sample_quality", bool(sample_quality)), ("eval_limit", eval_limit)):
             object.__setattr__(self, name, value)
         self.points()  # every point's config is built, and so checked, before anything trains
 
@@ -160,7 +164,8 @@ class SweepConfig:
 
     def to_dict(self) -> dict:
         return {"train": self.train.to_dict(), "axes": self.axes, "zip": self.zip, "out": self.out,
-                "iw_samples": self.iw_samples, "batched": self.batched, "sample_quality": self.sample_quality}
+                "iw_samples": self.iw_samples, "batched": self.batched, "sample_quality": self.sample_quality,
+                "eval_limit": self.eval_limit}
 
 
 def ensure_run(config: TrainConfig, progress: bool) -> tuple[Run, str]:
@@ -207,16 +212,19 @@ def _weights_key(run: Run) -> list[int]:
     return [stat.st_mtime_ns, stat.st_size]
 
 
-def evaluate_once(run: Run, iw_samples: int, previous: dict | None, tell, sample_quality: bool = False) -> dict:
-    """evaluate_run's numbers for the test split (also written to the run's eval.json), with the sample-quality
-    scores if asked; the sweep's previous ones where the weights have not changed since (same file time and size)
-    and the same numbers were asked for."""
+def evaluate_once(run: Run, iw_samples: int, previous: dict | None, tell, sample_quality: bool = False,
+                  limit: int | None = None) -> dict:
+    """evaluate_run's numbers for the test split, its first `limit` images (None: all) as `vaelab eval --limit`
+    takes them (also written to the run's eval.json), with the sample-quality scores if asked; the sweep's
+    previous ones where the weights have not changed since (same file time and size) and the same numbers were
+    asked for (same K, same images; a record without a limit was of all the images)."""
     if (previous and previous.get("weights") == _weights_key(run) and previous.get("iw_samples") == iw_samples
+            and previous.get("limit") == limit
             and (not sample_quality or "sample_quality" in previous["numbers"])):
         return previous["numbers"]
-    tell(f"evaluating {run.path.name} (IWAE K={iw_samples})")
+    tell(f"evaluating {run.path.name} (IWAE K={iw_samples}, {images_text(None, limit)})")
     run.model.eval()
-    numbers = evaluate_run(run, "test", iw_samples, sample_quality=sample_quality)
+    numbers = evaluate_run(run, "test", iw_samples, limit=limit, sample_quality=sample_quality)
     write_text_atomic(run.path / "eval.json", json.dumps(numbers, indent=2) + "\n")
     return numbers
 
@@ -267,7 +275,8 @@ def sweep_row(o: Outcome) -> dict[str, Any]:
     return {**row, "loss": -n["elbo"], "rate": n["kl"], "distortion": n["rec"], "log_px": n["log_px"],
             "bits_per_dim": n["bits_per_dim"], "active_units": n["active_units"], "mse": n["mse"],
             "sharpness_recon": n["sharpness"]["recon"], "sharpness_samples": n["sharpness"]["samples"],
-            "sample_fd": (n.get("sample_quality") or {}).get("prior", {}).get("fd"), "iw_samples": n["iw_samples"]}
+            "sample_fd": (n.get("sample_quality") or {}).get("prior", {}).get("fd"), "iw_samples": n["iw_samples"],
+            "n_images": n.get("n_images")}
 
 
 LOG = "sweep.json"  # the sweep's record: its config and, per run, what was done and its evaluation
@@ -322,9 +331,10 @@ def share(points: list[Point], batched: bool, world: World) -> list[list[int]]:
 
 
 def own_share(points: list[Point], units: list[list[int]], out: Path, iw_samples: int, sample_quality: bool,
-              rank: int, progress: bool, tell) -> tuple[list[dict], dict[int, Run]]:
-    """Train and evaluate this rank's units: (their lines of the record with "index", their runs by index). The
-    runs train as runs of one process (alone), whatever torchrun's environment says."""
+              rank: int, progress: bool, tell, eval_limit: int | None = None) -> tuple[list[dict], dict[int, Run]]:
+    """Train and evaluate this rank's units (each run on the first `eval_limit` test images, None: all): (their
+    lines of the record with "index", their runs by index). The runs train as runs of one process (alone),
+    whatever torchrun's environment says."""
     previous = read_record(out)
     with alone():
         done = train_units(points, units, progress, tell)
@@ -332,21 +342,23 @@ def own_share(points: list[Point], units: list[list[int]], out: Path, iw_samples
     for i, o in sorted(done.items()):
         if o.run is not None:
             o.numbers = evaluate_once(o.run, iw_samples, previous.get(o.point.label, {}).get("eval"), tell,
-                                      sample_quality)
+                                      sample_quality, eval_limit)
             runs[i] = o.run
         lines.append({"index": i, "run": o.point.label, "settings": o.point.values, "action": o.action,
                       "error": o.error, "rank": rank,
                       "eval": None if o.run is None else {"weights": _weights_key(o.run), "iw_samples": iw_samples,
-                                                          "numbers": o.numbers}})
+                                                          "limit": eval_limit, "numbers": o.numbers}})
     return lines, runs
 
 
 def train_shared(points: list[Point], out: Path, iw_samples: int, name: str, batched: bool = False,
-                 sample_quality: bool = False, progress: bool = True) -> tuple[bool, list[dict], dict[int, Run]]:
-    """Train (or reuse) and evaluate every point: (whether this process writes the results, every point's line
-    of the record in the points' order, the runs this process holds by index; a failed point's line has "eval"
-    None). Under torchrun each process (rank) trains and evaluates its share, each run as one process trains
-    it, and every rank gets every line; `name` begins the progress lines (`vaelab sweep`)."""
+                 sample_quality: bool = False, progress: bool = True,
+                 eval_limit: int | None = None) -> tuple[bool, list[dict], dict[int, Run]]:
+    """Train (or reuse) and evaluate every point, each on the first `eval_limit` test images (None: all):
+    (whether this process writes the results, every point's line of the record in the points' order, the runs
+    this process holds by index; a failed point's line has "eval" None). Under torchrun each process (rank)
+    trains and evaluates its share, each run as one process trains it, and every rank gets every line; `name`
+    begins the progress lines (`vaelab sweep`)."""
     world = join(torch.device("cpu"), timeout=SWEEP_WAIT)[0] if env_world_size() > 1 else SINGLE
     if world.size > 1 and torch.cuda.is_available():  # each rank's runs on its own GPU (device cuda/auto)
         torch.cuda.set_device(env_local_rank() % torch.cuda.device_count())
@@ -362,7 +374,7 @@ def train_shared(points: list[Point], out: Path, iw_samples: int, name: str, bat
     def work() -> tuple[list[dict], dict[int, Run]]:
         # one process: each run's epoch lines; several: each rank says which run it starts and how it ended
         done = own_share(points, share(points, batched, world), out, iw_samples, sample_quality, world.rank,
-                         progress and world.size == 1, tell)
+                         progress and world.size == 1, tell, eval_limit)
         if world.size > 1:
             tell("its share of the runs is done; waiting for the other ranks")
         return done
@@ -389,7 +401,7 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     points = cfg.points()
     main, lines, runs = train_shared(points, out, cfg.iw_samples, "vaelab sweep", cfg.batched, cfg.sample_quality,
-                                     progress)
+                                     progress, cfg.eval_limit)
     if all(line["eval"] is None for line in lines):
         raise TrainingError("every run of the sweep failed: " + "; ".join(f"{line['run']}: {line['error']}"
                                                                           for line in lines))
@@ -413,7 +425,8 @@ def write_sweep(cfg: SweepConfig, points: list[Point], lines: list[dict], runs: 
                        if k not in cfg.axes and k not in hidden and v not in (None, False))
     fields = [k.replace("_", "-") for k in cfg.axes]
     page = write_page(out, [sweep_row(o) for o in outcomes], fields, models,
-                      f"vaelab sweep over {', '.join(fields)}: {t.data.dataset}, {t.optim.epochs} epochs", shared)
+                      f"vaelab sweep over {', '.join(fields)}: {t.data.dataset}, {t.optim.epochs} epochs", shared,
+                      cfg.eval_limit)
     write_text_atomic(out / LOG, json.dumps(record, indent=2) + "\n")
     return page
 

@@ -53,6 +53,12 @@ def value_text(value: Any) -> str:
     return f"{number:g}" if math.isfinite(number) else str(value)
 
 
+def images_text(n_images: int | None, limit: int | None) -> str:
+    """Which test images the numbers are over: "the first 500 test images" (a limit) or "all 10000 test images"."""
+    count = f"{n_images} " if n_images is not None else (f"{limit} " if limit is not None else "")
+    return f"the first {count}test images" if limit is not None else f"all {count}test images"
+
+
 def cell(row: dict, key: str, spec: str, missing: str = "n/a") -> str:
     value = row.get(key)
     return missing if value is None else spec.format(value)
@@ -207,10 +213,11 @@ def against_field(rows: list[dict], field: str, fields: list[str], path: Path) -
 
 
 def write_page(out: Path, rows: list[dict], fields: list[str], models: list[tuple[str, Any]], title: str,
-               notes: str) -> Path:
+               notes: str, eval_limit: int | None = None) -> Path:
     """table.md, table.csv, the figures and index.html (figures embedded) in `out`; the path of index.html.
     `rows` are the runs' lines (run, the swept settings by flag name, the numbers of METRICS, or `error`),
-    `models` (run, VAE) the trained ones, for their prior samples; `notes` closes the page (escaped here)."""
+    `models` (run, VAE) the trained ones, for their prior samples; `notes` closes the page (escaped here);
+    `eval_limit`: the runs were evaluated on the first N test images (None: all)."""
     columns = columns_for(fields, rows)
     write_text_atomic(out / "table.md", markdown_table(rows, columns))
     write_text_atomic(out / "table.csv", csv_table(rows, columns))
@@ -223,13 +230,14 @@ def write_page(out: Path, rows: list[dict], fields: list[str], models: list[tupl
     best = "".join(f"<li>{esc(s)}</li>\n" for s in winners(rows))
     failed = "".join(f"<li>{esc(r['run'])}: {esc(str(r['error']))}</li>\n" for r in rows if r.get("error"))
     iw = next((r["iw_samples"] for r in rows if r.get("iw_samples")), None)
+    images = images_text(next((r["n_images"] for r in rows if r.get("n_images")), None), eval_limit)
     body = f"""<h2>Which setting won</h2>
 <ul id="winners">
 {best}</ul>
 {f'<h2>Failed runs</h2><ul id="failed">{failed}</ul>' if failed else ''}
 <h2>Table</h2>
-<p>Test split, nats per image; −ELBO = distortion + rate; IWAE log p(x) with K = {iw} (each run's eval.json
-holds every number of <code>vaelab eval</code>).</p>
+<p id="method">Test split, {images}, nats per image; −ELBO = distortion + rate; IWAE log p(x) with K = {iw}
+(each run's eval.json holds every number of <code>vaelab eval</code>).</p>
 {html_table(rows, columns)}
 <h2>Figures</h2>
 {figures_html(figures)}
