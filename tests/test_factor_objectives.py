@@ -197,7 +197,9 @@ def test_the_objectives_are_registered_and_not_the_elbo():
     (dict(objective="dipvae-i", lambda_od=math.inf), "--lambda-od must be a finite number >= 0; got inf"),
     (dict(objective="betatcvae", prior="mog"), "--objective betatcvae splits the KL over the dimensions of the prior "
                                                "N(0, I); got --prior mog"),
-    (dict(objective="dipvae-i", arch="hierarchical"), "--objective dipvae-i reads one code z per image"),
+    # a hierarchy's code is its top group: its prior too must be N(0, I)
+    (dict(objective="betatcvae", arch="hierarchical", prior="vamp"),
+     "--objective betatcvae splits the KL over the dimensions of the prior N(0, I); got --prior vamp"),
 ])
 def test_settings_that_do_not_apply_are_one_line_errors(settings, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)) as info:

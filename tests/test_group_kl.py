@@ -103,6 +103,10 @@ def test_a_learned_top_priors_estimate_counts_in_the_top_group():
     (dict(arch="hierarchical", free_bits_per="group"), "give --free-bits too"),
     (dict(arch="hierarchical", kl_warmup=1.0, kl_balance=True, free_bits=1.0), "add --free-bits-per group"),
     (dict(arch="hierarchical", objective="iwae", kl_balance=True), "--kl-balance apply to --objective elbo only"),
+    (dict(arch="hierarchical", objective="betatcvae", kl_warmup=1.0, kl_balance=True),
+     "--kl-balance applies to --objective elbo only; got it with --objective betatcvae"),
+    (dict(arch="hierarchical", objective="dipvae-ii", kl_warmup=1.0, kl_balance=True),
+     "--kl-balance applies to --objective elbo only; got it with --objective dipvae-ii"),
     (dict(arch="hierarchical", free_bits_per="groups"), "--free-bits-per must be one of dim, group; got .groups."),
     (dict(arch="hierarchical", prior="mog", free_bits=1.0), "use --prior standard, --free-bits-per group"),
 ])

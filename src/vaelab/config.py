@@ -292,7 +292,7 @@ class TrainConfig:
         if self.optim.iw_grad == "dreg" and self.model.arch == "hierarchical":
             raise ConfigError("--iw-grad dreg applies to --arch mlp and conv: a hierarchical posterior's groups depend "
                               "on the draws above them; use --iw-grad standard")
-        check_model_for(self.optim.objective, self.model.arch, self.model.prior)
+        check_model_for(self.optim.objective, self.model.prior)
         arch = self.model.arch
         if self.optim.lr is None or self.optim.batch_size is None:
             # conv nets train with smaller steps: at 1e-3 and batch 128 a default conv run on `shapes` can fall

@@ -22,6 +22,11 @@ identity, λ_od Σ_{i≠j} C_ij² + λ_d Σ_i (C_ii − 1)²: DIP-VAE-I takes C 
 posterior means over the batch; DIP-VAE-II takes the covariance of the aggregate posterior,
 C = Cov[μ(x)] + E[diag σ²(x)].
 
+With --arch hierarchical the code is the top latent group (1x1: what `encode` gives, what the factor scores read),
+the first group_sizes[0] columns of q and z. β-TCVAE splits that group's KL, estimated at its draw, and keeps the
+lower groups' closed-form KL weighted as in the ELBO: at β = 1 it is still the negative ELBO, estimated at z_top.
+DIP-VAE's covariance is that group's, and its KL term is every group's.
+
 Both read statistics of the whole batch. DIP-VAE's are sums over the examples, so a batch split over processes
 sums them with `batch.all_sum` and each process's share carries the gradient with respect to its own rows.
 β-TCVAE compares every z_i with every q(z|x_j), which would need the other processes' rows with their gradients:
@@ -63,14 +68,9 @@ def check_own_settings(objective: str, settings: ObjectiveSettings) -> None:
                               f"{getattr(settings, name):g} with --objective {objective}")
 
 
-def check_model_for(objective: str, arch: str, prior: str) -> None:
-    """The models these objectives train: one Gaussian code z per image (not --arch hierarchical's groups);
-    β-TCVAE's dimension-wise KL also needs a prior that factorizes over the dimensions, N(0, I)."""
-    if objective not in ("betatcvae", "dipvae-i", "dipvae-ii"):
-        return
-    if arch == "hierarchical":
-        raise ConfigError(f"--objective {objective} reads one code z per image; --arch hierarchical has a code per "
-                          "group: use --arch mlp or conv")
+def check_model_for(objective: str, prior: str) -> None:
+    """The model these objectives train: any architecture (a hierarchy's code is its top group); β-TCVAE's
+    dimension-wise KL also needs a prior of the code that factorizes over the dimensions, N(0, I)."""
     if objective == "betatcvae" and prior != "standard":
         raise ConfigError(f"--objective betatcvae splits the KL over the dimensions of the prior N(0, I); got --prior "
                           f"{prior}: use --prior standard")
@@ -83,12 +83,25 @@ def _reject_elbo_settings(name: str, settings: ObjectiveSettings, weight_flag: s
     if settings.iw_train != 1:
         raise ConfigError(f"--iw-train K applies to --objective iwae; got --iw-train {settings.iw_train} with "
                           f"--objective {name}")
+    if settings.kl_balance:  # it weighs the ELBO's KL per group; these objectives weigh their own terms
+        raise ConfigError(f"--kl-balance applies to --objective elbo only; got it with --objective {name}")
 
 
-def _posterior(out: Terms, name: str) -> tuple[Tensor, Tensor, Tensor]:
+def code_posterior(out: Terms, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The code's q(z|x) mean and log-variance and its draw, (B, K) each: every unit of a single-latent model, the
+    top group's K = group_sizes[0] units of a hierarchical one (never the whole (B, L_total) of every group)."""
     if out.q is None or out.z is None or out.z.dim() != 2:
         raise ValueError(f"--objective {name} needs the terms to carry q(z|x) and one z per example (B, L)")
-    return out.q.mean, out.q.logvar, out.z
+    k = out.z.shape[1] if out.group_sizes is None else out.group_sizes[0]
+    return out.q.mean[:, :k], out.q.logvar[:, :k], out.z[:, :k]
+
+
+def lower_groups_kl(out: Terms) -> Tensor | None:
+    """A hierarchical model's KL of every group below the top one, in closed form, (B,); None for one group."""
+    if out.group_sizes is None:
+        return None
+    assert out.kl_per_dim is not None, "a hierarchy's lower groups have a closed-form KL"
+    return out.kl_per_dim[:, out.group_sizes[0]:].sum(1)
 
 
 def log_q_pairs(mean: Tensor, logvar: Tensor, z: Tensor) -> Tensor:
@@ -127,9 +140,10 @@ def aggregate_tc(mean: Tensor, logvar: Tensor, z: Tensor, block: int = 256) -> T
 
 @register_objective
 class BetaTCVAE(Objective):
-    """mean −log p(x|z) + w · (α · MI + β · TC + γ · dimension-wise KL), α = γ = 1, β = --tc-weight, each part
-    estimated by minibatch-weighted sampling (module docstring); w rises from 0 to 1 under --kl-warmup.
-    At β = 1 it is the negative ELBO with the KL estimated at the sampled z instead of in closed form."""
+    """mean −log p(x|z) + w · (α · MI + β · TC + γ · dimension-wise KL [+ the lower groups' KL]), α = γ = 1,
+    β = --tc-weight, each part of the code's KL estimated by minibatch-weighted sampling (module docstring); the
+    bracket is a hierarchical model's, in closed form; w rises from 0 to 1 under --kl-warmup. At β = 1 it is the
+    negative ELBO with the code's KL estimated at the sampled z instead of in closed form."""
 
     name = "betatcvae"
     help = "β-TCVAE: the ELBO with the KL split into MI + β·TC + dimension-wise KL, β = --tc-weight"
@@ -152,9 +166,13 @@ class BetaTCVAE(Objective):
 
     def __call__(self, out: Terms, batch: Batch) -> Loss:
         self.check_processes(batch.processes)
-        mean, logvar, z = _posterior(out, self.name)
+        mean, logvar, z = code_posterior(out, self.name)  # (M, K): the code, a hierarchy's top group
         parts = tc_decomposition(mean, logvar, z, self.settings.dataset_size)
         reg = self.mi_weight * parts["mi"] + self.tc_weight * parts["tc"] + self.dw_weight * parts["dwkl"]  # (M,)
+        lower = lower_groups_kl(out)  # (M,) or None
+        if lower is not None:
+            reg = reg + lower
+            parts = {**parts, "lower_kl": lower}
         rec = out.rec.sum() / batch.n
         total = rec + batch.beta * reg.sum() / batch.n
         shown = {k: v.detach().sum() / batch.n for k, v in parts.items()}
@@ -189,7 +207,7 @@ def dip_penalty(cov: Tensor, lambda_od: float, lambda_d: float) -> Tensor:
 
 class _DIPVAE(Objective):
     """mean −log p(x|z) + w · KL + λ_od Σ_{i≠j} C_ij² + λ_d Σ_i (C_ii − 1)² (module docstring); w is --kl-warmup's
-    weight, from 0 to 1."""
+    weight, from 0 to 1. C is the code's covariance (a hierarchy's top group), the KL every group's."""
 
     kind = "i"
     reported = ("dip",)
@@ -205,7 +223,7 @@ class _DIPVAE(Objective):
         self.lambda_od, self.lambda_d = od, d
 
     def __call__(self, out: Terms, batch: Batch) -> Loss:
-        mean, logvar, _ = _posterior(out, self.name)
+        mean, logvar, _ = code_posterior(out, self.name)  # (B, K): the code, a hierarchy's top group
         rec = out.rec.sum() / batch.n
         kl = out.kl.sum() / batch.n
         variance = self.kind == "ii"
