@@ -117,7 +117,7 @@ def test_the_vamp_prior_encodes_its_pseudo_inputs_with_the_models_own_top_poster
 
 @pytest.mark.parametrize(("settings", "match"), [
     (dict(prior="mog", free_bits=0.5), "--free-bits bounds a per-dimension KL"),
-    (dict(prior="vamp", objective="betatcvae"), "--arch hierarchical has a code per group"),
+    (dict(prior="vamp", objective="betatcvae"), "--objective betatcvae splits the KL over the dimensions of the prior"),
     (dict(prior="gmm"), "--prior must be one of standard, mog, vamp"),
 ])
 def test_bad_prior_settings_name_the_value_and_what_is_allowed(settings, match):
