@@ -8,6 +8,7 @@ the discretized logistic likelihood, batch 32, Adam 1e-3, on a data set's traini
     plain    the same model and optimizer in a hand-written loop: loss = (rec + KL).mean(), backward, Adam step
     v2       the design of runs saved with net_version 2 (the full width at every size) through make_step
     conv     the default `--arch conv` model through make_step, for scale (per image: it trains at batch 64)
+    groupsN  with --groups N,...: the default model with N latent groups per resolution through make_step
 
 The kinds take turns in blocks of 10 steps; each block is timed by the CPU time of the timing thread
 (time.thread_time), which other jobs on the machine move far less than wall time. Torch runs on that one thread.
@@ -23,6 +24,7 @@ same autocast), so each bf16 kind is compared with `plain` in bf16, and each kin
     python benchmarks/hier_speed.py --dataset shapes --blocks 8                                      # 64x64 RGB
     python benchmarks/hier_speed.py --dataset ~/.cache/vaelab-test-images/twemoji-64 --image-size 32  # 32x32 RGB
     python benchmarks/hier_speed.py --precision fp32,bf16 --blocks 8                   # bf16 against fp32
+    python benchmarks/hier_speed.py --groups 2,3 --blocks 8                     # more groups per resolution
 """
 
 from __future__ import annotations
@@ -90,14 +92,25 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="where the data set is (default: vaelab's lookup)")
     p.add_argument("--precision", default="fp32", help="comma-separated precisions to time each kind at, as "
                    "vaelab train's --precision: fp32, bf16 or fp32,bf16 (default fp32)")
+    p.add_argument("--groups", default="", help="also time the default model with these numbers of latent groups "
+                   "per resolution, comma-separated (kinds groups2, ...)")
     args = p.parse_args(argv)
     if args.blocks < 1:
         p.error(f"--blocks must be >= 1; got {args.blocks}")
     try:
         args.precisions = parse_precisions(args.precision)
+        args.group_counts = parse_groups(args.groups)
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def parse_groups(text: str) -> list[int]:
+    """--groups' comma-separated list of integers >= 2 (1 is the default model, timed as `vaelab`)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not all(t.isdigit() and int(t) >= 2 for t in names) or len(set(names)) != len(names):
+        raise ValueError(f"--groups must list integers >= 2, each once, comma-separated; got {text!r}")
+    return [int(t) for t in names]
 
 
 def report(per_image: dict[tuple[str, str], list[float]], precisions: list[str]) -> list[str]:
@@ -110,7 +123,7 @@ def report(per_image: dict[tuple[str, str], list[float]], precisions: list[str])
     if len(precisions) > 1:
         first, *rest = precisions
         for prec in rest:
-            for kind in KINDS:
+            for kind in dict.fromkeys(k for k, _ in per_image):
                 rounds = [a / b for a, b in zip(per_image[kind, prec], per_image[kind, first], strict=True)]
                 lines.append(f"{kind:7s} {prec}/{first} {med[kind, prec] / med[kind, first]:.3f}x the time per image "
                              f"(per round: median {statistics.median(rounds):.3f}, quartiles "
@@ -121,9 +134,10 @@ def report(per_image: dict[tuple[str, str], list[float]], precisions: list[str])
 def main(argv=None) -> None:
     args = parse(argv)
     torch.set_num_threads(1)
+    kinds = {**KINDS, **{f"groups{g}": ("hierarchical", {"groups": g}) for g in args.group_counts}}
     configs = {kind: TrainConfig(dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
                                  arch=arch, likelihood="discretized-logistic", device="cpu", **extra)
-               for kind, (arch, extra) in KINDS.items()}
+               for kind, (arch, extra) in kinds.items()}
     data = load_dataset(args.dataset, args.data_dir, image_size=args.image_size)
     preps = {kind: prepare_data(cfg, CPU, data) for kind, cfg in configs.items()}
 

@@ -30,6 +30,29 @@ def test_bad_precision_lists_exit_naming_the_value_and_the_choices(bench, text, 
     assert "fp32, bf16" in err
 
 
+@pytest.mark.parametrize(("text", "expected"), [("", []), ("2", [2]), ("2, 3", [2, 3])])
+def test_group_counts_parse_in_order(bench, text, expected):
+    assert bench.parse(["--groups", text]).group_counts == expected
+
+
+@pytest.mark.parametrize("text", ["1", "2,2", "two", "0", "-2"])
+def test_bad_group_counts_exit_naming_the_value(bench, text, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse([f"--groups={text}"])
+    assert e.value.code != 0
+    assert f"--groups must list integers >= 2, each once, comma-separated; got {text!r}" in capsys.readouterr().err
+
+
+def test_an_extra_kind_gets_its_lines_and_its_bf16_ratio(bench):
+    times = {(kind, prec): [2.0 if prec == "fp32" else 1.0] * 3 for prec in ("fp32", "bf16")
+             for kind in (*bench.KINDS, "groups2")}
+    times["groups2", "fp32"] = [4.0] * 3
+    lines = bench.report(times, ["fp32", "bf16"])
+    assert lines[4].split() == ["groups2", "4.000", "ms/image", "(CPU", "time;", "quartiles", "4.000", "..",
+                                "4.000),", "2.000x", "plain"]
+    assert lines[-1].startswith("groups2 bf16/fp32 0.250x the time per image")
+
+
 def test_the_result_lines_keep_fp32_names_and_give_bf16_over_fp32(bench):
     times = {(kind, prec): [base * (0.5 if prec == "bf16" else 1.0)] * 3
              for prec in ("fp32", "bf16") for kind, base in zip(bench.KINDS, (4.0, 2.0, 3.0, 1.0), strict=True)}
