@@ -223,3 +223,22 @@ def test_eval_reports_sample_quality_and_the_report_shows_it(run_dir, tmp_path):
     assert "prior samples, T = 0.8" in html
     assert 'id="aggregate"' in html
     assert "aggregate samples (K = " in html
+
+
+@pytest.mark.slow
+def test_a_hierarchys_aggregate_draw_takes_the_lower_groups_from_their_priors(tmp_path_factory, fashion_dir):
+    run = vaelab.load_run(trained_run(tmp_path_factory, arch="hierarchical", hidden=[16], latent_dim=4, limit=300,
+                                      epochs=1, batch_size=32))
+    model = run.model
+    mix, _ = aggregate.aggregate_mixture(run)
+    z = aggregate.draw_codes(run, 400, "aggregate", temperature=0.7, seed=3)
+    assert z.shape == (400, model.latent_dim)
+    assert model.latent_dim > model.code_dim
+    top = mix.sample(400, torch.Generator().manual_seed(3), 0.7).float()
+    torch.testing.assert_close(z[:, :model.code_dim], top)  # the top group's code from the mixture
+    lower = z[:, model.code_dim:]  # the lower groups' standardized noise, N(0, T² I)
+    assert abs(lower.mean().item()) < 0.01
+    assert lower.std().item() == pytest.approx(0.7, abs=0.01)
+    images = aggregate.sample_images(run, 400, "aggregate", temperature=0.7, seed=3)
+    at_prior_means = aggregate.decode_images(model, top).numpy()  # the lower groups at their prior means
+    assert np.abs(images - at_prior_means).mean() > 1e-3

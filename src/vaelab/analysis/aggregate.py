@@ -228,14 +228,21 @@ def check_sample_args(n: int, source: str, temperature: float, seed: int = 0) ->
 @torch.no_grad()
 def draw_codes(run: Run, n: int, source: str = "prior", temperature: float = 1.0, seed: int = 0) -> Tensor:
     """n codes (n, L) on the model's device: z ~ p(z), or z from the aggregate-posterior mixture, each with its
-    spread scaled by `temperature`; seeded by `seed` alone (drawn on the CPU, so the same on every device)."""
+    spread scaled by `temperature`; seeded by `seed` alone (drawn on the CPU, so the same on every device).
+    A hierarchical model's aggregate draw is its top group's code from the mixture, then the lower groups'
+    standardized noise u ~ N(0, T² I), as in a prior draw: the lower groups come from p(z_i | z_<i) (at their prior
+    means they would decode every code to the same blur of its layout)."""
     check_sample_args(n, source, temperature, seed)
     gen = torch.Generator().manual_seed(seed)
     if source == "prior":
         return run.model.sample_prior(n, gen, temperature)
     mix, _ = aggregate_mixture(run)
     param = next(run.model.parameters())
-    return mix.sample(n, gen, temperature).to(param.device, param.dtype)
+    z = mix.sample(n, gen, temperature)
+    lower = run.model.latent_dim - z.shape[1]  # 0 but for a hierarchy's lower groups
+    if lower > 0:
+        z = torch.cat([z, temperature * torch.randn(n, lower, generator=gen, dtype=z.dtype)], dim=1)
+    return z.to(param.device, param.dtype)
 
 
 @torch.no_grad()
