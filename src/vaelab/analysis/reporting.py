@@ -154,8 +154,10 @@ def _samples(m: Material, path: Path) -> Path:
 
 def _prior_vs_aggregate(m: Material, path: Path) -> Path:
     grid = np.arange(8)
+    fitted = ("f(z): z_top ~ mixture fitted to the training codes,\nthe lower groups ~ their priors"
+              if hasattr(m.model, "decode_keeping") else "f(z), z ~ mixture fitted to the training codes")
     panels = [(title, aggregate.sample_images(m.run, 64, source), grid, grid) for source, title in
-              (("prior", "f(z), z ~ p(z)"), ("aggregate", "f(z), z ~ mixture fitted to the training codes"))]
+              (("prior", "f(z), z ~ p(z)"), ("aggregate", fitted))]
     return plots.manifold_panels(panels, path)
 
 
