@@ -123,7 +123,8 @@ def test_markdown_table_has_every_column():
                                            ({"also": ["fixed"]}, "--also must be a comma-separated subset"),
                                            ({"optimizer": "lbfgs"}, "--optimizer must be one of adam, sgd"),
                                            ({"eval_limit": 0}, "--eval-limit must be an integer > 0; got 0"),
-                                           ({"eval_limit": 2.5}, "--eval-limit must be an integer > 0; got 2.5")])
+                                           ({"eval_limit": 2.5}, "--eval-limit must be an integer > 0; got 2.5"),
+                                           ({"iw_samples": 0}, "--iw-samples must be an integer >= 1; got 0")])
 def test_study_config_validation(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         StudyConfig(**kwargs)
@@ -134,11 +135,20 @@ def test_study_config_validation(kwargs, needle):
                                                ("ten", "argument --eval-limit: invalid int value: 'ten'")])
 def test_a_bad_eval_limit_is_one_line_before_any_training(value, needle, tmp_path, capsys):
     assert main(["sigma-study", "--sigmas", "0.1", "--eval-limit", value, "--out", str(tmp_path / "s")]) == 2
+    _one_line_and_nothing_written(capsys, needle, tmp_path / "s")
+
+
+def test_bad_iw_samples_are_one_line_before_any_training(tmp_path, capsys):
+    assert main(["sigma-study", "--sigmas", "0.1", "--iw-samples", "0", "--out", str(tmp_path / "s")]) == 2
+    _one_line_and_nothing_written(capsys, "--iw-samples must be an integer >= 1; got 0", tmp_path / "s")
+
+
+def _one_line_and_nothing_written(capsys, needle, out):
     err = capsys.readouterr().err
     assert err.startswith("vaelab: error: ")
     assert needle in err
     assert err.count("\n") == 1
-    assert not (tmp_path / "s").exists()
+    assert not out.exists()
 
 
 def vaelab(*args):

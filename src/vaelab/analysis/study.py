@@ -18,13 +18,12 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from ..config_base import positive_int
 from ..errors import ConfigError, TrainingError
 from ..runs import Run, load_run, write_text_atomic
 from . import plots
 from .metrics import DEFAULT_IW_SAMPLES, PRIOR_MASS, split_data
 from .reporting import figures_html, html_page
-from .sweep import Point, train_shared
+from .sweep import Point, check_eval_settings, train_shared
 from .sweep_page import csv_table as _csv_table
 from .sweep_page import html_table, images_text
 from .sweep_page import markdown_table as _markdown_table
@@ -67,8 +66,7 @@ class StudyConfig:
             raise ConfigError(f"--also must be a comma-separated subset of {', '.join(SPECIAL)}; got {bad[0]!r}")
         if mse_threshold is not None and not mse_threshold > 0:
             raise ConfigError(f"--mse-threshold must be > 0; got {mse_threshold!r}")
-        if eval_limit is not None:
-            positive_int("eval_limit", eval_limit)
+        check_eval_settings(iw_samples, eval_limit)
         unknown = sorted(set(settings) - set(TRAIN_SETTINGS))
         if unknown:
             raise ConfigError(f"unknown sigma-study settings {unknown}; allowed: {sorted(TRAIN_SETTINGS)}")

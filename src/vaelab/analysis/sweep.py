@@ -136,10 +136,7 @@ class SweepConfig:
         if zip and len(lengths) > 1:
             raise ConfigError("--zip pairs the i-th values of every --set, so each must list as many values; got "
                               + ", ".join(f"{k.replace('_', '-')}: {len(v)}" for k, v in axes.items()))
-        if not isinstance(iw_samples, int) or isinstance(iw_samples, bool) or iw_samples < 1:
-            raise ConfigError(f"--iw-samples must be an integer >= 1; got {iw_samples!r}")
-        if eval_limit is not None:
-            positive_int("eval_limit", eval_limit)
+        check_eval_settings(iw_samples, eval_limit)
         unknown = sorted(set(settings) - set(sweepable()))
         if unknown:
             raise ConfigError(f"unknown sweep settings {unknown}; allowed: {sweepable()}")
@@ -166,6 +163,14 @@ class SweepConfig:
         return {"train": self.train.to_dict(), "axes": self.axes, "zip": self.zip, "out": self.out,
                 "iw_samples": self.iw_samples, "batched": self.batched, "sample_quality": self.sample_quality,
                 "eval_limit": self.eval_limit}
+
+
+def check_eval_settings(iw_samples: int, eval_limit: int | None) -> None:
+    """A sweep's or a σ study's --iw-samples and --eval-limit, checked before anything trains."""
+    if not isinstance(iw_samples, int) or isinstance(iw_samples, bool) or iw_samples < 1:
+        raise ConfigError(f"--iw-samples must be an integer >= 1; got {iw_samples!r}")
+    if eval_limit is not None:
+        positive_int("eval_limit", eval_limit)
 
 
 def ensure_run(config: TrainConfig, progress: bool) -> tuple[Run, str]:
