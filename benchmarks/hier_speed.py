@@ -8,7 +8,9 @@ the discretized logistic likelihood, batch 32, Adam 1e-3, on a data set's traini
     plain    the same model and optimizer in a hand-written loop: loss = (rec + KL).mean(), backward, Adam step
     v2       the design of runs saved with net_version 2 (the full width at every size) through make_step
     conv     the default `--arch conv` model through make_step, for scale (per image: it trains at batch 64)
-    groupsN  with --groups N,...: the default model with N latent groups per resolution through make_step
+    groupsN  with --groups N/...: the default model with N latent groups per resolution through make_step
+    groupsA-B-C-D  with --groups A,B,C,D/...: A groups at 1x1, B at the next resolution, ... (vaelab train's
+             --groups A,B,C,D)
 
 The kinds take turns in blocks of 10 steps; each block is timed by the CPU time of the timing thread
 (time.thread_time), which other jobs on the machine move far less than wall time. Torch runs on that one thread.
@@ -24,7 +26,8 @@ same autocast), so each bf16 kind is compared with `plain` in bf16, and each kin
     python benchmarks/hier_speed.py --dataset shapes --blocks 8                                      # 64x64 RGB
     python benchmarks/hier_speed.py --dataset ~/.cache/vaelab-test-images/twemoji-64 --image-size 32  # 32x32 RGB
     python benchmarks/hier_speed.py --precision fp32,bf16 --blocks 8                   # bf16 against fp32
-    python benchmarks/hier_speed.py --groups 2,3 --blocks 8                     # more groups per resolution
+    python benchmarks/hier_speed.py --groups 2/3 --blocks 8                     # more groups per resolution
+    python benchmarks/hier_speed.py --groups 2/1,2,4,1 --blocks 8               # ... or a count per resolution
 """
 
 from __future__ import annotations
@@ -92,8 +95,9 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="where the data set is (default: vaelab's lookup)")
     p.add_argument("--precision", default="fp32", help="comma-separated precisions to time each kind at, as "
                    "vaelab train's --precision: fp32, bf16 or fp32,bf16 (default fp32)")
-    p.add_argument("--groups", default="", help="also time the default model with these numbers of latent groups "
-                   "per resolution, comma-separated (kinds groups2, ...)")
+    p.add_argument("--groups", default="", help="also time the default model with these latent groups per "
+                   "resolution, '/'-separated, each as vaelab train's --groups: a count (kind groups2) or one per "
+                   "resolution (1,2,4,1: kind groups1-2-4-1)")
     args = p.parse_args(argv)
     if args.blocks < 1:
         p.error(f"--blocks must be >= 1; got {args.blocks}")
@@ -105,12 +109,21 @@ def parse(argv) -> argparse.Namespace:
     return args
 
 
-def parse_groups(text: str) -> list[int]:
-    """--groups' comma-separated list of integers >= 2 (1 is the default model, timed as `vaelab`)."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not all(t.isdigit() and int(t) >= 2 for t in names) or len(set(names)) != len(names):
-        raise ValueError(f"--groups must list integers >= 2, each once, comma-separated; got {text!r}")
-    return [int(t) for t in names]
+def parse_groups(text: str) -> list[int | list[int]]:
+    """--groups' '/'-separated settings, each an integer >= 2 (1 is the default model, timed as `vaelab`) or a
+    comma-separated count per resolution."""
+    specs = [[c.strip() for c in t.split(",")] for t in text.split("/") if t.strip()]
+    ok = all(all(c.isdigit() and int(c) >= 1 for c in s) and (len(s) > 1 or int(s[0]) >= 2) for s in specs)
+    counts = [[int(c) for c in s] for s in specs] if ok else []
+    if not ok or len({tuple(c) for c in counts}) != len(counts):
+        raise ValueError("--groups must list settings, each once, '/'-separated: an integer >= 2 or one count per "
+                         f"resolution such as 1,2,4,1; got {text!r}")
+    return [c[0] if len(c) == 1 else c for c in counts]
+
+
+def group_kind(groups: int | list[int]) -> str:
+    """The kind's name: groups2, groups1-2-4-1."""
+    return "groups" + (str(groups) if isinstance(groups, int) else "-".join(map(str, groups)))
 
 
 def report(per_image: dict[tuple[str, str], list[float]], precisions: list[str]) -> list[str]:
@@ -134,7 +147,7 @@ def report(per_image: dict[tuple[str, str], list[float]], precisions: list[str])
 def main(argv=None) -> None:
     args = parse(argv)
     torch.set_num_threads(1)
-    kinds = {**KINDS, **{f"groups{g}": ("hierarchical", {"groups": g}) for g in args.group_counts}}
+    kinds = {**KINDS, **{group_kind(g): ("hierarchical", {"groups": g}) for g in args.group_counts}}
     configs = {kind: TrainConfig(dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
                                  arch=arch, likelihood="discretized-logistic", device="cpu", **extra)
                for kind, (arch, extra) in kinds.items()}

@@ -86,6 +86,10 @@ BAD = [  # (arguments, words the one error line must contain)
     (["sigma_study"], "did you mean sigma-study?"),
     (["explore", "{tmp}", "--no-brwser"], "did you mean --no-browser? (see vaelab explore --help)"),
     (["train", "--likelihood", "continuous_bernoulli"], "did you mean continuous-bernoulli?"),
+    (["train", "--arch", "hierarchical", "--groups", "1,0"], "--groups must be a positive integer, or one per latent "
+     "resolution, top first, such as 1,2,4,1; got '1,0'"),
+    (["train", "--dataset", "{tmp}/grey.npy", "--arch", "hierarchical", "--groups", "1,2"], "--groups gives 2 "
+     "counts, but 12x12 images have 3 latent resolutions (1x1, 3x3, 6x6): give one count, or 3, top first"),
 ]
 
 
@@ -93,6 +97,7 @@ BAD = [  # (arguments, words the one error line must contain)
 def test_bad_input_gets_one_clear_line(tmp_path, capsys, args, needle):
     (tmp_path / "notes.txt").write_text("hello")
     np.save(tmp_path / "nan.npy", np.full((4, 3, 3), np.nan, np.float32))
+    np.save(tmp_path / "grey.npy", np.random.default_rng(0).random((20, 12, 12), np.float32))
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "cuda" in args:
         import torch
@@ -108,7 +113,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, args, needle):
     assert len(lines) == 1, err
     assert lines[0].startswith("vaelab: error: "), lines[0]
     assert needle in lines[0], lines[0]
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_argparse_errors_are_one_line_with_the_allowed_values(capsys):

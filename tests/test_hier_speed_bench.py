@@ -30,17 +30,23 @@ def test_bad_precision_lists_exit_naming_the_value_and_the_choices(bench, text, 
     assert "fp32, bf16" in err
 
 
-@pytest.mark.parametrize(("text", "expected"), [("", []), ("2", [2]), ("2, 3", [2, 3])])
-def test_group_counts_parse_in_order(bench, text, expected):
+@pytest.mark.parametrize(("text", "expected"), [("", []), ("2", [2]), ("2/ 3", [2, 3]),
+                                                 ("2/1,2,4,1", [2, [1, 2, 4, 1]]), ("1, 1", [[1, 1]])])
+def test_group_settings_parse_in_order(bench, text, expected):
     assert bench.parse(["--groups", text]).group_counts == expected
 
 
-@pytest.mark.parametrize("text", ["1", "2,2", "two", "0", "-2"])
-def test_bad_group_counts_exit_naming_the_value(bench, text, capsys):
+def test_group_kinds_are_named_by_their_counts(bench):
+    assert [bench.group_kind(g) for g in (2, [1, 2, 4, 1])] == ["groups2", "groups1-2-4-1"]
+
+
+@pytest.mark.parametrize("text", ["1", "2/2", "1,2/1,2", "two", "0", "-2", "1,0", "1,,2"])
+def test_bad_group_settings_exit_naming_the_value(bench, text, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse([f"--groups={text}"])
     assert e.value.code != 0
-    assert f"--groups must list integers >= 2, each once, comma-separated; got {text!r}" in capsys.readouterr().err
+    assert f"--groups must list settings, each once, '/'-separated: an integer >= 2 or one count per resolution " \
+           f"such as 1,2,4,1; got {text!r}" in capsys.readouterr().err
 
 
 def test_an_extra_kind_gets_its_lines_and_its_bf16_ratio(bench):

@@ -69,6 +69,40 @@ def test_shapes_of_everything(shape, latent):
         model.decode(torch.zeros(1, 5))
 
 
+@pytest.mark.parametrize(("given", "saved"), [(None, 1), (2, 2), ("3", 3), ([2], 2), ("2,1,3", [2, 1, 3]),
+                                               ([1, 1, 1], [1, 1, 1])])
+def test_group_counts_are_saved_as_one_count_or_one_per_resolution(given, saved):
+    assert TrainConfig(arch="hierarchical", groups=given).model.groups == saved
+
+
+def test_a_count_per_resolution_stacks_that_many_groups_there():
+    model = _model((1, 12, 12), groups=[2, 1, 3])  # latents at 1x1, 3x3 and 6x6
+    assert model.group_names() == ["1x1", "1x1 #2", "3x3", "6x6", "6x6 #2", "6x6 #3"]
+    assert model.group_sizes == [4, 4, 36, 144, 144, 144]
+    _randomize_priors(model)
+    # a group's prior depends on the draw of the group before it at the same size: change only the first 6x6
+    # group's noise and the second one's prior moves, while every group above keeps its prior
+    noise = torch.randn(2, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    moved = noise.clone()
+    moved[:, 44:188] += 1.0
+    with torch.no_grad():
+        _, a = model.decoder(noise)
+        _, b = model.decoder(moved)
+    assert torch.equal(a.pm[:, :188], b.pm[:, :188])
+    assert not torch.allclose(a.pm[:, 188:332], b.pm[:, 188:332])
+    same = _model((1, 12, 12), groups=2)
+    listed = _model((1, 12, 12), groups=[2, 2, 2])
+    for (k, v), (k2, v2) in zip(same.state_dict().items(), listed.state_dict().items(), strict=True):
+        assert k == k2
+        assert torch.equal(v, v2), k
+
+
+def test_a_count_per_resolution_must_give_every_resolution_one():
+    with pytest.raises(ConfigError, match=r"--groups gives 2 counts, but 64x48 images have 4 latent resolutions "
+                                          r"\(1x1, 4x3, 8x6, 16x12\): give one count, or 4, top first"):
+        _model((3, 64, 48), groups=[1, 2])
+
+
 def test_kl_per_dim_sums_to_the_monte_carlo_kl_of_the_hierarchy():
     model = _model((1, 12, 12), groups=2)  # latents at 1x1, 3x3 and 6x6, two groups each
     _randomize_priors(model)
@@ -157,7 +191,9 @@ def test_bf16_autocast_keeps_the_terms_in_float32_and_close():
 @pytest.mark.parametrize(("settings", "match"), [
     (dict(arch="conv", groups=2), "--groups applies to --arch hierarchical"),
     (dict(arch="hierarchical", hidden=[32, 64]), "--hidden for --arch hierarchical is one width"),
-    (dict(arch="hierarchical", groups=0), "--groups must be an integer > 0"),
+    (dict(arch="hierarchical", groups=0), "--groups must be a positive integer, or one per latent resolution"),
+    (dict(arch="hierarchical", groups="2,x"), "such as 1,2,4,1; got '2,x'"),
+    (dict(arch="hierarchical", groups=[1, 0, 1]), r"got \[1, 0, 1\]"),
 ])
 def test_bad_settings_name_the_value_and_what_is_allowed(settings, match):
     with pytest.raises(ConfigError, match=match):

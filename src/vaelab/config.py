@@ -89,7 +89,9 @@ class ModelConfig(Role):
                                 "hierarchical: bottleneck blocks per encoder stage and per decoder size above the "
                                 "latents (default 1)",
                                 metavar="N")
-    groups: int | None = option(None, "hierarchical: latent groups per resolution (default 1)", metavar="N")
+    groups: list[int] | int | None = option(None, "hierarchical: latent groups per resolution: one count for every "
+                                            "resolution, or one per resolution, top (1x1) first, e.g. 1,2,4,1 "
+                                            "(default 1)", metavar="N|N,N,...")
     latent_dim: int = option(20, "dimensions of z (hierarchical: channels of each latent group, so the 1x1 top "
                              "group has this many)")
     likelihood: str = option("gaussian", "observation model p(x|z)", choices=lambda: tuple(LIKELIHOODS))
@@ -143,9 +145,20 @@ class ModelConfig(Role):
         if len(self.hidden) != 1:
             raise ConfigError("--hidden for --arch hierarchical is one width (the channels of both passes), such as "
                               f"64; got {','.join(map(str, self.hidden))}")
-        groups = 1 if self.groups is None else self.groups
-        positive_int("groups", groups)
-        self._set("groups", groups)
+        self._set("groups", _group_counts(self.groups))
+
+
+def _group_counts(value: object) -> int | list[int]:
+    """--groups as given (None, 2, "2", "1,2,4,1", [1, 2, 4, 1]) -> one count for every resolution (an int, as
+    runs saved it before counts per resolution existed) or a list of counts, top first."""
+    if value is None:
+        return 1
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, list | tuple) else [value]
+    counts = [int(p) if isinstance(p, str) and p.strip().isdigit() else p for p in parts]
+    if not counts or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts):
+        raise ConfigError("--groups must be a positive integer, or one per latent resolution, top first, such as "
+                          f"1,2,4,1; got {value!r}")
+    return typing.cast(int, counts[0]) if len(counts) == 1 else typing.cast(list[int], counts)
 
 
 @dataclass(frozen=True)

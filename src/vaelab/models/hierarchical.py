@@ -2,8 +2,9 @@
 
 Groups of latents sit at several resolutions, top first: 1x1, then each size of the encoder's ladder whose
 larger side is at most 16 (28x28 -> 1, 4, 7, 14; 32x32 -> 1, 4, 8, 16; 64x64 -> 1, 4, 8, 16; 64x48 -> 1x1, 4x3,
-8x6, 16x12), `groups` groups at each. A bottom-up pass computes features of x at every resolution; a top-down
-pass draws the groups in turn, each from a diagonal Gaussian computed from the shared top-down state:
+8x6, 16x12), `groups` groups at each (or a count per resolution). A bottom-up pass computes features of x at
+every resolution; a top-down pass draws the groups in turn, each from a diagonal Gaussian computed from the
+shared top-down state:
 
     p(z) = Π_i p(z_i | z_<i)          q(z|x) = Π_i q(z_i | x, z_<i)       (cells.TopDownCell)
     KL   = Σ_i E_q[KL(q(z_i | x, z_<i) ‖ p(z_i | z_<i))], each term in closed form at the drawn z_<i
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .cells import Block, BottomUp, TopDownCell, gaussian_kl
 from .likelihoods import Likelihood, make_likelihood
 from .nets import MAX_FINAL_SIDE, NET_VERSION, stage_sizes, to_channels_last
@@ -63,6 +65,18 @@ def ladder(shape: tuple[int, int, int]) -> tuple[list[tuple[int, int]], list[tup
     sizes = stage_sizes(shape, n)
     latent = [(1, 1)] + [s for s in reversed(sizes[1:]) if max(s) <= MAX_LATENT_SIDE and s != (1, 1)]
     return sizes, latent
+
+
+def group_counts(shape: tuple[int, int, int], groups: int | list[int]) -> list[int]:
+    """Latent groups at each latent resolution of `shape`, top first: one count for every resolution, or one each."""
+    latent = ladder(shape)[1]
+    if isinstance(groups, int):
+        return [groups] * len(latent)
+    if len(groups) != len(latent):
+        names = ", ".join(f"{h}x{w}" for h, w in latent)
+        raise ConfigError(f"--groups gives {len(groups)} counts, but {shape[1]}x{shape[2]} images have "
+                          f"{len(latent)} latent resolutions ({names}): give one count, or {len(latent)}, top first")
+    return list(groups)
 
 
 def size_widths(sizes: list[tuple[int, int]], width: int, version: int = NET_VERSION) -> list[int]:
@@ -117,13 +131,13 @@ class TopDown(nn.Module):
     n_params * C maps. `widths` and `mids`: channels and bottleneck channels at each of the encoder's sizes (full
     size first; `width` at every latent size). Called with noise alone it decodes from the prior."""
 
-    def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int, z_channels: int,
-                 n_params: int, mid: int, widths: list[int], mids: list[int]):
+    def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int | list[int],
+                 z_channels: int, n_params: int, mid: int, widths: list[int], mids: list[int]):
         super().__init__()
         self.shape, self.n_params = shape, n_params
         sizes, latent = ladder(shape)
         chans = dict(zip(sizes, zip(widths, mids, strict=True), strict=True))  # size -> (channels, mid)
-        self.cell_sizes = [s for s in latent for _ in range(groups)]
+        self.cell_sizes = [s for s, g in zip(latent, group_counts(shape, groups), strict=True) for _ in range(g)]
         scale = (1.0 / len(self.cell_sizes)) ** 0.5
         cells = [TopDownCell(width, mid, z_channels, s, i == 0, scale) for i, s in enumerate(self.cell_sizes)]
         self.cells = nn.ModuleList(cells)
@@ -213,12 +227,13 @@ class HierarchyPrior(Prior):
 class HierarchicalVAE(VAE):
     """The hierarchy behind VAE's interface (see the module docstring). `width` channels in both passes (fewer above
     MAX_LATENT_SIDE from net_version 3: size_widths), `blocks` bottleneck blocks per encoder stage and per decoder
-    refinement size, `groups` latent groups per resolution, `z_channels` channels per group (so the top group, at
-    1x1, has z_channels units). `prior` is the top group's prior (--prior: standard, mog, vamp); a learned one's
-    KL is estimated at the drawn z_top (Terms.kl_estimate), the lower groups' stays in closed form."""
+    refinement size, `groups` latent groups per resolution (or a list of counts, top first), `z_channels`
+    channels per group (so the top group, at 1x1, has z_channels units). `prior` is the top group's prior
+    (--prior: standard, mog, vamp); a learned one's KL is estimated at the drawn z_top (Terms.kl_estimate), the
+    lower groups' stays in closed form."""
 
-    def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int, z_channels: int,
-                 likelihood: Likelihood, version: int = NET_VERSION, prior: str = "standard",
+    def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int | list[int],
+                 z_channels: int, likelihood: Likelihood, version: int = NET_VERSION, prior: str = "standard",
                  prior_components: int | None = None):
         nn.Module.__init__(self)  # VAE's single-latent networks are not built: the hierarchy replaces them
         self.shape = (int(shape[0]), int(shape[1]), int(shape[2]))
