@@ -14,6 +14,7 @@ from vaelab.errors import ConfigError
 from vaelab.models.hierarchical import HierarchicalVAE, ladder, size_widths
 from vaelab.models.likelihoods import LIKELIHOODS
 from vaelab.models.vae import VAE
+from vaelab.training.build import check_group_counts
 
 SMALL = dict(arch="hierarchical", hidden=[16], latent_dim=4)
 
@@ -101,6 +102,15 @@ def test_a_count_per_resolution_must_give_every_resolution_one():
     with pytest.raises(ConfigError, match=r"--groups gives 2 counts, but 64x48 images have 4 latent resolutions "
                                           r"\(1x1, 4x3, 8x6, 16x12\): give one count, or 4, top first"):
         _model((3, 64, 48), groups=[1, 2])
+
+
+def test_group_counts_are_checked_against_the_data_before_training(tmp_path):
+    data = tmp_path / "grey.npy"
+    np.save(data, np.random.default_rng(0).random((20, 12, 12), np.float32))
+    good = [TrainConfig(arch="hierarchical", dataset=str(data), groups=g) for g in (3, [1, 2, 1])]
+    check_group_counts([*good, TrainConfig(arch="conv", dataset="no-such-data")])  # nothing to load for conv
+    with pytest.raises(ConfigError, match=r"--groups gives 4 counts, but 12x12 images have 3 latent resolutions"):
+        check_group_counts([*good, TrainConfig(arch="hierarchical", dataset=str(data), groups="1,1,1,1")])
 
 
 def test_kl_per_dim_sums_to_the_monte_carlo_kl_of_the_hierarchy():

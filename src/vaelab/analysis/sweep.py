@@ -36,6 +36,7 @@ from ..config_base import positive_int
 from ..errors import ConfigError, RunError, TrainingError
 from ..flags import _flag_type
 from ..runs import CHECKPOINT, CONFIG, WEIGHTS, Run, checkpoint_epoch, load_run, write_text_atomic
+from ..training.build import check_group_counts
 from ..training.distributed import SINGLE, World, alone, env_local_rank, env_world_size, join
 from ..training.ensemble import groups, train_ensemble
 from ..training.trainer import resume, train
@@ -403,8 +404,9 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
     Under torchrun each process (rank) trains and evaluates its share of the runs, each run as one process
     trains it; rank 0 waits for the others, then writes the page alone."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     points = cfg.points()
+    check_group_counts([point.config for point in points])
+    out.mkdir(parents=True, exist_ok=True)
     main, lines, runs = train_shared(points, out, cfg.iw_samples, "vaelab sweep", cfg.batched, cfg.sample_quality,
                                      progress, cfg.eval_limit)
     if all(line["eval"] is None for line in lines):

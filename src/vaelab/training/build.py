@@ -14,8 +14,9 @@ from contextlib import AbstractContextManager
 import torch
 
 from ..config import TrainConfig
-from ..data import Prepared
+from ..data import Prepared, load_dataset
 from ..errors import ConfigError
+from ..models.hierarchical import group_counts
 from ..models.objective import Objective, make_objective
 from ..models.vae import VAE
 from .cudagraph import CUDAGraphStep, GuardedStep, capturable
@@ -100,3 +101,19 @@ def _cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def check_group_counts(configs: list[TrainConfig]) -> None:
+    """Each hierarchy whose --groups gives a count per resolution has as many as its images have latent
+    resolutions. The image size is known once the data is loaded: a sweep or study checks every run's config
+    before the first one trains, not when that run's turn comes."""
+    shapes: dict[tuple, tuple[int, int, int]] = {}
+    for config in configs:
+        m, d = config.model, config.data
+        if m.arch != "hierarchical" or not isinstance(m.groups, list):
+            continue
+        key = (d.dataset, d.data_dir, d.image_size, d.center_crop)
+        if key not in shapes:
+            shapes[key] = load_dataset(d.dataset, d.data_dir, image_size=d.image_size, center_crop=d.center_crop,
+                                       background=d.background, skip_bad_images=d.skip_bad_images).shape
+        group_counts(shapes[key], m.groups)
