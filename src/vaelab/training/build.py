@@ -105,8 +105,8 @@ def _cpu_has_bf16() -> bool:
 
 def check_group_counts(configs: list[TrainConfig]) -> None:
     """Each hierarchy whose --groups gives a count per resolution has as many as its images have latent
-    resolutions. The image size is known once the data is loaded: a sweep or study checks every run's config
-    before the first one trains, not when that run's turn comes."""
+    resolutions. The image size is known once the data is loaded: a sweep checks every run's config before the
+    first one trains, not when that run's turn comes."""
     shapes: dict[tuple, tuple[int, int, int]] = {}
     for config in configs:
         m, d = config.model, config.data
