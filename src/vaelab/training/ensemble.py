@@ -45,7 +45,8 @@ from .budget import Budget
 from .build import make_objective_for, resolve_device
 from .distributed import SINGLE
 from .step import Guard, Guards, apply_update, decide
-from .trainer import NONFINITE_STOP, PROGRESS_EVERY, RunState, beta_at, nonfinite_message, save_epoch, setup_run
+from .stopping import NONFINITE_STOP, nonfinite_message
+from .trainer import PROGRESS_EVERY, RunState, beta_at, save_epoch, setup_run
 
 FREE = ("sigma", "beta", "seed", "lr", "free_bits", "kl_warmup")  # settings members may differ in
 WHERE = ("out", "name")  # where each member is written: its own

@@ -47,9 +47,9 @@ from .distributed import SINGLE, World, check_batch, join
 from .ema import EMA
 from .evaluation import NEGATIVE_NOTE, Scored, elbo_metrics, loss_text
 from .monitor import TensorBoard
+from .stopping import NONFINITE_STOP, StopFlag, nonfinite_message
 
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
-NONFINITE_STOP = 10  # consecutive non-finite steps (all skipped, so on unchanged weights) that stop a run
 EVAL_SEED = 12345
 
 
@@ -60,36 +60,6 @@ def default_out(config: TrainConfig) -> Path:
     stem = Path(data.dataset).stem if data.dataset not in ("mnist", "fashion-mnist") else data.dataset
     name = config.runtime.name or f"{stem}-{model.likelihood}-{model.sigma}-z{model.latent_dim}".replace("/", "_")
     return Path("runs") / name
-
-
-class _StopFlag:
-    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts at once.
-
-    Under torchrun the launcher passes Ctrl-C on to every process as SIGINT, and stops them with SIGTERM when one
-    of them fails: both ask to stop. The processes then stop together at the next step where they compare notes
-    (`agreed`), so every one of them stops after the same step."""
-
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT,)):
-        self.requested = False
-        self.agreed = False
-        self.signals = signals
-        self._previous: dict = {}
-
-    def __enter__(self):
-        for sig in self.signals:
-            with contextlib.suppress(ValueError):  # not the main thread: no handler, Ctrl-C behaves as usual
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        return False
 
 
 def _rng_state(shuffle_state: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
@@ -233,7 +203,7 @@ def _loop(s: RunState, device: torch.device, shuffle: torch.Generator, progress:
         return f"the last checkpoint ({saved[0]}) is kept: continue with vaelab train --resume {out}"
 
     signals = (signal.SIGINT, signal.SIGTERM) if world.size > 1 else (signal.SIGINT,)
-    with _StopFlag(signals) as stop, world.watch(lost), contextlib.closing(s.board or _Nothing()):
+    with StopFlag(signals) as stop, world.watch(lost), contextlib.closing(s.board or _Nothing()):
         while s.epoch < config.optim.epochs and not budget.expired(world.size):
             shuffle_state = shuffle.get_state()  # lets a mid-epoch checkpoint rebuild this epoch's order
             order = torch.randperm(n, generator=shuffle).to(device)
@@ -387,17 +357,6 @@ def _run_epoch(config, model, train_step: GuardedStep, order, epoch, start_step,
     finally:
         if bar is not None:
             bar.close()
-
-
-def nonfinite_message(config: TrainConfig, model: VAE, epoch: int, step: int, streak: int) -> str:
-    """The line that stops a run whose last `streak` steps were all non-finite, naming the likely causes."""
-    causes = [f"the learning rate is too high (--lr {config.lr:g}; try {config.lr / 10:g})"]
-    causes += model.likelihood.instability_causes(str(config.model.sigma))
-    if config.optim.beta != 1.0:
-        causes.append(f"--beta {config.optim.beta:g}")
-    return (f"the loss was non-finite in the last {streak} steps up to epoch {epoch + 1}, step {step + 1} (their "
-            "updates were skipped, so the weights themselves give it); likely cause: " + "; or ".join(causes) + "."
-            + (" The last checkpoint (previous epoch) is kept." if epoch > 0 else " No checkpoint was written."))
 
 
 def _epoch_metrics(config, model, objective: Objective, prep, epoch, train_seconds, world: World = SINGLE,

@@ -1,0 +1,53 @@
+"""When a run stops before its last epoch: Ctrl-C (or, under torchrun, the launcher's signals), and weights
+that give a non-finite loss step after step."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+from ..config import TrainConfig
+from ..models.vae import VAE
+
+NONFINITE_STOP = 10  # consecutive non-finite steps (all skipped, so on unchanged weights) that stop a run
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts at once.
+
+    Under torchrun the launcher passes Ctrl-C on to every process as SIGINT, and stops them with SIGTERM when one
+    of them fails: both ask to stop. The processes then stop together at the next step where they compare notes
+    (`agreed`), so every one of them stops after the same step."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT,)):
+        self.requested = False
+        self.agreed = False
+        self.signals = signals
+        self._previous: dict = {}
+
+    def __enter__(self):
+        for sig in self.signals:
+            with contextlib.suppress(ValueError):  # not the main thread: no handler, Ctrl-C behaves as usual
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        return False
+
+
+def nonfinite_message(config: TrainConfig, model: VAE, epoch: int, step: int, streak: int) -> str:
+    """The line that stops a run whose last `streak` steps were all non-finite, naming the likely causes."""
+    causes = [f"the learning rate is too high (--lr {config.lr:g}; try {config.lr / 10:g})"]
+    causes += model.likelihood.instability_causes(str(config.model.sigma))
+    if config.optim.beta != 1.0:
+        causes.append(f"--beta {config.optim.beta:g}")
+    return (f"the loss was non-finite in the last {streak} steps up to epoch {epoch + 1}, step {step + 1} (their "
+            "updates were skipped, so the weights themselves give it); likely cause: " + "; or ".join(causes) + "."
+            + (" The last checkpoint (previous epoch) is kept." if epoch > 0 else " No checkpoint was written."))
