@@ -16,7 +16,7 @@ from .analysis.metrics import DEFAULT_IW_SAMPLES, headline, table_rows
 from .analysis.reporting import ALL_FIGURES
 from .analysis.study import TRAIN_DEFAULTS as STUDY_DEFAULTS
 from .analysis.study import TRAIN_SETTINGS as STUDY_SETTINGS
-from .analysis.sweep import sweepable
+from .analysis.sweep_settings import sweepable
 from .api import cache_clear, cache_list, demo, evaluate, explore, info, plot, report, sample, sigma_study, sweep
 from .config import Device, TrainConfig
 from .errors import ConfigError, VaelabError

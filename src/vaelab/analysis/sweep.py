@@ -22,7 +22,6 @@ import datetime
 import itertools
 import json
 import sys
-import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import TrainConfig, field_named, flag_fields, flag_name
+from ..config import TrainConfig, flag_name
 from ..config_base import positive_int
 from ..errors import ConfigError, RunError, TrainingError
-from ..flags import _flag_type
 from ..runs import CHECKPOINT, CONFIG, WEIGHTS, Run, checkpoint_epoch, load_run, write_text_atomic
 from ..training.build import check_group_counts
 from ..training.distributed import SINGLE, World, alone, env_local_rank, env_world_size, join
@@ -42,54 +40,7 @@ from ..training.ensemble import groups, train_ensemble
 from ..training.trainer import resume, train
 from .metrics import DEFAULT_IW_SAMPLES, evaluate_run
 from .sweep_page import METRICS, images_text, value_text, write_page
-
-NOT_SWEPT = ("out", "name", "tensorboard")  # where a run is written is the sweep's choice
-LIST_SEPARATOR = "/"  # between the values of a list-valued setting: --set hidden=400/512,256
-
-
-def sweepable() -> list[str]:
-    """The settings --set accepts, by flat name: every flag of `vaelab train` but where runs are written."""
-    return [f.name for _, f in flag_fields() if f.name not in NOT_SWEPT]
-
-
-def _is_list(name: str) -> bool:
-    role, _ = field_named(name)
-    tp = typing.get_type_hints(role)[name]
-    return any(typing.get_origin(t) is list for t in (tp, *typing.get_args(tp)))
-
-
-def _field(text: str) -> str:
-    name = text.strip().lstrip("-").replace("-", "_")
-    if name not in sweepable():
-        allowed = ", ".join(n.replace("_", "-") for n in sweepable())
-        raise ConfigError(f"--set: {text!r} is not a training setting; allowed: {allowed}")
-    return name
-
-
-def _value(name: str, text: str) -> Any:
-    """One value of --set as the flag of `vaelab train` would read it (the config then checks it)."""
-    role, _ = field_named(name)
-    kind = _flag_type(typing.get_type_hints(role)[name])
-    text = text.strip()
-    try:
-        if kind is bool:
-            return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}[text.lower()]
-        return kind(text) if kind in (int, float) else text
-    except (KeyError, ValueError) as e:
-        what = "true or false" if kind is bool else f"{'an integer' if kind is int else 'a number'}"
-        raise ConfigError(f"--set {name.replace('_', '-')}: each value must be {what}; got {text!r}") from e
-
-
-def parse_set(text: str) -> tuple[str, list[Any]]:
-    """'FIELD=V1,V2,...' -> (flat name, values); list-valued settings separate their values with '/'."""
-    if "=" not in text:
-        raise ConfigError(f"--set must be FIELD=V1,V2,... such as sigma=0.1,0.3; got {text!r}")
-    key, _, rest = text.partition("=")
-    name = _field(key)
-    parts = [p for p in rest.split(LIST_SEPARATOR if _is_list(name) else ",") if p.strip()]
-    if not parts:
-        raise ConfigError(f"--set {key.strip()}= names no values; give them as {key.strip()}=V1,V2,...")
-    return name, [_value(name, p) for p in parts]
+from .sweep_settings import NOT_SWEPT, parse_set, setting_name, setting_value, sweepable
 
 
 @dataclass(frozen=True)
@@ -119,7 +70,7 @@ class SweepConfig:
                  out: str = "runs/sweep", iw_samples: int = DEFAULT_IW_SAMPLES, batched: bool = False,
                  sample_quality: bool = False, eval_limit: int | None = None, **settings: Any):
         axes: dict[str, list[Any]] = {}
-        pairs = ([(_field(k), [_value(_field(k), v) if isinstance(v, str) else v for v in vs])
+        pairs = ([(setting_name(k), [setting_value(setting_name(k), v) if isinstance(v, str) else v for v in vs])
                   for k, vs in sets.items()] if isinstance(sets, Mapping) else [parse_set(s) for s in sets])
         for name, values in pairs:
             if name in axes:
