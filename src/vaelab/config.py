@@ -43,6 +43,7 @@ Background = Literal["white", "black"]
 PriorName = Literal["standard", "mog", "vamp"]
 IWGrad = Literal["standard", "dreg"]
 FreeBitsPer = Literal["dim", "group"]
+LRSchedule = Literal["constant", "cosine"]
 
 # keys that config.json files of earlier versions hold and that no longer mean anything
 RETIRED_KEYS = ("handwritten_grads",)
@@ -193,6 +194,12 @@ class OptimConfig(Role):
                                     metavar="LAMBDA")
     optimizer: Optimizer = option("adam", "the optimizer")
     lr: float | None = option(None, "learning rate (default 1e-3 for mlp and hierarchical, 5e-4 for conv)")
+    lr_schedule: LRSchedule = option("constant", "how the learning rate changes over the run: constant, or cosine "
+                                     "(down to --lr-final x --lr at the end of the last of --epochs, along half a "
+                                     "cosine, after the warm-up)")
+    lr_warmup: float = option(0.0, "raise the learning rate linearly from 0 to --lr over this many epochs first",
+                              metavar="EPOCHS")
+    lr_final: float = option(0.0, "cosine: the learning rate at the end, as a fraction of --lr", metavar="FRACTION")
     batch_size: int | None = option(None, "images per training step (default 128 for mlp, 16 for conv, 32 for "
                                            "hierarchical)")
     epochs: int = option(10, "total epochs; with --resume, the new total")
@@ -217,6 +224,7 @@ class OptimConfig(Role):
         if self.batch_size is not None:
             positive_int("batch_size", self.batch_size)
         positive_int("epochs", self.epochs)
+        self._check_schedule()
         positive_float("beta", self.beta, allow_zero=True)
         positive_float("kl_warmup", self.kl_warmup, allow_zero=True)
         positive_float("free_bits", self.free_bits, allow_zero=True)
@@ -234,6 +242,16 @@ class OptimConfig(Role):
                 positive_float(name, getattr(self, name), allow_zero=True)
         check_own_settings(self.objective, self.objective_settings())
         make_objective(self.objective, self.objective_settings())  # each objective checks the settings it reads
+
+    def _check_schedule(self) -> None:
+        positive_float("lr_warmup", self.lr_warmup, allow_zero=True)
+        if self.lr_warmup >= self.epochs:
+            raise ConfigError(f"--lr-warmup must be shorter than the run's --epochs ({self.epochs}); got "
+                              f"{self.lr_warmup!r}")
+        if not (isinstance(self.lr_final, int | float) and 0 <= self.lr_final <= 1):
+            raise ConfigError(f"--lr-final is a fraction of --lr, in [0, 1]; got {self.lr_final!r}")
+        if self.lr_final and self.lr_schedule != "cosine":
+            raise ConfigError(f"--lr-final is where --lr-schedule cosine ends; got --lr-schedule {self.lr_schedule}")
 
     def objective_settings(self) -> ObjectiveSettings:
         return ObjectiveSettings(beta=self.beta, kl_warmup=self.kl_warmup, free_bits=self.free_bits,

@@ -32,10 +32,12 @@ def make_objective_for(config: TrainConfig, dataset_size: int = 0) -> Objective:
 
 
 def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer, objective: Objective,
-              prep: Prepared, device: torch.device, world: World = SINGLE, ema: EMA | None = None) -> GuardedStep:
-    """The training step for this run, chosen once: Step; on a GPU, a CUDA graph of it where replaying is exact;
-    with several processes, Step on this process's share of each batch under DistributedDataParallel. Its guard
-    follows the config (--skip-threshold, --clip-threshold, --grad-clip); `ema` is updated after each step."""
+              prep: Prepared, device: torch.device, world: World = SINGLE, ema: EMA | None = None,
+              scheduled: bool = False) -> GuardedStep:
+    """The training step for this run, chosen once: Step; on a GPU, a CUDA graph of it where replaying is exact
+    (not where the learning rate is `scheduled`: a recording keeps the rate it was recorded with); with several
+    processes, Step on this process's share of each batch under DistributedDataParallel. Its guard follows the
+    config (--skip-threshold, --clip-threshold, --grad-clip); `ema` is updated after each step."""
     guards = Guards.of(config.optim)
     if world.size > 1:
         inputs = shard_inputs(prep, world, model.latent_dim, fresh_inputs=config.data.binarize == "dynamic",
@@ -43,7 +45,7 @@ def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer,
         return Step(wrap(model, world, device), optimizer, objective, inputs, autocast(config, device),
                     world.all_sum, world.size, guards, ema)
     graph = (config.runtime.cuda_graph and prep.batches.resident
-             and capturable(model, optimizer, device, constant_beta=config.optim.kl_warmup <= 0))
+             and capturable(model, optimizer, device, static=config.optim.kl_warmup <= 0 and not scheduled))
     inputs = local_inputs(lambda idx: prep.prepare_train(prep.batches(idx)))
     step = Step(model, optimizer, objective, inputs, autocast(config, device, cache=not graph), guards=guards, ema=ema)
     return CUDAGraphStep(step, config.batch_size, config.optim.beta, device) if graph else step
@@ -63,6 +65,8 @@ def make_optimizer(config: TrainConfig, model: VAE) -> torch.optim.Optimizer:
     param_groups name, so it continues exactly as it started. The model names the parameter groups (a learned σ
     has a step size of its own)."""
     groups = model.param_groups(config.optim.optimizer, config.lr)
+    for group in groups:  # each group's own rate, which a schedule (--lr-schedule, --lr-warmup) multiplies
+        group["initial_lr"] = group.get("lr", config.lr)
     if config.optim.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr)
     params = list(model.parameters())

@@ -6,12 +6,12 @@ per-stream handles) and then records it; each later full-size call copies the ba
 input and replays it. Replays run the same kernels on the same tensors, and the graph's random draws advance
 the CUDA generator as eager ones do. A batch of another size (an epoch's short last batch) runs eagerly.
 
-A graph replays what was recorded and nothing else, so the trainer chooses it only where nothing in the step
-changes from one batch to the next or needs the host (`capturable`): a constant β, Adam with its step count on
-the GPU, and no module hooks (a hook's Python would run once, at capture, and never on replay). The step's
-guard is recorded with it: the gradient norm, the skip decision (fed to fused Adam's `found_inf`, which leaves
-the update undone on the GPU), the clipping scale and the counts are device tensors that every replay rewrites,
-and so is the moving average of the weights (--ema). The guard's thresholds are constants of the recording.
+A graph replays what was recorded and nothing else, so the trainer chooses it only where nothing in the step changes
+from one batch to the next or needs the host (`capturable`): a constant β and learning rate, Adam with its step count
+on the GPU, and no module hooks (a hook's Python would run once, at capture, and never on replay). The step's guard is
+recorded with it: the gradient norm, the skip decision (fed to fused Adam's `found_inf`, which leaves the update
+undone on the GPU), the clipping scale and the counts are device tensors that every replay rewrites, and so is the
+moving average of the weights (--ema). The guard's thresholds are constants of the recording.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ class GuardedStep(Protocol):
 
 
 def capturable(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-               constant_beta: bool) -> bool:
-    """Whether replaying a recorded step of this model and optimizer equals running it (checked once, at setup)."""
-    if device.type != "cuda" or not constant_beta:
+               static: bool) -> bool:
+    """Whether replaying a recorded step of this model and optimizer equals running it (checked once, at setup);
+    `static`: β and the learning rate stay constant over the run."""
+    if device.type != "cuda" or not static:
         return False
     if not all(g.get("capturable") and g.get("fused") for g in optimizer.param_groups):
         return False  # e.g. SGD, or a checkpoint written without a GPU-resident step count

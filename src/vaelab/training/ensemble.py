@@ -44,6 +44,7 @@ from . import stacked, stacked_conv
 from .budget import Budget
 from .build import make_objective_for, resolve_device
 from .distributed import SINGLE
+from .schedule import LRSchedule, make_schedule
 from .step import Guard, Guards, apply_update, decide
 from .stopping import NONFINITE_STOP, nonfinite_message
 from .trainer import PROGRESS_EVERY, RunState, beta_at, save_epoch, setup_run
@@ -54,7 +55,7 @@ WHERE = ("out", "name")  # where each member is written: its own
 HANDLED = {"dataset", "data_dir", "limit", "binarize", "image_size", "center_crop", "background", "skip_bad_images",
            "arch", "hidden", "blocks", "latent_dim", "likelihood", "mixtures", "objective", "optimizer",
            "batch_size", "epochs", "device", "cuda_graph", "tensorboard", "data_shape", "skip_threshold",
-           "clip_threshold", *FREE,
+           "clip_threshold", "lr_schedule", "lr_warmup", "lr_final", *FREE,
            *WHERE}
 
 
@@ -141,6 +142,7 @@ class _Member:
     guard: Guard
     noise: torch.Generator  # the global stream of the run alone: its z's noise
     shuffle: torch.Generator
+    schedule: LRSchedule | None  # the learning rate's, if it changes
     error: str | None = None
 
 
@@ -280,7 +282,8 @@ def _start(configs: list[TrainConfig], data: ImageData | None, device: torch.dev
             noise = torch.Generator(device=device)
             noise.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
         objective = make_objective_for(state.config, dataset_size=state.prep.train.shape[0])
-        members.append(_Member(state, objective, Guard(state.model.parameters()), noise, shuffle))
+        members.append(_Member(state, objective, Guard(state.model.parameters()), noise, shuffle,
+                               make_schedule(state.config.optim, state.optimizer)))
     return members
 
 
@@ -312,6 +315,9 @@ def train_ensemble(configs: Sequence[TrainConfig], progress: bool = True, data: 
         for step in range(steps):
             idx = [o[step * batch:(step + 1) * batch] for o in orders]
             betas = [beta_at(m.state.config, epoch + step / steps) for m in alive]
+            for m in alive:
+                if m.schedule is not None:
+                    m.schedule(epoch, step, steps)
             _step(alive, template, shared, idx, betas)
             if (step + 1) % PROGRESS_EVERY == 0 or step == steps - 1:
                 _drop_diverged(alive, epoch, step)
@@ -344,7 +350,8 @@ def _end_epoch(m: _Member, seconds: float) -> None:
            {"cpu": torch.get_rng_state(), "cuda": m.noise.get_state()})
     checkpoint = ({"epoch": s.epoch, "step": 0, "world_size": 1}, {**rng, "shuffle": m.shuffle.get_state()},
                   {"guard": {"stats": m.guard.stats.clone()}})
-    save_epoch(s, m.objective, None, s.epoch, False, {**counts, "seconds": seconds}, SINGLE,
+    train = {**counts, "seconds": seconds, "lr": s.optimizer.param_groups[0]["lr"]}
+    save_epoch(s, m.objective, None, s.epoch, False, train, SINGLE,
                 Budget(None, PROGRESS_EVERY), False, checkpoint)
 
 

@@ -47,6 +47,7 @@ from .distributed import SINGLE, World, check_batch, join
 from .ema import EMA
 from .evaluation import NEGATIVE_NOTE, Scored, elbo_metrics, loss_text
 from .monitor import TensorBoard
+from .schedule import LRSchedule, make_schedule
 from .stopping import NONFINITE_STOP, StopFlag, nonfinite_message
 
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
@@ -188,7 +189,8 @@ def _loop(s: RunState, device: torch.device, shuffle: torch.Generator, progress:
     ema = EMA(s.model, config.optim.ema) if config.optim.ema > 0 else None
     if ema is not None and "ema" in s.saved:
         ema.load_state_dict(s.saved["ema"])
-    train_step = make_step(config, s.model, s.optimizer, objective, s.prep, device, world, ema)
+    schedule = make_schedule(config.optim, s.optimizer)
+    train_step = make_step(config, s.model, s.optimizer, objective, s.prep, device, world, ema, schedule is not None)
     guard = train_step.guard
     if "guard" in s.saved:  # the counts of an epoch interrupted part-way
         saved_stats = s.saved["guard"]["stats"]
@@ -210,7 +212,7 @@ def _loop(s: RunState, device: torch.device, shuffle: torch.Generator, progress:
             s.prep.batches.plan(order, s.start_step)  # mapped data: the next batch is read while a step runs
             t0 = time.perf_counter()
             step = _run_epoch(config, s.model, train_step, order, s.epoch, s.start_step, steps_per_epoch, stop,
-                              progress, world, budget)
+                              progress, world, budget, schedule)
             train_seconds = time.perf_counter() - t0
             extra = {"guard": {"stats": guard.stats.clone()}, **({"ema": ema.state_dict()} if ema else {})}
             if step < steps_per_epoch and not budget.hit:  # stopped by Ctrl-C mid-epoch
@@ -223,8 +225,9 @@ def _loop(s: RunState, device: torch.device, shuffle: torch.Generator, progress:
                 s.start_step, s.epoch = 0, s.epoch + 1
                 meta, rng, done = {"epoch": s.epoch, "step": 0}, _rng_state(shuffle.get_state(), device), s.epoch
                 extra["guard"] = {"stats": guard.stats.clone()}
-            save_epoch(s, objective, ema, done, step < steps_per_epoch, {**counts, "seconds": train_seconds}, world,
-                        budget, progress, (meta | {"world_size": world.size}, rng, extra))
+            train = {**counts, "seconds": train_seconds, "lr": s.optimizer.param_groups[0]["lr"]}
+            save_epoch(s, objective, ema, done, step < steps_per_epoch, train, world, budget, progress,
+                       (meta | {"world_size": world.size}, rng, extra))
             if step < steps_per_epoch:
                 saved[0] = f"epoch {s.epoch + 1}, step {step}"
                 break
@@ -316,8 +319,10 @@ def beta_at(config: TrainConfig, epoch_progress: float) -> float:
 
 
 def _run_epoch(config, model, train_step: GuardedStep, order, epoch, start_step, steps_per_epoch, stop,
-               progress, world: World = SINGLE, budget: Budget | None = None) -> int:
-    """The steps of one epoch from `start_step`; returns the step it stopped before (steps_per_epoch: all done)."""
+               progress, world: World = SINGLE, budget: Budget | None = None, schedule: LRSchedule | None = None
+               ) -> int:
+    """The steps of one epoch from `start_step`; returns the step it stopped before (steps_per_epoch: all done).
+    `schedule` sets the learning rate before each step."""
     model.train()
     bar = None
     if progress:
@@ -335,6 +340,8 @@ def _run_epoch(config, model, train_step: GuardedStep, order, epoch, start_step,
                 return step
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
             beta = beta_at(config, epoch + step / steps_per_epoch)
+            if schedule is not None:
+                schedule(epoch, step, steps_per_epoch)
             loss = train_step(idx, beta)  # with several processes: this process's share of the loss
             count += 1
             if count == PROGRESS_EVERY or step == steps_per_epoch - 1:  # reading the loss waits for the device
@@ -347,7 +354,8 @@ def _run_epoch(config, model, train_step: GuardedStep, order, epoch, start_step,
                     raise TrainingError(nonfinite_message(config, model, epoch, step, streak))
                 if bar is not None:
                     shown = {"loss": f"{value:.2f}", "beta": f"{beta:.2f}", **({"skipped": skipped} if skipped else {}),
-                             **({"clipped": clipped} if clipped else {})}
+                             **({"clipped": clipped} if clipped else {}),
+                             **({"lr": f"{schedule.optimizer.param_groups[0]['lr']:.2e}"} if schedule else {})}
                     bar.set_postfix(ordered_dict=shown)
                     bar.update(count)
                 count = 0
