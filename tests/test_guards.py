@@ -166,9 +166,8 @@ class _Clock:
         return self.now
 
 
-def test_the_time_limit_stops_within_a_step_and_resumes(tmp_path, fashion, monkeypatch):
-    """Each step takes one second of a fake clock; a 0.5-minute limit stops training after step 30 of 40 (20 per
-    epoch), less the time the first evaluation took, as a partial epoch that is saved and evaluated."""
+def tick_each_step(monkeypatch) -> _Clock:
+    """The time limit's clock, made fake: each training step takes one second of it."""
     clock = _Clock()
     monkeypatch.setattr(budget_module, "clock", clock)
     make_step = trainer.make_step
@@ -184,6 +183,13 @@ def test_the_time_limit_stops_within_a_step_and_resumes(tmp_path, fashion, monke
         return run
 
     monkeypatch.setattr(trainer, "make_step", ticking)
+    return clock
+
+
+def test_the_time_limit_stops_within_a_step_and_resumes(tmp_path, fashion, monkeypatch):
+    """Each step takes one second of a fake clock; a 0.5-minute limit stops training after step 30 of 40 (20 per
+    epoch), less the time the first evaluation took, as a partial epoch that is saved and evaluated."""
+    tick_each_step(monkeypatch)
     run = train(_cfg(tmp_path, "limited", epochs=4, time_limit=0.5), progress=False, data=fashion)
     rows = _lines(run.path)
     assert [r["epoch"] for r in rows] == [1, 1, 1.5, 1.5]  # 20 steps, then 10 of the next 20

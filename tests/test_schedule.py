@@ -9,11 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from test_guards import tick_each_step
 from vaelab import TrainConfig, resume, train
 from vaelab.cli import main
 from vaelab.config import OptimConfig
-from vaelab.training import budget as budget_module
-from vaelab.training import trainer
 from vaelab.training.schedule import lr_factor
 
 STEPS = 20  # steps per epoch of _cfg's runs: 2,000 images in batches of 100
@@ -68,7 +67,8 @@ def test_every_group_takes_the_scheduled_rate(tmp_path, fashion):
     assert _rates(run) == pytest.approx([1e-3 * lr_factor(optim, e) for e in (1, 2, 3)])
     assert _rates(run)[-1] == pytest.approx(1e-4)
     groups = _groups(run.path)
-    assert len(groups) == 2 and groups[1]["initial_lr"] != groups[0]["initial_lr"]
+    assert len(groups) == 2
+    assert groups[1]["initial_lr"] != groups[0]["initial_lr"]
     for g in groups:
         assert g["lr"] == pytest.approx(0.1 * g["initial_lr"])
     flat = train(_cfg(tmp_path, "constant", sigma="learned"), progress=False, data=fashion)
@@ -77,35 +77,15 @@ def test_every_group_takes_the_scheduled_rate(tmp_path, fashion):
     assert any(not a[k].equal(b[k]) for k in a)
 
 
-class _Clock:
-    now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_a_run_stopped_mid_epoch_resumes_on_the_same_rates(tmp_path, fashion, monkeypatch):
     """Stopped by the time limit inside the warm-up's second epoch, the run resumes on the rates it would have
     taken: its weights and metrics equal those of a run that never stopped, bit for bit."""
     kw = dict(lr_schedule="cosine", lr_warmup=1.5)
     full = train(_cfg(tmp_path, "full", **kw), progress=False, data=fashion)
-    clock = _Clock()
-    monkeypatch.setattr(budget_module, "clock", clock)
-    make_step = trainer.make_step
-
-    def ticking(*args, **kwargs):  # each step takes a second of the fake clock
-        step = make_step(*args, **kwargs)
-
-        def run(idx, beta):
-            clock.now += 1.0
-            return step(idx, beta)
-
-        run.guard = step.guard
-        return run
-
-    monkeypatch.setattr(trainer, "make_step", ticking)
+    tick_each_step(monkeypatch)
     part = train(_cfg(tmp_path, "part", time_limit=0.5, **kw), progress=False, data=fashion)
-    assert part.metrics[-1]["stopped"] == "time-limit" and 1 < part.metrics[-1]["epoch"] < 2
+    assert part.metrics[-1]["stopped"] == "time-limit"
+    assert 1 < part.metrics[-1]["epoch"] < 2
     monkeypatch.undo()
     done = resume(part.path, progress=False)
     a, b = (load_file(p / "model.safetensors") for p in (full.path, done.path))
@@ -145,5 +125,6 @@ def test_bad_schedules_are_one_line_errors(args, needle, capsys, tmp_path):
     assert main(["train", "--dataset", "shapes", *args, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert needle in err
-    assert err.count("\n") == 1 and err.startswith("vaelab: error: ")
+    assert err.count("\n") == 1
+    assert err.startswith("vaelab: error: ")
     assert not (tmp_path / "r").exists()
