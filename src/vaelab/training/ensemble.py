@@ -350,8 +350,7 @@ def _end_epoch(m: _Member, seconds: float) -> None:
            {"cpu": torch.get_rng_state(), "cuda": m.noise.get_state()})
     checkpoint = ({"epoch": s.epoch, "step": 0, "world_size": 1}, {**rng, "shuffle": m.shuffle.get_state()},
                   {"guard": {"stats": m.guard.stats.clone()}})
-    train = {**counts, "seconds": seconds, "lr": s.optimizer.param_groups[0]["lr"]}
-    save_epoch(s, m.objective, None, s.epoch, False, train, SINGLE,
+    save_epoch(s, m.objective, None, s.epoch, False, {**counts, "seconds": seconds}, SINGLE,
                 Budget(None, PROGRESS_EVERY), False, checkpoint)
 
 

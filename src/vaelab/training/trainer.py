@@ -225,9 +225,8 @@ def _loop(s: RunState, device: torch.device, shuffle: torch.Generator, progress:
                 s.start_step, s.epoch = 0, s.epoch + 1
                 meta, rng, done = {"epoch": s.epoch, "step": 0}, _rng_state(shuffle.get_state(), device), s.epoch
                 extra["guard"] = {"stats": guard.stats.clone()}
-            train = {**counts, "seconds": train_seconds, "lr": s.optimizer.param_groups[0]["lr"]}
-            save_epoch(s, objective, ema, done, step < steps_per_epoch, train, world, budget, progress,
-                       (meta | {"world_size": world.size}, rng, extra))
+            save_epoch(s, objective, ema, done, step < steps_per_epoch, {**counts, "seconds": train_seconds}, world,
+                       budget, progress, (meta | {"world_size": world.size}, rng, extra))
             if step < steps_per_epoch:
                 saved[0] = f"epoch {s.epoch + 1}, step {step}"
                 break
@@ -252,7 +251,7 @@ def save_epoch(s: RunState, objective: Objective, ema: EMA | None, done: float, 
             s.board.epoch(s.epoch + partial, rows, s.model)
         if world.main:
             save_weights(s.model, s.out / WEIGHTS)
-    rows[0].update(train)
+    rows[0].update(train, lr=s.optimizer.param_groups[0]["lr"])  # the rate of the epoch's last step
     if partial:
         for row in rows:
             row["stopped"] = "time-limit"
