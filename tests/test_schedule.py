@@ -95,6 +95,20 @@ def test_a_run_stopped_mid_epoch_resumes_on_the_same_rates(tmp_path, fashion, mo
     assert _groups(done.path) == _groups(full.path)
 
 
+@pytest.mark.parametrize(("kw", "said"), [({"lr_schedule": "cosine"}, True), ({"lr_schedule": "constant"}, False),
+                                          ({"lr_schedule": "cosine", "epochs": 2}, False)])
+def test_a_run_stopped_early_says_its_cosine_had_not_fallen(kw, said, tmp_path, fashion, monkeypatch, capsys):
+    """Stopped by the time limit after 1.5 epochs, a cosine over 10 epochs is still near --lr, which the stop
+    message says; over 2 epochs it had fallen below half, and a constant rate has nothing to say."""
+    tick_each_step(monkeypatch)
+    run = train(_cfg(tmp_path, "stopped", time_limit=0.5, **{"epochs": 10, **kw}), progress=True, data=fashion)
+    assert run.metrics[-1]["stopped"] == "time-limit"
+    err = capsys.readouterr().err
+    assert "time limit" in err
+    assert ("falls over all of --epochs 10" in err) is said
+    assert ("the learning rate was still" in err) is said
+
+
 @pytest.mark.slow
 def test_an_ensemble_member_takes_its_run_alones_rates(tmp_path, fashion_dir):
     """Members with a schedule step together (one Adam update over the stacks, each member at its own --lr times

@@ -43,6 +43,15 @@ class LRSchedule:
         return factor
 
 
+def stopped_note(optim: OptimConfig, done: float) -> str:
+    """What a run stopped by the time limit after `done` epochs says of its schedule: "" unless a cosine that had
+    not yet fallen to half of --lr, since the cosine follows --epochs, not the time limit."""
+    if optim.lr_schedule != "cosine" or (factor := lr_factor(optim, done)) <= 0.5:
+        return ""
+    return (f"; the learning rate was still {factor:.2f}x --lr: the cosine falls over all of --epochs "
+            f"{optim.epochs}, so give as many epochs as fit in the time")
+
+
 def make_schedule(optim: OptimConfig, optimizer: torch.optim.Optimizer) -> LRSchedule | None:
     """The run's schedule; None where the rate never changes (the optimizer's rates are then left alone)."""
     if optim.lr_schedule == "constant" and optim.lr_warmup <= 0:

@@ -47,7 +47,7 @@ from .distributed import SINGLE, World, check_batch, join
 from .ema import EMA
 from .evaluation import NEGATIVE_NOTE, Scored, elbo_metrics, loss_text
 from .monitor import TensorBoard
-from .schedule import LRSchedule, make_schedule
+from .schedule import LRSchedule, make_schedule, stopped_note
 from .stopping import NONFINITE_STOP, StopFlag, nonfinite_message
 
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each one reads the loss back to the host)
@@ -277,7 +277,7 @@ def _print_epoch(s: RunState, done: float, train: dict) -> None:
         notes.append(f"{train['nonfinite_steps']} non-finite steps skipped")
     if "stopped" in test:
         notes.append(f"stopped at the {s.config.runtime.time_limit:g}-minute time limit; continue with vaelab "
-                     f"train --resume {s.out}")
+                     f"train --resume {s.out}" + stopped_note(optim, done))
     print(f"epoch {done:g}/{optim.epochs}: test {loss_text(test)}, {train['seconds']:.1f}s"
           + "".join(f"; {n}" for n in notes), file=sys.stderr)
     if test["loss"] < 0 and all(r["loss"] >= 0 for r in s.metrics[:-1] if r["split"] == "test"):
@@ -292,7 +292,7 @@ def _stopped_on_time(s: RunState, world: World, progress: bool) -> None:
         write_metrics(s.out / METRICS, s.metrics)
     if progress:
         print(f"stopped at the {s.config.runtime.time_limit:g}-minute time limit after epoch {s.epoch}; continue "
-              f"with vaelab train --resume {s.out}", file=sys.stderr)
+              f"with vaelab train --resume {s.out}" + stopped_note(s.config.optim, s.epoch), file=sys.stderr)
 
 
 def _interrupted(s: RunState, step: int, steps_per_epoch: int, rng: dict[str, Tensor], world: World,
