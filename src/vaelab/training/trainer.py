@@ -276,12 +276,17 @@ def _print_epoch(s: RunState, done: float, train: dict) -> None:
     if train["nonfinite_steps"]:
         notes.append(f"{train['nonfinite_steps']} non-finite steps skipped")
     if "stopped" in test:
-        notes.append(f"stopped at the {s.config.runtime.time_limit:g}-minute time limit; continue with vaelab "
-                     f"train --resume {s.out}" + stopped_note(optim, done))
+        notes.append(_stop_text(s, done))
     print(f"epoch {done:g}/{optim.epochs}: test {loss_text(test)}, {train['seconds']:.1f}s"
           + "".join(f"; {n}" for n in notes), file=sys.stderr)
     if test["loss"] < 0 and all(r["loss"] >= 0 for r in s.metrics[:-1] if r["split"] == "test"):
         print(f"  ({NEGATIVE_NOTE})", file=sys.stderr)  # once: the first epoch below 0
+
+
+def _stop_text(s: RunState, done: float, when: str = "") -> str:
+    """What a run stopped by the time limit after `done` epochs tells the user."""
+    return (f"stopped at the {s.config.runtime.time_limit:g}-minute time limit{when}; continue with vaelab train "
+            f"--resume {s.out}" + stopped_note(s.config.optim, done))
 
 
 def _stopped_on_time(s: RunState, world: World, progress: bool) -> None:
@@ -291,8 +296,7 @@ def _stopped_on_time(s: RunState, world: World, progress: bool) -> None:
     if world.main:
         write_metrics(s.out / METRICS, s.metrics)
     if progress:
-        print(f"stopped at the {s.config.runtime.time_limit:g}-minute time limit after epoch {s.epoch}; continue "
-              f"with vaelab train --resume {s.out}" + stopped_note(s.config.optim, s.epoch), file=sys.stderr)
+        print(_stop_text(s, s.epoch, f" after epoch {s.epoch}"), file=sys.stderr)
 
 
 def _interrupted(s: RunState, step: int, steps_per_epoch: int, rng: dict[str, Tensor], world: World,
