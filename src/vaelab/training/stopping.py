@@ -17,7 +17,12 @@ class StopFlag:
 
     Under torchrun the launcher passes Ctrl-C on to every process as SIGINT, and stops them with SIGTERM when one
     of them fails: both ask to stop. The processes then stop together at the next step where they compare notes
-    (`agreed`), so every one of them stops after the same step."""
+    (`agreed`), so every one of them stops after the same step.
+
+    A process that leaves the loop with an error ignores SIGTERM from then on: when another process dies, the
+    launcher's SIGTERM would otherwise end this one silently between noticing the loss and printing the line that
+    says where its checkpoint stands. The launcher still ends a process that hangs (SIGKILL after its grace
+    period)."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT,)):
         self.requested = False
@@ -36,9 +41,9 @@ class StopFlag:
             raise KeyboardInterrupt
         self.requested = True
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, value, tb):
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            signal.signal(sig, signal.SIG_IGN if kind is not None and sig == signal.SIGTERM else previous)
         return False
 
 
