@@ -86,8 +86,9 @@ BAD = [  # (arguments, words the one error line must contain)
     (["sigma_study"], "did you mean sigma-study?"),
     (["explore", "{tmp}", "--no-brwser"], "did you mean --no-browser? (see vaelab explore --help)"),
     (["train", "--likelihood", "continuous_bernoulli"], "did you mean continuous-bernoulli?"),
-    (["train", "--arch", "hierarchical", "--groups", "1,0"], "--groups must be a positive integer, or one per latent "
-     "resolution, top first, such as 1,2,4,1; got '1,0'"),
+    (["train", "--arch", "hierarchical", "--groups", "0,2"], "--groups must be a positive integer, or one count per "
+     "latent resolution, top first, such as 1,2,4,1 (0 leaves a resolution without latents: 1,2,4,0; the top needs "
+     "one); got '0,2'"),
     (["train", "--dataset", "{tmp}/grey.npy", "--arch", "hierarchical", "--groups", "1,2"], "--groups gives 2 "
      "counts, but 12x12 images have 3 latent resolutions (1x1, 3x3, 6x6): give one count, or 3, top first"),
 ]

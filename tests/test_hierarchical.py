@@ -98,6 +98,28 @@ def test_a_count_per_resolution_stacks_that_many_groups_there():
         assert torch.equal(v, v2), k
 
 
+@pytest.mark.parametrize(("groups", "names", "refined"), [
+    ([1, 0, 2], ["1x1", "6x6", "6x6 #2"], [(12, 12)]),
+    ([2, 1, 0], ["1x1", "1x1 #2", "3x3"], [(6, 6), (12, 12)]),
+])
+def test_a_zero_count_leaves_a_resolution_without_latents(groups, names, refined):
+    """The decoder passes a resolution with no groups by, or refines up to the image from the last one that has
+    some: fewer units, and the same contract as any hierarchy."""
+    model = _model((1, 12, 12), groups=groups)
+    assert model.group_names() == names
+    assert model.decoder.refine_sizes == refined
+    sizes = {"1x1": 4, "3x3": 36, "6x6": 144}
+    assert model.group_sizes == [sizes[n.split()[0]] for n in names]
+    _randomize_priors(model)
+    x = torch.rand(3, 1, 12, 12)
+    t = model.terms(x)
+    assert t.kl_per_dim.shape == (3, model.latent_dim)
+    assert torch.isfinite(t.loss).all()
+    assert model.decode_mean(model.sample_prior(2)).shape == (2, 1, 12, 12)
+    assert model.per_group(t.kl_per_dim).shape == (3, len(names))
+    assert (model.iwae_bound(x, 50) >= -t.loss - 1e-3).all()  # the bound over K draws is at least the ELBO
+
+
 def test_a_count_per_resolution_must_give_every_resolution_one():
     with pytest.raises(ConfigError, match=r"--groups gives 2 counts, but 64x48 images have 4 latent resolutions "
                                           r"\(1x1, 4x3, 8x6, 16x12\): give one count, or 4, top first"):
@@ -201,9 +223,12 @@ def test_bf16_autocast_keeps_the_terms_in_float32_and_close():
 @pytest.mark.parametrize(("settings", "match"), [
     (dict(arch="conv", groups=2), "--groups applies to --arch hierarchical"),
     (dict(arch="hierarchical", hidden=[32, 64]), "--hidden for --arch hierarchical is one width"),
-    (dict(arch="hierarchical", groups=0), "--groups must be a positive integer, or one per latent resolution"),
-    (dict(arch="hierarchical", groups="2,x"), "such as 1,2,4,1; got '2,x'"),
-    (dict(arch="hierarchical", groups=[1, 0, 1]), r"got \[1, 0, 1\]"),
+    (dict(arch="hierarchical", groups=0), "--groups must be a positive integer, or one count per latent "
+     "resolution"),
+    (dict(arch="hierarchical", groups="2,x"), r"such as 1,2,4,1 \(0 leaves a resolution without latents: 1,2,4,0; "
+     r"the top needs one\); got '2,x'"),
+    (dict(arch="hierarchical", groups=[0, 1, 1]), r"the top needs one\); got \[0, 1, 1\]"),
+    (dict(arch="hierarchical", groups=[1, -1, 1]), r"got \[1, -1, 1\]"),
 ])
 def test_bad_settings_name_the_value_and_what_is_allowed(settings, match):
     with pytest.raises(ConfigError, match=match):

@@ -91,8 +91,9 @@ class ModelConfig(Role):
                                 "latents (default 1)",
                                 metavar="N")
     groups: list[int] | int | None = option(None, "hierarchical: latent groups per resolution: one count for every "
-                                            "resolution, or one per resolution, top (1x1) first, e.g. 1,2,4,1 "
-                                            "(default 1)", metavar="N|N,N,...")
+                                            "resolution, or one per resolution, top (1x1) first, e.g. 1,2,4,1; "
+                                            "0 leaves a resolution without latents, e.g. 1,2,4,0 (default 1)",
+                                            metavar="N|N,N,...")
     latent_dim: int = option(20, "dimensions of z (hierarchical: channels of each latent group, so the 1x1 top "
                              "group has this many)")
     likelihood: str = option("gaussian", "observation model p(x|z)", choices=lambda: tuple(LIKELIHOODS))
@@ -156,9 +157,11 @@ def _group_counts(value: object) -> int | list[int]:
         return 1
     parts = value.split(",") if isinstance(value, str) else value if isinstance(value, list | tuple) else [value]
     counts = [int(p) if isinstance(p, str) and p.strip().isdigit() else p for p in parts]
-    if not counts or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts):
-        raise ConfigError("--groups must be a positive integer, or one per latent resolution, top first, such as "
-                          f"1,2,4,1; got {value!r}")
+    if (not counts or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+            or counts[0] == 0):
+        raise ConfigError("--groups must be a positive integer, or one count per latent resolution, top first, "
+                          "such as 1,2,4,1 (0 leaves a resolution without latents: 1,2,4,0; the top needs one); "
+                          f"got {value!r}")
     return typing.cast(int, counts[0]) if len(counts) == 1 else typing.cast(list[int], counts)
 
 

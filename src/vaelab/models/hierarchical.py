@@ -138,14 +138,15 @@ class TopDown(nn.Module):
         sizes, latent = ladder(shape)
         chans = dict(zip(sizes, zip(widths, mids, strict=True), strict=True))  # size -> (channels, mid)
         self.cell_sizes = [s for s, g in zip(latent, group_counts(shape, groups), strict=True) for _ in range(g)]
+        used = list(dict.fromkeys(self.cell_sizes))  # the resolutions that hold latents, top first
         scale = (1.0 / len(self.cell_sizes)) ** 0.5
         cells = [TopDownCell(width, mid, z_channels, s, i == 0, scale) for i, s in enumerate(self.cell_sizes)]
         self.cells = nn.ModuleList(cells)
         self.group_sizes = [z_channels * h * w for h, w in self.cell_sizes]
         self.latent_dim = sum(self.group_sizes)
         self.start = nn.Parameter(torch.zeros(1, width, 1, 1))
-        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(1, width, h, w)) for h, w in latent[1:])
-        self.refine_sizes = [s for s in reversed(sizes) if max(s) > max(latent[-1])]
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(1, width, h, w)) for h, w in used[1:])
+        self.refine_sizes = [s for s in reversed(sizes) if max(s) > max(used[-1])]
         c_in = [width] + [chans[s][0] for s in self.refine_sizes]
         self.narrow = nn.ModuleList(nn.Conv2d(a, b, 1) if a != b else nn.Identity() for a, b in pairwise(c_in))
         self.refine = nn.ModuleList(nn.Sequential(*[Block(c, m, c, True) for _ in range(blocks)])
