@@ -417,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     except VaelabError as e:
         if reports(e):  # under torchrun: one line, from the process that has something to say
             print(f"vaelab: error: {e}", file=sys.stderr)
+            e.printed = True  # type: ignore[attr-defined]  # a launcher's SIGTERM from here on does not repeat it
         return 2
     except KeyboardInterrupt as e:
         if reports(e):

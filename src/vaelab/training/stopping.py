@@ -4,10 +4,14 @@ that give a non-finite loss step after step."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 
 from ..config import TrainConfig
+from ..errors import VaelabError
 from ..models.vae import VAE
+from .distributed import reports
 
 NONFINITE_STOP = 10  # consecutive non-finite steps (all skipped, so on unchanged weights) that stop a run
 
@@ -19,10 +23,10 @@ class StopFlag:
     of them fails: both ask to stop. The processes then stop together at the next step where they compare notes
     (`agreed`), so every one of them stops after the same step.
 
-    A process that leaves the loop with an error ignores SIGTERM from then on: when another process dies, the
-    launcher's SIGTERM would otherwise end this one silently between noticing the loss and printing the line that
-    says where its checkpoint stands. The launcher still ends a process that hangs (SIGKILL after its grace
-    period)."""
+    A process that leaves the loop with an error answers SIGTERM from then on by printing the error's line (if it
+    is the one that reports it) and exiting at once: when another process dies, the launcher's SIGTERM would
+    otherwise end this one silently between noticing the loss and printing the line that says where its
+    checkpoint stands, and a process waiting on a peer that is gone must still end when the launcher says so."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT,)):
         self.requested = False
@@ -43,7 +47,15 @@ class StopFlag:
 
     def __exit__(self, kind, value, tb):
         for sig, previous in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if kind is not None and sig == signal.SIGTERM else previous)
+            signal.signal(sig, previous)
+        if value is not None and signal.SIGTERM in self._previous:
+            def say_and_exit(signum, frame):
+                said = isinstance(value, VaelabError)
+                if said and reports(value) and not getattr(value, "printed", False):
+                    print(f"vaelab: error: {value}", file=sys.stderr, flush=True)
+                os._exit(2 if said else 130 if isinstance(value, KeyboardInterrupt) else 1)  # the CLI's codes
+
+            signal.signal(signal.SIGTERM, say_and_exit)
         return False
 
 
