@@ -19,7 +19,7 @@ from .analysis.study import TRAIN_SETTINGS as STUDY_SETTINGS
 from .analysis.sweep_settings import sweepable
 from .api import cache_clear, cache_list, demo, evaluate, explore, info, plot, report, sample, sigma_study, sweep
 from .config import Device, TrainConfig
-from .errors import ConfigError, VaelabError
+from .errors import ERROR_STATUS, INTERRUPTED_STATUS, ConfigError, VaelabError, say
 from .flags import add_setting_flags, given_settings
 from .training.distributed import env_rank, reports
 from .training.evaluation import NEGATIVE_NOTE, loss_text
@@ -416,13 +416,12 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except VaelabError as e:
         if reports(e):  # under torchrun: one line, from the process that has something to say
-            print(f"vaelab: error: {e}", file=sys.stderr)
-            e.printed = True  # type: ignore[attr-defined]  # a launcher's SIGTERM from here on does not repeat it
-        return 2
+            say(e)
+        return ERROR_STATUS
     except KeyboardInterrupt as e:
         if reports(e):
             print("vaelab: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_STATUS
     except json.JSONDecodeError as e:
         print(f"vaelab: error: invalid JSON ({e})", file=sys.stderr)
         return 2

@@ -3,9 +3,21 @@ its message as one line (`vaelab: error: ...`) and exits with status 2, never wi
 
 from __future__ import annotations
 
+import sys
+
+ERROR_STATUS = 2  # the exit status of a VaelabError
+INTERRUPTED_STATUS = 130  # ... and of Ctrl-C
+
 
 class VaelabError(Exception):
     """Base of the errors that the CLI reports as one line."""
+
+
+def say(error: VaelabError) -> None:
+    """Prints the error's one line, once: a launcher's SIGTERM after the CLI printed it does not repeat it."""
+    if not getattr(error, "printed", False):
+        print(f"vaelab: error: {error}", file=sys.stderr, flush=True)
+        error.printed = True  # type: ignore[attr-defined]
 
 
 class ConfigError(VaelabError, ValueError):

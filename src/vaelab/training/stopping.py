@@ -6,10 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 
 from ..config import TrainConfig
-from ..errors import VaelabError
+from ..errors import ERROR_STATUS, INTERRUPTED_STATUS, VaelabError, say
 from ..models.vae import VAE
 from .distributed import reports
 
@@ -51,9 +50,9 @@ class StopFlag:
         if value is not None and signal.SIGTERM in self._previous:
             def say_and_exit(signum, frame):
                 said = isinstance(value, VaelabError)
-                if said and reports(value) and not getattr(value, "printed", False):
-                    print(f"vaelab: error: {value}", file=sys.stderr, flush=True)
-                os._exit(2 if said else 130 if isinstance(value, KeyboardInterrupt) else 1)  # the CLI's codes
+                if said and reports(value):
+                    say(value)
+                os._exit(ERROR_STATUS if said else INTERRUPTED_STATUS if isinstance(value, KeyboardInterrupt) else 1)
 
             signal.signal(signal.SIGTERM, say_and_exit)
         return False
