@@ -184,6 +184,11 @@ class OptimConfig(Role):
     kl_balance: bool = option(False, "--arch hierarchical, during --kl-warmup: weigh each latent group's KL by its "
                               "batch-mean KL per unit (NVAE's KL balancing; the weights average 1), so that groups "
                               "with little KL are cheap to use and none collapses early", "objective")
+    progressive: float = option(0.0, "--arch hierarchical: open the latent resolutions to x one at a time, top "
+                                "first, this many epochs apart (progressive learning, Li et al. 2020); until its "
+                                "turn a resolution's groups are drawn from their priors, hold nothing of x and cost "
+                                "no KL, so the groups above must hold the image's layout (0: all from the start)",
+                                "objective", metavar="EPOCHS")
     iw_train: int = option(1, "iwae: draws of z per image in the training objective", "objective", metavar="K")
     iw_grad: IWGrad = option("standard", "iwae: the gradient estimator: standard (the bound's own gradient) or dreg "
                              "(doubly reparameterized, Tucker et al. 2019: the same expected gradient, lower variance "
@@ -230,6 +235,7 @@ class OptimConfig(Role):
         self._check_schedule()
         positive_float("beta", self.beta, allow_zero=True)
         positive_float("kl_warmup", self.kl_warmup, allow_zero=True)
+        positive_float("progressive", self.progressive, allow_zero=True)
         positive_float("free_bits", self.free_bits, allow_zero=True)
         positive_int("iw_train", self.iw_train)
         positive_float("skip_threshold", self.skip_threshold, allow_zero=True)
@@ -338,10 +344,11 @@ class TrainConfig:
     def _check_groups(self) -> None:
         """The settings that read a KL per dimension or per latent group against the model's latents."""
         optim, hierarchical = self.optim, self.model.arch == "hierarchical"
-        if not hierarchical and (optim.free_bits_per == "group" or optim.kl_balance):
-            flag = "--kl-balance" if optim.kl_balance else "--free-bits-per group"
-            raise ConfigError(f"{flag} reads the KL of each latent group, which --arch hierarchical has; got --arch "
-                              f"{self.model.arch}")
+        if not hierarchical and (optim.free_bits_per == "group" or optim.kl_balance or optim.progressive > 0):
+            flag = ("--kl-balance" if optim.kl_balance else "--progressive" if optim.progressive > 0
+                    else "--free-bits-per group")
+            what = "opens latent groups in turn" if flag == "--progressive" else "reads the KL of each latent group"
+            raise ConfigError(f"{flag} {what}, which --arch hierarchical has; got --arch {self.model.arch}")
         if optim.free_bits_per == "group" and optim.free_bits <= 0:
             raise ConfigError("--free-bits-per group says what --free-bits NATS bounds; give --free-bits too")
         if optim.kl_balance and optim.kl_warmup <= 0:

@@ -103,6 +103,7 @@ class Draws:
     plv: Tensor
     qm: Tensor | None = None
     qlv: Tensor | None = None
+    closed: int | None = None  # the first unit of the groups drawn from their prior (q = p there), if any
 
     def posterior(self) -> DiagonalGaussian:
         assert self.qm is not None, "a pass that drew every group from q(z|x)"
@@ -112,7 +113,10 @@ class Draws:
     def kl_per_dim(self) -> Tensor:
         """KL(q(z_i | x, z_<i) ‖ p(z_i | z_<i)) of each unit, (N, L), in closed form at the drawn z_<i."""
         q = self.posterior()
-        return gaussian_kl(q.mean, q.logvar, self.pm, self.plv)
+        kl = gaussian_kl(q.mean, q.logvar, self.pm, self.plv)
+        if self.closed is None:
+            return kl
+        return torch.cat([kl[:, :self.closed], torch.zeros_like(kl[:, self.closed:])], dim=1)  # 0, not rounding
 
     def log_p(self, start: int = 0) -> Tensor:
         """Σ_i log p(z_i | z_<i), (N,), over the units from `start` on."""
@@ -158,7 +162,10 @@ class TopDown(nn.Module):
                 keep: int | None = None) -> tuple[list[Tensor], Draws]:
         """Parameter maps (each (N, C, H, W)) and the draws, for noise (N, L). With the encoder's features
         `acts` (of N images), group i is drawn from q(z_i | x, z_<i) (z = μ_q + σ_q·noise) when i < keep (every
-        group when keep is None), else from the prior (z = μ_p + σ_p·noise)."""
+        group when keep is None), else from the prior (z = μ_p + σ_p·noise), which is then its posterior too:
+        q(z_i | x, z_<i) = p(z_i | z_<i), so it holds nothing of x and its KL is 0. Such a draw passes no gradient
+        to the prior (the prior would otherwise learn to shrink the noise it adds); the group's posterior network
+        stays in the graph with a zero gradient, so DistributedDataParallel finds a gradient for every weight."""
         n = noise.shape[0]
         h = self.start.expand(n, -1, -1, -1)
         size, level, offset = (1, 1), 0, 0
@@ -172,13 +179,17 @@ class TopDown(nn.Module):
             offset += self.group_sizes[i]
             pm, plv, h_p = cell.prior(h)
             pm, plv = pm.to(noise.dtype), plv.to(noise.dtype)  # under autocast the stats stay in noise's precision
-            if acts is not None and (keep is None or i < keep):
+            if acts is None:
+                z = pm + torch.exp(0.5 * plv) * e
+            else:
                 qm, qlv = (t.to(noise.dtype) for t in cell.posterior(h, acts[cs]))
-                z = qm + torch.exp(0.5 * qlv) * e
+                if keep is None or i < keep:
+                    z = qm + torch.exp(0.5 * qlv) * e
+                else:
+                    z = (pm + torch.exp(0.5 * plv) * e).detach() + 0.0 * (qm.sum() + qlv.sum())
+                    qm, qlv = pm.detach(), plv.detach()
                 parts[3].append(qm.flatten(1))
                 parts[4].append(qlv.flatten(1))
-            else:
-                z = pm + torch.exp(0.5 * plv) * e
             for j, t in enumerate((z, pm, plv)):
                 parts[j].append(t.flatten(1))
             h = cell.merge(h, h_p, z)
@@ -187,9 +198,10 @@ class TopDown(nn.Module):
         out = self.out(F.silu(h))  # (N, n_params * C, H, W)
         params = list(out.split(self.shape[0], dim=1)) if self.n_params > 1 else [out]
         z, pm, plv = (torch.cat(p, 1) for p in parts[:3])
-        if len(parts[3]) < len(self.cells):  # some groups came from the prior: no posterior of the whole
+        if acts is None:
             return params, Draws(z, pm, plv)
-        return params, Draws(z, pm, plv, torch.cat(parts[3], 1), torch.cat(parts[4], 1))
+        closed = None if keep is None or keep >= len(self.cells) else sum(self.group_sizes[:keep])
+        return params, Draws(z, pm, plv, torch.cat(parts[3], 1), torch.cat(parts[4], 1), closed)
 
     def top_posterior(self, a: Tensor) -> tuple[Tensor, Tensor]:
         """(μ_q, log σ²_q) of the top group, each (B, code_dim), from the encoder's 1x1 features a."""
@@ -251,6 +263,20 @@ class HierarchicalVAE(VAE):
         # sample_prior draws the top group's z and the lower groups' standardized noise u ~ N(0, T² I) (see decode)
         top = make_prior(prior, z_channels, prior_components, self.shape, self._top_posterior)
         self.prior: HierarchyPrior = HierarchyPrior(top, self.latent_dim)
+        self.opened: int | None = None  # groups drawn from q(z|x) in training and its ELBO; None: every group
+
+    @property
+    def resolutions(self) -> list[tuple[int, int]]:
+        """The resolutions that hold latent groups, top first."""
+        return list(dict.fromkeys(self.decoder.cell_sizes))
+
+    def open_resolutions(self, k: int | None) -> None:
+        """Let the groups of the top k resolutions (every one: None) learn from x; the groups below are drawn from
+        their priors, q(z_i | x, z_<i) = p(z_i | z_<i), in forward, terms and the IWAE bound (--progressive). The
+        bound stays a bound on log p(x): a posterior restricted so is still a posterior."""
+        assert k is None or k >= 1, "the top resolution is always open"
+        sizes = self.decoder.cell_sizes
+        self.opened = None if k is None or k >= len(self.resolutions) else sizes.index(self.resolutions[k])
 
     @classmethod
     def from_config(cls, config, shape: tuple[int, int, int]) -> HierarchicalVAE:
@@ -308,7 +334,7 @@ class HierarchicalVAE(VAE):
     def terms(self, x: Tensor, extras: bool = True, eps: Tensor | None = None) -> Terms:
         """One draw of every group per example; `eps` (B, L) is its noise (see the module docstring)."""
         eps = self._noise(x) if eps is None else eps
-        params, draws = self.decoder(eps, self.encoder(x))
+        params, draws = self.decoder(eps, self.encoder(x), keep=self.opened)
         rec, sq_err, sigma = self.observe(params, x, extras)
         kl, kl_top = self._kl(draws)
         return Terms(rec, kl, sq_err, sigma, q=draws.posterior(), z=draws.z, kl_estimate=kl_top,
@@ -352,7 +378,7 @@ class HierarchicalVAE(VAE):
         for the noise eps (K, B, L) of K draws per example, and the draws ((K·B, L), draw-major)."""
         k, b = eps.shape[0], x.shape[0]
         flat = eps.reshape(k * b, -1)
-        params, draws = self.decoder(flat, {s: a.repeat(k, 1, 1, 1) for s, a in acts.items()})
+        params, draws = self.decoder(flat, {s: a.repeat(k, 1, 1, 1) for s, a in acts.items()}, keep=self.opened)
         params = [p.reshape(k, *x.shape) for p in params]  # (K, B, C, H, W)
         log_px_z = self.likelihood.log_prob(params, x)  # (K, B)
         return log_px_z, log_px_z + (self._log_prior(draws) - draws.log_q(flat)).view(k, b), draws

@@ -44,8 +44,9 @@ def make_step(config: TrainConfig, model: VAE, optimizer: torch.optim.Optimizer,
                               samples=objective.samples)
         return Step(wrap(model, world, device), optimizer, objective, inputs, autocast(config, device),
                     world.all_sum, world.size, guards, ema)
-    graph = (config.runtime.cuda_graph and prep.batches.resident
-             and capturable(model, optimizer, device, static=config.optim.kl_warmup <= 0 and not scheduled))
+    # a recording replays one β and one set of open groups: not with --kl-warmup or --progressive
+    static = config.optim.kl_warmup <= 0 and config.optim.progressive <= 0 and not scheduled
+    graph = config.runtime.cuda_graph and prep.batches.resident and capturable(model, optimizer, device, static=static)
     inputs = local_inputs(lambda idx: prep.prepare_train(prep.batches(idx)))
     step = Step(model, optimizer, objective, inputs, autocast(config, device, cache=not graph), guards=guards, ema=ema)
     return CUDAGraphStep(step, config.batch_size, config.optim.beta, device) if graph else step

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..config import Device, TrainConfig
 from ..data import ImageData, Prepared, prepare_data
 from ..errors import ConfigError, RunError, TrainingError
+from ..models.hierarchical import HierarchicalVAE
 from ..models.likelihoods import LIKELIHOODS
 from ..models.objective import Objective
 from ..models.vae import VAE
@@ -160,6 +161,7 @@ def setup_run(config: TrainConfig, out: Path, device: torch.device, data: ImageD
         board = TensorBoard(config.runtime.tensorboard, prep.test, prep.prepare, prep.train.shape[0])
     config = config.replace(data_shape=list(prep.data.shape), out=str(out))
     model = VAE.from_config(config, prep.data.shape).to(device)
+    check_progressive(config, model)
     optimizer = make_optimizer(config, model)
     state = RunState(config, out, prep, model, optimizer, board)
     if continuing:
@@ -235,6 +237,8 @@ def _loop(s: RunState, device: torch.device, shuffle: torch.Generator, progress:
             _stopped_on_time(s, world, progress)
     if ema is not None:
         ema.copy_to_model()  # the run's model is the one it evaluated and saved
+    if isinstance(s.model, HierarchicalVAE):
+        s.model.open_resolutions(None)  # as the saved weights load: every group from q(z|x)
     s.model.eval()
     return Run(out, config, s.model, s.metrics)
 
@@ -315,6 +319,29 @@ class _Nothing:
         pass
 
 
+def open_at(config: TrainConfig, model: VAE, epoch_progress: float) -> None:
+    """--progressive E: the hierarchy's top 1 + ⌊epochs / E⌋ latent resolutions learn from x at this point of
+    the run; nothing to do otherwise."""
+    if config.optim.progressive > 0:
+        assert isinstance(model, HierarchicalVAE), "--progressive is checked to come with --arch hierarchical"
+        model.open_resolutions(1 + int(epoch_progress // config.optim.progressive))
+
+
+def check_progressive(config: TrainConfig, model: VAE) -> None:
+    """--progressive opens the last latent resolution before the last epoch ends."""
+    every = config.optim.progressive
+    if every <= 0:
+        return
+    assert isinstance(model, HierarchicalVAE), "--progressive is checked to come with --arch hierarchical"
+    sizes = model.resolutions
+    last = every * (len(sizes) - 1)
+    if last >= config.optim.epochs:
+        names = ", ".join(f"{h}x{w}" for h, w in sizes)
+        raise ConfigError(f"--progressive {every:g} opens the last of the {len(sizes)} latent resolutions ({names}) "
+                          f"after {last:g} epochs, but the run has --epochs {config.optim.epochs}: give more "
+                          "--epochs or a smaller --progressive")
+
+
 def beta_at(config: TrainConfig, epoch_progress: float) -> float:
     if config.optim.kl_warmup <= 0:
         return config.optim.beta
@@ -343,6 +370,7 @@ def _run_epoch(config, model, train_step: GuardedStep, order, epoch, start_step,
                 return step
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
             beta = beta_at(config, epoch + step / steps_per_epoch)
+            open_at(config, model, epoch + step / steps_per_epoch)
             if schedule is not None:
                 schedule(epoch, step, steps_per_epoch)
             loss = train_step(idx, beta)  # with several processes: this process's share of the loss
@@ -385,6 +413,8 @@ def _epoch_metrics(config, model, objective: Objective, prep, epoch, train_secon
                          part=(world.rank, world.size), reduce=world.all_sum if world.size > 1 else None,
                          scored=scored)
         row = {"epoch": done, "split": split, **m, "world_size": world.size}
+        if getattr(model, "opened", None) is not None:  # --progressive: the groups below these held nothing of x
+            row["open_groups"] = model.opened
         if not prep.normalized:
             row["normalized"] = False
         if split == "train":
