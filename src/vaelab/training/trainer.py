@@ -279,6 +279,9 @@ def _print_epoch(s: RunState, done: float, train: dict) -> None:
                      "usual)")
     if train["nonfinite_steps"]:
         notes.append(f"{train['nonfinite_steps']} non-finite steps skipped")
+    if "open_groups" in test:
+        notes.append(f"latent groups open to x: the top {test['open_groups']} of {len(test['kl_per_group'])} "
+                     "(--progressive)")
     if "stopped" in test:
         notes.append(_stop_text(s, done))
     print(f"epoch {done:g}/{optim.epochs}: test {loss_text(test)}, {train['seconds']:.1f}s"
@@ -289,8 +292,12 @@ def _print_epoch(s: RunState, done: float, train: dict) -> None:
 
 def _stop_text(s: RunState, done: float, when: str = "") -> str:
     """What a run stopped by the time limit after `done` epochs tells the user."""
-    return (f"stopped at the {s.config.runtime.time_limit:g}-minute time limit{when}; continue with vaelab train "
+    text = (f"stopped at the {s.config.runtime.time_limit:g}-minute time limit{when}; continue with vaelab train "
             f"--resume {s.out}" + stopped_note(s.config.optim, done))
+    if "open_groups" in s.metrics[-1]:
+        text += ("; --progressive had not yet opened every latent group, and the weights load with every group "
+                 "from q(z|x), whose lower groups have not learned: resume to finish")
+    return text
 
 
 def _stopped_on_time(s: RunState, world: World, progress: bool) -> None:
