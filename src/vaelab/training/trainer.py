@@ -48,6 +48,7 @@ from .distributed import SINGLE, World, check_batch, join
 from .ema import EMA
 from .evaluation import NEGATIVE_NOTE, Scored, elbo_metrics, loss_text
 from .monitor import TensorBoard
+from .progressive import check_progressive, open_at
 from .schedule import LRSchedule, make_schedule, stopped_note
 from .stopping import NONFINITE_STOP, StopFlag, nonfinite_message
 
@@ -324,29 +325,6 @@ def _interrupted(s: RunState, step: int, steps_per_epoch: int, rng: dict[str, Te
 class _Nothing:
     def close(self) -> None:
         pass
-
-
-def open_at(config: TrainConfig, model: VAE, epoch_progress: float) -> None:
-    """--progressive E: the hierarchy's top 1 + ⌊epochs / E⌋ latent resolutions learn from x at this point of
-    the run; nothing to do otherwise."""
-    if config.optim.progressive > 0:
-        assert isinstance(model, HierarchicalVAE), "--progressive is checked to come with --arch hierarchical"
-        model.open_resolutions(1 + int(epoch_progress // config.optim.progressive))
-
-
-def check_progressive(config: TrainConfig, model: VAE) -> None:
-    """--progressive opens the last latent resolution before the last epoch ends."""
-    every = config.optim.progressive
-    if every <= 0:
-        return
-    assert isinstance(model, HierarchicalVAE), "--progressive is checked to come with --arch hierarchical"
-    sizes = model.resolutions
-    last = every * (len(sizes) - 1)
-    if last >= config.optim.epochs:
-        names = ", ".join(f"{h}x{w}" for h, w in sizes)
-        raise ConfigError(f"--progressive {every:g} opens the last of the {len(sizes)} latent resolutions ({names}) "
-                          f"after {last:g} epochs, but the run has --epochs {config.optim.epochs}: give more "
-                          "--epochs or a smaller --progressive")
 
 
 def beta_at(config: TrainConfig, epoch_progress: float) -> float:
