@@ -4,10 +4,10 @@ ELBO and the IWAE bound stay bounds on log p(x). Runs record which groups were o
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
+from test_hierarchical import _cfg, _small_fashion
 from vaelab import TrainConfig, resume, train
 from vaelab.errors import ConfigError
 from vaelab.models.hierarchical import HierarchicalVAE
@@ -95,18 +95,6 @@ def test_the_bounds_stay_bounds_while_groups_are_closed():
 def test_bad_settings_name_the_flag(settings, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**settings)
-
-
-def _small_fashion(tmp_path, fashion):
-    path = tmp_path / "fashion-small.npz"
-    np.savez(path, x_train=fashion.train[:400], y_train=fashion.train_labels[:400],
-             x_test=fashion.test[:200], y_test=fashion.test_labels[:200])
-    return str(path)
-
-
-def _cfg(tmp_path, name, dataset, **kw):
-    return TrainConfig(**{**SMALL, "dataset": dataset, "epochs": 2, "batch_size": 50, "device": "cpu",
-                          "out": str(tmp_path / name), **kw})
 
 
 def test_a_run_too_short_to_open_every_resolution_is_refused_before_anything_is_written(tmp_path, fashion):
