@@ -90,7 +90,7 @@ def test_the_bounds_stay_bounds_while_groups_are_closed():
 @pytest.mark.parametrize(("settings", "match"), [
     (dict(arch="conv", progressive=1.0), "--progressive opens latent groups in turn, which --arch hierarchical "
                                          "has; got --arch conv"),
-    (dict(arch="hierarchical", progressive=-1.0), "--progressive"),
+    (dict(arch="hierarchical", progressive=-1.0), r"--progressive must be a finite number >= 0; got -1\.0"),
 ])
 def test_bad_settings_name_the_flag(settings, match):
     with pytest.raises(ConfigError, match=match):

@@ -343,12 +343,13 @@ class TrainConfig:
 
     def _check_groups(self) -> None:
         """The settings that read a KL per dimension or per latent group against the model's latents."""
-        optim, hierarchical = self.optim, self.model.arch == "hierarchical"
-        if not hierarchical and (optim.free_bits_per == "group" or optim.kl_balance or optim.progressive > 0):
-            flag = ("--kl-balance" if optim.kl_balance else "--progressive" if optim.progressive > 0
-                    else "--free-bits-per group")
-            what = "opens latent groups in turn" if flag == "--progressive" else "reads the KL of each latent group"
-            raise ConfigError(f"{flag} {what}, which --arch hierarchical has; got --arch {self.model.arch}")
+        optim = self.optim
+        needs_groups = (("--kl-balance", optim.kl_balance, "reads the KL of each latent group"),
+                        ("--progressive", optim.progressive > 0, "opens latent groups in turn"),
+                        ("--free-bits-per group", optim.free_bits_per == "group", "reads the KL of each latent group"))
+        for flag, given, what in needs_groups:
+            if given and self.model.arch != "hierarchical":
+                raise ConfigError(f"{flag} {what}, which --arch hierarchical has; got --arch {self.model.arch}")
         if optim.free_bits_per == "group" and optim.free_bits <= 0:
             raise ConfigError("--free-bits-per group says what --free-bits NATS bounds; give --free-bits too")
         if optim.kl_balance and optim.kl_warmup <= 0:

@@ -181,13 +181,16 @@ class TopDown(nn.Module):
             pm, plv = pm.to(noise.dtype), plv.to(noise.dtype)  # under autocast the stats stay in noise's precision
             if acts is None:
                 z = pm + torch.exp(0.5 * plv) * e
-            else:
+            elif keep is None or i < keep:
                 qm, qlv = (t.to(noise.dtype) for t in cell.posterior(h, acts[cs]))
-                if keep is None or i < keep:
-                    z = qm + torch.exp(0.5 * qlv) * e
-                else:
-                    z = (pm + torch.exp(0.5 * plv) * e).detach() + 0.0 * (qm.sum() + qlv.sum())
-                    qm, qlv = pm.detach(), plv.detach()
+                z = qm + torch.exp(0.5 * qlv) * e
+            else:
+                z = (pm + torch.exp(0.5 * plv) * e).detach()
+                if torch.is_grad_enabled():  # the zero-gradient tie; without a graph it would be wasted work
+                    unused_m, unused_lv = cell.posterior(h, acts[cs])
+                    z = z + 0.0 * (unused_m.sum() + unused_lv.sum())
+                qm, qlv = pm.detach(), plv.detach()
+            if acts is not None:
                 parts[3].append(qm.flatten(1))
                 parts[4].append(qlv.flatten(1))
             for j, t in enumerate((z, pm, plv)):
