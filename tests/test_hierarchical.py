@@ -14,7 +14,7 @@ from vaelab.errors import ConfigError
 from vaelab.models.hierarchical import HierarchicalVAE, ladder, size_widths
 from vaelab.models.likelihoods import LIKELIHOODS
 from vaelab.models.vae import VAE
-from vaelab.training.build import check_group_counts
+from vaelab.training.build import check_hierarchies
 
 SMALL = dict(arch="hierarchical", hidden=[16], latent_dim=4)
 
@@ -130,9 +130,9 @@ def test_group_counts_are_checked_against_the_data_before_training(tmp_path):
     data = tmp_path / "grey.npy"
     np.save(data, np.random.default_rng(0).random((20, 12, 12), np.float32))
     good = [TrainConfig(arch="hierarchical", dataset=str(data), groups=g) for g in (3, [1, 2, 1])]
-    check_group_counts([*good, TrainConfig(arch="conv", dataset="no-such-data")])  # nothing to load for conv
+    check_hierarchies([*good, TrainConfig(arch="conv", dataset="no-such-data")])  # nothing to load for conv
     with pytest.raises(ConfigError, match=r"--groups gives 4 counts, but 12x12 images have 3 latent resolutions"):
-        check_group_counts([*good, TrainConfig(arch="hierarchical", dataset=str(data), groups="1,1,1,1")])
+        check_hierarchies([*good, TrainConfig(arch="hierarchical", dataset=str(data), groups="1,1,1,1")])
 
 
 def test_kl_per_dim_sums_to_the_monte_carlo_kl_of_the_hierarchy():

@@ -49,6 +49,9 @@ def test_parse_set_reads_values_as_the_train_flag_does(text, name, values):
     (["--set", "sigma=0.1", "--eval-limit", "1.5"], "argument --eval-limit: invalid int value: '1.5'"),
     (["--arch", "hierarchical", "--dataset", "shapes", "--set", "groups=1/1,2"], "--groups gives 2 counts, but "
      "64x64 images have 4 latent resolutions (1x1, 4x4, 8x8, 16x16): give one count, or 4, top first"),
+    (["--arch", "hierarchical", "--dataset", "shapes", "--progressive", "1", "--set", "epochs=4,3"],
+     "--progressive 1 opens the last of the 4 latent resolutions (1x1, 4x4, 8x8, 16x16) after 3 epochs, but the "
+     "run has --epochs 3: give more --epochs or a smaller --progressive"),
 ])
 def test_bad_sweeps_are_one_line_errors_before_any_training(args, needle, capsys, tmp_path):
     assert main(["sweep", *args, "--out", str(tmp_path / "s")]) == 2

@@ -34,7 +34,7 @@ from ..config import TrainConfig, flag_name
 from ..config_base import positive_int
 from ..errors import ConfigError, RunError, TrainingError
 from ..runs import CHECKPOINT, CONFIG, WEIGHTS, Run, checkpoint_epoch, load_run, write_text_atomic
-from ..training.build import check_group_counts
+from ..training.build import check_hierarchies
 from ..training.distributed import SINGLE, World, alone, env_local_rank, env_world_size, join
 from ..training.ensemble import groups, train_ensemble
 from ..training.trainer import resume, train
@@ -356,7 +356,7 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
     trains it; rank 0 waits for the others, then writes the page alone."""
     out = Path(cfg.out)
     points = cfg.points()
-    check_group_counts([point.config for point in points])
+    check_hierarchies([point.config for point in points])
     out.mkdir(parents=True, exist_ok=True)
     main, lines, runs = train_shared(points, out, cfg.iw_samples, "vaelab sweep", cfg.batched, cfg.sample_quality,
                                      progress, cfg.eval_limit)

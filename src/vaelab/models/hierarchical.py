@@ -79,6 +79,13 @@ def group_counts(shape: tuple[int, int, int], groups: int | list[int]) -> list[i
     return list(groups)
 
 
+def latent_resolutions(shape: tuple[int, int, int], groups: int | list[int] | None) -> list[tuple[int, int]]:
+    """The latent resolutions of `shape` that hold at least one group under --groups (None: the default), top
+    first."""
+    counts = group_counts(shape, DEFAULT_GROUPS if groups is None else groups)
+    return [s for s, g in zip(ladder(shape)[1], counts, strict=True) if g > 0]
+
+
 def size_widths(sizes: list[tuple[int, int]], width: int, version: int = NET_VERSION) -> list[int]:
     """Channels of both passes at each of the encoder's sizes (full size first): `width` where the larger side is
     at most MAX_LATENT_SIDE; above it, from net_version 3, half as many per size (64x64: 16 channels at 64x64, 32

@@ -22,6 +22,7 @@ from ..models.vae import VAE
 from .cudagraph import CUDAGraphStep, GuardedStep, capturable
 from .distributed import SINGLE, World, shard_inputs, wrap
 from .ema import EMA
+from .progressive import check_progressive
 from .step import Guards, Step, local_inputs
 
 
@@ -108,17 +109,20 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
-def check_group_counts(configs: list[TrainConfig]) -> None:
+def check_hierarchies(configs: list[TrainConfig]) -> None:
     """Each hierarchy whose --groups gives a count per resolution has as many as its images have latent
-    resolutions. The image size is known once the data is loaded: a sweep checks every run's config before the
-    first one trains, not when that run's turn comes."""
+    resolutions, and each --progressive run opens its last resolution before its last epoch. The image size is
+    known once the data is loaded: a sweep checks every run's config before the first one trains, not when that
+    run's turn comes."""
     shapes: dict[tuple, tuple[int, int, int]] = {}
     for config in configs:
         m, d = config.model, config.data
-        if m.arch != "hierarchical" or not isinstance(m.groups, list):
+        if m.arch != "hierarchical" or not (isinstance(m.groups, list) or config.optim.progressive > 0):
             continue
         key = (d.dataset, d.data_dir, d.image_size, d.center_crop)
         if key not in shapes:
             shapes[key] = load_dataset(d.dataset, d.data_dir, image_size=d.image_size, center_crop=d.center_crop,
                                        background=d.background, skip_bad_images=d.skip_bad_images).shape
-        group_counts(shapes[key], m.groups)
+        if isinstance(m.groups, list):
+            group_counts(shapes[key], m.groups)
+        check_progressive(config, shapes[key])

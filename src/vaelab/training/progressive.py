@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..config import TrainConfig
 from ..errors import ConfigError
-from ..models.hierarchical import HierarchicalVAE
+from ..models.hierarchical import HierarchicalVAE, latent_resolutions
 from ..models.vae import VAE
 
 
@@ -21,13 +21,12 @@ def open_at(config: TrainConfig, model: VAE, epoch_progress: float) -> None:
         model.open_resolutions(1 + int(epoch_progress // config.optim.progressive))
 
 
-def check_progressive(config: TrainConfig, model: VAE) -> None:
-    """--progressive opens the last latent resolution before the last epoch ends."""
+def check_progressive(config: TrainConfig, shape: tuple[int, int, int]) -> None:
+    """--progressive opens the last latent resolution of `shape`'s hierarchy before the run's last epoch ends."""
     every = config.optim.progressive
     if every <= 0:
         return
-    assert isinstance(model, HierarchicalVAE), "--progressive is checked to come with --arch hierarchical"
-    sizes = model.resolutions
+    sizes = latent_resolutions(shape, config.model.groups)
     last = every * (len(sizes) - 1)
     if last >= config.optim.epochs:
         names = ", ".join(f"{h}x{w}" for h, w in sizes)

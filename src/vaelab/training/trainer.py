@@ -157,12 +157,12 @@ def setup_run(config: TrainConfig, out: Path, device: torch.device, data: ImageD
     torch's global generator: the caller seeds it."""
     binary_only = LIKELIHOODS[config.model.likelihood].binary_only
     prep = prepare_data(config, device, data, progress=progress, binary_only=binary_only)
+    check_progressive(config, prep.data.shape)
     board = None
     if config.runtime.tensorboard and world.main:  # before anything is written: the package may be missing
         board = TensorBoard(config.runtime.tensorboard, prep.test, prep.prepare, prep.train.shape[0])
     config = config.replace(data_shape=list(prep.data.shape), out=str(out))
     model = VAE.from_config(config, prep.data.shape).to(device)
-    check_progressive(config, model)
     optimizer = make_optimizer(config, model)
     state = RunState(config, out, prep, model, optimizer, board)
     if continuing:
