@@ -67,9 +67,10 @@ def ladder(shape: tuple[int, int, int]) -> tuple[list[tuple[int, int]], list[tup
     return sizes, latent
 
 
-def group_counts(shape: tuple[int, int, int], groups: int | list[int]) -> list[int]:
-    """Latent groups at each latent resolution of `shape`, top first: one count for every resolution, or one each."""
+def group_counts(shape: tuple[int, int, int], groups: int | list[int] | None) -> list[int]:
+    """Latent groups per latent resolution of `shape`, top first: one count for all (None: DEFAULT_GROUPS) or each."""
     latent = ladder(shape)[1]
+    groups = DEFAULT_GROUPS if groups is None else groups
     if isinstance(groups, int):
         return [groups] * len(latent)
     if len(groups) != len(latent):
@@ -80,10 +81,8 @@ def group_counts(shape: tuple[int, int, int], groups: int | list[int]) -> list[i
 
 
 def latent_resolutions(shape: tuple[int, int, int], groups: int | list[int] | None) -> list[tuple[int, int]]:
-    """The latent resolutions of `shape` that hold at least one group under --groups (None: the default), top
-    first."""
-    counts = group_counts(shape, DEFAULT_GROUPS if groups is None else groups)
-    return [s for s, g in zip(ladder(shape)[1], counts, strict=True) if g > 0]
+    """The latent resolutions of `shape` that hold at least one group under --groups, top first."""
+    return [s for s, g in zip(ladder(shape)[1], group_counts(shape, groups), strict=True) if g > 0]
 
 
 def size_widths(sizes: list[tuple[int, int]], width: int, version: int = NET_VERSION) -> list[int]:
@@ -142,7 +141,7 @@ class TopDown(nn.Module):
     n_params * C maps. `widths` and `mids`: channels and bottleneck channels at each of the encoder's sizes (full
     size first; `width` at every latent size). Called with noise alone it decodes from the prior."""
 
-    def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int | list[int],
+    def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int | list[int] | None,
                  z_channels: int, n_params: int, mid: int, widths: list[int], mids: list[int]):
         super().__init__()
         self.shape, self.n_params = shape, n_params
@@ -255,7 +254,7 @@ class HierarchicalVAE(VAE):
     (--prior: standard, mog, vamp); a learned one's KL is estimated at the drawn z_top (Terms.kl_estimate), the
     lower groups' stays in closed form."""
 
-    def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int | list[int],
+    def __init__(self, shape: tuple[int, int, int], width: int, blocks: int, groups: int | list[int] | None,
                  z_channels: int, likelihood: Likelihood, version: int = NET_VERSION, prior: str = "standard",
                  prior_components: int | None = None):
         nn.Module.__init__(self)  # VAE's single-latent networks are not built: the hierarchy replaces them
@@ -292,8 +291,7 @@ class HierarchicalVAE(VAE):
     def from_config(cls, config, shape: tuple[int, int, int]) -> HierarchicalVAE:
         m = getattr(config, "model", config)
         lik = make_likelihood(m.likelihood, m.sigma, m.mixtures)
-        groups = DEFAULT_GROUPS if m.groups is None else m.groups
-        return cls(shape, m.hidden[0], m.blocks, groups, m.latent_dim, lik, m.net_version, m.prior,
+        return cls(shape, m.hidden[0], m.blocks, m.groups, m.latent_dim, lik, m.net_version, m.prior,
                    m.prior_components)
 
     @property
