@@ -123,6 +123,5 @@ def check_hierarchies(configs: list[TrainConfig]) -> None:
         if key not in shapes:
             shapes[key] = load_dataset(d.dataset, d.data_dir, image_size=d.image_size, center_crop=d.center_crop,
                                        background=d.background, skip_bad_images=d.skip_bad_images).shape
-        if isinstance(m.groups, list):
-            group_counts(shapes[key], m.groups)
+        group_counts(shapes[key], m.groups)  # a count per resolution: as many as the images have
         check_progressive(config, shapes[key])
